@@ -1,0 +1,2 @@
+mod tensor;
+pub use tensor::{Tensor, TensorData};

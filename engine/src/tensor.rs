@@ -1,0 +1,93 @@
+//! A plain owned tensor: the unit the engine runs on and the inference API decodes into.
+
+use protocol::manifest::DType;
+
+/// Element storage of a [`Tensor`], one variant per [`DType`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+}
+
+/// An owned, row-major tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+impl Tensor {
+    /// A tensor from row-major data; `None` when `data.len()` is not the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Option<Tensor> {
+        let t = Tensor { shape, data };
+        (t.shape.iter().product::<usize>() == t.len()).then_some(t)
+    }
+
+    pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Option<Tensor> {
+        Tensor::new(shape, TensorData::F32(data))
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            TensorData::F32(_) => DType::F32,
+            TensorData::I32(_) => DType::I32,
+            TensorData::I64(_) => DType::I64,
+            TensorData::U8(_) => DType::U8,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            TensorData::F32(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+            TensorData::U8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements as little-endian bytes (the layout of golden payloads and of the binary
+    /// tensor extension of the inference protocol).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match &self.data {
+            TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U8(v) => v.clone(),
+        }
+    }
+
+    /// A tensor from little-endian bytes; `None` when the byte count does not match the shape.
+    pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Option<Tensor> {
+        let n: usize = shape.iter().product();
+        if bytes.len() != n.checked_mul(dtype.size())? {
+            return None;
+        }
+        let data = match dtype {
+            DType::F32 => TensorData::F32(
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            ),
+            DType::I32 => TensorData::I32(
+                bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+            ),
+            DType::I64 => TensorData::I64(
+                bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            ),
+            DType::U8 => TensorData::U8(bytes.to_vec()),
+        };
+        Some(Tensor { shape, data })
+    }
+}

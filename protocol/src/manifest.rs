@@ -1,0 +1,269 @@
+//! The bundle manifest: everything a device needs to know about a model before it runs it.
+//!
+//! The manifest is JSON (`manifest.json` inside the bundle). It is the only signed object: every
+//! payload is bound to it by size and sha256, so verifying the manifest's signature and then each
+//! payload's hash proves the whole bundle. Field meanings are documented in `docs/bundle-format.md`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::stats::Histogram;
+
+/// The bundle format version this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Element type of a tensor. Serialised with the Open Inference Protocol names (`FP32`, `INT64`, …)
+/// so the manifest and the device's inference API speak the same words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    #[serde(rename = "FP32")]
+    F32,
+    #[serde(rename = "INT32")]
+    I32,
+    #[serde(rename = "INT64")]
+    I64,
+    #[serde(rename = "UINT8")]
+    U8,
+}
+
+impl DType {
+    /// The Open Inference Protocol datatype name.
+    pub fn oip_name(self) -> &'static str {
+        match self {
+            DType::F32 => "FP32",
+            DType::I32 => "INT32",
+            DType::I64 => "INT64",
+            DType::U8 => "UINT8",
+        }
+    }
+
+    /// Parses an Open Inference Protocol datatype name; `None` for types modelfleet does not serve.
+    pub fn from_oip_name(name: &str) -> Option<DType> {
+        Some(match name {
+            "FP32" => DType::F32,
+            "INT32" => DType::I32,
+            "INT64" => DType::I64,
+            "UINT8" => DType::U8,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::I64 => 8,
+            DType::U8 => 1,
+        }
+    }
+}
+
+/// Name, element type and shape of one model input or output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    /// One entry per dimension; `None` is a free (symbolic) dimension such as the batch size.
+    pub shape: Vec<Option<usize>>,
+    /// Observed `[min, max]` of the values on the golden/calibration set, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<[f32; 2]>,
+}
+
+impl TensorSpec {
+    /// Does a concrete shape fit this spec (same rank, fixed dimensions equal)?
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        shape.len() == self.shape.len()
+            && self.shape.iter().zip(shape).all(|(want, got)| want.is_none_or(|w| w == *got))
+    }
+
+    /// The shape as the Open Inference Protocol prints it: `-1` for a free dimension.
+    pub fn oip_shape(&self) -> Vec<i64> {
+        self.shape.iter().map(|d| d.map_or(-1, |d| d as i64)).collect()
+    }
+}
+
+/// One payload file of the bundle, bound to the signed manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadEntry {
+    /// Plain file name inside the bundle (no `/`, no `..`), e.g. `model.onnx.zst`.
+    pub file: String,
+    /// Size in bytes of the zstd-compressed file as stored in the bundle.
+    pub compressed_size: u64,
+    /// Size in bytes after decompression; decompression stops here.
+    pub size: u64,
+    /// Hex sha256 of the decompressed bytes.
+    pub sha256: String,
+}
+
+/// What the model computes, as far as health monitoring cares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Task {
+    /// The named output holds per-class scores along its last axis.
+    Classification { output: String, scores: ScoreKind, classes: usize },
+    /// Anything else: health watches a scalar statistic of the named output per sample.
+    Regression { output: String, statistic: OutputStatistic },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreKind {
+    /// Scores are probabilities already (rows sum to 1).
+    Probabilities,
+    /// Scores are logits; confidence is computed with a softmax.
+    Logits,
+}
+
+/// The per-sample scalar that summarises a regression output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStatistic {
+    /// Mean squared difference between the output and the first input (autoencoders:
+    /// reconstruction error). Only valid when both have the same number of elements per sample.
+    ReconstructionError,
+    /// Mean of the output's elements.
+    Mean,
+}
+
+/// The golden set: inputs with the outputs the bundler's engine produced for them. A device runs
+/// the inputs after install and refuses the model if an output differs beyond the tolerance.
+///
+/// Payload layout (`golden.bin`, decompressed): for each input in `inputs` order, then each output
+/// in `outputs` order, the tensor's values in row-major order, little-endian, dtype as declared,
+/// shape `[count, ...]` with the spec's free dimensions after the batch taken from `shapes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Golden {
+    pub file: String,
+    /// Number of samples (the batch dimension of every golden tensor).
+    pub count: usize,
+    /// Concrete shapes (batch first) of each input then each output, in payload order.
+    pub inputs: Vec<GoldenTensor>,
+    pub outputs: Vec<GoldenTensor>,
+    /// A device output `y` matches the golden `g` when `|y - g| <= atol + rtol * |g|`.
+    pub atol: f32,
+    pub rtol: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldenTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Statistics of the model's behaviour at build time, the reference for on-device health checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// Samples the statistics were computed on (calibration inputs if given, else golden inputs).
+    pub samples: usize,
+    pub source: String,
+    pub inputs: Vec<InputBaseline>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classification: Option<ClassificationBaseline>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regression: Option<RegressionBaseline>,
+    /// Accuracy on the golden labels, when labels were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    pub latency: LatencyBaseline,
+}
+
+/// Moments and a histogram of all elements of one input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputBaseline {
+    pub name: String,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub histogram: Histogram,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassificationBaseline {
+    /// Fraction of samples predicted as each class (top-1).
+    pub class_distribution: Vec<f64>,
+    pub mean_confidence: f64,
+    /// Histogram of top-1 confidence over [0, 1].
+    pub confidence: Histogram,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegressionBaseline {
+    pub mean: f64,
+    pub std: f64,
+    pub histogram: Histogram,
+}
+
+/// Reference latency measured by the bundler on its build machine (informational: devices differ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyBaseline {
+    pub batch: usize,
+    pub p50_us: f64,
+    pub p95_us: f64,
+    pub machine: String,
+}
+
+/// How the model was quantized. Only `none` exists until the quantization modes land.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Quantization {
+    None,
+}
+
+/// Thresholds for the device's trial window after activation. Every field is optional: a field
+/// left out takes the agent's configured default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p95_latency_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_confidence_drop: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prediction_psi: Option<f64>,
+}
+
+/// The signed description of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub version: semver::Version,
+    /// Monotonic per model name; devices refuse anything lower than the highest they accepted.
+    pub security_version: u64,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Rust target triples the bundle is meant for; empty means any target.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// The model file among the payloads (decompressed name without `.zst`), e.g. `model.onnx`.
+    pub model_file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub task: Task,
+    pub quantization: Quantization,
+    pub golden: Golden,
+    pub baseline: Baseline,
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
+    /// sha256 of the bundle this one patches (delta bundles; not produced yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_base: Option<String>,
+    pub payloads: Vec<PayloadEntry>,
+}
+
+impl Manifest {
+    /// The payload entry whose decompressed content is `name` (stored as `name.zst`).
+    pub fn payload(&self, name: &str) -> Option<&PayloadEntry> {
+        self.payloads.iter().find(|p| p.file.strip_suffix(".zst") == Some(name))
+    }
+}
