@@ -74,12 +74,19 @@ impl TensorSpec {
     /// Does a concrete shape fit this spec (same rank, fixed dimensions equal)?
     pub fn accepts_shape(&self, shape: &[usize]) -> bool {
         shape.len() == self.shape.len()
-            && self.shape.iter().zip(shape).all(|(want, got)| want.is_none_or(|w| w == *got))
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(want, got)| want.is_none_or(|w| w == *got))
     }
 
     /// The shape as the Open Inference Protocol prints it: `-1` for a free dimension.
     pub fn oip_shape(&self) -> Vec<i64> {
-        self.shape.iter().map(|d| d.map_or(-1, |d| d as i64)).collect()
+        self.shape
+            .iter()
+            .map(|d| d.map_or(-1, |d| d as i64))
+            .collect()
     }
 }
 
@@ -90,6 +97,8 @@ pub struct PayloadEntry {
     pub file: String,
     /// Size in bytes of the zstd-compressed file as stored in the bundle.
     pub compressed_size: u64,
+    /// Hex sha256 of the compressed file, so no byte of the bundle is unbound to the signature.
+    pub compressed_sha256: String,
     /// Size in bytes after decompression; decompression stops here.
     pub size: u64,
     /// Hex sha256 of the decompressed bytes.
@@ -101,9 +110,16 @@ pub struct PayloadEntry {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Task {
     /// The named output holds per-class scores along its last axis.
-    Classification { output: String, scores: ScoreKind, classes: usize },
+    Classification {
+        output: String,
+        scores: ScoreKind,
+        classes: usize,
+    },
     /// Anything else: health watches a scalar statistic of the named output per sample.
-    Regression { output: String, statistic: OutputStatistic },
+    Regression {
+        output: String,
+        statistic: OutputStatistic,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +280,8 @@ pub struct Manifest {
 impl Manifest {
     /// The payload entry whose decompressed content is `name` (stored as `name.zst`).
     pub fn payload(&self, name: &str) -> Option<&PayloadEntry> {
-        self.payloads.iter().find(|p| p.file.strip_suffix(".zst") == Some(name))
+        self.payloads
+            .iter()
+            .find(|p| p.file.strip_suffix(".zst") == Some(name))
     }
 }

@@ -28,12 +28,20 @@ impl Histogram {
         } else {
             (0.0, 1.0)
         };
-        Histogram { lo, hi, counts: vec![0; bins + 2] }
+        Histogram {
+            lo,
+            hi,
+            counts: vec![0; bins + 2],
+        }
     }
 
     /// An empty histogram with the same bins as `self`.
     pub fn empty_like(&self) -> Histogram {
-        Histogram { lo: self.lo, hi: self.hi, counts: vec![0; self.counts.len()] }
+        Histogram {
+            lo: self.lo,
+            hi: self.hi,
+            counts: vec![0; self.counts.len()],
+        }
     }
 
     pub fn bins(&self) -> usize {
@@ -205,7 +213,10 @@ mod tests {
     fn psi_is_zero_for_same_and_large_for_shifted() {
         let a = [100, 200, 300, 400];
         assert!(psi(&a, &a).abs() < 1e-12);
-        assert!(psi(&a, &[10, 20, 30, 40]).abs() < 1e-12, "scale does not matter");
+        assert!(
+            psi(&a, &[10, 20, 30, 40]).abs() < 1e-12,
+            "scale does not matter"
+        );
         assert!(psi(&a, &[400, 300, 200, 100]) > 0.5);
         assert!(psi(&[100, 0], &[0, 100]).is_finite());
     }

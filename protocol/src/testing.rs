@@ -1,0 +1,57 @@
+//! Small valid values for tests and examples of the crates that build on the protocol.
+
+use crate::manifest::*;
+
+/// A minimal valid manifest for a one-input, ten-class model with payloads `model.onnx` and
+/// `golden.bin` (their entries are filled in by `write_bundle`).
+pub fn sample_manifest() -> Manifest {
+    let spec = |name: &str, dims: Vec<Option<usize>>| TensorSpec {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: dims,
+        range: None,
+    };
+    Manifest {
+        format_version: FORMAT_VERSION,
+        name: "sample".into(),
+        version: semver::Version::new(1, 0, 0),
+        security_version: 1,
+        created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("valid time"),
+        expires_at: None,
+        targets: vec![],
+        model_file: "model.onnx".into(),
+        inputs: vec![spec("input", vec![None, Some(4)])],
+        outputs: vec![spec("probabilities", vec![None, Some(10)])],
+        task: Task::Classification {
+            output: "probabilities".into(),
+            scores: ScoreKind::Probabilities,
+            classes: 10,
+        },
+        quantization: Quantization::None,
+        golden: Golden {
+            file: "golden.bin".into(),
+            count: 0,
+            inputs: vec![],
+            outputs: vec![],
+            atol: 1e-5,
+            rtol: 1e-4,
+        },
+        baseline: Baseline {
+            samples: 0,
+            source: "none".into(),
+            inputs: vec![],
+            classification: None,
+            regression: None,
+            accuracy: None,
+            latency: LatencyBaseline {
+                batch: 1,
+                p50_us: 0.0,
+                p95_us: 0.0,
+                machine: "test".into(),
+            },
+        },
+        health_policy: HealthPolicy::default(),
+        delta_base: None,
+        payloads: vec![],
+    }
+}
