@@ -1,2 +1,43 @@
-mod tensor;
+//! # modelfleet-engine: the one place modelfleet runs a model
+//!
+//! A model is trained somewhere else and arrives as an ONNX file. Two programs need to run it:
+//! the **bundler**, at build time, to compute the golden outputs and baseline statistics that go
+//! into the bundle manifest; and the **device agent**, at serving time, to answer inference
+//! requests and to run the golden self-test before activating a new model. Both go through this
+//! crate, with the same loading and the same optimisation passes, so that the numbers recorded
+//! at build time are the numbers reproduced on the device: a golden self-test compares the
+//! engine with itself, not two runtimes that happen to agree most of the time.
+//!
+//! The engine wraps [tract](https://github.com/sonos/tract). [`Model::load`] parses the ONNX
+//! graph, reads its input and output signature ([`Model::inputs`], [`Model::outputs`]: names,
+//! element types, shapes with free dimensions such as the batch size left open), declutters it,
+//! and builds two optimised plans: one with the batch dimension fixed to 1, the common case when
+//! serving single requests, where tract can specialise every kernel for known shapes; and one
+//! with the batch dimension left symbolic, for every other batch size. [`Model::run`] checks the
+//! inputs against the signature (errors name the tensor, and say what was expected and what was
+//! given, because they end up in HTTP 400 bodies and CLI messages), picks the plan, and runs it
+//! on an execution state borrowed from a small pool, so a `Model` behind an `Arc` serves
+//! concurrent requests from a thread pool without re-allocating state on every call.
+//!
+//! What the engine must not know: HTTP, the inference protocol, bundles, manifests beyond the
+//! [`TensorSpec`](protocol::manifest::TensorSpec) type, signatures, MQTT, telemetry, slots.
+//! It takes a path to an ONNX file and plain [`Tensor`]s and gives back plain [`Tensor`]s.
+//! Everything about where the file came from and where the answer goes belongs to its callers.
+//!
+//! Modules are small: [`tensor`] (the owned tensor type), [`npy`] (reading NumPy files of test
+//! vectors), `spec` (signature and validation), `convert` (tensor copies to and from tract),
+//! `runner` (plan + state pool), `cache` (loading, optionally from a cache of the decluttered
+//! model), `model` (the public entry point) and `error`.
+
+mod cache;
+mod convert;
+mod error;
+mod model;
+pub mod npy;
+mod runner;
+mod spec;
+pub mod tensor;
+
+pub use error::EngineError;
+pub use model::{EngineOptions, Model};
 pub use tensor::{Tensor, TensorData};

@@ -1,0 +1,156 @@
+//! Errors of the engine. Their messages reach users as HTTP 400 bodies and CLI errors, so each
+//! one names the tensor at fault, what the model expects and what it was given.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use protocol::manifest::DType;
+
+/// Everything [`crate::Model::load`] and [`crate::Model::run`] can fail with.
+#[derive(thiserror::Error, Debug)]
+pub enum EngineError {
+    /// The model file could not be read, parsed, typed or optimised.
+    #[error("cannot load model {}: {reason}", path.display())]
+    Load { path: PathBuf, reason: String },
+
+    /// A model input or output has an element type modelfleet does not serve.
+    #[error(
+        "cannot load model {}: {kind} '{name}' has element type {dtype}, \
+         which modelfleet does not support (supported: FP32, INT32, INT64, UINT8)",
+        path.display()
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        kind: &'static str,
+        name: String,
+        dtype: String,
+    },
+
+    /// Wrong number of input tensors.
+    #[error("the model takes {expected} input tensor(s), got {got}")]
+    InputCount { expected: usize, got: usize },
+
+    /// An input tensor has the wrong element type.
+    #[error("input '{name}': expected element type {}, got {}", expected.oip_name(), got.oip_name())]
+    InputDtype {
+        name: String,
+        expected: DType,
+        got: DType,
+    },
+
+    /// An input tensor's shape does not fit the model (rank or a fixed dimension differs).
+    #[error(
+        "input '{name}': expected shape {} ({}), got {}",
+        Dims(expected),
+        shape_problem(expected, got),
+        Dims(&got.iter().map(|d| Some(*d)).collect::<Vec<_>>())
+    )]
+    InputShape {
+        name: String,
+        expected: Vec<Option<usize>>,
+        got: Vec<usize>,
+    },
+
+    /// Two inputs disagree on a free dimension they share (such as the batch size).
+    #[error(
+        "input '{name}': dimension {axis} is {got}, but '{first}' set that free dimension ({symbol}) to {expected}"
+    )]
+    InputDimMismatch {
+        name: String,
+        axis: usize,
+        symbol: String,
+        first: String,
+        expected: usize,
+        got: usize,
+    },
+
+    /// The tensor's element count does not match its own shape.
+    #[error("input '{name}': shape {shape:?} holds {expected} element(s), but {got} value(s) were given")]
+    InputData {
+        name: String,
+        shape: Vec<usize>,
+        expected: usize,
+        got: usize,
+    },
+
+    /// tract failed while running the model.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Prints a spec shape as `[?, 64]`, `?` standing for a free dimension.
+struct Dims<'a>(&'a [Option<usize>]);
+
+impl fmt::Display for Dims<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match d {
+                Some(d) => write!(f, "{d}")?,
+                None => f.write_str("?")?,
+            }
+        }
+        f.write_str("]")
+    }
+}
+
+/// One phrase saying why `got` does not fit `expected`.
+fn shape_problem(expected: &[Option<usize>], got: &[usize]) -> String {
+    if expected.len() != got.len() {
+        return format!(
+            "rank {} expected, got rank {}; ? = any size",
+            expected.len(),
+            got.len()
+        );
+    }
+    let bad: Vec<String> = expected
+        .iter()
+        .zip(got)
+        .enumerate()
+        .filter_map(|(axis, (e, g))| match e {
+            Some(e) if e != g => Some(format!("dimension {axis} must be {e}, not {g}")),
+            _ => None,
+        })
+        .collect();
+    if bad.is_empty() {
+        "? = any size".to_owned()
+    } else {
+        format!("{}; ? = any size", bad.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_errors_name_the_problem() {
+        let e = EngineError::InputShape {
+            name: "input".into(),
+            expected: vec![None, Some(64)],
+            got: vec![1, 63],
+        };
+        assert_eq!(
+            e.to_string(),
+            "input 'input': expected shape [?, 64] (dimension 1 must be 64, not 63; ? = any size), got [1, 63]"
+        );
+        let e = EngineError::InputShape {
+            name: "x".into(),
+            expected: vec![None, Some(64)],
+            got: vec![64],
+        };
+        assert!(e.to_string().contains("rank 2 expected, got rank 1"), "{e}");
+        let e = EngineError::InputDtype {
+            name: "x".into(),
+            expected: DType::F32,
+            got: DType::I64,
+        };
+        assert_eq!(
+            e.to_string(),
+            "input 'x': expected element type FP32, got INT64"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! [`Model`]: load an ONNX file once, run it many times from many threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use protocol::manifest::TensorSpec;
+use tract_onnx::prelude::*;
+
+use crate::convert;
+use crate::error::EngineError;
+use crate::runner::Runner;
+use crate::spec::Signature;
+use crate::tensor::Tensor;
+
+/// How a [`Model`] is prepared.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Threads one inference may use for its matrix products. `1` (the default) runs each
+    /// request on the calling thread only, which is what a server already running requests
+    /// side by side wants.
+    pub threads: usize,
+    /// Directory where a preprocessed copy of the model may be cached to speed up later
+    /// loads of the same file. `None`: no cache is read or written.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            threads: 1,
+            cache_dir: None,
+        }
+    }
+}
+
+/// A loaded, optimised model, ready to run.
+///
+/// `Model` is `Send + Sync`: share it as `Arc<Model>` and call [`Model::run`] from any number
+/// of threads at once. Each call borrows a private execution state from a small pool.
+pub struct Model {
+    signature: Signature,
+    /// Plan with the batch dimension fixed to 1 (the common serving case), fully optimised.
+    batch_one: Option<Runner>,
+    /// Plan for every other batch size (symbolic batch dimension).
+    general: Runner,
+    from_cache: bool,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("inputs", &self.signature.inputs)
+            .field("outputs", &self.signature.outputs)
+            .field("batch_one_plan", &self.batch_one.is_some())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads an ONNX model, checks that its inputs and outputs are of types modelfleet serves,
+    /// and optimises it for inference.
+    pub fn load(onnx_path: &Path, opts: &EngineOptions) -> Result<Model, EngineError> {
+        let load_err = |reason: String| EngineError::Load {
+            path: onnx_path.to_owned(),
+            reason,
+        };
+        let (typed, names, from_cache) = crate::cache::load_decluttered(onnx_path, opts)?;
+        let signature = Signature::of(&typed, &names, onnx_path)?;
+
+        let run_options = run_options(opts.threads);
+        let batch_one = match signature.batch_symbol(&typed) {
+            Some(sym) => {
+                let subs = [(sym, TDim::Val(1))].into_iter().collect();
+                let fixed = typed
+                    .set_symbols(&subs)
+                    .and_then(|m| m.into_optimized())
+                    .and_then(|m| m.into_runnable_with_options(&run_options))
+                    .map_err(|e| load_err(format!("optimising for batch size 1: {e:#}")))?;
+                Some(Runner::new(fixed))
+            }
+            None => None,
+        };
+        let general = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable_with_options(&run_options))
+            .map_err(|e| load_err(format!("optimising: {e:#}")))?;
+        Ok(Model {
+            signature,
+            batch_one,
+            general: Runner::new(general),
+            from_cache,
+        })
+    }
+
+    /// The model's inputs, in the order [`Model::run`] takes them. Free (symbolic) dimensions
+    /// such as the batch size are `None`.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.signature.inputs
+    }
+
+    /// The model's outputs, in the order [`Model::run`] returns them.
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.signature.outputs
+    }
+
+    /// Whether this load was served from the optimised-model cache in
+    /// [`EngineOptions::cache_dir`].
+    pub fn loaded_from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    /// Runs the model on `inputs`, given in model input order.
+    ///
+    /// Count, element type, rank, fixed dimensions and element counts are checked first, and
+    /// free dimensions shared between inputs must agree; any batch size the model allows is
+    /// accepted.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        let batch_one = self.signature.validate(inputs)?;
+        let runner = match (&self.batch_one, batch_one) {
+            (Some(runner), true) => runner,
+            _ => &self.general,
+        };
+        let tract_inputs: TVec<TValue> = inputs
+            .iter()
+            .map(|t| convert::to_tract(t).into())
+            .collect::<TVec<_>>();
+        let outputs = runner
+            .run(tract_inputs)
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        outputs
+            .iter()
+            .zip(&self.signature.outputs)
+            .map(|(t, spec)| convert::from_tract(t, &spec.name))
+            .collect()
+    }
+}
+
+fn run_options(threads: usize) -> RunOptions {
+    let mut options = RunOptions::default();
+    if threads > 1 {
+        options.executor = Some(tract_linalg::multithread::Executor::multithread_with_name(
+            threads,
+            "modelfleet-engine",
+        ));
+    }
+    options
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Model>();
+    is::<Arc<Model>>();
+}

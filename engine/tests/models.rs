@@ -1,0 +1,270 @@
+//! Behaviour of `engine::Model` on the reference models in examples/models.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use engine::npy::read_npy;
+use engine::{EngineError, EngineOptions, Model, Tensor, TensorData};
+use protocol::manifest::DType;
+
+fn dir(model: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models")
+        .join(model)
+}
+
+fn load(model: &str) -> Model {
+    Model::load(
+        &dir(model).join(format!("{model}.onnx")),
+        &EngineOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Rows `from..to` (along axis 0) of a tensor.
+fn rows(t: &Tensor, from: usize, to: usize) -> Tensor {
+    let row: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = to - from;
+    Tensor::from_f32(shape, t.as_f32().unwrap()[from * row..to * row].to_vec()).unwrap()
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, atol: f32, rtol: f32, what: &str) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let (g, w) = (got.as_f32().unwrap(), want.as_f32().unwrap());
+    for (i, (g, w)) in g.iter().zip(w).enumerate() {
+        assert!(
+            (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}: element {i}: got {g}, want {w}"
+        );
+    }
+}
+
+/// Runs `model` on samples one at a time, then on `batch` samples at once, against test_output.
+fn check_model(name: &str, singles: usize, batch: usize, atol: f32, rtol: f32) {
+    let model = load(name);
+    let input = read_npy(dir(name).join("test_input.npy")).unwrap();
+    let expected = read_npy(dir(name).join("test_output.npy")).unwrap();
+    for i in 0..singles {
+        let out = model.run(&[rows(&input, i, i + 1)]).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_close(
+            &out[0],
+            &rows(&expected, i, i + 1),
+            atol,
+            rtol,
+            &format!("{name} sample {i}"),
+        );
+    }
+    let out = model.run(&[rows(&input, 0, batch)]).unwrap();
+    assert_close(
+        &out[0],
+        &rows(&expected, 0, batch),
+        atol,
+        rtol,
+        &format!("{name} batch {batch}"),
+    );
+    // An odd batch after the full one, then batch 1 again: plans and pooled states are reusable.
+    let out = model.run(&[rows(&input, 1, 4)]).unwrap();
+    assert_close(
+        &out[0],
+        &rows(&expected, 1, 4),
+        atol,
+        rtol,
+        &format!("{name} batch 3"),
+    );
+    let out = model.run(&[rows(&input, 0, 1)]).unwrap();
+    assert_close(
+        &out[0],
+        &rows(&expected, 0, 1),
+        atol,
+        rtol,
+        &format!("{name} batch 1 again"),
+    );
+}
+
+#[test]
+fn digits_mlp_matches_reference() {
+    check_model("digits_mlp", 25, 450, 1e-5, 0.0);
+}
+
+#[test]
+fn digits_cnn_matches_reference() {
+    check_model("digits_cnn", 25, 450, 1e-5, 0.0);
+}
+
+#[test]
+fn vibration_ae_matches_reference() {
+    check_model("vibration_ae", 10, 1000, 1e-4, 1e-4);
+}
+
+#[test]
+fn mobilenetish_matches_reference() {
+    check_model("mobilenetish", 2, 4, 1e-3, 1e-3);
+}
+
+#[test]
+fn signature_comes_from_the_graph() {
+    let m = load("digits_cnn");
+    assert_eq!(m.inputs().len(), 1);
+    assert_eq!(m.inputs()[0].name, "input");
+    assert_eq!(m.inputs()[0].dtype, DType::F32);
+    assert_eq!(m.inputs()[0].shape, vec![None, Some(1), Some(8), Some(8)]);
+    assert_eq!(m.outputs().len(), 1);
+    assert_eq!(m.outputs()[0].name, "probabilities");
+    assert_eq!(m.outputs()[0].shape, vec![None, Some(10)]);
+    let m = load("mobilenetish");
+    assert_eq!(m.outputs()[0].name, "logits");
+    assert_eq!(m.outputs()[0].shape, vec![None, Some(1000)]);
+}
+
+#[test]
+fn bad_inputs_are_refused_with_clear_errors() {
+    let m = load("digits_mlp");
+    let ok = Tensor::from_f32(vec![2, 64], vec![0.5; 128]).unwrap();
+    assert_eq!(m.run(&[ok.clone()]).unwrap()[0].shape, vec![2, 10]);
+
+    let e = m.run(&[]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::InputCount {
+                expected: 1,
+                got: 0
+            }
+        ),
+        "{e:?}"
+    );
+    let e = m.run(&[ok.clone(), ok.clone()]).unwrap_err();
+    assert_eq!(e.to_string(), "the model takes 1 input tensor(s), got 2");
+
+    let ints = Tensor::new(vec![1, 64], TensorData::I64(vec![0; 64])).unwrap();
+    let e = m.run(&[ints]).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InputDtype { name, expected: DType::F32, got: DType::I64 } if name == "input"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "input 'input': expected element type FP32, got INT64"
+    );
+
+    let rank = Tensor::from_f32(vec![64], vec![0.0; 64]).unwrap();
+    let e = m.run(&[rank]).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InputShape { name, expected, got }
+            if name == "input" && *expected == vec![None, Some(64)] && *got == vec![64]),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("rank 2 expected, got rank 1"), "{e}");
+
+    let fixed = Tensor::from_f32(vec![1, 63], vec![0.0; 63]).unwrap();
+    let e = m.run(&[fixed]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "input 'input': expected shape [?, 64] (dimension 1 must be 64, not 63; ? = any size), got [1, 63]"
+    );
+
+    // The fields are public, so shape and data can disagree.
+    let lying = Tensor {
+        shape: vec![2, 64],
+        data: TensorData::F32(vec![0.0; 64]),
+    };
+    let e = m.run(&[lying]).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InputData { name, expected: 128, got: 64, .. } if name == "input"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("128 element(s), but 64 value(s)"),
+        "{e}"
+    );
+
+    // The model is still fine after refused requests.
+    assert_eq!(m.run(&[ok]).unwrap()[0].shape, vec![2, 10]);
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let missing = dir("digits_mlp").join("nope.onnx");
+    let e = Model::load(&missing, &EngineOptions::default()).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Load { path, .. } if *path == missing),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("nope.onnx"), "{e}");
+
+    let garbage = dir("digits_mlp").join("test_input.npy");
+    let e = Model::load(&garbage, &EngineOptions::default()).unwrap_err();
+    assert!(e.to_string().starts_with("cannot load model "), "{e}");
+}
+
+#[test]
+fn model_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Model>();
+    assert_send_sync::<Arc<Model>>();
+    assert_send_sync::<EngineError>();
+}
+
+#[test]
+fn concurrent_runs_are_correct() {
+    let model = Arc::new(load("digits_cnn"));
+    let input = Arc::new(read_npy(dir("digits_cnn").join("test_input.npy")).unwrap());
+    let expected = Arc::new(read_npy(dir("digits_cnn").join("test_output.npy")).unwrap());
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let (model, input, expected) = (model.clone(), input.clone(), expected.clone());
+            std::thread::spawn(move || {
+                for round in 0..40 {
+                    let i = (t * 53 + round * 7) % 440;
+                    // Mix batch-1 (fixed plan) and batch-n (symbolic plan) calls.
+                    let n = if round % 3 == 0 { 1 + (round % 9) } else { 1 };
+                    let out = model.run(&[rows(&input, i, i + n)]).unwrap();
+                    assert_close(&out[0], &rows(&expected, i, i + n), 1e-5, 0.0, "concurrent");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn multithreaded_matmul_gives_the_same_answers() {
+    let opts = EngineOptions {
+        threads: 2,
+        ..EngineOptions::default()
+    };
+    let model = Model::load(&dir("digits_mlp").join("digits_mlp.onnx"), &opts).unwrap();
+    let input = read_npy(dir("digits_mlp").join("test_input.npy")).unwrap();
+    let expected = read_npy(dir("digits_mlp").join("test_output.npy")).unwrap();
+    let out = model.run(&[rows(&input, 0, 1)]).unwrap();
+    assert_close(
+        &out[0],
+        &rows(&expected, 0, 1),
+        1e-5,
+        0.0,
+        "threads=2 batch 1",
+    );
+    let out = model.run(&[rows(&input, 0, 450)]).unwrap();
+    assert_close(
+        &out[0],
+        &rows(&expected, 0, 450),
+        1e-5,
+        0.0,
+        "threads=2 batch 450",
+    );
+}
+
+#[test]
+fn npy_reads_the_example_files() {
+    let labels = read_npy(dir("digits_mlp").join("test_labels.npy")).unwrap();
+    assert_eq!(labels.shape, vec![450]);
+    assert!(matches!(labels.data, TensorData::I32(_)));
+    let input = read_npy(dir("mobilenetish").join("test_input.npy")).unwrap();
+    assert_eq!(input.shape, vec![4, 3, 224, 224]);
+    let e = read_npy(dir("digits_mlp").join("missing.npy")).unwrap_err();
+    assert!(e.to_string().contains("missing.npy"), "{e}");
+}
