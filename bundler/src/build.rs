@@ -1,0 +1,524 @@
+//! `build`: from an ONNX file and sample data to a signed bundle.
+//!
+//! The steps, in order, each refusing early with a [`BuildError`] that names what is wrong:
+//! check the options (name, semver, targets, quantization mode, tolerances, expiry), read the
+//! signing key, check the output directory, read and load the model, load the golden inputs,
+//! labels and calibration inputs against the model's input spec, evaluate, detect the task,
+//! compute the baseline and reference latency, compress, sign, write to a temp file in the output
+//! directory, fsync, read it back through the verifying reader, and only then rename it to the
+//! output path.
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use engine::{EngineOptions, Model, Tensor};
+use protocol::bundle::{
+    compress_payload, read_bundle_file, write_bundle, DiscardSink, VerifyOptions,
+};
+use protocol::keys::{KeyId, Keyring};
+use protocol::manifest::{
+    Baseline, HealthPolicy, LatencyBaseline, Manifest, PayloadEntry, Quantization, Task,
+    FORMAT_VERSION,
+};
+use serde::Serialize;
+
+use crate::baseline::{self, TaskKind};
+use crate::error::BuildError;
+use crate::golden::{self, rows};
+use crate::keys::load_secret_key;
+use crate::progress::Progress;
+use crate::{GOLDEN_FILE, MODEL_FILE};
+
+/// When the bundle stops being accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Expiry {
+    /// At this instant (`--expires-at`).
+    At(DateTime<Utc>),
+    /// This long after the build (`--expires-in`).
+    In(std::time::Duration),
+}
+
+/// Everything `bundler build` takes. [`BuildOptions::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub model: PathBuf,
+    pub name: String,
+    /// Semantic version, checked by `build`.
+    pub version: String,
+    pub security_version: u64,
+    /// Secret key file (`NAME.key`).
+    pub key: PathBuf,
+    pub output: PathBuf,
+    /// `.npy` with a batch of inputs for the model's single input. Without it, a few synthetic
+    /// inputs make up the golden set and there is no accuracy.
+    pub golden_inputs: Option<PathBuf>,
+    /// `.npy` of integer class labels, one per golden input.
+    pub golden_labels: Option<PathBuf>,
+    /// `.npy` of inputs the baseline statistics are computed on instead of the golden inputs.
+    pub calibration: Option<PathBuf>,
+    pub targets: Vec<String>,
+    pub expiry: Option<Expiry>,
+    /// Quantization mode; only `none` is supported.
+    pub quantize: String,
+    /// Task override; `None` detects it.
+    pub task: Option<TaskKind>,
+    /// At most this many golden samples are stored (all of them are evaluated). Default 64.
+    pub golden_max: usize,
+    /// Default 1e-4.
+    pub golden_atol: f32,
+    /// Default 1e-3.
+    pub golden_rtol: f32,
+    /// Default 10.
+    pub zstd_level: i32,
+    pub health_policy: HealthPolicy,
+    /// Timed batch-1 runs for the reference latency. Default 30.
+    pub latency_runs: usize,
+    /// Draw progress bars on stderr. Default false (the CLI sets it when stdout is a terminal).
+    pub progress: bool,
+}
+
+impl BuildOptions {
+    pub fn new(
+        model: impl Into<PathBuf>,
+        name: impl Into<String>,
+        version: impl Into<String>,
+        security_version: u64,
+        key: impl Into<PathBuf>,
+        output: impl Into<PathBuf>,
+    ) -> BuildOptions {
+        BuildOptions {
+            model: model.into(),
+            name: name.into(),
+            version: version.into(),
+            security_version,
+            key: key.into(),
+            output: output.into(),
+            golden_inputs: None,
+            golden_labels: None,
+            calibration: None,
+            targets: Vec::new(),
+            expiry: None,
+            quantize: "none".into(),
+            task: None,
+            golden_max: 64,
+            golden_atol: 1e-4,
+            golden_rtol: 1e-3,
+            zstd_level: 10,
+            health_policy: HealthPolicy::default(),
+            latency_runs: 30,
+            progress: false,
+        }
+    }
+}
+
+/// What `build` did (the `--json` output of `bundler build`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub output: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub security_version: u64,
+    pub key_id: KeyId,
+    /// sha256 of the bundle file: its identity.
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub task: Task,
+    /// Samples evaluated (all golden inputs) and stored in the golden set.
+    pub evaluated: usize,
+    pub golden_count: usize,
+    /// `golden inputs FILE` or `synthetic`.
+    pub golden_source: String,
+    pub baseline_source: String,
+    pub accuracy: Option<f64>,
+    pub latency: LatencyBaseline,
+    pub payloads: Vec<PayloadEntry>,
+    pub timings: BuildTimings,
+}
+
+/// Wall-clock time of each build step, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BuildTimings {
+    pub load_ms: f64,
+    pub evaluate_ms: f64,
+    pub latency_ms: f64,
+    pub compress_ms: f64,
+    pub sign_write_ms: f64,
+    pub total_ms: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Builds, signs and writes a bundle. On error nothing is left at `opts.output` (an existing file
+/// there is left untouched).
+pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    let mut timings = BuildTimings::default();
+    let progress = Progress::new(opts.progress);
+
+    // 1. Options, cheapest first.
+    protocol::tar::check_entry_name(&opts.name).map_err(|reason| BuildError::Name {
+        name: opts.name.clone(),
+        reason,
+    })?;
+    let version = semver::Version::parse(&opts.version).map_err(|source| BuildError::Version {
+        version: opts.version.clone(),
+        source,
+    })?;
+    for t in &opts.targets {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) || t.len() > 100 {
+            return Err(BuildError::Target(t.clone()));
+        }
+    }
+    if opts.quantize != "none" {
+        return Err(BuildError::Quantize(opts.quantize.clone()));
+    }
+    if !(opts.golden_atol.is_finite() && opts.golden_atol >= 0.0) {
+        return Err(BuildError::Tolerance("--golden-atol"));
+    }
+    if !(opts.golden_rtol.is_finite() && opts.golden_rtol >= 0.0) {
+        return Err(BuildError::Tolerance("--golden-rtol"));
+    }
+    if opts.golden_max == 0 {
+        return Err(BuildError::GoldenMax);
+    }
+    if opts.golden_labels.is_some() && opts.golden_inputs.is_none() {
+        return Err(BuildError::LabelsWithoutInputs);
+    }
+    let created_at = Utc::now().trunc_subsecs(0);
+    let expires_at = match opts.expiry {
+        None => None,
+        Some(Expiry::At(at)) => Some(at),
+        Some(Expiry::In(d)) => {
+            let d = chrono::Duration::from_std(d).map_err(|_| BuildError::ExpiryRange(d))?;
+            Some(
+                created_at
+                    .checked_add_signed(d)
+                    .ok_or(BuildError::ExpiryRange(d.to_std().unwrap_or_default()))?,
+            )
+        }
+    };
+    if let Some(at) = expires_at {
+        if at <= Utc::now() {
+            return Err(BuildError::ExpiryInPast {
+                expires_at: at,
+                now: created_at,
+            });
+        }
+    }
+
+    // 2. Key and output directory.
+    let key = load_secret_key(&opts.key)?;
+    let out_dir = match opts.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !out_dir.is_dir() {
+        return Err(BuildError::OutputDir(out_dir));
+    }
+
+    // 3. Model.
+    let t = Instant::now();
+    let model_bytes = fs::read(&opts.model).map_err(|source| BuildError::ReadModel {
+        path: opts.model.clone(),
+        source,
+    })?;
+    let spinner = progress.spinner("loading model");
+    let model = Model::load(&opts.model, &EngineOptions::default()).map_err(|source| {
+        BuildError::Model {
+            path: opts.model.clone(),
+            source,
+        }
+    })?;
+    spinner.finish_and_clear();
+    timings.load_ms = ms(t);
+    let input_specs = model.inputs().to_vec();
+    let output_specs = model.outputs().to_vec();
+
+    // 4. Sample data.
+    let load_single = |path: &Path, what: &'static str| -> Result<Vec<Tensor>, BuildError> {
+        if input_specs.len() != 1 {
+            return Err(BuildError::MultiInput(input_specs.len()));
+        }
+        Ok(vec![golden::load_samples(path, what, &input_specs[0])?])
+    };
+    let batch_fixed = input_specs
+        .first()
+        .and_then(|s| s.shape.first().copied().flatten());
+    let (golden_inputs, golden_source) = match &opts.golden_inputs {
+        Some(path) => (
+            load_single(path, "golden inputs")?,
+            format!("golden inputs {}", path.display()),
+        ),
+        None => {
+            let count = batch_fixed.unwrap_or(opts.golden_max.min(16));
+            (
+                golden::synthetic_inputs(&input_specs, count),
+                "synthetic".to_string(),
+            )
+        }
+    };
+    let calibration = match &opts.calibration {
+        Some(path) => Some(load_single(path, "calibration inputs")?),
+        None => None,
+    };
+    let evaluated = golden_inputs.first().map(rows).unwrap_or(0);
+    let labels = match &opts.golden_labels {
+        Some(path) => Some(golden::load_labels(path, evaluated)?),
+        None => None,
+    };
+    let eval_batch = batch_fixed.unwrap_or(golden::EVAL_BATCH);
+    for (what, path, tensors) in [
+        ("golden inputs", &opts.golden_inputs, Some(&golden_inputs)),
+        (
+            "calibration inputs",
+            &opts.calibration,
+            calibration.as_ref(),
+        ),
+    ] {
+        if let (Some(k), Some(ts)) = (batch_fixed, tensors) {
+            let n = rows(&ts[0]);
+            if !n.is_multiple_of(k) {
+                return Err(BuildError::Samples {
+                    what,
+                    path: path.clone().unwrap_or_default(),
+                    reason: format!(
+                        "{n} samples is not a multiple of the model's fixed batch size {k}"
+                    ),
+                });
+            }
+        }
+    }
+
+    // 5. Evaluate.
+    let t = Instant::now();
+    let golden_outputs = golden::evaluate(
+        &model,
+        &golden_inputs,
+        eval_batch,
+        "golden inputs",
+        &progress,
+    )?;
+    let calibration_outputs = match &calibration {
+        Some(c) => Some(golden::evaluate(
+            &model,
+            c,
+            eval_batch,
+            "calibration inputs",
+            &progress,
+        )?),
+        None => None,
+    };
+    timings.evaluate_ms = ms(t);
+
+    // 6. Task, baseline, accuracy.
+    let task = baseline::detect_task(
+        &input_specs,
+        &golden_inputs,
+        &output_specs,
+        &golden_outputs,
+        labels.is_some(),
+        opts.task,
+    )?;
+    let (base_inputs, base_outputs, base_source) = match (&calibration, &calibration_outputs) {
+        (Some(i), Some(o)) => (
+            i,
+            o,
+            format!(
+                "calibration inputs {}",
+                opts.calibration
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            ),
+        ),
+        _ => (&golden_inputs, &golden_outputs, golden_source.clone()),
+    };
+    let output_index = |name: &str| {
+        output_specs
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or(0)
+    };
+    let (mut classification, mut regression, mut accuracy) = (None, None, None);
+    match &task {
+        Task::Classification {
+            output,
+            scores,
+            classes,
+        } => {
+            let ix = output_index(output);
+            classification = Some(baseline::classification_baseline(
+                &base_outputs[ix],
+                *classes,
+                *scores,
+            ));
+            if let (Some(labels), Some(path)) = (&labels, &opts.golden_labels) {
+                if let Some((i, l)) = labels
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &l)| l < 0 || l >= *classes as i64)
+                {
+                    return Err(BuildError::Labels {
+                        path: path.clone(),
+                        reason: format!(
+                            "label {l} of sample {i} is not a class of output '{output}' (0..{classes})"
+                        ),
+                    });
+                }
+                accuracy = Some(baseline::accuracy(&golden_outputs[ix], *classes, labels));
+            }
+        }
+        Task::Regression { output, statistic } => {
+            let ix = output_index(output);
+            let stat =
+                baseline::regression_statistic(&base_outputs[ix], &base_inputs[0], *statistic);
+            regression = Some(baseline::regression_baseline(&stat));
+        }
+    }
+    let t = Instant::now();
+    let latency = baseline::latency(&model, &golden_inputs, opts.latency_runs)?;
+    timings.latency_ms = ms(t);
+    drop(model);
+
+    let mut inputs = input_specs.clone();
+    for (i, spec) in inputs.iter_mut().enumerate() {
+        let cal = calibration.as_ref().map(|c| &c[i]);
+        spec.range = baseline::range_of(std::iter::once(&golden_inputs[i]).chain(cal));
+    }
+    let mut outputs = output_specs.clone();
+    for (i, spec) in outputs.iter_mut().enumerate() {
+        let cal = calibration_outputs.as_ref().map(|c| &c[i]);
+        spec.range = baseline::range_of(std::iter::once(&golden_outputs[i]).chain(cal));
+    }
+    let baseline = Baseline {
+        samples: rows(&base_inputs[0]),
+        source: base_source,
+        inputs: input_specs
+            .iter()
+            .zip(base_inputs)
+            .map(|(s, t)| baseline::input_baseline(&s.name, t))
+            .collect(),
+        classification,
+        regression,
+        accuracy,
+        latency: latency.clone(),
+    };
+
+    // 7. Golden set and compression.
+    let mut golden_count = evaluated.min(opts.golden_max);
+    if let Some(k) = batch_fixed {
+        golden_count = (golden_count / k).max(1) * k;
+    }
+    let (golden_bytes, golden) = golden::golden_payload(
+        &input_specs,
+        &golden_inputs,
+        &output_specs,
+        &golden_outputs,
+        golden_count,
+        opts.golden_atol,
+        opts.golden_rtol,
+    );
+    let t = Instant::now();
+    let mut payloads = Vec::new();
+    for (name, bytes) in [(MODEL_FILE, &model_bytes), (GOLDEN_FILE, &golden_bytes)] {
+        let bar = progress.bytes(bytes.len() as u64, &format!("compressing {name}"));
+        let p = compress_payload(name, bytes, opts.zstd_level, |done, _| {
+            bar.set_position(done)
+        })
+        .map_err(|source| BuildError::Write {
+            path: opts.output.clone(),
+            source,
+        })?;
+        bar.finish_and_clear();
+        payloads.push(p);
+    }
+    timings.compress_ms = ms(t);
+
+    // 8. Sign, write, check, rename.
+    let t = Instant::now();
+    let mut manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        name: opts.name.clone(),
+        version,
+        security_version: opts.security_version,
+        created_at,
+        expires_at,
+        targets: opts.targets.clone(),
+        model_file: MODEL_FILE.into(),
+        inputs,
+        outputs,
+        task: task.clone(),
+        quantization: Quantization::None,
+        golden,
+        baseline,
+        health_policy: opts.health_policy.clone(),
+        delta_base: None,
+        payloads: vec![],
+    };
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Write { path, source }
+    };
+    let file_name = opts
+        .output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&out_dir)
+        .map_err(write_err(&out_dir))?;
+    let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+    write_bundle(&mut w, &mut manifest, &payloads, &[&key]).map_err(|e| match e {
+        protocol::bundle::BundleError::Io(source) => BuildError::Write {
+            path: tmp.path().into(),
+            source,
+        },
+        other => BuildError::Pack(other),
+    })?;
+    w.flush().map_err(write_err(tmp.path()))?;
+    drop(w);
+    tmp.as_file().sync_all().map_err(write_err(tmp.path()))?;
+    let keyring = Keyring::new([key.public()]);
+    let verified = read_bundle_file(tmp.path(), &VerifyOptions::new(&keyring), &mut DiscardSink)
+        .map_err(BuildError::SelfCheck)?;
+    tmp.persist(&opts.output).map_err(|e| BuildError::Write {
+        path: opts.output.clone(),
+        source: e.error,
+    })?;
+    // Make the rename itself durable.
+    if let Ok(dir) = fs::File::open(&out_dir) {
+        let _ = dir.sync_all();
+    }
+    timings.sign_write_ms = ms(t);
+    timings.total_ms = ms(started);
+
+    Ok(BuildReport {
+        output: opts.output.clone(),
+        name: manifest.name,
+        version: manifest.version.to_string(),
+        security_version: manifest.security_version,
+        key_id: key.id(),
+        sha256: verified.sha256,
+        size: verified.size,
+        created_at,
+        expires_at,
+        task,
+        evaluated,
+        golden_count,
+        golden_source,
+        baseline_source: manifest.baseline.source,
+        accuracy,
+        latency,
+        payloads: manifest.payloads,
+        timings,
+    })
+}

@@ -1,0 +1,257 @@
+//! Sample tensors: loading `.npy` files against the model's input spec, running the model on
+//! them batch by batch, and the golden payload (`golden.bin`).
+//!
+//! Every sample tensor has the batch on axis 0. The golden payload is the layout documented on
+//! [`protocol::manifest::Golden`]: each input then each output, row-major little-endian, the
+//! first `count` samples of each.
+
+use std::path::Path;
+
+use engine::{Model, Tensor, TensorData};
+use protocol::manifest::{DType, Golden, GoldenTensor, TensorSpec};
+
+use crate::error::BuildError;
+use crate::progress::Progress;
+
+/// Samples evaluated per model run when the batch dimension is free.
+pub const EVAL_BATCH: usize = 32;
+
+/// Loads `path` as samples for `spec`: dtype and shape must fit (batch on axis 0, at least one
+/// sample).
+pub(crate) fn load_samples(
+    path: &Path,
+    what: &'static str,
+    spec: &TensorSpec,
+) -> Result<Tensor, BuildError> {
+    let t = engine::npy::read_npy(path).map_err(|source| BuildError::Npy {
+        what,
+        path: path.into(),
+        source,
+    })?;
+    if t.dtype() != spec.dtype {
+        return Err(BuildError::Dtype {
+            what,
+            path: path.into(),
+            input: spec.name.clone(),
+            expected: spec.dtype.oip_name(),
+            got: t.dtype().oip_name(),
+        });
+    }
+    if !spec.accepts_shape(&t.shape) {
+        return Err(BuildError::Shape {
+            what,
+            path: path.into(),
+            input: spec.name.clone(),
+            expected: spec.shape.clone(),
+            got: t.shape.clone(),
+        });
+    }
+    if t.shape.first().copied().unwrap_or(0) == 0 {
+        return Err(BuildError::Samples {
+            what,
+            path: path.into(),
+            reason: "holds no samples (batch dimension 0 is empty)".into(),
+        });
+    }
+    Ok(t)
+}
+
+/// Loads integer class labels, one per sample: shape `[count]` or `[count, 1]`, int32 or int64.
+pub(crate) fn load_labels(path: &Path, count: usize) -> Result<Vec<i64>, BuildError> {
+    let t = engine::npy::read_npy(path).map_err(|source| BuildError::Npy {
+        what: "golden labels",
+        path: path.into(),
+        source,
+    })?;
+    let bad = |reason: String| BuildError::Labels {
+        path: path.into(),
+        reason,
+    };
+    let rows_ok = matches!(t.shape.as_slice(), [n] | [n, 1] if *n == count);
+    if !rows_ok {
+        return Err(bad(format!(
+            "shape {:?} does not match the {count} golden inputs (expected [{count}] or [{count}, 1])",
+            t.shape
+        )));
+    }
+    match t.data {
+        TensorData::I32(v) => Ok(v.into_iter().map(i64::from).collect()),
+        TensorData::I64(v) => Ok(v),
+        _ => Err(bad(format!(
+            "element type {} is not an integer class label type (INT32 or INT64)",
+            t.dtype().oip_name()
+        ))),
+    }
+}
+
+/// Deterministic stand-in inputs for a model built without `--golden-inputs`: `count` samples,
+/// free non-batch dimensions set to 1, floats uniform in [0, 1), integers 0, bytes uniform.
+pub(crate) fn synthetic_inputs(specs: &[TensorSpec], count: usize) -> Vec<Tensor> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    specs
+        .iter()
+        .map(|spec| {
+            let mut shape: Vec<usize> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
+            if let Some(first) = shape.first_mut() {
+                if spec.shape[0].is_none() {
+                    *first = count;
+                }
+            }
+            let n: usize = shape.iter().product();
+            let data = match spec.dtype {
+                DType::F32 => TensorData::F32(
+                    (0..n)
+                        .map(|_| (next() >> 40) as f32 / 16_777_216.0)
+                        .collect(),
+                ),
+                DType::I32 => TensorData::I32(vec![0; n]),
+                DType::I64 => TensorData::I64(vec![0; n]),
+                DType::U8 => TensorData::U8((0..n).map(|_| (next() >> 56) as u8).collect()),
+            };
+            Tensor { shape, data }
+        })
+        .collect()
+}
+
+/// Number of samples (axis 0) of a sample tensor.
+pub(crate) fn rows(t: &Tensor) -> usize {
+    t.shape.first().copied().unwrap_or(1)
+}
+
+/// Samples `start..end` (axis 0) of `t`.
+pub(crate) fn slice_rows(t: &Tensor, start: usize, end: usize) -> Tensor {
+    let per: usize = t.shape.iter().skip(1).product();
+    let (a, b) = (start * per, end * per);
+    let data = match &t.data {
+        TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
+        TensorData::I32(v) => TensorData::I32(v[a..b].to_vec()),
+        TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
+        TensorData::U8(v) => TensorData::U8(v[a..b].to_vec()),
+    };
+    let mut shape = t.shape.clone();
+    if let Some(first) = shape.first_mut() {
+        *first = end - start;
+    }
+    Tensor { shape, data }
+}
+
+/// Concatenates sample tensors along axis 0 (all of the same dtype and trailing shape).
+pub(crate) fn concat_rows(parts: Vec<Tensor>) -> Tensor {
+    let mut parts = parts.into_iter();
+    let mut acc = parts.next().expect("at least one batch");
+    for t in parts {
+        if let Some(first) = acc.shape.first_mut() {
+            *first += rows(&t);
+        }
+        match (&mut acc.data, t.data) {
+            (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
+            (TensorData::I32(a), TensorData::I32(b)) => a.extend(b),
+            (TensorData::I64(a), TensorData::I64(b)) => a.extend(b),
+            (TensorData::U8(a), TensorData::U8(b)) => a.extend(b),
+            _ => unreachable!("a model output keeps its element type across batches"),
+        }
+    }
+    acc
+}
+
+/// Runs `model` on all samples of `inputs`, `batch` samples at a time (the last batch may be
+/// smaller), and returns each output with all samples concatenated.
+pub(crate) fn evaluate(
+    model: &Model,
+    inputs: &[Tensor],
+    batch: usize,
+    what: &'static str,
+    progress: &Progress,
+) -> Result<Vec<Tensor>, BuildError> {
+    let count = inputs.first().map(rows).unwrap_or(0);
+    let bar = progress.bar(count as u64, &format!("evaluating {what}"));
+    let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); model.outputs().len()];
+    let mut start = 0;
+    while start < count {
+        let end = (start + batch).min(count);
+        let batch_inputs: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, start, end)).collect();
+        let outputs = model
+            .run(&batch_inputs)
+            .map_err(|source| BuildError::Run { what, source })?;
+        for (acc, out) in per_output.iter_mut().zip(outputs) {
+            acc.push(out);
+        }
+        bar.set_position(end as u64);
+        start = end;
+    }
+    bar.finish_and_clear();
+    Ok(per_output.into_iter().map(concat_rows).collect())
+}
+
+/// The `golden.bin` bytes and its manifest description for the first `count` samples.
+pub(crate) fn golden_payload(
+    input_specs: &[TensorSpec],
+    inputs: &[Tensor],
+    output_specs: &[TensorSpec],
+    outputs: &[Tensor],
+    count: usize,
+    atol: f32,
+    rtol: f32,
+) -> (Vec<u8>, Golden) {
+    let mut bytes = Vec::new();
+    let mut describe = |specs: &[TensorSpec], tensors: &[Tensor]| -> Vec<GoldenTensor> {
+        specs
+            .iter()
+            .zip(tensors)
+            .map(|(spec, t)| {
+                let part = slice_rows(t, 0, count);
+                bytes.extend_from_slice(&part.to_le_bytes());
+                GoldenTensor {
+                    name: spec.name.clone(),
+                    dtype: part.dtype(),
+                    shape: part.shape,
+                }
+            })
+            .collect()
+    };
+    let golden_inputs = describe(input_specs, inputs);
+    let golden_outputs = describe(output_specs, outputs);
+    let golden = Golden {
+        file: crate::GOLDEN_FILE.into(),
+        count,
+        inputs: golden_inputs,
+        outputs: golden_outputs,
+        atol,
+        rtol,
+    };
+    (bytes, golden)
+}
+
+/// Splits a decompressed `golden.bin` back into its input and output tensors, checking that the
+/// byte count matches the manifest's description exactly.
+pub fn decode_golden(golden: &Golden, bytes: &[u8]) -> Option<(Vec<Tensor>, Vec<Tensor>)> {
+    let mut offset = 0usize;
+    let mut take = |g: &GoldenTensor| -> Option<Tensor> {
+        let n = g
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?
+            .checked_mul(g.dtype.size())?;
+        let end = offset.checked_add(n)?;
+        let t = Tensor::from_le_bytes(g.dtype, g.shape.clone(), bytes.get(offset..end)?)?;
+        offset = end;
+        Some(t)
+    };
+    let inputs = golden
+        .inputs
+        .iter()
+        .map(&mut take)
+        .collect::<Option<Vec<_>>>()?;
+    let outputs = golden
+        .outputs
+        .iter()
+        .map(&mut take)
+        .collect::<Option<Vec<_>>>()?;
+    (offset == bytes.len()).then_some((inputs, outputs))
+}
