@@ -151,6 +151,14 @@ pub struct BuildTimings {
     pub total_ms: f64,
 }
 
+/// The file name of a sample file, as recorded in the manifest (build-machine paths stay out).
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
@@ -254,7 +262,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let (golden_inputs, golden_source) = match &opts.golden_inputs {
         Some(path) => (
             load_single(path, "golden inputs")?,
-            format!("golden inputs {}", path.display()),
+            format!("golden inputs {}", file_name(path)),
         ),
         None => {
             let count = batch_fixed.unwrap_or(opts.golden_max.min(16));
