@@ -1,1 +1,337 @@
-fn main(){}
+//! `fleet-agent`: the modelfleet device agent CLI.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use agent::config::ConfigFile;
+use agent::{Agent, AgentConfig};
+use protocol::keys::Keyring;
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-agent",
+    version,
+    about = "modelfleet device agent: verified model installs, OIP v2 serving"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the installed models (and accept installs through the admin API).
+    Run(RunArgs),
+    /// Verify, self-test and activate a bundle.
+    Install {
+        bundle: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// Trusted public key file(s) (with --data-dir).
+        #[arg(long)]
+        keyring: Vec<PathBuf>,
+    },
+    /// Show installed models.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch a model back to its previous version.
+    Revert {
+        model: String,
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        keyring: Vec<PathBuf>,
+    },
+}
+
+/// Where the agent is: a data directory (agent not running) or a running agent's URL.
+#[derive(Args)]
+struct Target {
+    #[arg(long, conflicts_with = "agent", required_unless_present = "agent")]
+    data_dir: Option<PathBuf>,
+    /// URL of a running agent, e.g. http://127.0.0.1:8500
+    #[arg(long)]
+    agent: Option<String>,
+    /// Admin token of the running agent (or MODELFLEET_ADMIN_TOKEN).
+    #[arg(long, env = "MODELFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    keyring: Vec<PathBuf>,
+    /// Address of the local API [default: 127.0.0.1:8500]
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Concurrent inference requests [default: CPU count]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Intra-op threads per inference [default: 1]
+    #[arg(long)]
+    engine_threads: Option<usize>,
+    /// Bearer token required on /admin/v1 (or MODELFLEET_ADMIN_TOKEN).
+    #[arg(long, env = "MODELFLEET_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => serve(args),
+        Command::Install {
+            bundle,
+            target,
+            keyring,
+        } => {
+            let bytes = std::fs::read(&bundle)
+                .with_context(|| format!("cannot read bundle {}", bundle.display()))?;
+            let installed: serde_json::Value = match (&target.agent, &target.data_dir) {
+                (Some(url), _) => remote(
+                    url,
+                    &target.token,
+                    "POST",
+                    "/admin/v1/bundles",
+                    Some(&bytes),
+                )?,
+                (None, Some(dir)) => {
+                    let agent = open_local(dir, &keyring)?;
+                    serde_json::to_value(agent.install(&bytes)?)?
+                }
+                _ => unreachable!("clap requires one"),
+            };
+            if installed["already_active"] == true {
+                println!(
+                    "{} {} is already active",
+                    installed["model"].as_str().unwrap_or(""),
+                    installed["version"].as_str().unwrap_or("")
+                );
+            } else {
+                println!(
+                    "installed {} {} (previous: {})",
+                    installed["model"].as_str().unwrap_or(""),
+                    installed["version"].as_str().unwrap_or(""),
+                    installed["previous"].as_str().unwrap_or("none")
+                );
+            }
+            Ok(())
+        }
+        Command::Status { target, json } => {
+            let status: serde_json::Value = match (&target.agent, &target.data_dir) {
+                (Some(url), _) => remote(url, &target.token, "GET", "/admin/v1/status", None)?,
+                (None, Some(dir)) => serde_json::to_value(Agent::read_status(dir)?)?,
+                _ => unreachable!("clap requires one"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Revert {
+            model,
+            target,
+            keyring,
+        } => {
+            let result: serde_json::Value = match (&target.agent, &target.data_dir) {
+                (Some(url), _) => remote(
+                    url,
+                    &target.token,
+                    "POST",
+                    &format!("/admin/v1/models/{model}/revert"),
+                    Some(&[]),
+                )?,
+                (None, Some(dir)) => {
+                    let agent = open_local(dir, &keyring)?;
+                    serde_json::to_value(agent.revert(
+                        &model,
+                        "manual",
+                        serde_json::json!({"requested_by": "cli"}),
+                    )?)?
+                }
+                _ => unreachable!("clap requires one"),
+            };
+            println!(
+                "{model} reverted to {}",
+                result["active"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn load_keyring(paths: &[PathBuf]) -> Result<Keyring> {
+    let mut ring: Option<Keyring> = None;
+    for p in paths {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read keyring {}", p.display()))?;
+        let k =
+            Keyring::from_file_text(&text).with_context(|| format!("keyring {}", p.display()))?;
+        match &mut ring {
+            Some(r) => r.extend(k),
+            None => ring = Some(k),
+        }
+    }
+    ring.context(
+        "--keyring FILE.pub is required: the agent installs only bundles signed by trusted keys",
+    )
+}
+
+fn open_local(dir: &Path, keyring: &[PathBuf]) -> Result<Agent> {
+    let keyring = load_keyring(keyring)?;
+    Agent::open(AgentConfig::new(dir), keyring)
+        .with_context(|| format!("cannot open agent data directory {}", dir.display()))
+}
+
+fn serve(args: RunArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .context("--data-dir (or data_dir in the config) is required")?;
+    let keyring_paths = if args.keyring.is_empty() {
+        file.keyring.into_iter().collect()
+    } else {
+        args.keyring
+    };
+    let keyring = load_keyring(&keyring_paths)?;
+    let mut config = AgentConfig::new(&data_dir);
+    if let Some(w) = args.workers.or(file.workers) {
+        config.workers = w.max(1);
+    }
+    if let Some(q) = file.queue_limit {
+        config.queue_limit = q;
+    }
+    if let Some(t) = args.engine_threads.or(file.engine_threads) {
+        config.engine_threads = t.max(1);
+    }
+    if let Some(s) = file.expiry_slack_seconds {
+        config.expiry_slack = Duration::from_secs(s);
+    }
+    if let Some(t) = file.target {
+        config.target = t;
+    }
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8500)));
+    let admin_token = args.admin_token.or(file.admin_token);
+    if admin_token.is_none() && !listen.ip().is_loopback() {
+        bail!("refusing to expose the admin API on {listen} without --admin-token");
+    }
+    let agent = Arc::new(
+        Agent::open(config, keyring)
+            .with_context(|| format!("cannot open agent data directory {}", data_dir.display()))?,
+    );
+    for m in agent.registry.all() {
+        tracing::info!(model = %m.name, version = %m.version(), load_ms = m.load_time.as_secs_f64() * 1e3, "serving");
+    }
+    if agent.registry.is_empty() {
+        tracing::info!("no model installed yet; install one with `fleet-agent install BUNDLE --agent http://{listen}`");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        tracing::info!("listening on http://{}", listener.local_addr()?);
+        let app = agent::http::router(agent, admin_token);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+fn remote(
+    url: &str,
+    token: &Option<String>,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<serde_json::Value> {
+    let full = format!("{}{}", url.trim_end_matches('/'), path);
+    let mut req = ureq::request(method, &full).timeout(Duration::from_secs(600));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let response = match body {
+        Some(b) => req
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(b),
+        None => req.call(),
+    };
+    match response {
+        Ok(r) => Ok(r.into_json()?),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or_default();
+            bail!(
+                "agent at {url} answered {code}: {}",
+                v["error"].as_str().unwrap_or("(no message)")
+            )
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot reach the agent at {url}"))),
+    }
+}
+
+fn print_status(s: &serde_json::Value) {
+    let models = s["models"].as_array().cloned().unwrap_or_default();
+    if models.is_empty() {
+        println!(
+            "no models installed (target {})",
+            s["target"].as_str().unwrap_or("?")
+        );
+        return;
+    }
+    println!(
+        "{:<24} {:<12} {:<12} {:<10}",
+        "MODEL", "ACTIVE", "PREVIOUS", "STATE"
+    );
+    for m in &models {
+        let field = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<24} {:<12} {:<12} {:<10}",
+            field("name"),
+            field("active"),
+            field("previous"),
+            field("state")
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! The agent core: installed models, what is served, and the operations on them (install,
+//! revert, status), independent of how they are invoked (HTTP admin API, CLI, MQTT later).
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::json;
+
+use protocol::bundle::{parse_manifest, read_head, Limits, VerifyOptions};
+use protocol::keys::Keyring;
+
+use crate::install::{self, InstallError};
+use crate::serving::{InferencePool, ModelMetrics, Registry, ServingModel};
+use crate::slots::{Layout, MANIFEST_FILE};
+use crate::store::{Event, ModelRecord, ModelState, SlotRef, Store, StoreError};
+
+/// The Rust target triple this agent was built for.
+pub const BUILD_TARGET: &str = env!("AGENT_TARGET");
+
+/// Settings of one agent process (CLI flags and `agent.toml`).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    /// Threads running inference requests concurrently.
+    pub workers: usize,
+    /// Requests waiting for a worker before new ones get 503.
+    pub queue_limit: usize,
+    /// Intra-op threads per inference (tract).
+    pub engine_threads: usize,
+    /// Accept bundles up to this long after their expiry (offline devices, clock skew).
+    pub expiry_slack: Duration,
+    /// Target triple reported and matched against bundles' `targets`.
+    pub target: String,
+}
+
+impl AgentConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> AgentConfig {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        AgentConfig {
+            data_dir: data_dir.into(),
+            workers: cores,
+            queue_limit: 64,
+            engine_threads: 1,
+            expiry_slack: Duration::from_secs(7 * 24 * 3600),
+            target: BUILD_TARGET.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no model named '{0}' is installed")]
+    NoSuchModel(String),
+    #[error("'{0}' has no previous version to revert to")]
+    NothingToRevert(String),
+    #[error("cannot revert '{model}': the previous version does not load: {source}")]
+    RevertFailed { model: String, source: InstallError },
+}
+
+/// What an install did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    pub model: String,
+    pub version: String,
+    pub previous: Option<String>,
+    /// The same bundle was already active: nothing changed.
+    pub already_active: bool,
+    pub bundle_sha256: String,
+    pub load_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub active: String,
+    pub previous: Option<String>,
+    pub state: ModelState,
+    pub security_version: u64,
+    pub bundle_sha256: String,
+    pub activated_at: chrono::DateTime<Utc>,
+    /// Loaded and answering requests.
+    pub serving: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub target: String,
+    pub agent_version: &'static str,
+    pub models: Vec<ModelStatus>,
+}
+
+pub struct Agent {
+    pub config: AgentConfig,
+    layout: Layout,
+    store: Store,
+    keyring: RwLock<Keyring>,
+    pub registry: Registry,
+    pub pool: InferencePool,
+    /// One install or revert at a time.
+    change: Mutex<()>,
+}
+
+impl Agent {
+    /// Opens the data directory, cleans up after any interrupted install, and loads every
+    /// installed model (falling back to its previous slot if the active one does not load).
+    pub fn open(config: AgentConfig, keyring: Keyring) -> Result<Agent, AgentError> {
+        let layout = Layout::new(&config.data_dir);
+        layout.prepare().map_err(|source| AgentError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(&layout.db())?;
+        let pool = InferencePool::new(config.workers, config.queue_limit);
+        let agent = Agent {
+            config,
+            layout,
+            store,
+            keyring: RwLock::new(keyring),
+            registry: Registry::default(),
+            pool,
+            change: Mutex::new(()),
+        };
+        agent.load_installed()?;
+        Ok(agent)
+    }
+
+    fn engine_options(&self) -> engine::EngineOptions {
+        engine::EngineOptions {
+            threads: self.config.engine_threads,
+            ..Default::default()
+        }
+    }
+
+    fn load_installed(&self) -> Result<(), AgentError> {
+        let mut keep = HashSet::new();
+        for (name, rec) in self.store.models()? {
+            match self.load(&name, &rec.active) {
+                Ok(m) => {
+                    self.registry.swap_in(Arc::new(m));
+                }
+                Err(e) => {
+                    tracing::error!(model = %name, version = %rec.active.version, "active slot does not load: {e}");
+                    let mut events = vec![Event::new(
+                        "load_failed",
+                        Some(&name),
+                        Some(&rec.active.version),
+                        json!({"reason": e.reason(), "error": e.to_string()}),
+                    )];
+                    let fallback = rec.previous.as_ref().map(|p| (p, self.load(&name, p)));
+                    if let Some((prev, Ok(m))) = fallback {
+                        events.push(Event::new(
+                            "reverted",
+                            Some(&name),
+                            Some(&prev.version),
+                            json!({"from": rec.active.version, "to": prev.version,
+                                   "reason": "active_slot_unloadable", "evidence": {"error": e.to_string()}}),
+                        ));
+                        let record = ModelRecord {
+                            active: prev.clone(),
+                            previous: None,
+                            state: ModelState::Reverted,
+                            activated_at: Utc::now(),
+                        };
+                        self.store.commit_model(&name, &record, 0, &events)?;
+                        self.registry.swap_in(Arc::new(m));
+                        keep.insert((name.clone(), prev.dir.clone()));
+                        continue;
+                    }
+                    self.store.append(&events)?;
+                }
+            }
+            keep.insert((name.clone(), rec.active.dir.clone()));
+            if let Some(p) = &rec.previous {
+                keep.insert((name.clone(), p.dir.clone()));
+            }
+        }
+        let removed =
+            self.layout
+                .remove_unreferenced(&keep)
+                .map_err(|source| AgentError::DataDir {
+                    path: self.layout.root.clone(),
+                    source,
+                })?;
+        for path in removed {
+            tracing::info!("removed leftover slot {}", path.display());
+        }
+        Ok(())
+    }
+
+    /// Loads an installed slot: manifest from disk, model hash re-checked, golden self-test.
+    fn load(&self, name: &str, slot: &SlotRef) -> Result<ServingModel, InstallError> {
+        let dir = self.layout.slot(name, &slot.dir);
+        let manifest = parse_manifest(&fs::read(dir.join(MANIFEST_FILE))?)?;
+        let (engine, load_time) =
+            install::load_slot(&dir, &manifest, &self.engine_options(), true)?;
+        Ok(ServingModel {
+            name: name.to_string(),
+            manifest,
+            slot: slot.clone(),
+            engine,
+            metrics: ModelMetrics::default(),
+            load_time,
+        })
+    }
+
+    pub fn keyring(&self) -> Keyring {
+        self.keyring.read().expect("keyring lock").clone()
+    }
+
+    /// Verifies, installs, self-tests and activates a bundle. On any error the serving model is
+    /// untouched and a `rejected` event is recorded.
+    pub fn install(&self, bundle: &[u8]) -> Result<Installed, InstallError> {
+        let _one_at_a_time = self.change.lock().expect("install lock");
+        let staging = self.layout.staging_dir()?;
+        let result = self.install_staged(bundle, &staging);
+        if staging.exists() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        if let Err(e) = &result {
+            let (model, version) = peek_name_version(bundle);
+            let _ = self.store.append(&[Event::new(
+                "rejected",
+                model.as_deref(),
+                version.as_deref(),
+                json!({"reason": e.reason(), "error": e.to_string()}),
+            )]);
+        }
+        result
+    }
+
+    fn install_staged(
+        &self,
+        bundle: &[u8],
+        staging: &std::path::Path,
+    ) -> Result<Installed, InstallError> {
+        // Refuse a lower security version before decompressing anything. The head is not
+        // verified yet, so this can only refuse; the verified manifest is checked again below.
+        if let Ok(m) = read_head(&mut &bundle[..], &Limits::default()).and_then(|h| h.manifest()) {
+            install::check_policy(&m, self.store.floor(&m.name)?, &self.config.target)?;
+        }
+        let keyring = self.keyring();
+        let mut opts = VerifyOptions::new(&keyring);
+        opts.expiry_slack =
+            chrono::Duration::from_std(self.config.expiry_slack).unwrap_or(chrono::Duration::MAX);
+        let verified = install::verify_into(bundle, staging, &opts)?;
+        crash_point("verified");
+        let m = &verified.manifest;
+        install::check_policy(m, self.store.floor(&m.name)?, &self.config.target)?;
+
+        let old = self.store.model(&m.name)?;
+        if let Some(old) = &old {
+            if old.active.bundle_sha256 == verified.sha256 {
+                return Ok(Installed {
+                    model: m.name.clone(),
+                    version: m.version.to_string(),
+                    previous: old.previous.as_ref().map(|p| p.version.clone()),
+                    already_active: true,
+                    bundle_sha256: verified.sha256,
+                    load_ms: 0.0,
+                });
+            }
+        }
+        let slot = SlotRef {
+            dir: format!(
+                "{}-{}-{}",
+                m.version,
+                &verified.sha256[..12],
+                Utc::now().timestamp_micros()
+            ),
+            version: m.version.to_string(),
+            security_version: m.security_version,
+            bundle_sha256: verified.sha256.clone(),
+            installed_at: Utc::now(),
+        };
+        let slot_path = self.layout.commit_staging(staging, &m.name, &slot.dir)?;
+        crash_point("slot_written");
+        let loaded = install::load_slot(&slot_path, m, &self.engine_options(), false);
+        let (engine, load_time) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&slot_path);
+                return Err(e);
+            }
+        };
+        crash_point("self_tested");
+
+        let record = ModelRecord {
+            active: slot.clone(),
+            previous: old.as_ref().map(|o| o.active.clone()),
+            state: ModelState::Committed,
+            activated_at: Utc::now(),
+        };
+        let version = m.version.to_string();
+        let detail = json!({"bundle_sha256": verified.sha256, "security_version": m.security_version,
+                            "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                            "previous": record.previous.as_ref().map(|p| p.version.clone()),
+                            "load_ms": load_time.as_secs_f64() * 1e3});
+        let events = [
+            Event::new("installed", Some(&m.name), Some(&version), detail.clone()),
+            Event::new("activated", Some(&m.name), Some(&version), detail),
+            Event::new(
+                "committed",
+                Some(&m.name),
+                Some(&version),
+                json!({"reason": "no trial window configured"}),
+            ),
+        ];
+        self.store
+            .commit_model(&m.name, &record, m.security_version, &events)?;
+        crash_point("activated");
+        self.registry.swap_in(Arc::new(ServingModel {
+            name: m.name.clone(),
+            manifest: m.clone(),
+            slot,
+            engine,
+            metrics: ModelMetrics::default(),
+            load_time,
+        }));
+        // The slot that was previous until now is no longer referenced.
+        if let Some(gone) = old.and_then(|o| o.previous) {
+            let _ = fs::remove_dir_all(self.layout.slot(&m.name, &gone.dir));
+        }
+        Ok(Installed {
+            model: m.name.clone(),
+            version,
+            previous: record.previous.map(|p| p.version),
+            already_active: false,
+            bundle_sha256: verified.sha256,
+            load_ms: load_time.as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Switches `name` back to its previous slot, atomically, and records why.
+    pub fn revert(
+        &self,
+        name: &str,
+        reason: &str,
+        evidence: serde_json::Value,
+    ) -> Result<ModelStatus, AgentError> {
+        let _one_at_a_time = self.change.lock().expect("install lock");
+        let rec = self
+            .store
+            .model(name)?
+            .ok_or_else(|| AgentError::NoSuchModel(name.into()))?;
+        let prev = rec
+            .previous
+            .clone()
+            .ok_or_else(|| AgentError::NothingToRevert(name.into()))?;
+        let model = self
+            .load(name, &prev)
+            .map_err(|source| AgentError::RevertFailed {
+                model: name.into(),
+                source,
+            })?;
+        let record = ModelRecord {
+            active: prev.clone(),
+            previous: None,
+            state: ModelState::Reverted,
+            activated_at: Utc::now(),
+        };
+        let event = Event::new(
+            "reverted",
+            Some(name),
+            Some(&prev.version),
+            json!({"from": rec.active.version, "to": prev.version, "reason": reason, "evidence": evidence}),
+        );
+        self.store.commit_model(name, &record, 0, &[event])?;
+        self.registry.swap_in(Arc::new(model));
+        let _ = fs::remove_dir_all(self.layout.slot(name, &rec.active.dir));
+        Ok(self.model_status(name, &record))
+    }
+
+    fn model_status(&self, name: &str, rec: &ModelRecord) -> ModelStatus {
+        let serving = self
+            .registry
+            .get(name)
+            .is_some_and(|m| m.slot == rec.active);
+        ModelStatus {
+            name: name.to_string(),
+            active: rec.active.version.clone(),
+            previous: rec.previous.as_ref().map(|p| p.version.clone()),
+            state: rec.state,
+            security_version: rec.active.security_version,
+            bundle_sha256: rec.active.bundle_sha256.clone(),
+            activated_at: rec.activated_at,
+            serving,
+        }
+    }
+
+    pub fn status(&self) -> Result<Status, AgentError> {
+        let models = self
+            .store
+            .models()?
+            .iter()
+            .map(|(n, r)| self.model_status(n, r))
+            .collect();
+        Ok(Status {
+            target: self.config.target.clone(),
+            agent_version: env!("CARGO_PKG_VERSION"),
+            models,
+        })
+    }
+
+    /// Status of a data directory whose agent is not running (reads the store only).
+    pub fn read_status(data_dir: &std::path::Path) -> Result<Status, AgentError> {
+        let store = Store::open(&Layout::new(data_dir).db())?;
+        let models = store
+            .models()?
+            .into_iter()
+            .map(|(name, rec)| ModelStatus {
+                active: rec.active.version.clone(),
+                previous: rec.previous.as_ref().map(|p| p.version.clone()),
+                state: rec.state,
+                security_version: rec.active.security_version,
+                bundle_sha256: rec.active.bundle_sha256.clone(),
+                activated_at: rec.activated_at,
+                serving: false,
+                name,
+            })
+            .collect();
+        Ok(Status {
+            target: BUILD_TARGET.to_string(),
+            agent_version: env!("CARGO_PKG_VERSION"),
+            models,
+        })
+    }
+
+    pub fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, AgentError> {
+        Ok(self.store.events(after, limit)?)
+    }
+}
+
+/// Best-effort name and version of a bundle for a `rejected` event (the bundle may be garbage).
+fn peek_name_version(bundle: &[u8]) -> (Option<String>, Option<String>) {
+    match read_head(&mut &bundle[..], &Limits::default())
+        .ok()
+        .map(|h| h.manifest_bytes)
+    {
+        Some(bytes) => {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            (
+                v["name"].as_str().map(str::to_string),
+                v["version"].as_str().map(str::to_string),
+            )
+        }
+        None => (None, None),
+    }
+}
+
+/// Test hook for the crash-safety test: abort the process (as `kill -9` would) when the
+/// environment variable `MODELFLEET_CRASH_AT` names this point of the install path.
+fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("MODELFLEET_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        std::process::abort();
+    }
+}

@@ -1,0 +1,336 @@
+//! The install path: from bundle bytes to a verified, self-tested slot.
+//!
+//! In this order, each step refusing with a typed error and leaving the serving model untouched:
+//! 1. verify signatures, expiry and every payload hash while decompressing into a staging
+//!    directory (`protocol::bundle::read_bundle` with a directory sink);
+//! 2. check the security version against the device's persisted floor for that model;
+//! 3. check the bundle's targets against this device's target;
+//! 4. move the staging directory to its slot name (fsync + rename);
+//! 5. load and optimise the model with the engine;
+//! 6. run the golden inputs and compare with the golden outputs within the bundle's tolerance.
+//!
+//! Activation (the pointer flip) is the caller's: see [`crate::agent::Agent::install`].
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+use protocol::bundle::{read_bundle, BundleError, DirSink, VerifiedBundle, VerifyOptions};
+use protocol::manifest::{Golden, Manifest};
+
+use engine::{EngineOptions, Tensor};
+
+/// Why a bundle was refused. Every message names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("bundle rejected: {0}")]
+    Bundle(#[from] BundleError),
+    #[error(
+        "bundle rejected: security version {got} of '{model}' is below the device's floor {floor}"
+    )]
+    SecurityVersion { model: String, got: u64, floor: u64 },
+    #[error("bundle rejected: '{model}' targets [{targets}], this device is {device}")]
+    Target {
+        model: String,
+        targets: String,
+        device: String,
+    },
+    #[error("bundle rejected: model does not load: {0}")]
+    Load(engine::EngineError),
+    #[error("bundle rejected: model schema differs from the manifest: {0}")]
+    Schema(String),
+    #[error("bundle rejected: golden self-test failed: {0}")]
+    Golden(String),
+    #[error("install failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("install failed: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl InstallError {
+    /// Short machine-readable reason, used as the `reason` of `rejected` events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InstallError::Bundle(BundleError::Expired { .. }) => "expired",
+            InstallError::Bundle(
+                BundleError::Untrusted { .. }
+                | BundleError::BadSignature(_)
+                | BundleError::TooFewSignatures { .. },
+            ) => "signature",
+            InstallError::Bundle(_) => "invalid_bundle",
+            InstallError::SecurityVersion { .. } => "security_version",
+            InstallError::Target { .. } => "target",
+            InstallError::Load(_) => "load",
+            InstallError::Schema(_) => "schema",
+            InstallError::Golden(_) => "golden_self_test",
+            InstallError::Io(_) | InstallError::Store(_) => "io",
+        }
+    }
+}
+
+/// Step 1: verify the bundle while writing its payloads into `staging` (which must exist).
+pub fn verify_into(
+    bundle: impl Read,
+    staging: &Path,
+    opts: &VerifyOptions<'_>,
+) -> Result<VerifiedBundle, InstallError> {
+    let verified = read_bundle(bundle, opts, &mut DirSink(staging.to_path_buf()))?;
+    crate::slots::write_file_durably(
+        &staging.join(crate::slots::MANIFEST_FILE),
+        &verified.manifest_bytes,
+    )?;
+    Ok(verified)
+}
+
+/// Steps 2 and 3.
+pub fn check_policy(m: &Manifest, floor: u64, device_target: &str) -> Result<(), InstallError> {
+    if m.security_version < floor {
+        return Err(InstallError::SecurityVersion {
+            model: m.name.clone(),
+            got: m.security_version,
+            floor,
+        });
+    }
+    if !m.targets.is_empty() && !m.targets.iter().any(|t| t == device_target) {
+        return Err(InstallError::Target {
+            model: m.name.clone(),
+            targets: m.targets.join(", "),
+            device: device_target.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Steps 5 and 6 on a slot directory; also used at start-up to reload an installed slot.
+/// `check_hash` re-hashes the model file against the manifest first (start-up: bit rot, a
+/// partially synced disk).
+pub fn load_slot(
+    slot: &Path,
+    manifest: &Manifest,
+    opts: &EngineOptions,
+    check_hash: bool,
+) -> Result<(engine::Model, std::time::Duration), InstallError> {
+    let model_path = slot.join(&manifest.model_file);
+    if check_hash {
+        let entry = manifest.payload(&manifest.model_file).ok_or_else(|| {
+            InstallError::Schema(format!(
+                "manifest lists no payload '{}'",
+                manifest.model_file
+            ))
+        })?;
+        let bytes = fs::read(&model_path)?;
+        let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if actual != entry.sha256 {
+            return Err(InstallError::Bundle(BundleError::Hash {
+                name: manifest.model_file.clone(),
+                expected: entry.sha256.clone(),
+                actual,
+            }));
+        }
+    }
+    let started = Instant::now();
+    let model = engine::Model::load(&model_path, opts).map_err(InstallError::Load)?;
+    let load_time = started.elapsed();
+    check_schema(manifest, &model)?;
+    golden_self_test(slot, manifest, &model)?;
+    Ok((model, load_time))
+}
+
+fn check_schema(m: &Manifest, model: &engine::Model) -> Result<(), InstallError> {
+    let same = |a: &[protocol::manifest::TensorSpec], b: &[protocol::manifest::TensorSpec]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.name == y.name && x.dtype == y.dtype && x.shape == y.shape)
+    };
+    if !same(&m.inputs, model.inputs()) || !same(&m.outputs, model.outputs()) {
+        return Err(InstallError::Schema(format!(
+            "manifest inputs {:?} outputs {:?}, model inputs {:?} outputs {:?}",
+            names(&m.inputs),
+            names(&m.outputs),
+            names(model.inputs()),
+            names(model.outputs())
+        )));
+    }
+    Ok(())
+}
+
+fn names(specs: &[protocol::manifest::TensorSpec]) -> Vec<String> {
+    specs
+        .iter()
+        .map(|s| format!("{}:{}{:?}", s.name, s.dtype.oip_name(), s.oip_shape()))
+        .collect()
+}
+
+/// Runs the golden inputs and compares every output element within the tolerance.
+pub fn golden_self_test(
+    slot: &Path,
+    m: &Manifest,
+    model: &engine::Model,
+) -> Result<(), InstallError> {
+    let g = &m.golden;
+    if g.count == 0 {
+        return Ok(());
+    }
+    let bytes = fs::read(slot.join(&g.file))?;
+    let (inputs, expected) = split_golden(g, &bytes).map_err(InstallError::Golden)?;
+    let outputs = model
+        .run(&inputs)
+        .map_err(|e| InstallError::Golden(format!("running the golden inputs: {e}")))?;
+    compare_golden(g, &expected, &outputs).map_err(InstallError::Golden)
+}
+
+/// Cuts the golden payload into its input and output tensors.
+pub fn split_golden(g: &Golden, bytes: &[u8]) -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
+    let mut at = 0usize;
+    let mut take = |t: &protocol::manifest::GoldenTensor| -> Result<Tensor, String> {
+        let n: usize = t.shape.iter().product::<usize>() * t.dtype.size();
+        let end = at
+            .checked_add(n)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| format!("golden payload too short for '{}' {:?}", t.name, t.shape))?;
+        let tensor = Tensor::from_le_bytes(t.dtype, t.shape.clone(), &bytes[at..end])
+            .ok_or_else(|| format!("golden tensor '{}' has the wrong size", t.name))?;
+        at = end;
+        Ok(tensor)
+    };
+    let inputs = g
+        .inputs
+        .iter()
+        .map(&mut take)
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = g
+        .outputs
+        .iter()
+        .map(&mut take)
+        .collect::<Result<Vec<_>, _>>()?;
+    if at != bytes.len() {
+        return Err(format!(
+            "golden payload has {} unexpected trailing bytes",
+            bytes.len() - at
+        ));
+    }
+    Ok((inputs, outputs))
+}
+
+/// Compares outputs with the golden outputs: `|y - g| <= atol + rtol * |g|` element-wise.
+/// The error names the worst element.
+pub fn compare_golden(g: &Golden, expected: &[Tensor], got: &[Tensor]) -> Result<(), String> {
+    if expected.len() != got.len() {
+        return Err(format!(
+            "model gave {} outputs, golden set has {}",
+            got.len(),
+            expected.len()
+        ));
+    }
+    for ((spec, want), have) in g.outputs.iter().zip(expected).zip(got) {
+        if want.shape != have.shape {
+            return Err(format!(
+                "output '{}' has shape {:?}, golden shape {:?}",
+                spec.name, have.shape, want.shape
+            ));
+        }
+        let (Some(w), Some(h)) = (want.as_f32(), have.as_f32()) else {
+            if want != have {
+                return Err(format!(
+                    "output '{}' differs from the golden output",
+                    spec.name
+                ));
+            }
+            continue;
+        };
+        // Worst excess over the tolerance; NaN anywhere is a failure.
+        let mut worst: Option<(usize, f32, f32, f32)> = None;
+        for (i, (&y, &e)) in h.iter().zip(w).enumerate() {
+            let diff = (y - e).abs();
+            let tol = g.atol + g.rtol * e.abs();
+            let bad = !(diff <= tol);
+            if bad && worst.is_none_or(|(_, _, _, d)| diff.is_nan() || diff > d) {
+                worst = Some((i, y, e, diff));
+            }
+        }
+        if let Some((i, y, e, diff)) = worst {
+            let per_sample: usize = want.shape.iter().skip(1).product::<usize>().max(1);
+            return Err(format!(
+                "output '{}' sample {} element {}: got {y}, expected {e} (|diff| {diff} > atol {} + rtol {} * |expected|)",
+                spec.name,
+                i / per_sample,
+                i % per_sample,
+                g.atol,
+                g.rtol
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::manifest::{DType, GoldenTensor};
+
+    fn golden() -> Golden {
+        Golden {
+            file: "golden.bin".into(),
+            count: 2,
+            inputs: vec![GoldenTensor {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![2, 1],
+            }],
+            outputs: vec![GoldenTensor {
+                name: "y".into(),
+                dtype: DType::F32,
+                shape: vec![2, 2],
+            }],
+            atol: 1e-3,
+            rtol: 0.0,
+        }
+    }
+
+    #[test]
+    fn golden_split_and_compare_name_the_worst_element() {
+        let g = golden();
+        let vals: Vec<f32> = vec![1.0, 2.0, 0.1, 0.2, 0.3, 0.4];
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (inputs, outputs) = split_golden(&g, &bytes).unwrap();
+        assert_eq!(inputs[0].as_f32().unwrap(), &[1.0, 2.0]);
+        compare_golden(&g, &outputs, &outputs).unwrap();
+        let off = Tensor::from_f32(vec![2, 2], vec![0.1, 0.2, 0.3, 0.9]).unwrap();
+        let err = compare_golden(&g, &outputs, &[off]).unwrap_err();
+        assert!(
+            err.contains("sample 1 element 1") && err.contains("got 0.9"),
+            "{err}"
+        );
+        let nan = Tensor::from_f32(vec![2, 2], vec![f32::NAN, 0.2, 0.3, 0.4]).unwrap();
+        assert!(compare_golden(&g, &outputs, &[nan])
+            .unwrap_err()
+            .contains("NaN"));
+        assert!(split_golden(&g, &bytes[..20])
+            .unwrap_err()
+            .contains("too short"));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(split_golden(&g, &long).unwrap_err().contains("trailing"));
+    }
+
+    #[test]
+    fn policy_refuses_lower_security_version_and_foreign_target() {
+        let mut m = protocol::testing::sample_manifest();
+        m.security_version = 3;
+        assert!(check_policy(&m, 3, "x86_64-unknown-linux-gnu").is_ok());
+        let err = check_policy(&m, 4, "x86_64-unknown-linux-gnu")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("security version 3") && err.contains("floor 4"),
+            "{err}"
+        );
+        m.targets = vec!["aarch64-unknown-linux-gnu".into()];
+        let err = check_policy(&m, 0, "x86_64-unknown-linux-gnu")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aarch64-unknown-linux-gnu") && err.contains("this device is x86_64"));
+    }
+}
