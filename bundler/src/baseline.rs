@@ -316,3 +316,114 @@ pub fn machine_name() -> String {
         std::env::consts::ARCH
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::manifest::DType;
+
+    fn spec(name: &str, dims: &[Option<usize>]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: dims.to_vec(),
+            range: None,
+        }
+    }
+
+    fn t(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_f32(shape.to_vec(), v.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn detects_probabilities_logits_and_regression() {
+        let x = [spec("x", &[None, Some(2)])];
+        let xin = [t(&[2, 2], &[0.0, 1.0, 2.0, 3.0])];
+        let probs = t(&[2, 2], &[0.25, 0.75, 1.0, 0.0]);
+        let task = detect_task(
+            &x,
+            &xin,
+            &[spec("y", &[None, Some(2)])],
+            &[probs],
+            false,
+            None,
+        );
+        assert!(matches!(
+            task.unwrap(),
+            Task::Classification {
+                scores: ScoreKind::Probabilities,
+                classes: 2,
+                ..
+            }
+        ));
+        let scores = t(&[2, 2], &[3.0, -1.0, 0.5, 0.5]);
+        let o = [spec("Logits", &[None, Some(2)])];
+        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), false, None);
+        assert!(matches!(
+            task.unwrap(),
+            Task::Classification {
+                scores: ScoreKind::Logits,
+                ..
+            }
+        ));
+        // Same numbers under another name: regression; same size as the input → reconstruction.
+        let o = [spec("y", &[None, Some(2)])];
+        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), false, None).unwrap();
+        assert_eq!(
+            task,
+            Task::Regression {
+                output: "y".into(),
+                statistic: OutputStatistic::ReconstructionError
+            }
+        );
+        let one = t(&[2, 1], &[3.0, 4.0]);
+        let task = detect_task(
+            &x,
+            &xin,
+            &[spec("y", &[None, Some(1)])],
+            &[one.clone()],
+            false,
+            None,
+        );
+        assert!(matches!(
+            task.unwrap(),
+            Task::Regression {
+                statistic: OutputStatistic::Mean,
+                ..
+            }
+        ));
+        // Labels ask for classification, which a single column cannot be.
+        let e = detect_task(&x, &xin, &[spec("y", &[None, Some(1)])], &[one], true, None);
+        assert!(matches!(e, Err(BuildError::Task { .. })));
+    }
+
+    #[test]
+    fn confidence_uses_softmax_for_logits() {
+        let scores = t(&[2, 2], &[0.0, 0.0, 10.0, 0.0]);
+        let b = classification_baseline(&scores, 2, ScoreKind::Logits);
+        assert_eq!(
+            b.class_distribution,
+            vec![1.0, 0.0],
+            "ties go to the first class"
+        );
+        let expected = (0.5 + 1.0 / (1.0 + (-10f64).exp())) / 2.0;
+        assert!((b.mean_confidence - expected).abs() < 1e-9);
+        assert_eq!(b.confidence.total(), 2);
+        assert_eq!(accuracy(&scores, 2, &[0, 1]), 0.5);
+    }
+
+    #[test]
+    fn histograms_keep_the_maximum_inside() {
+        let b = input_baseline("x", &t(&[4], &[0.0, 1.0, 2.0, 3.0]));
+        assert_eq!((b.min, b.max, b.mean), (0.0, 3.0, 1.5));
+        assert_eq!(b.histogram.counts[0], 0);
+        assert_eq!(b.histogram.counts[HISTOGRAM_BINS + 1], 0);
+        assert_eq!(b.histogram.total(), 4);
+        let stat = regression_statistic(
+            &t(&[2, 2], &[1.0, 1.0, 0.0, 0.0]),
+            &t(&[2, 2], &[0.0, 0.0, 0.0, 2.0]),
+            OutputStatistic::ReconstructionError,
+        );
+        assert_eq!(stat, vec![1.0, 2.0]);
+    }
+}

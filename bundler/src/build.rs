@@ -393,7 +393,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let t = Instant::now();
     let latency = baseline::latency(&model, &golden_inputs, opts.latency_runs)?;
     timings.latency_ms = ms(t);
-    drop(model);
 
     let mut inputs = input_specs.clone();
     for (i, spec) in inputs.iter_mut().enumerate() {
@@ -433,6 +432,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         opts.golden_atol,
         opts.golden_rtol,
     );
+    // The device may run the golden samples at any batch size: check that batch-1 runs (a
+    // different plan from the batched evaluation) reproduce the stored outputs within tolerance.
+    let t = Instant::now();
+    golden::check_reproducible(
+        &model,
+        &golden_inputs,
+        &golden_outputs,
+        &output_specs,
+        batch_fixed,
+        golden_count,
+        opts.golden_atol,
+        opts.golden_rtol,
+    )?;
+    timings.evaluate_ms += ms(t);
+    drop(model);
+
     let t = Instant::now();
     let mut payloads = Vec::new();
     for (name, bytes) in [(MODEL_FILE, &model_bytes), (GOLDEN_FILE, &golden_bytes)] {

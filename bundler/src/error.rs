@@ -140,6 +140,19 @@ pub enum BuildError {
         #[source]
         source: EngineError,
     },
+    #[error(
+        "golden outputs are not reproducible within the tolerance: output '{output}' of sample \
+         {sample} is {got} when run alone, {want} in a batch (atol {atol}, rtol {rtol}); \
+         raise --golden-atol / --golden-rtol"
+    )]
+    GoldenUnstable {
+        output: String,
+        sample: usize,
+        got: String,
+        want: String,
+        atol: f32,
+        rtol: f32,
+    },
     #[error("cannot use task '{requested}': {reason}")]
     Task {
         requested: &'static str,

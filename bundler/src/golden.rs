@@ -189,6 +189,55 @@ pub(crate) fn evaluate(
     Ok(per_output.into_iter().map(concat_rows).collect())
 }
 
+/// Reruns the first `count` samples one batch (of 1, or the fixed batch size) at a time and
+/// checks every output value against the batched evaluation with the golden tolerance.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_reproducible(
+    model: &Model,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+    output_specs: &[TensorSpec],
+    batch_fixed: Option<usize>,
+    count: usize,
+    atol: f32,
+    rtol: f32,
+) -> Result<(), BuildError> {
+    let step = batch_fixed.unwrap_or(1);
+    let mut start = 0;
+    while start < count {
+        let end = (start + step).min(count);
+        let batch: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, start, end)).collect();
+        let again = model.run(&batch).map_err(|source| BuildError::Run {
+            what: "golden inputs (reproducibility check)",
+            source,
+        })?;
+        for ((spec, want), got) in output_specs.iter().zip(outputs).zip(&again) {
+            let want = slice_rows(want, start, end);
+            let per: usize = want.shape.iter().skip(1).product::<usize>().max(1);
+            let bad = match (want.as_f32(), got.as_f32()) {
+                (Some(w), Some(g)) => w
+                    .iter()
+                    .zip(g)
+                    .position(|(w, g)| !((g - w).abs() <= atol + rtol * w.abs()))
+                    .map(|i| (i, g[i].to_string(), w[i].to_string())),
+                _ => (want.data != got.data).then(|| (0, "other values".into(), "-".into())),
+            };
+            if let Some((i, got, want)) = bad {
+                return Err(BuildError::GoldenUnstable {
+                    output: spec.name.clone(),
+                    sample: start + i / per,
+                    got,
+                    want,
+                    atol,
+                    rtol,
+                });
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
 /// The `golden.bin` bytes and its manifest description for the first `count` samples.
 pub(crate) fn golden_payload(
     input_specs: &[TensorSpec],

@@ -431,3 +431,36 @@ fn mobilenetish_builds_with_its_test_inputs() {
     let o = bundler(&[&"verify", &bundle, &"--keyring", &dir.path().join("ci.pub")]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn a_build_failing_at_the_final_rename_leaves_no_temp_file() {
+    // The output path is a non-empty directory: everything succeeds up to the rename.
+    let b = digits_cnn();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("taken");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("x"), b"x").unwrap();
+    let o = bundler(&[
+        &"build",
+        &model("digits_mlp", "digits_mlp.onnx"),
+        &"--name",
+        &"d",
+        &"--version",
+        &"1.0.0",
+        &"--security-version",
+        &"1",
+        &"--key",
+        &b.dir.join("ci.key"),
+        &"-o",
+        &out,
+        &"--latency-runs",
+        &"2",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot write"), "{}", stderr(&o));
+    assert_eq!(
+        listing(dir.path()),
+        vec!["taken".to_string()],
+        "temp file removed"
+    );
+}
