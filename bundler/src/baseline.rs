@@ -381,7 +381,7 @@ mod tests {
             &x,
             &xin,
             &[spec("y", &[None, Some(1)])],
-            &[one.clone()],
+            std::slice::from_ref(&one),
             false,
             None,
         );

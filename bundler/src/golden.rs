@@ -218,7 +218,11 @@ pub(crate) fn check_reproducible(
                 (Some(w), Some(g)) => w
                     .iter()
                     .zip(g)
-                    .position(|(w, g)| !((g - w).abs() <= atol + rtol * w.abs()))
+                    .position(|(w, g)| {
+                        // NaN never matches.
+                        let within = (g - w).abs() <= atol + rtol * w.abs();
+                        !within
+                    })
                     .map(|i| (i, g[i].to_string(), w[i].to_string())),
                 _ => (want.data != got.data).then(|| (0, "other values".into(), "-".into())),
             };
