@@ -7,7 +7,7 @@
 //! writes the answers into the signed manifest of a `.mfb` bundle, whose format is defined in
 //! the `protocol` crate and described in `docs/bundle-format.md`.
 //!
-//! [`build`] loads the model with the same engine the agent serves with (so the numbers recorded
+//! [`build()`] loads the model with the same engine the agent serves with (so the numbers recorded
 //! here are the numbers a device reproduces), reads its input/output schema, runs it on the
 //! golden inputs batch by batch, keeps a bounded golden set (inputs and the outputs produced for
 //! them), computes baseline statistics — per-input moments and histograms, the class
@@ -16,9 +16,9 @@
 //! compresses, signs and writes the bundle through a temp file, an fsync, a read-back through
 //! the verifying reader and a rename. A build that fails for any reason leaves no output file.
 //!
-//! [`verify`] runs the full check a device runs: archive structure, signatures against a
+//! [`verify()`] runs the full check a device runs: archive structure, signatures against a
 //! keyring, format version, expiry, and every payload's size and hash after streamed,
-//! size-bounded decompression. [`inspect`] prints what a bundle says about itself without
+//! size-bounded decompression. [`inspect()`] prints what a bundle says about itself without
 //! trusting any of it. [`keygen`] makes the ed25519 key pair that signs bundles.
 //!
 //! The `bundler` binary is a thin command-line layer over these functions ([`cli`]); tests and
