@@ -1,11 +1,12 @@
 //! The agent core: installed models, what is served, and the operations on them (install,
 //! revert, status), independent of how they are invoked (HTTP admin API, CLI, MQTT later).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde::Serialize;
@@ -14,6 +15,7 @@ use serde_json::json;
 use protocol::bundle::{parse_manifest, read_head, Limits, VerifyOptions};
 use protocol::keys::Keyring;
 
+use crate::health::{self, Acc, Health, TrialPolicy, Verdict};
 use crate::install::{self, InstallError};
 use crate::serving::{InferencePool, ModelMetrics, Registry, ServingModel};
 use crate::slots::{Layout, MANIFEST_FILE};
@@ -36,6 +38,13 @@ pub struct AgentConfig {
     pub expiry_slack: Duration,
     /// Target triple reported and matched against bundles' `targets`.
     pub target: String,
+    /// Watch every activated model's live behaviour (trial window, telemetry figures). Off: a new
+    /// version is committed at once and requests are not inspected.
+    pub health_watch: bool,
+    /// Trial defaults (a bundle's health policy overrides them).
+    pub trial: TrialPolicy,
+    /// How often the watch judges trials.
+    pub watch_tick: Duration,
 }
 
 impl AgentConfig {
@@ -50,6 +59,9 @@ impl AgentConfig {
             engine_threads: 1,
             expiry_slack: Duration::from_secs(7 * 24 * 3600),
             target: BUILD_TARGET.to_string(),
+            health_watch: true,
+            trial: TrialPolicy::default(),
+            watch_tick: Duration::from_millis(100),
         }
     }
 }
@@ -112,6 +124,20 @@ pub struct Agent {
     pub pool: InferencePool,
     /// One install or revert at a time.
     change: Mutex<()>,
+    /// Models on trial, by name.
+    trials: Mutex<HashMap<String, Trial>>,
+    pub(crate) watch_started: AtomicBool,
+    /// Failed requests wake the watch before its tick.
+    pub(crate) wake: Arc<health::Wake>,
+}
+
+/// A model version on trial: what it is compared with and by which policy.
+struct Trial {
+    slot: SlotRef,
+    started: Instant,
+    /// The previous model's live figures from before the swap (none after a restart).
+    reference: Option<Acc>,
+    policy: TrialPolicy,
 }
 
 impl Agent {
@@ -133,6 +159,9 @@ impl Agent {
             registry: Registry::default(),
             pool,
             change: Mutex::new(()),
+            trials: Mutex::new(HashMap::new()),
+            watch_started: AtomicBool::new(false),
+            wake: Arc::default(),
         };
         agent.load_installed()?;
         Ok(agent)
@@ -150,6 +179,11 @@ impl Agent {
         for (name, rec) in self.store.models()? {
             match self.load(&name, &rec.active) {
                 Ok(m) => {
+                    if rec.state == ModelState::Trial {
+                        // Interrupted trial: it starts again, without the previous model's live
+                        // figures (confidence and predictions are judged against the baseline).
+                        self.start_trial(&m, None);
+                    }
                     self.registry.swap_in(Arc::new(m));
                 }
                 Err(e) => {
@@ -209,10 +243,11 @@ impl Agent {
             install::load_slot(&dir, &manifest, &self.engine_options(), true)?;
         Ok(ServingModel {
             name: name.to_string(),
-            manifest,
             slot: slot.clone(),
+            health: Health::new(&manifest, self.config.health_watch, Some(self.wake.clone())),
             engine,
             metrics: ModelMetrics::default(),
+            manifest,
             load_time,
         })
     }
@@ -298,10 +333,17 @@ impl Agent {
         };
         crash_point("self_tested");
 
+        // A trial needs something to revert to and a watch to judge it.
+        let on_trial = old.is_some() && self.config.health_watch;
+        let policy = self.config.trial.with_overrides(&m.health_policy);
         let record = ModelRecord {
             active: slot.clone(),
             previous: old.as_ref().map(|o| o.active.clone()),
-            state: ModelState::Committed,
+            state: if on_trial {
+                ModelState::Trial
+            } else {
+                ModelState::Committed
+            },
             activated_at: Utc::now(),
         };
         let version = m.version.to_string();
@@ -309,27 +351,71 @@ impl Agent {
                             "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
                             "previous": record.previous.as_ref().map(|p| p.version.clone()),
                             "load_ms": load_time.as_secs_f64() * 1e3});
-        let events = [
-            Event::new("installed", Some(&m.name), Some(&version), detail.clone()),
-            Event::new("activated", Some(&m.name), Some(&version), detail),
-            Event::new(
+        let mut activated = detail.clone();
+        let mut events = vec![Event::new(
+            "installed",
+            Some(&m.name),
+            Some(&version),
+            detail,
+        )];
+        if on_trial {
+            activated["trial"] = json!(policy);
+            events.push(Event::new(
+                "activated",
+                Some(&m.name),
+                Some(&version),
+                activated,
+            ));
+        } else {
+            events.push(Event::new(
+                "activated",
+                Some(&m.name),
+                Some(&version),
+                activated,
+            ));
+            let why = if old.is_none() {
+                "first version of the model: nothing to revert to, no trial"
+            } else {
+                "health watch disabled: no trial"
+            };
+            events.push(Event::new(
                 "committed",
                 Some(&m.name),
                 Some(&version),
-                json!({"reason": "no trial window configured"}),
-            ),
-        ];
+                json!({"reason": why}),
+            ));
+        }
         self.store
             .commit_model(&m.name, &record, m.security_version, &events)?;
         crash_point("activated");
-        self.registry.swap_in(Arc::new(ServingModel {
+        let model = ServingModel {
             name: m.name.clone(),
             manifest: m.clone(),
             slot,
             engine,
             metrics: ModelMetrics::default(),
+            health: Health::new(m, self.config.health_watch, Some(self.wake.clone())),
             load_time,
-        }));
+        };
+        // Swap first, then take the replaced model's figures: they are final once it is out.
+        let trial_of = on_trial.then(|| model.slot.clone());
+        let replaced = self.registry.swap_in(Arc::new(model));
+        if let Some(slot) = trial_of {
+            let reference = replaced
+                .filter(|r| Some(&r.slot) == record.previous.as_ref())
+                .map(|r| r.health.recent());
+            self.trials.lock().expect("trials lock").insert(
+                m.name.clone(),
+                Trial {
+                    slot,
+                    started: Instant::now(),
+                    reference,
+                    policy,
+                },
+            );
+        } else {
+            self.trials.lock().expect("trials lock").remove(&m.name);
+        }
         // The slot that was previous until now is no longer referenced.
         if let Some(gone) = old.and_then(|o| o.previous) {
             let _ = fs::remove_dir_all(self.layout.slot(&m.name, &gone.dir));
@@ -356,6 +442,17 @@ impl Agent {
             .store
             .model(name)?
             .ok_or_else(|| AgentError::NoSuchModel(name.into()))?;
+        self.revert_locked(name, rec, reason, evidence)
+    }
+
+    fn revert_locked(
+        &self,
+        name: &str,
+        rec: ModelRecord,
+        reason: &str,
+        evidence: serde_json::Value,
+    ) -> Result<ModelStatus, AgentError> {
+        self.trials.lock().expect("trials lock").remove(name);
         let prev = rec
             .previous
             .clone()
@@ -441,6 +538,157 @@ impl Agent {
 
     pub fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, AgentError> {
         Ok(self.store.events(after, limit)?)
+    }
+}
+
+/// The health watch's side of the agent: trials, their verdicts, label feedback.
+impl Agent {
+    fn start_trial(&self, model: &ServingModel, reference: Option<Acc>) {
+        if !self.config.health_watch {
+            return;
+        }
+        let policy = self
+            .config
+            .trial
+            .with_overrides(&model.manifest.health_policy);
+        self.trials.lock().expect("trials lock").insert(
+            model.name.clone(),
+            Trial {
+                slot: model.slot.clone(),
+                started: Instant::now(),
+                reference,
+                policy,
+            },
+        );
+    }
+
+    /// Models on trial now, with seconds on trial.
+    pub fn on_trial(&self) -> Vec<(String, String, f64)> {
+        self.trials
+            .lock()
+            .expect("trials lock")
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.slot.version.clone(),
+                    t.started.elapsed().as_secs_f64(),
+                )
+            })
+            .collect()
+    }
+
+    /// Judges every model on trial once: reverts a regressed one, commits one that passed.
+    /// The watch thread calls this every `watch_tick`; returns the verdicts acted on.
+    pub fn judge_trials(&self) -> Vec<(String, Verdict)> {
+        let due: Vec<(String, Verdict, SlotRef)> = {
+            let trials = self.trials.lock().expect("trials lock");
+            trials
+                .iter()
+                .filter_map(|(name, t)| {
+                    let model = self.registry.get(name)?;
+                    if model.slot != t.slot {
+                        return None;
+                    }
+                    let verdict = health::judge(
+                        &model.health.recent(),
+                        t.reference.as_ref(),
+                        &model.manifest.baseline,
+                        &t.policy,
+                        t.started.elapsed(),
+                    );
+                    (verdict != Verdict::Continue).then(|| (name.clone(), verdict, t.slot.clone()))
+                })
+                .collect()
+        };
+        let mut acted = Vec::new();
+        for (name, verdict, slot) in due {
+            let result = match &verdict {
+                Verdict::Breach { reason, evidence } => {
+                    self.end_trial(&name, &slot, Some((reason, evidence.clone())))
+                }
+                Verdict::Pass(figures) => self.end_trial(&name, &slot, None).map(|done| {
+                    if done {
+                        tracing::info!(model = %name, version = %slot.version, "trial passed: committed");
+                    }
+                    let _ = figures;
+                    done
+                }),
+                Verdict::Continue => Ok(false),
+            };
+            match result {
+                Ok(true) => acted.push((name, verdict)),
+                Ok(false) => {}
+                Err(e) => tracing::error!(model = %name, "health watch could not act: {e}"),
+            }
+        }
+        acted
+    }
+
+    /// Commits (`breach = None`) or reverts the trial of `slot`, if it is still the active,
+    /// on-trial slot of `name`. Returns whether it acted.
+    fn end_trial(
+        &self,
+        name: &str,
+        slot: &SlotRef,
+        breach: Option<(&String, serde_json::Value)>,
+    ) -> Result<bool, AgentError> {
+        let _one_at_a_time = self.change.lock().expect("install lock");
+        let Some(rec) = self.store.model(name)? else {
+            return Ok(false);
+        };
+        if &rec.active != slot || rec.state != ModelState::Trial {
+            self.trials.lock().expect("trials lock").remove(name);
+            return Ok(false);
+        }
+        match breach {
+            Some((reason, evidence)) => {
+                tracing::warn!(model = %name, version = %slot.version, %reason, "trial failed: reverting");
+                let mut evidence = evidence;
+                evidence["automatic"] = json!(true);
+                self.revert_locked(name, rec, reason, evidence)?;
+            }
+            None => {
+                let figures = self.trial_figures(name);
+                let record = ModelRecord {
+                    state: ModelState::Committed,
+                    ..rec
+                };
+                let event = Event::new("committed", Some(name), Some(&slot.version), figures);
+                self.store.commit_model(name, &record, 0, &[event])?;
+                self.trials.lock().expect("trials lock").remove(name);
+            }
+        }
+        Ok(true)
+    }
+
+    fn trial_figures(&self, name: &str) -> serde_json::Value {
+        let trials = self.trials.lock().expect("trials lock");
+        match (trials.get(name), self.registry.get(name)) {
+            (Some(t), Some(m)) => {
+                json!({"reason": "trial passed",
+                       "elapsed_seconds": t.started.elapsed().as_secs_f64(),
+                       "figures": health::figures(&m.health.recent(), t.reference.as_ref()
+                            .filter(|r| r.requests >= t.policy.min_reference_requests),
+                            &m.manifest.baseline),
+                       "policy": t.policy})
+            }
+            _ => json!({"reason": "trial passed"}),
+        }
+    }
+
+    /// Label feedback: ground truth for earlier requests (by OIP request id) of `name`.
+    /// Returns how many ids matched a remembered prediction and how many were correct.
+    pub fn feedback(
+        &self,
+        name: &str,
+        labels: &[(String, usize)],
+    ) -> Result<(u64, u64), AgentError> {
+        let model = self
+            .registry
+            .get(name)
+            .ok_or_else(|| AgentError::NoSuchModel(name.into()))?;
+        Ok(model.health.feedback(labels))
     }
 }
 

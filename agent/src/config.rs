@@ -9,7 +9,23 @@
 //! engine_threads = 1      # intra-op threads per request
 //! expiry_slack_seconds = 604800
 //! admin_token = "…"       # optional: required as a bearer token on /admin/v1
+//!
+//! [health]                # the health watch; every key optional (defaults shown)
+//! watch = true            # false: commit new versions at once, inspect no request
+//! watch_tick_ms = 100     # how often trials are judged
+//! trial_min_requests = 200
+//! trial_min_seconds = 60
+//! trial_max_error_rate = 0.01          # above the previous model's rate
+//! trial_max_p95_latency_ratio = 2.0
+//! trial_latency_floor_ms = 0.5         # p95s below this count as this
+//! trial_max_confidence_drop = 0.10
+//! trial_max_prediction_psi = 0.25      # in excess of chance
+//! trial_max_output_shift = 1.0         # standard deviations
+//! trial_max_accuracy_drop = 0.05       # with label feedback
+//! trial_max_input_psi = 0.5            # unset by default: input drift is reported only
 //! ```
+//!
+//! A bundle's `health_policy` overrides the trial thresholds it sets.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +44,56 @@ pub struct ConfigFile {
     pub expiry_slack_seconds: Option<u64>,
     pub admin_token: Option<String>,
     pub target: Option<String>,
+    #[serde(default)]
+    pub health: HealthFile,
+}
+
+/// The `[health]` section.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    pub watch: Option<bool>,
+    pub watch_tick_ms: Option<u64>,
+    pub trial_min_requests: Option<u64>,
+    pub trial_min_seconds: Option<u64>,
+    pub trial_max_error_rate: Option<f64>,
+    pub trial_max_p95_latency_ratio: Option<f64>,
+    pub trial_latency_floor_ms: Option<f64>,
+    pub trial_max_confidence_drop: Option<f64>,
+    pub trial_max_prediction_psi: Option<f64>,
+    pub trial_max_output_shift: Option<f64>,
+    pub trial_max_accuracy_drop: Option<f64>,
+    pub trial_max_input_psi: Option<f64>,
+}
+
+impl HealthFile {
+    /// Applies the settings present to `config`.
+    pub fn apply(&self, config: &mut crate::AgentConfig) {
+        let t = &mut config.trial;
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => {$(
+                if let Some(v) = self.$field { $target = v; }
+            )*};
+        }
+        set!(
+            watch => config.health_watch,
+            trial_min_requests => t.min_requests,
+            trial_min_seconds => t.min_seconds,
+            trial_max_error_rate => t.max_error_rate,
+            trial_max_p95_latency_ratio => t.max_p95_latency_ratio,
+            trial_latency_floor_ms => t.latency_floor_ms,
+            trial_max_confidence_drop => t.max_confidence_drop,
+            trial_max_prediction_psi => t.max_prediction_psi,
+            trial_max_output_shift => t.max_output_shift,
+            trial_max_accuracy_drop => t.max_accuracy_drop,
+        );
+        if let Some(v) = self.trial_max_input_psi {
+            t.max_input_psi = Some(v);
+        }
+        if let Some(ms) = self.watch_tick_ms {
+            config.watch_tick = std::time::Duration::from_millis(ms.max(1));
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,5 +137,32 @@ mod tests {
         std::fs::write(&path, "listn = 1\n").unwrap();
         let err = ConfigFile::load(&path).unwrap_err().to_string();
         assert!(err.contains("agent.toml") && err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn health_section_overrides_trial_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[health]\ntrial_min_requests = 100\ntrial_min_seconds = 2\ntrial_max_input_psi = 0.3\n",
+        )
+        .unwrap();
+        let c = ConfigFile::load(&path).unwrap();
+        let mut config = crate::AgentConfig::new(dir.path());
+        let defaults = config.trial.clone();
+        c.health.apply(&mut config);
+        assert_eq!(
+            (config.trial.min_requests, config.trial.min_seconds),
+            (100, 2)
+        );
+        assert_eq!(config.trial.max_input_psi, Some(0.3));
+        assert_eq!(
+            config.trial.max_p95_latency_ratio,
+            defaults.max_p95_latency_ratio
+        );
+        assert!(config.health_watch);
+        std::fs::write(&path, "[health]\ntrial_min_request = 1\n").unwrap();
+        assert!(ConfigFile::load(&path).is_err(), "typos are refused");
     }
 }

@@ -31,6 +31,7 @@ struct App {
 
 /// The router for `agent`; `admin_token` (if set) guards `/admin/v1`.
 pub fn router(agent: Arc<Agent>, admin_token: Option<String>) -> Router {
+    crate::watch::spawn(&agent);
     let app = App {
         agent,
         admin_token: admin_token.map(Into::into),
@@ -39,6 +40,7 @@ pub fn router(agent: Arc<Agent>, admin_token: Option<String>) -> Router {
         .route("/admin/v1/bundles", post(install))
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/models/{name}/revert", post(revert))
+        .route("/admin/v1/models/{name}/feedback", post(feedback))
         .route("/admin/v1/events", get(events))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -173,12 +175,7 @@ async fn run_inference(
             }
         },
     };
-    let job = move || {
-        let started = Instant::now();
-        let result = infer_blocking(&model, &body, header_len);
-        model.metrics.observe(started.elapsed(), result.is_ok());
-        result
-    };
+    let job = move || serve_request(&model, &body, header_len);
     let pending = match app.agent.pool.submit(job) {
         Ok(p) => p,
         Err(full) => return error(StatusCode::SERVICE_UNAVAILABLE, full),
@@ -209,20 +206,46 @@ async fn run_inference(
     }
 }
 
+/// One inference request on `model`, as an inference worker runs it: decode, run, encode, then
+/// record it in the request metrics and the health figures.
+pub fn serve_request(
+    model: &crate::serving::ServingModel,
+    body: &[u8],
+    header_len: Option<usize>,
+) -> Result<oip::EncodedResponse, (StatusCode, String)> {
+    let started = Instant::now();
+    let result = infer_blocking(model, body, header_len, started);
+    model.metrics.observe(started.elapsed(), result.is_ok());
+    result
+}
+
 fn infer_blocking(
     model: &crate::serving::ServingModel,
     body: &[u8],
     header_len: Option<usize>,
+    started: Instant,
 ) -> Result<oip::EncodedResponse, (StatusCode, String)> {
     let m = &model.manifest;
     let request = oip::decode_request(body, header_len, &m.inputs, &m.outputs)
         .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let outputs = model.engine.run(&request.inputs).map_err(|e| match e {
-        engine::EngineError::Run(_) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        engine::EngineError::Run(_) => {
+            model.health.observe_failure(started.elapsed());
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
         _ => (StatusCode::BAD_REQUEST, e.to_string()),
     })?;
-    oip::encode_response(&model.name, model.version(), &request, &m.outputs, &outputs)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))
+    let response =
+        oip::encode_response(&model.name, model.version(), &request, &m.outputs, &outputs)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()));
+    // Health sees every request the model ran (an unencodable output is still its output).
+    model.health.observe(
+        request.id.as_deref(),
+        &request.inputs,
+        &outputs,
+        started.elapsed(),
+    );
+    response
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -316,6 +339,38 @@ struct EventQuery {
 async fn events(State(app): State<App>, Query(q): Query<EventQuery>) -> Response {
     match app.agent.events(q.after, q.limit.unwrap_or(100).min(1000)) {
         Ok(events) => Json(json!({"events": events})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `POST /admin/v1/models/{name}/feedback`: `{"labels": [{"id": "<request id>", "label": 3}, …]}`.
+#[derive(Deserialize)]
+struct FeedbackBody {
+    labels: Vec<FeedbackLabel>,
+}
+
+#[derive(Deserialize)]
+struct FeedbackLabel {
+    id: String,
+    label: usize,
+}
+
+async fn feedback(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> Response {
+    let parsed: FeedbackBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "feedback body: {e} (expected {{\"labels\": [{{\"id\": \"...\", \"label\": 0}}]}})"
+            ),
+        ),
+    };
+    let labels: Vec<(String, usize)> = parsed.labels.into_iter().map(|l| (l.id, l.label)).collect();
+    match app.agent.feedback(&name, &labels) {
+        Ok((matched, correct)) => Json(json!({"received": labels.len(), "matched": matched,
+                                              "correct": correct}))
+        .into_response(),
+        Err(e @ AgentError::NoSuchModel(_)) => error(StatusCode::NOT_FOUND, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

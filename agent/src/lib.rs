@@ -26,6 +26,8 @@
 //! - [`slots`]: data-directory layout and crash-safe file operations.
 //! - [`store`]: durable state in redb (slot records, security floors, events).
 //! - [`serving`]: the registry of loaded models, the bounded inference pool, request metrics.
+//! - [`health`]: live health figures per model version and the trial verdict.
+//! - [`watch`]: the health watch thread — trials judged every tick, automatic revert or commit.
 //! - [`oip`]: Open Inference Protocol v2 request/response codec (JSON and binary tensors).
 //! - [`http`]: the local HTTP API (OIP, `/metrics`, `/admin/v1`).
 //! - [`config`]: `agent.toml`.
@@ -35,11 +37,13 @@
 
 pub mod agent;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod install;
 pub mod oip;
 pub mod serving;
 pub mod slots;
 pub mod store;
+pub mod watch;
 
 pub use crate::agent::{Agent, AgentConfig, AgentError, Installed, Status};

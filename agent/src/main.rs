@@ -228,6 +228,7 @@ fn serve(args: RunArgs) -> Result<()> {
     };
     let keyring = load_keyring(&keyring_paths)?;
     let mut config = AgentConfig::new(&data_dir);
+    file.health.apply(&mut config);
     if let Some(w) = args.workers.or(file.workers) {
         config.workers = w.max(1);
     }

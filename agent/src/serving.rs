@@ -26,6 +26,8 @@ pub struct ServingModel {
     pub slot: SlotRef,
     pub engine: engine::Model,
     pub metrics: ModelMetrics,
+    /// Live health figures for the trial watch and telemetry.
+    pub health: crate::health::Health,
     pub load_time: Duration,
 }
 
