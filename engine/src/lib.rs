@@ -31,6 +31,7 @@
 
 mod cache;
 mod convert;
+mod depthwise;
 mod error;
 mod model;
 pub mod npy;

@@ -73,15 +73,14 @@ impl Model {
                 let subs = [(sym, TDim::Val(1))].into_iter().collect();
                 let fixed = typed
                     .set_symbols(&subs)
-                    .and_then(|m| m.into_optimized())
+                    .and_then(optimize)
                     .and_then(|m| m.into_runnable_with_options(&run_options))
                     .map_err(|e| load_err(format!("optimising for batch size 1: {e:#}")))?;
                 Some(Runner::new(fixed))
             }
             None => None,
         };
-        let general = typed
-            .into_optimized()
+        let general = optimize(typed)
             .and_then(|m| m.into_runnable_with_options(&run_options))
             .map_err(|e| load_err(format!("optimising: {e:#}")))?;
         Ok(Model {
@@ -133,6 +132,15 @@ impl Model {
             .map(|(t, spec)| convert::from_tract(t, &spec.name))
             .collect()
     }
+}
+
+/// Declutter, swap in the engine's own kernels where tract's are slow, then optimise.
+fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
+    model.declutter()?;
+    if std::env::var_os("MODELFLEET_ENGINE_STOCK_KERNELS").is_none() {
+        crate::depthwise::install(&mut model)?;
+    }
+    model.into_optimized()
 }
 
 fn run_options(threads: usize) -> RunOptions {

@@ -1,0 +1,81 @@
+//! Where the time goes: per-node timings of the batch-1 plan the engine builds.
+//!
+//! `cargo run --release -p modelfleet-engine --example engine_profile -- mobilenetish [runs]`
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tract_onnx::prelude::*;
+
+fn main() -> TractResult<()> {
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "mobilenetish".into());
+    let runs: usize = std::env::args()
+        .nth(2)
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(20);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models")
+        .join(&name);
+    let typed = tract_onnx::onnx()
+        .model_for_path(dir.join(format!("{name}.onnx")))?
+        .into_typed()?
+        .into_decluttered()?;
+    let n = typed.symbols.sym("N");
+    let model = typed
+        .set_symbols(&[(n, TDim::Val(1))].into_iter().collect())?
+        .into_optimized()?;
+    let plan = model.into_runnable()?;
+    let input = engine::npy::read_npy(dir.join("test_input.npy")).unwrap();
+    let row: usize = input.shape[1..].iter().product();
+    let mut shape = input.shape.clone();
+    shape[0] = 1;
+    let x = Tensor::from_shape(&shape, &input.as_f32().unwrap()[..row])?;
+    let mut state = plan.spawn()?;
+    let mut per_node: HashMap<usize, f64> = HashMap::new();
+    for _ in 0..runs {
+        state.run_plan_with_eval(tvec!(x.clone().into()), |ctx, st, node, inputs| {
+            let t = Instant::now();
+            let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
+            *per_node.entry(node.id).or_default() += t.elapsed().as_secs_f64() * 1e6;
+            r
+        })?;
+    }
+    let model = plan.model();
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut rows: Vec<_> = per_node
+        .iter()
+        .map(|(id, t)| (*t / runs as f64, *id))
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = rows.iter().map(|r| r.0).sum();
+    println!("total {total:.1} µs over {} nodes", rows.len());
+    for (t, id) in &rows {
+        let node = model.node(*id);
+        let e = by_op.entry(node.op().name().to_string()).or_default();
+        e.0 += t;
+        e.1 += 1;
+    }
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    for (op, (t, c)) in ops {
+        println!("{op:<30} {t:>10.1} µs {:>5.1}% x{c}", 100.0 * t / total);
+    }
+    println!("--- top nodes");
+    for (t, id) in rows.iter().take(15) {
+        let node = model.node(*id);
+        println!(
+            "{t:>9.1} µs  {} {}  in={:?}",
+            node.name,
+            node.op().name(),
+            model
+                .node_input_facts(*id)?
+                .iter()
+                .map(|f| format!("{:?}", f.shape))
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
