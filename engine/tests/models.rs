@@ -268,3 +268,46 @@ fn npy_reads_the_example_files() {
     let e = read_npy(dir("digits_mlp").join("missing.npy")).unwrap_err();
     assert!(e.to_string().contains("missing.npy"), "{e}");
 }
+
+#[test]
+fn cache_round_trip_gives_identical_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cached = EngineOptions {
+        cache_dir: Some(tmp.path().join("cache")),
+        ..EngineOptions::default()
+    };
+    for name in ["digits_cnn", "mobilenetish"] {
+        let path = dir(name).join(format!("{name}.onnx"));
+        let plain = Model::load(&path, &EngineOptions::default()).unwrap();
+        let first = Model::load(&path, &cached).unwrap();
+        assert!(!first.loaded_from_cache(), "{name}: cache starts empty");
+        let second = Model::load(&path, &cached).unwrap();
+        assert!(
+            second.loaded_from_cache(),
+            "{name}: second load reads the cache"
+        );
+        assert_eq!(second.inputs(), plain.inputs());
+        assert_eq!(second.outputs(), plain.outputs());
+        let input = read_npy(dir(name).join("test_input.npy")).unwrap();
+        for (from, to) in [(0, 1), (0, 3)] {
+            let x = [rows(&input, from, to)];
+            // Bit-identical: golden outputs computed without a cache must be reproduced with one.
+            assert_eq!(
+                second.run(&x).unwrap(),
+                plain.run(&x).unwrap(),
+                "{name} rows {from}..{to}"
+            );
+        }
+    }
+    // A damaged entry is ignored (and the model still loads from the ONNX file).
+    for entry in std::fs::read_dir(tmp.path().join("cache")).unwrap() {
+        let entry = entry.unwrap().path();
+        if entry.to_string_lossy().ends_with(".nnef.tar") {
+            std::fs::write(&entry, b"garbage").unwrap();
+        }
+    }
+    let path = dir("digits_cnn").join("digits_cnn.onnx");
+    let m = Model::load(&path, &cached).unwrap();
+    assert!(!m.loaded_from_cache());
+    assert_eq!(m.outputs()[0].name, "probabilities");
+}
