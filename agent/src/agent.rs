@@ -15,8 +15,9 @@ use serde_json::json;
 use protocol::bundle::{parse_manifest, read_head, Limits, VerifyOptions};
 use protocol::keys::Keyring;
 
-use crate::health::{self, Acc, Health, TrialPolicy, Verdict};
+use crate::health::{self, Acc, Health, HealthOptions, SampleBudget, TrialPolicy, Verdict};
 use crate::install::{self, InstallError};
+use crate::outbox::{Outbox, OutboxLimits};
 use crate::serving::{InferencePool, ModelMetrics, Registry, ServingModel};
 use crate::slots::{Layout, MANIFEST_FILE};
 use crate::store::{Event, ModelRecord, ModelState, SlotRef, Store, StoreError};
@@ -45,6 +46,13 @@ pub struct AgentConfig {
     pub trial: TrialPolicy,
     /// How often the watch judges trials.
     pub watch_tick: Duration,
+    /// Length of a telemetry window.
+    pub telemetry_window: Duration,
+    /// Fraction of requests kept as sampled records (inputs, outputs, latency).
+    pub sample_rate: f64,
+    /// Bytes of sampled records per hour, all models together; samples beyond are counted only.
+    pub sample_bytes_per_hour: u64,
+    pub outbox: OutboxLimits,
 }
 
 impl AgentConfig {
@@ -62,6 +70,10 @@ impl AgentConfig {
             health_watch: true,
             trial: TrialPolicy::default(),
             watch_tick: Duration::from_millis(100),
+            telemetry_window: Duration::from_secs(10),
+            sample_rate: 0.01,
+            sample_bytes_per_hour: 4 << 20,
+            outbox: OutboxLimits::default(),
         }
     }
 }
@@ -129,6 +141,9 @@ pub struct Agent {
     pub(crate) watch_started: AtomicBool,
     /// Failed requests wake the watch before its tick.
     pub(crate) wake: Arc<health::Wake>,
+    health_options: HealthOptions,
+    /// Telemetry waiting to be published.
+    pub outbox: Outbox,
 }
 
 /// A model version on trial: what it is compared with and by which policy.
@@ -150,6 +165,14 @@ impl Agent {
             source,
         })?;
         let store = Store::open(&layout.db())?;
+        let outbox = Outbox::open(&config.data_dir.join("outbox.redb"), config.outbox)?;
+        let wake: Arc<health::Wake> = Arc::default();
+        let health_options = HealthOptions {
+            enabled: config.health_watch,
+            wake: Some(wake.clone()),
+            sample_rate: config.sample_rate,
+            budget: Arc::new(SampleBudget::new(config.sample_bytes_per_hour)),
+        };
         let pool = InferencePool::new(config.workers, config.queue_limit);
         let agent = Agent {
             config,
@@ -161,7 +184,9 @@ impl Agent {
             change: Mutex::new(()),
             trials: Mutex::new(HashMap::new()),
             watch_started: AtomicBool::new(false),
-            wake: Arc::default(),
+            wake,
+            health_options,
+            outbox,
         };
         agent.load_installed()?;
         Ok(agent)
@@ -244,7 +269,7 @@ impl Agent {
         Ok(ServingModel {
             name: name.to_string(),
             slot: slot.clone(),
-            health: Health::new(&manifest, self.config.health_watch, Some(self.wake.clone())),
+            health: Health::new(&manifest, &self.health_options),
             engine,
             metrics: ModelMetrics::default(),
             manifest,
@@ -394,7 +419,7 @@ impl Agent {
             slot,
             engine,
             metrics: ModelMetrics::default(),
-            health: Health::new(m, self.config.health_watch, Some(self.wake.clone())),
+            health: Health::new(m, &self.health_options),
             load_time,
         };
         // Swap first, then take the replaced model's figures: they are final once it is out.
@@ -675,6 +700,80 @@ impl Agent {
             }
             _ => json!({"reason": "trial passed"}),
         }
+    }
+
+    /// Closes the telemetry window of every served model: a window record per model that served
+    /// requests, plus its sampled records, appended to the outbox in one transaction.
+    /// The watch thread calls this every `telemetry_window`. Returns how many records it wrote.
+    pub fn flush_telemetry(&self) -> Result<usize, AgentError> {
+        use protocol::telemetry::*;
+        let states: HashMap<String, ModelRecord> = self.store.models()?.into_iter().collect();
+        let dropped = self.outbox.dropped()?;
+        let mut records = Vec::new();
+        for m in self.registry.all() {
+            let (start, w) = m.health.take_window();
+            let (samples, over_budget) = m.health.take_samples();
+            if w.requests > 0 || over_budget > 0 {
+                let state = match states.get(&m.name) {
+                    Some(r) if r.active == m.slot => r.state,
+                    _ => ModelState::Committed,
+                };
+                let b = &m.manifest.baseline;
+                let classification = (!w.classes.is_empty()).then(|| ClassificationWindow {
+                    class_counts: w.classes.clone(),
+                    confidence: w.confidence.clone(),
+                    mean_confidence: w.mean_confidence(),
+                    prediction_psi_baseline: b.classification.as_ref().filter(|_| w.rows > 0).map(
+                        |c| {
+                            protocol::stats::psi_of_fractions(
+                                c.class_distribution.iter().copied(),
+                                w.classes.iter().map(|&n| n as f64 / w.rows as f64),
+                            )
+                        },
+                    ),
+                });
+                let regression = b.regression.as_ref().map(|_| RegressionWindow {
+                    statistic: w.statistic.clone(),
+                    mean: w.statistic_mean_std().map(|s| s.0),
+                    std: w.statistic_mean_std().map(|s| s.1),
+                });
+                records.push(TelemetryRecord::Window(WindowRecord {
+                    schema: TELEMETRY_SCHEMA,
+                    model: m.name.clone(),
+                    version: m.version().to_string(),
+                    start,
+                    end: Utc::now(),
+                    state: serde_json::to_value(state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    requests: w.requests,
+                    errors: w.errors,
+                    non_finite: w.non_finite,
+                    latency: LatencyWindow {
+                        log10_us: w.latency.clone(),
+                        mean_ms: (w.requests > 0)
+                            .then(|| w.latency_sum_us / w.requests as f64 / 1e3),
+                        p50_ms: w.latency_ms(0.5),
+                        p95_ms: w.latency_ms(0.95),
+                        p99_ms: w.latency_ms(0.99),
+                    },
+                    classification,
+                    regression,
+                    input_psi: health::input_psi(&w, b).into_iter().collect(),
+                    feedback: (w.labelled > 0).then(|| FeedbackWindow {
+                        labelled: w.labelled,
+                        correct: w.correct,
+                        accuracy: w.accuracy(),
+                    }),
+                    samples_over_budget: over_budget,
+                    outbox_dropped_total: dropped,
+                }));
+            }
+            records.extend(samples.into_iter().map(TelemetryRecord::Sample));
+        }
+        self.outbox.push(&records)?;
+        Ok(records.len())
     }
 
     /// Label feedback: ground truth for earlier requests (by OIP request id) of `name`.

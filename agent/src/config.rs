@@ -23,6 +23,11 @@
 //! trial_max_output_shift = 1.0         # standard deviations
 //! trial_max_accuracy_drop = 0.05       # with label feedback
 //! trial_max_input_psi = 0.5            # unset by default: input drift is reported only
+//! telemetry_window_seconds = 10
+//! sample_rate = 0.01                   # fraction of requests kept as sampled records
+//! sample_bytes_per_hour = 4194304      # all models together
+//! outbox_max_records = 50000           # telemetry outbox cap: oldest dropped (and counted)
+//! outbox_max_bytes = 33554432
 //! ```
 //!
 //! A bundle's `health_policy` overrides the trial thresholds it sets.
@@ -64,6 +69,11 @@ pub struct HealthFile {
     pub trial_max_output_shift: Option<f64>,
     pub trial_max_accuracy_drop: Option<f64>,
     pub trial_max_input_psi: Option<f64>,
+    pub telemetry_window_seconds: Option<u64>,
+    pub sample_rate: Option<f64>,
+    pub sample_bytes_per_hour: Option<u64>,
+    pub outbox_max_records: Option<u64>,
+    pub outbox_max_bytes: Option<u64>,
 }
 
 impl HealthFile {
@@ -86,7 +96,14 @@ impl HealthFile {
             trial_max_prediction_psi => t.max_prediction_psi,
             trial_max_output_shift => t.max_output_shift,
             trial_max_accuracy_drop => t.max_accuracy_drop,
+            sample_rate => config.sample_rate,
+            sample_bytes_per_hour => config.sample_bytes_per_hour,
+            outbox_max_records => config.outbox.max_records,
+            outbox_max_bytes => config.outbox.max_bytes,
         );
+        if let Some(s) = self.telemetry_window_seconds {
+            config.telemetry_window = std::time::Duration::from_secs(s.max(1));
+        }
         if let Some(v) = self.trial_max_input_psi {
             t.max_input_psi = Some(v);
         }

@@ -11,9 +11,14 @@
 //! [`judge`] is a pure function from figures to a verdict, so the thresholds are unit-tested
 //! without a server.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use protocol::telemetry::{SampleRecord, SampleTensor, TELEMETRY_SCHEMA};
 
 use serde::Serialize;
 use serde_json::json;
@@ -275,21 +280,104 @@ impl Wake {
     }
 }
 
+/// A bytes-per-hour budget for sampled records, shared by every model of an agent.
+pub struct SampleBudget {
+    bytes_per_hour: u64,
+    spent: Mutex<(Instant, u64)>,
+}
+
+impl SampleBudget {
+    pub fn new(bytes_per_hour: u64) -> SampleBudget {
+        SampleBudget {
+            bytes_per_hour,
+            spent: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Spends `bytes` if the current hour has them left.
+    pub fn take(&self, bytes: u64) -> bool {
+        let mut g = self.spent.lock().expect("budget lock");
+        if g.0.elapsed() >= Duration::from_secs(3600) {
+            *g = (Instant::now(), 0);
+        }
+        if g.1 + bytes > self.bytes_per_hour {
+            return false;
+        }
+        g.1 += bytes;
+        true
+    }
+}
+
+/// How a [`Health`] behaves: set once per agent.
+#[derive(Clone)]
+pub struct HealthOptions {
+    /// Off: `observe` does nothing (no watch, no telemetry figures).
+    pub enabled: bool,
+    pub wake: Option<Arc<Wake>>,
+    /// Fraction of requests kept as sampled records.
+    pub sample_rate: f64,
+    pub budget: Arc<SampleBudget>,
+}
+
+impl HealthOptions {
+    pub fn disabled() -> HealthOptions {
+        HealthOptions {
+            enabled: false,
+            wake: None,
+            sample_rate: 0.0,
+            budget: Arc::new(SampleBudget::new(0)),
+        }
+    }
+}
+
+/// Sampled records waiting for the telemetry tick, at most this many per model.
+const MAX_PENDING_SAMPLES: usize = 1000;
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new({
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        (t ^ (&t as *const u64 as u64)) | 1
+    });
+}
+
+/// Uniform in [0, 1) (xorshift64*, per thread: no lock on the request path).
+fn uniform() -> f64 {
+    RNG.with(|r| {
+        let mut x = r.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        r.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
 /// Live health figures of one loaded model version.
 pub struct Health {
+    model: String,
+    version: String,
+    options: HealthOptions,
+    samples: Mutex<Vec<SampleRecord>>,
+    over_budget: AtomicU64,
+    window_start: Mutex<DateTime<Utc>>,
     wake: Option<Arc<Wake>>,
     kind: Kind,
     /// Index into the request's inputs of each baseline input histogram.
     input_index: Vec<usize>,
-    /// Index of the first input (reconstruction error).
     enabled: bool,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
     inner: Mutex<Inner>,
 }
 
 impl Health {
     /// Figures for a model described by `manifest`; `enabled = false` makes `observe` a no-op
     /// (the benchmark's "watch off").
-    pub fn new(manifest: &Manifest, enabled: bool, wake: Option<Arc<Wake>>) -> Health {
+    pub fn new(manifest: &Manifest, options: &HealthOptions) -> Health {
+        let (enabled, wake) = (options.enabled, options.wake.clone());
         let out_index = |name: &str| {
             manifest
                 .outputs
@@ -352,6 +440,14 @@ impl Health {
             correct: 0,
         };
         Health {
+            model: manifest.name.clone(),
+            version: manifest.version.to_string(),
+            options: options.clone(),
+            input_names: manifest.inputs.iter().map(|s| s.name.clone()).collect(),
+            output_names: manifest.outputs.iter().map(|s| s.name.clone()).collect(),
+            samples: Mutex::new(Vec::new()),
+            over_budget: AtomicU64::new(0),
+            window_start: Mutex::new(Utc::now()),
             wake,
             kind,
             input_index,
@@ -490,7 +586,69 @@ impl Health {
                 w.notify();
             }
         }
+        if self.options.sample_rate > 0.0 && uniform() < self.options.sample_rate {
+            self.sample(id, inputs, outputs, latency);
+        }
         non_finite
+    }
+
+    fn sample(&self, id: Option<&str>, inputs: &[Tensor], outputs: &[Tensor], latency: Duration) {
+        // ~12 bytes per value in JSON plus the envelope.
+        let values: usize = inputs.iter().chain(outputs).map(Tensor::len).sum();
+        if !self.options.budget.take(values as u64 * 12 + 256) {
+            self.over_budget.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let tensors = |specs: &[(String, &Tensor)]| {
+            specs
+                .iter()
+                .map(|(name, t)| SampleTensor {
+                    name: name.clone(),
+                    datatype: t.dtype().oip_name().to_string(),
+                    shape: t.shape.clone(),
+                    data: tensor_values(t),
+                })
+                .collect()
+        };
+        let names = |n: usize, prefix: &'static str| (0..n).map(move |i| format!("{prefix}{i}"));
+        let record = SampleRecord {
+            schema: TELEMETRY_SCHEMA,
+            model: self.model.clone(),
+            version: self.version.clone(),
+            time: Utc::now(),
+            request_id: id.map(str::to_string),
+            latency_ms: latency.as_secs_f64() * 1e3,
+            inputs: tensors(
+                &self
+                    .input_names
+                    .iter()
+                    .cloned()
+                    .chain(names(inputs.len(), "input"))
+                    .zip(inputs)
+                    .collect::<Vec<_>>(),
+            ),
+            outputs: tensors(
+                &self
+                    .output_names
+                    .iter()
+                    .cloned()
+                    .chain(names(outputs.len(), "output"))
+                    .zip(outputs)
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let mut pending = self.samples.lock().expect("samples lock");
+        if pending.len() < MAX_PENDING_SAMPLES {
+            pending.push(record);
+        } else {
+            self.over_budget.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sampled records since the last call, and how many were skipped over budget.
+    pub fn take_samples(&self) -> (Vec<SampleRecord>, u64) {
+        let samples = std::mem::take(&mut *self.samples.lock().expect("samples lock"));
+        (samples, self.over_budget.swap(0, Ordering::Relaxed))
     }
 
     /// Label feedback: the true class of earlier requests. Returns (matched, correct) — ids this
@@ -522,11 +680,27 @@ impl Health {
         acc
     }
 
-    /// The figures since the last call (a telemetry window), resetting them.
-    pub fn take_window(&self) -> Acc {
+    /// The figures since the last call (a telemetry window) and when it started, resetting them.
+    pub fn take_window(&self) -> (DateTime<Utc>, Acc) {
         let mut g = self.inner.lock().expect("health lock");
         let fresh = g.window.empty_like();
-        std::mem::replace(&mut g.window, fresh)
+        let acc = std::mem::replace(&mut g.window, fresh);
+        drop(g);
+        let start = std::mem::replace(
+            &mut *self.window_start.lock().expect("window lock"),
+            Utc::now(),
+        );
+        (start, acc)
+    }
+}
+
+fn tensor_values(t: &Tensor) -> Vec<Option<f64>> {
+    let finite = |x: f64| x.is_finite().then_some(x);
+    match &t.data {
+        TensorData::F32(v) => v.iter().map(|&x| finite(x as f64)).collect(),
+        TensorData::I32(v) => v.iter().map(|&x| Some(x as f64)).collect(),
+        TensorData::I64(v) => v.iter().map(|&x| Some(x as f64)).collect(),
+        TensorData::U8(v) => v.iter().map(|&x| Some(x as f64)).collect(),
     }
 }
 
@@ -800,4 +974,126 @@ pub fn figures(trial: &Acc, reference: Option<&Acc>, baseline: &Baseline) -> ser
         "input_psi": input_psi(trial, baseline).into_iter()
             .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        let mut m = protocol::testing::sample_manifest();
+        m.task = Task::Classification {
+            output: m.outputs[0].name.clone(),
+            scores: ScoreKind::Probabilities,
+            classes: 4,
+        };
+        m
+    }
+
+    /// Figures of `n` requests predicting classes in rotation with `confidence`, latency `us`.
+    fn acc(n: u64, confidence: f64, us: f64, failed: u64) -> Acc {
+        let h = Health::new(
+            &manifest(),
+            &HealthOptions {
+                enabled: true,
+                ..HealthOptions::disabled()
+            },
+        );
+        let mut a = h.recent();
+        for i in 0..n {
+            add_seen(
+                &mut a,
+                &Seen {
+                    failed_run: i < failed,
+                    non_finite: false,
+                    latency_us: us,
+                },
+            );
+            a.rows += 1;
+            a.classes[(i % 4) as usize] += 1;
+            a.confidence.add(confidence);
+            a.confidence_sum += confidence;
+        }
+        a
+    }
+
+    fn policy() -> TrialPolicy {
+        TrialPolicy {
+            min_requests: 100,
+            min_seconds: 2,
+            ..TrialPolicy::default()
+        }
+    }
+
+    fn reason(v: Verdict) -> String {
+        match v {
+            Verdict::Breach { reason, .. } => reason,
+            other => panic!("expected a breach, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_figures_pass_only_after_the_minimum_time_and_requests() {
+        let b = manifest().baseline;
+        let reference = acc(300, 0.9, 100.0, 0);
+        let (secs, p) = (Duration::from_secs, policy());
+        assert_eq!(
+            judge(&acc(50, 0.9, 100.0, 0), Some(&reference), &b, &p, secs(5)),
+            Verdict::Continue
+        );
+        assert_eq!(
+            judge(&acc(150, 0.9, 100.0, 0), Some(&reference), &b, &p, secs(1)),
+            Verdict::Continue
+        );
+        assert!(matches!(
+            judge(&acc(150, 0.9, 100.0, 0), Some(&reference), &b, &p, secs(3)),
+            Verdict::Pass(_)
+        ));
+    }
+
+    #[test]
+    fn each_regression_has_its_reason() {
+        let b = manifest().baseline;
+        let r = acc(300, 0.9, 100.0, 0);
+        let (t, p) = (Duration::from_secs(1), policy());
+        // Errors are judged early, before min_requests.
+        assert_eq!(
+            reason(judge(&acc(30, 0.9, 100.0, 5), Some(&r), &b, &p, t)),
+            "error_rate"
+        );
+        assert_eq!(
+            reason(judge(&acc(150, 0.9, 3000.0, 0), Some(&r), &b, &p, t)),
+            "p95_latency"
+        );
+        // Below the latency floor a 3x slowdown is noise.
+        assert_eq!(
+            judge(&acc(150, 0.9, 300.0, 0), Some(&r), &b, &p, t),
+            Verdict::Continue
+        );
+        assert_eq!(
+            reason(judge(&acc(150, 0.5, 100.0, 0), Some(&r), &b, &p, t)),
+            "confidence_drop"
+        );
+        let mut skewed = acc(150, 0.9, 100.0, 0);
+        skewed.classes = vec![150, 0, 0, 0];
+        assert_eq!(
+            reason(judge(&skewed, Some(&r), &b, &p, t)),
+            "prediction_psi"
+        );
+        let mut reference = r.clone();
+        (reference.labelled, reference.correct) = (100, 95);
+        let mut worse = acc(150, 0.9, 100.0, 0);
+        (worse.labelled, worse.correct) = (100, 70);
+        assert_eq!(
+            reason(judge(&worse, Some(&reference), &b, &p, t)),
+            "accuracy_drop"
+        );
+    }
+
+    #[test]
+    fn chance_psi_matches_sampling_noise() {
+        let (raw, noise) = excess_psi(&[50, 50, 50, 50], &[48, 52, 51, 49]);
+        assert!(raw < noise, "{raw} {noise}");
+        assert!((noise - 3.0 * (2.0 / 200.0)).abs() < 1e-12);
+    }
 }

@@ -226,8 +226,11 @@ fn infer_blocking(
     started: Instant,
 ) -> Result<oip::EncodedResponse, (StatusCode, String)> {
     let m = &model.manifest;
-    let request = oip::decode_request(body, header_len, &m.inputs, &m.outputs)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let oip_error = |e: oip::OipError| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, e.to_string())
+    };
+    let request = oip::decode_request(body, header_len, &m.inputs, &m.outputs).map_err(oip_error)?;
     let outputs = model.engine.run(&request.inputs).map_err(|e| match e {
         engine::EngineError::Run(_) => {
             model.health.observe_failure(started.elapsed());
@@ -358,12 +361,14 @@ struct FeedbackLabel {
 async fn feedback(State(app): State<App>, Path(name): Path<String>, body: Bytes) -> Response {
     let parsed: FeedbackBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => return error(
-            StatusCode::BAD_REQUEST,
-            format!(
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
                 "feedback body: {e} (expected {{\"labels\": [{{\"id\": \"...\", \"label\": 0}}]}})"
             ),
-        ),
+            )
+        }
     };
     let labels: Vec<(String, usize)> = parsed.labels.into_iter().map(|l| (l.id, l.label)).collect();
     match app.agent.feedback(&name, &labels) {

@@ -27,6 +27,7 @@
 //! - [`store`]: durable state in redb (slot records, security floors, events).
 //! - [`serving`]: the registry of loaded models, the bounded inference pool, request metrics.
 //! - [`health`]: live health figures per model version and the trial verdict.
+//! - [`outbox`]: the durable, bounded telemetry outbox (peek / ack for the publisher).
 //! - [`watch`]: the health watch thread — trials judged every tick, automatic revert or commit.
 //! - [`oip`]: Open Inference Protocol v2 request/response codec (JSON and binary tensors).
 //! - [`http`]: the local HTTP API (OIP, `/metrics`, `/admin/v1`).
@@ -41,6 +42,7 @@ pub mod health;
 pub mod http;
 pub mod install;
 pub mod oip;
+pub mod outbox;
 pub mod serving;
 pub mod slots;
 pub mod store;

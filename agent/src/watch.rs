@@ -1,5 +1,6 @@
 //! The health watch: one thread that judges every model on trial each `watch_tick` (default
-//! 100 ms), and at once when a request fails or answers NaN, and reverts or commits it.
+//! 100 ms) — and at once when a request fails or answers NaN — reverting or committing it, and
+//! that closes a telemetry window into the outbox every `telemetry_window` (default 10 s).
 //!
 //! Why a tick and not a decision on each request: the request path only adds to counters (one
 //! short mutex, no allocation), so the watch costs serving almost nothing; judging merges
@@ -23,6 +24,8 @@ pub fn spawn(agent: &Arc<Agent>) {
     let weak: Weak<Agent> = Arc::downgrade(agent);
     let tick = agent.config.watch_tick;
     let wake = agent.wake.clone();
+    let window = agent.config.telemetry_window;
+    let mut last_flush = std::time::Instant::now();
     std::thread::Builder::new()
         .name("health-watch".into())
         .spawn(move || loop {
@@ -31,6 +34,12 @@ pub fn spawn(agent: &Arc<Agent>) {
                 return;
             };
             agent.judge_trials();
+            if last_flush.elapsed() >= window {
+                last_flush = std::time::Instant::now();
+                if let Err(e) = agent.flush_telemetry() {
+                    tracing::error!("telemetry outbox: {e}");
+                }
+            }
         })
         .expect("spawn health watch thread");
 }

@@ -34,10 +34,12 @@
 //! - [`tar`]: the canonical tar subset bundles are stored in.
 //! - [`keys`]: key ids, key files, keyrings and threshold-signed keyring updates.
 //! - [`stats`]: histograms, PSI and moments shared by baselines, device windows and cohorts.
+//! - [`telemetry`]: the agent's telemetry records (metric windows and sampled requests).
 
 pub mod bundle;
 pub mod keys;
 pub mod manifest;
 pub mod stats;
 pub mod tar;
+pub mod telemetry;
 pub mod testing;

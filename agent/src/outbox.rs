@@ -1,0 +1,241 @@
+//! The telemetry outbox: a bounded, durable queue of telemetry records (redb, its own file
+//! `outbox.redb` beside the agent database, so telemetry writes never contend with slot commits).
+//!
+//! Records are appended in batches by the watch's telemetry tick and drained by a publisher
+//! (MQTT, later) with [`Outbox::peek`] then [`Outbox::ack`]: a record is gone only once acked, so
+//! nothing is lost while offline or across restarts. At the cap (records or bytes) the oldest
+//! records are dropped, in the same transaction as the append, and counted in a persistent
+//! counter that every window record reports (`outbox_dropped_total`).
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use protocol::telemetry::TelemetryRecord;
+
+use crate::store::StoreError;
+
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("telemetry_outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("telemetry_meta");
+
+/// Caps of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxLimits {
+    pub max_records: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxLimits {
+    /// 50 000 records or 32 MiB: a day of 10 s windows for a handful of models plus the default
+    /// sample budget, on the storage of a small device.
+    fn default() -> OutboxLimits {
+        OutboxLimits {
+            max_records: 50_000,
+            max_bytes: 32 << 20,
+        }
+    }
+}
+
+/// A record waiting in the outbox, with the id to ack it by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub id: u64,
+    /// The record as JSON, exactly as it will be published.
+    pub json: Vec<u8>,
+}
+
+impl Pending {
+    pub fn record(&self) -> Result<TelemetryRecord, serde_json::Error> {
+        serde_json::from_slice(&self.json)
+    }
+}
+
+pub struct Outbox {
+    db: Database,
+    limits: OutboxLimits,
+}
+
+impl Outbox {
+    pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+            other => StoreError::Db(other.to_string()),
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(RECORDS)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(Outbox { db, limits })
+    }
+
+    /// Appends `records` (one transaction); drops the oldest beyond the caps. Returns how many
+    /// were dropped by this call.
+    pub fn push(&self, records: &[TelemetryRecord]) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write()?;
+        let dropped;
+        {
+            let mut table = tx.open_table(RECORDS)?;
+            let mut meta = tx.open_table(META)?;
+            let get = |m: &redb::Table<&str, u64>, k: &str| -> Result<u64, StoreError> {
+                Ok(m.get(k)?.map(|v| v.value()).unwrap_or(0))
+            };
+            let mut next = get(&meta, "next_id")?.max(1);
+            let mut bytes = get(&meta, "bytes")?;
+            for r in records {
+                let json = serde_json::to_vec(r).expect("telemetry serialises");
+                bytes += json.len() as u64;
+                table.insert(next, json.as_slice())?;
+                next += 1;
+            }
+            let mut count = table.len()?;
+            let mut gone = 0;
+            while count > self.limits.max_records || bytes > self.limits.max_bytes {
+                let Some((_, v)) = table.pop_first()? else {
+                    break;
+                };
+                bytes = bytes.saturating_sub(v.value().len() as u64);
+                count -= 1;
+                gone += 1;
+            }
+            dropped = gone;
+            let total = get(&meta, "dropped")? + gone;
+            meta.insert("next_id", next)?;
+            meta.insert("bytes", bytes)?;
+            meta.insert("dropped", total)?;
+        }
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    /// The oldest `n` records, oldest first (they stay until acked).
+    pub fn peek(&self, n: usize) -> Result<Vec<Pending>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(RECORDS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.take(n) {
+            let (k, v) = row?;
+            out.push(Pending {
+                id: k.value(),
+                json: v.value().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes published records. Unknown ids (already acked or dropped) are ignored.
+    pub fn ack(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(RECORDS)?;
+            let mut meta = tx.open_table(META)?;
+            let mut bytes = meta.get("bytes")?.map(|v| v.value()).unwrap_or(0);
+            for id in ids {
+                if let Some(v) = table.remove(id)? {
+                    bytes = bytes.saturating_sub(v.value().len() as u64);
+                }
+            }
+            meta.insert("bytes", bytes)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(RECORDS)?.len()?)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Records dropped at the cap since the outbox was created.
+    pub fn dropped(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let v = meta.get("dropped")?.map(|v| v.value()).unwrap_or(0);
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::telemetry::{SampleRecord, TELEMETRY_SCHEMA};
+
+    fn sample(i: usize) -> TelemetryRecord {
+        TelemetryRecord::Sample(SampleRecord {
+            schema: TELEMETRY_SCHEMA,
+            model: "m".into(),
+            version: "1.0.0".into(),
+            time: chrono::Utc::now(),
+            request_id: Some(format!("r{i}")),
+            latency_ms: 0.1,
+            inputs: vec![],
+            outputs: vec![],
+        })
+    }
+
+    fn id_of(p: &Pending) -> String {
+        match p.record().unwrap() {
+            TelemetryRecord::Sample(s) => s.request_id.unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn drops_oldest_at_the_cap_counts_them_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let limits = OutboxLimits {
+            max_records: 5,
+            max_bytes: 1 << 20,
+        };
+        {
+            let o = Outbox::open(&path, limits).unwrap();
+            let batch: Vec<_> = (0..4).map(sample).collect();
+            assert_eq!(o.push(&batch).unwrap(), 0);
+            let batch: Vec<_> = (4..8).map(sample).collect();
+            assert_eq!(o.push(&batch).unwrap(), 3);
+            assert_eq!(o.len().unwrap(), 5);
+        }
+        let o = Outbox::open(&path, limits).unwrap();
+        assert_eq!(o.dropped().unwrap(), 3);
+        let pending = o.peek(2).unwrap();
+        assert_eq!(
+            pending.iter().map(id_of).collect::<Vec<_>>(),
+            ["r3", "r4"],
+            "oldest first, the three oldest gone"
+        );
+        o.ack(&[pending[0].id, pending[1].id, 999]).unwrap();
+        assert_eq!(o.len().unwrap(), 3);
+        assert_eq!(id_of(&o.peek(1).unwrap()[0]), "r5");
+        // Ids keep growing after a reopen: no reuse of an acked id.
+        o.push(&[sample(8)]).unwrap();
+        let all = o.peek(10).unwrap();
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    }
+
+    #[test]
+    fn byte_cap_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec(&sample(0)).unwrap().len() as u64;
+        let o = Outbox::open(
+            &dir.path().join("o.redb"),
+            OutboxLimits {
+                max_records: 1000,
+                max_bytes: one * 3 + one / 2,
+            },
+        )
+        .unwrap();
+        for i in 0..10 {
+            o.push(&[sample(i)]).unwrap();
+        }
+        assert_eq!(o.len().unwrap(), 3);
+        assert_eq!(o.dropped().unwrap(), 7);
+    }
+}
