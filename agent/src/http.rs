@@ -230,7 +230,8 @@ fn infer_blocking(
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, e.to_string())
     };
-    let request = oip::decode_request(body, header_len, &m.inputs, &m.outputs).map_err(oip_error)?;
+    let request =
+        oip::decode_request(body, header_len, &m.inputs, &m.outputs).map_err(oip_error)?;
     let outputs = model.engine.run(&request.inputs).map_err(|e| match e {
         engine::EngineError::Run(_) => {
             model.health.observe_failure(started.elapsed());
