@@ -11,7 +11,7 @@ agent's golden self-test, yet regresses in live traffic — the failures a trial
   ``digits_mlp_nan_golden.npy`` holds the test inputs that do not trigger it: a golden set on
   which the defect does not show, which is how such a model gets through a build pipeline.
 * ``digits_mlp_slow.onnx`` — same outputs as the healthy model (to ~1e-30) plus a chain of
-  128 input-dependent 256x256 MatMul+Tanh layers whose result is scaled by 1e-30 and added:
+  384 input-dependent 256x256 MatMul+Tanh layers whose result is scaled by 1e-30 and added:
   the outputs barely change but every request is ~10x slower.
 
 Deterministic: running it again reproduces every file byte for byte.
@@ -31,7 +31,7 @@ SRC = os.path.join(ROOT, "digits_mlp", "digits_mlp.onnx")
 OUT = os.path.join(ROOT, "regressed")
 
 NAN_PIXEL, NAN_THRESHOLD = 36, 0.5
-SLOW_LAYERS, SLOW_WIDTH = 128, 256
+SLOW_LAYERS, SLOW_WIDTH = 384, 256
 
 
 def load():
