@@ -1080,6 +1080,19 @@ mod tests {
             reason(judge(&skewed, Some(&r), &b, &p, t)),
             "prediction_psi"
         );
+        let (mut r2, mut shifted) = (r.clone(), acc(150, 0.9, 100.0, 0));
+        for (a, mean) in [(&mut r2, 1.0), (&mut shifted, 3.0)] {
+            for i in 0..a.requests {
+                let x = mean + (i % 2) as f64 * 0.2 - 0.1;
+                a.statistic.add(x);
+                a.statistic_sum += x;
+                a.statistic_sq += x * x;
+            }
+        }
+        assert_eq!(
+            reason(judge(&shifted, Some(&r2), &b, &p, t)),
+            "output_shift"
+        );
         let mut reference = r.clone();
         (reference.labelled, reference.correct) = (100, 95);
         let mut worse = acc(150, 0.9, 100.0, 0);
