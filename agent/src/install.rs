@@ -174,44 +174,12 @@ pub fn golden_self_test(
         return Ok(());
     }
     let bytes = fs::read(slot.join(&g.file))?;
-    let (inputs, expected) = split_golden(g, &bytes).map_err(InstallError::Golden)?;
+    let (inputs, expected) =
+        engine::tensor::golden_tensors(g, &bytes).map_err(InstallError::Golden)?;
     let outputs = model
         .run(&inputs)
         .map_err(|e| InstallError::Golden(format!("running the golden inputs: {e}")))?;
     compare_golden(g, &expected, &outputs).map_err(InstallError::Golden)
-}
-
-/// Cuts the golden payload into its input and output tensors.
-pub fn split_golden(g: &Golden, bytes: &[u8]) -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
-    let mut at = 0usize;
-    let mut take = |t: &protocol::manifest::GoldenTensor| -> Result<Tensor, String> {
-        let n: usize = t.shape.iter().product::<usize>() * t.dtype.size();
-        let end = at
-            .checked_add(n)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| format!("golden payload too short for '{}' {:?}", t.name, t.shape))?;
-        let tensor = Tensor::from_le_bytes(t.dtype, t.shape.clone(), &bytes[at..end])
-            .ok_or_else(|| format!("golden tensor '{}' has the wrong size", t.name))?;
-        at = end;
-        Ok(tensor)
-    };
-    let inputs = g
-        .inputs
-        .iter()
-        .map(&mut take)
-        .collect::<Result<Vec<_>, _>>()?;
-    let outputs = g
-        .outputs
-        .iter()
-        .map(&mut take)
-        .collect::<Result<Vec<_>, _>>()?;
-    if at != bytes.len() {
-        return Err(format!(
-            "golden payload has {} unexpected trailing bytes",
-            bytes.len() - at
-        ));
-    }
-    Ok((inputs, outputs))
 }
 
 /// Compares outputs with the golden outputs: `|y - g| <= atol + rtol * |g|` element-wise.
@@ -294,7 +262,7 @@ mod tests {
         let g = golden();
         let vals: Vec<f32> = vec![1.0, 2.0, 0.1, 0.2, 0.3, 0.4];
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let (inputs, outputs) = split_golden(&g, &bytes).unwrap();
+        let (inputs, outputs) = engine::tensor::golden_tensors(&g, &bytes).unwrap();
         assert_eq!(inputs[0].as_f32().unwrap(), &[1.0, 2.0]);
         compare_golden(&g, &outputs, &outputs).unwrap();
         let off = Tensor::from_f32(vec![2, 2], vec![0.1, 0.2, 0.3, 0.9]).unwrap();
@@ -307,12 +275,14 @@ mod tests {
         assert!(compare_golden(&g, &outputs, &[nan])
             .unwrap_err()
             .contains("NaN"));
-        assert!(split_golden(&g, &bytes[..20])
+        assert!(engine::tensor::golden_tensors(&g, &bytes[..20])
             .unwrap_err()
             .contains("too short"));
         let mut long = bytes.clone();
         long.push(0);
-        assert!(split_golden(&g, &long).unwrap_err().contains("trailing"));
+        assert!(engine::tensor::golden_tensors(&g, &long)
+            .unwrap_err()
+            .contains("trailing"));
     }
 
     #[test]

@@ -284,27 +284,5 @@ pub(crate) fn golden_payload(
 /// Splits a decompressed `golden.bin` back into its input and output tensors, checking that the
 /// byte count matches the manifest's description exactly.
 pub fn decode_golden(golden: &Golden, bytes: &[u8]) -> Option<(Vec<Tensor>, Vec<Tensor>)> {
-    let mut offset = 0usize;
-    let mut take = |g: &GoldenTensor| -> Option<Tensor> {
-        let n = g
-            .shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))?
-            .checked_mul(g.dtype.size())?;
-        let end = offset.checked_add(n)?;
-        let t = Tensor::from_le_bytes(g.dtype, g.shape.clone(), bytes.get(offset..end)?)?;
-        offset = end;
-        Some(t)
-    };
-    let inputs = golden
-        .inputs
-        .iter()
-        .map(&mut take)
-        .collect::<Option<Vec<_>>>()?;
-    let outputs = golden
-        .outputs
-        .iter()
-        .map(&mut take)
-        .collect::<Option<Vec<_>>>()?;
-    (offset == bytes.len()).then_some((inputs, outputs))
+    engine::tensor::golden_tensors(golden, bytes).ok()
 }

@@ -100,3 +100,26 @@ impl Tensor {
         Some(Tensor { shape, data })
     }
 }
+
+/// The input and output tensors of a golden payload (layout: `protocol::manifest::Golden`).
+/// The bundler writes this payload and the agent self-tests with it; both read it here.
+pub fn golden_tensors(
+    golden: &protocol::manifest::Golden,
+    bytes: &[u8],
+) -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
+    let (inputs, outputs) = golden.split(bytes)?;
+    let tensors = |specs: &[protocol::manifest::GoldenTensor], slices: Vec<&[u8]>| {
+        specs
+            .iter()
+            .zip(slices)
+            .map(|(t, b)| {
+                Tensor::from_le_bytes(t.dtype, t.shape.clone(), b)
+                    .ok_or_else(|| format!("golden tensor '{}' has the wrong size", t.name))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    Ok((
+        tensors(&golden.inputs, inputs)?,
+        tensors(&golden.outputs, outputs)?,
+    ))
+}

@@ -254,6 +254,7 @@ pub fn read_bundle(
         });
     }
     let manifest = parse_manifest(&head.manifest_bytes)?;
+    check_limits(&manifest, &opts.limits)?;
     if let Some(expires_at) = manifest.expires_at {
         if opts.now > expires_at + opts.expiry_slack {
             return Err(BundleError::Expired {
@@ -393,6 +394,29 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
     let m: Manifest = serde_json::from_slice(bytes).map_err(BundleError::ManifestParse)?;
     check_manifest(&m)?;
     Ok(m)
+}
+
+/// Refuses a manifest whose declared payloads exceed what this reader accepts.
+fn check_limits(m: &Manifest, limits: &Limits) -> Result<(), BundleError> {
+    if m.payloads.len() > limits.max_payloads {
+        return Err(BundleError::ManifestInvalid(format!(
+            "{} payloads, more than the limit of {}",
+            m.payloads.len(),
+            limits.max_payloads
+        )));
+    }
+    if let Some(p) = m
+        .payloads
+        .iter()
+        .find(|p| p.size.max(p.compressed_size) > limits.max_payload_bytes)
+    {
+        return Err(BundleError::TooLarge {
+            name: p.file.clone(),
+            size: p.size.max(p.compressed_size),
+            limit: limits.max_payload_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn check_manifest(m: &Manifest) -> Result<(), BundleError> {

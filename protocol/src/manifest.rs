@@ -161,6 +161,46 @@ pub struct Golden {
     pub rtol: f32,
 }
 
+impl Golden {
+    /// Cuts a decompressed golden payload into the little-endian bytes of each input tensor and
+    /// each output tensor, in manifest order. Fails if the payload is shorter or longer than the
+    /// shapes declare.
+    pub fn split<'a>(&self, bytes: &'a [u8]) -> Result<(Vec<&'a [u8]>, Vec<&'a [u8]>), String> {
+        let mut at = 0usize;
+        let mut take = |t: &GoldenTensor| -> Result<&'a [u8], String> {
+            let n = t
+                .shape
+                .iter()
+                .try_fold(t.dtype.size(), |a, &d| a.checked_mul(d))
+                .and_then(|n| n.checked_add(at))
+                .filter(|&end| end <= bytes.len())
+                .ok_or_else(|| {
+                    format!("golden payload too short for '{}' {:?}", t.name, t.shape)
+                })?;
+            let slice = &bytes[at..n];
+            at = n;
+            Ok(slice)
+        };
+        let inputs = self
+            .inputs
+            .iter()
+            .map(&mut take)
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = self
+            .outputs
+            .iter()
+            .map(&mut take)
+            .collect::<Result<Vec<_>, _>>()?;
+        if at != bytes.len() {
+            return Err(format!(
+                "golden payload has {} unexpected trailing bytes",
+                bytes.len() - at
+            ));
+        }
+        Ok((inputs, outputs))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoldenTensor {
     pub name: String,

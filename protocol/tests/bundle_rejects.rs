@@ -352,3 +352,27 @@ fn helpers_reassemble_the_same_bytes() {
     let bytes = f.bundle();
     assert_eq!(assemble(&entries(&bytes)), bytes);
 }
+
+#[test]
+fn payloads_beyond_the_reader_limits() {
+    let f = Fixture::new();
+    let bytes = f.bundle();
+    let mut opts = VerifyOptions::new(&f.keyring);
+    opts.limits.max_payload_bytes = 100_000;
+    let err = read_bundle(&bytes[..], &opts, &mut DiscardSink)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'model.onnx.zst' is 200000 bytes, more than the limit of 100000"),
+        "{err}"
+    );
+    let mut opts = VerifyOptions::new(&f.keyring);
+    opts.limits.max_payloads = 1;
+    let err = read_bundle(&bytes[..], &opts, &mut DiscardSink)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2 payloads, more than the limit of 1"),
+        "{err}"
+    );
+}
