@@ -20,7 +20,9 @@ fn main() -> Result<()> {
     let exit_when_done = std::env::args().any(|a| a == "--exit-when-done");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let models = root.join("examples/models/digits_cnn");
-    let work = tempfile::Builder::new().prefix("modelfleet-demo-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("modelfleet-demo-")
+        .tempdir()?;
     let dir = work.path();
     step(1, "keys and bundles");
     let key = bundler::keygen_files(&dir.join("keys"), "fleet")?;
@@ -54,7 +56,10 @@ fn main() -> Result<()> {
     step(2, "a device agent");
     let keyring = bundler::load_keyring(&[&key.public])?;
     let data_dir = dir.join("device-1");
-    let agent = Arc::new(agent::Agent::open(agent::AgentConfig::new(&data_dir), keyring)?);
+    let agent = Arc::new(agent::Agent::open(
+        agent::AgentConfig::new(&data_dir),
+        keyring,
+    )?);
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("http://127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new()?;
@@ -63,7 +68,10 @@ fn main() -> Result<()> {
     rt.spawn(async move { axum::serve(listener, router).await });
     println!("   agent data in {}, API on {url}", data_dir.display());
 
-    step(3, "install v1.0.0 and classify the reference digits over OIP v2");
+    step(
+        3,
+        "install v1.0.0 and classify the reference digits over OIP v2",
+    );
     let installed = post(&format!("{url}/admin/v1/bundles"), &std::fs::read(&v1)?)?;
     println!("   installed: {installed}");
     let inputs = engine::npy::read_npy(models.join("test_input.npy"))?;
@@ -82,7 +90,11 @@ fn main() -> Result<()> {
             .send_json(request)?
             .into_json()?;
         let probs: Vec<f32> = serde_json::from_value(response["outputs"][0]["data"].clone())?;
-        let predicted = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+        let predicted = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i);
         correct += (predicted == Some(*label as usize)) as usize;
     }
     let accuracy = correct as f64 / labels.len() as f64;
@@ -92,7 +104,10 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64() * 1e3,
         v1_report.accuracy.unwrap_or(f64::NAN)
     );
-    ensure!((accuracy - v1_report.accuracy.unwrap_or(0.0)).abs() < 1e-9, "served accuracy differs from the bundle's");
+    ensure!(
+        (accuracy - v1_report.accuracy.unwrap_or(0.0)).abs() < 1e-9,
+        "served accuracy differs from the bundle's"
+    );
 
     step(4, "a tampered bundle is refused; hot swap; revert");
     let mut tampered = std::fs::read(&v2)?;
@@ -101,16 +116,33 @@ fn main() -> Result<()> {
     match ureq::post(&format!("{url}/admin/v1/bundles")).send_bytes(&tampered) {
         Err(ureq::Error::Status(code, r)) => {
             let body: Value = r.into_json()?;
-            println!("   tampered v1.1.0 → HTTP {code}: {}", body["error"].as_str().unwrap_or(""));
+            println!(
+                "   tampered v1.1.0 → HTTP {code}: {}",
+                body["error"].as_str().unwrap_or("")
+            );
         }
         other => bail!("the tampered bundle was not refused: {other:?}"),
     }
-    println!("   installed: {}", post(&format!("{url}/admin/v1/bundles"), &std::fs::read(&v2)?)?);
+    println!(
+        "   installed: {}",
+        post(&format!("{url}/admin/v1/bundles"), &std::fs::read(&v2)?)?
+    );
     let reverted = post(&format!("{url}/admin/v1/models/digits_cnn/revert"), b"")?;
-    println!("   reverted: active {} (state {})", reverted["active"], reverted["state"]);
-    let events: Value = ureq::get(&format!("{url}/admin/v1/events")).call()?.into_json()?;
+    println!(
+        "   reverted: active {} (state {})",
+        reverted["active"], reverted["state"]
+    );
+    let events: Value = ureq::get(&format!("{url}/admin/v1/events"))
+        .call()?
+        .into_json()?;
     for e in events["events"].as_array().into_iter().flatten() {
-        println!("   event {:>3} {:<10} {} {}", e["seq"], e["kind"].as_str().unwrap_or(""), e["model"].as_str().unwrap_or("-"), e["version"].as_str().unwrap_or("-"));
+        println!(
+            "   event {:>3} {:<10} {} {}",
+            e["seq"],
+            e["kind"].as_str().unwrap_or(""),
+            e["model"].as_str().unwrap_or("-"),
+            e["version"].as_str().unwrap_or("-")
+        );
     }
 
     step(5, "look around");
@@ -134,7 +166,10 @@ fn post(url: &str, body: &[u8]) -> Result<Value> {
     match ureq::post(url).send_bytes(body) {
         Ok(r) => Ok(r.into_json()?),
         Err(ureq::Error::Status(code, r)) => {
-            bail!("{url} answered {code}: {}", r.into_string().unwrap_or_default())
+            bail!(
+                "{url} answered {code}: {}",
+                r.into_string().unwrap_or_default()
+            )
         }
         Err(e) => Err(e.into()),
     }
