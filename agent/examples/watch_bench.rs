@@ -9,7 +9,8 @@
 //! exercised too) alternate between them in rounds:
 //! 1. in process: `agent::http::serve_request` (decode, run, encode, metrics, health) — the work
 //!    an inference worker does, without HTTP, so the watch's share is as large as it gets;
-//! 2. over loopback HTTP (keep-alive), what a client sees.
+//! 2. over loopback HTTP (keep-alive), what a client sees;
+//! 3. `Health::observe` alone, best of several timed loops: the watch's own cost per request.
 //!
 //! Reports median and p95 per mode and the overhead of the medians.
 
@@ -91,16 +92,22 @@ fn main() -> anyhow::Result<()> {
 
     // [mode][watch on/off] -> latencies in µs
     let mut lat = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    // Requests alternate between the two agents one by one (the order flipping each time), so a
+    // busy neighbour on the machine slows both modes alike.
+    let models: Vec<_> = agents
+        .iter()
+        .map(|(_, a, _)| a.registry.get("digits_mlp").unwrap())
+        .collect();
     for round in 0..rounds + 1 {
-        for (w, (_, a, url)) in agents.iter().enumerate() {
-            let model = a.registry.get("digits_mlp").unwrap();
-            for i in 0..per_round {
-                let body = &bodies[i % bodies.len()];
+        for i in 0..per_round {
+            let body = &bodies[i % bodies.len()];
+            let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+            for w in order {
                 let t = Instant::now();
-                agent::http::serve_request(&model, body, None).unwrap();
+                agent::http::serve_request(&models[w], body, None).unwrap();
                 let us = t.elapsed().as_secs_f64() * 1e6;
                 let t = Instant::now();
-                http.post(url)
+                http.post(&agents[w].2)
                     .set("Content-Type", "application/json")
                     .send_bytes(body)?
                     .into_string()?;
@@ -113,6 +120,28 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // 3. The watch's own work per request, alone: `Health::observe` on a real request's tensors,
+    // timed over many calls (robust to a noisy machine, unlike a difference of two medians).
+    let observe_ns = {
+        let model = agents[0].1.registry.get("digits_mlp").unwrap();
+        let input = engine::Tensor::from_f32(vec![1, 64], x[..64].to_vec()).unwrap();
+        let output = model.engine.run(std::slice::from_ref(&input))?;
+        let ids: Vec<String> = (0..1000).map(|i| format!("r{i}")).collect();
+        let mut best = f64::MAX;
+        for _ in 0..rounds.max(3) {
+            let t = Instant::now();
+            for i in 0..per_round {
+                model.health.observe(
+                    Some(&ids[i % ids.len()]),
+                    std::slice::from_ref(&input),
+                    &output,
+                    std::time::Duration::from_micros(20),
+                );
+            }
+            best = best.min(t.elapsed().as_secs_f64() * 1e9 / per_round as f64);
+        }
+        best
+    };
     let cpu = std::fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find(|l| l.starts_with("model name"))
@@ -146,5 +175,12 @@ fn main() -> anyhow::Result<()> {
             (med[0] / med[1] - 1.0) * 100.0
         );
     }
+    let off = percentile(&mut lat[0][1], 0.5);
+    println!(
+        "| `Health::observe` alone (best of {} x {per_round}) | {:.2} µs per request | {:.1} % of the in-process median with the watch off | |",
+        rounds.max(3),
+        observe_ns / 1e3,
+        observe_ns / 1e3 / off * 100.0
+    );
     Ok(())
 }

@@ -3,10 +3,12 @@
 //! The serving path calls [`Health::observe`] once per request (after the response is encoded):
 //! it summarises the request's outputs (top-1 class and confidence per row for classifiers, the
 //! output statistic per row otherwise, non-finite values), bins a strided subset of the input
-//! values against the bundle baseline's bins, and adds all of it to two accumulators under one
-//! short mutex: `recent` (judged by the trial watch and used as the reference once the model is
-//! replaced) and `window` (drained by the telemetry tick). Nothing in the hot path allocates
-//! except when the request has an id to remember for label feedback.
+//! values against the bundle baseline's bins, and adds all of it to one accumulator under one
+//! short mutex. Readers (the trial watch every tick, the telemetry window) fold that accumulator
+//! into `recent` (the trial's figures, and the reference once the model is replaced) and
+//! `window` (drained per telemetry window). The request path does not allocate: request ids are
+//! remembered for label feedback by their 64-bit hash. Measured cost: BENCHMARKS.md,
+//! "Health watch overhead".
 //!
 //! [`judge`] is a pure function from figures to a verdict, so the thresholds are unit-tested
 //! without a server.
@@ -185,6 +187,21 @@ impl Acc {
         }
     }
 
+    /// Zeroes every count in place (no allocation).
+    fn clear(&mut self) {
+        let counts = |h: &mut Histogram| h.counts.iter_mut().for_each(|c| *c = 0);
+        (self.requests, self.errors, self.non_finite, self.rows) = (0, 0, 0, 0);
+        (self.labelled, self.correct) = (0, 0);
+        self.latency_sum_us = 0.0;
+        self.confidence_sum = 0.0;
+        (self.statistic_sum, self.statistic_sq) = (0.0, 0.0);
+        counts(&mut self.latency);
+        counts(&mut self.confidence);
+        counts(&mut self.statistic);
+        self.inputs.iter_mut().for_each(counts);
+        self.classes.iter_mut().for_each(|c| *c = 0);
+    }
+
     /// Adds `other` (same bins) to `self`.
     pub fn merge(&mut self, o: &Acc) {
         self.requests += o.requests;
@@ -248,12 +265,37 @@ struct Seen {
 }
 
 struct Inner {
+    /// What requests add to (the only accumulator the request path touches); folded into
+    /// `recent` and `window` whenever either is read.
+    cur: Acc,
     older: Option<Acc>,
     recent: Acc,
     window: Acc,
-    /// request id -> predicted class of its first row, for label feedback.
-    predictions: HashMap<String, usize>,
-    order: VecDeque<String>,
+    /// hash of a request id -> predicted class of its first row, for label feedback.
+    predictions: HashMap<u64, usize>,
+    order: VecDeque<u64>,
+}
+
+impl Inner {
+    fn drain(&mut self) {
+        if self.cur.requests == 0 && self.cur.labelled == 0 {
+            return;
+        }
+        self.recent.merge(&self.cur);
+        self.window.merge(&self.cur);
+        self.cur.clear();
+        if self.recent.requests >= RECENT_SPAN {
+            let fresh = self.recent.empty_like();
+            self.older = Some(std::mem::replace(&mut self.recent, fresh));
+        }
+    }
+}
+
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// Wakes the watch before its tick: a failed request is evidence worth judging at once.
@@ -453,6 +495,7 @@ impl Health {
             input_index,
             enabled,
             inner: Mutex::new(Inner {
+                cur: acc.empty_like(),
                 older: None,
                 window: acc.empty_like(),
                 recent: acc,
@@ -477,11 +520,7 @@ impl Health {
             latency_us: latency.as_secs_f64() * 1e6,
         };
         let mut g = self.inner.lock().expect("health lock");
-        let inner = &mut *g;
-        for acc in [&mut inner.recent, &mut inner.window] {
-            add_seen(acc, &seen);
-        }
-        rotate(inner);
+        add_seen(&mut g.cur, &seen);
         drop(g);
         if let Some(w) = &self.wake {
             w.notify();
@@ -511,21 +550,17 @@ impl Health {
         let mut first_class = None;
         let mut g = self.inner.lock().expect("health lock");
         let inner = &mut *g;
-        for acc in [&mut inner.recent, &mut inner.window] {
-            add_seen(acc, &seen);
-            if non_finite {
-                continue;
-            }
+        let acc = &mut inner.cur;
+        add_seen(acc, &seen);
+        if !non_finite {
             match &self.kind {
                 Kind::Classification {
                     output,
                     classes,
                     logits,
                 } => {
-                    let Some(scores) = outputs.get(*output).and_then(|t| t.as_f32()) else {
-                        continue;
-                    };
-                    for row in scores.chunks_exact((*classes).max(1)) {
+                    let scores = outputs.get(*output).and_then(|t| t.as_f32());
+                    for row in scores.unwrap_or(&[]).chunks_exact((*classes).max(1)) {
                         let (class, conf) = top1(row, *logits);
                         first_class.get_or_insert(class);
                         acc.rows += 1;
@@ -535,10 +570,12 @@ impl Health {
                     }
                 }
                 Kind::Regression { output, statistic } => {
-                    let Some(out) = outputs.get(*output).and_then(|t| t.as_f32()) else {
-                        continue;
-                    };
-                    let rows = outputs[*output].shape.first().copied().unwrap_or(1).max(1);
+                    let out = outputs.get(*output).and_then(|t| t.as_f32()).unwrap_or(&[]);
+                    let rows = outputs
+                        .get(*output)
+                        .and_then(|t| t.shape.first().copied())
+                        .unwrap_or(1)
+                        .max(1);
                     let per = out.len() / rows;
                     let first = inputs.first().and_then(|t| t.as_f32());
                     for r in 0..rows {
@@ -575,11 +612,11 @@ impl Health {
                     inner.predictions.remove(&old);
                 }
             }
-            if inner.predictions.insert(id.to_string(), class).is_none() {
-                inner.order.push_back(id.to_string());
+            let key = id_hash(id);
+            if inner.predictions.insert(key, class).is_none() {
+                inner.order.push_back(key);
             }
         }
-        rotate(inner);
         drop(g);
         if non_finite {
             if let Some(w) = &self.wake {
@@ -658,21 +695,20 @@ impl Health {
         let inner = &mut *g;
         let (mut matched, mut correct) = (0, 0);
         for (id, label) in labels {
-            if let Some(pred) = inner.predictions.remove(id) {
+            if let Some(pred) = inner.predictions.remove(&id_hash(id)) {
                 matched += 1;
                 correct += (pred == *label) as u64;
             }
         }
-        for acc in [&mut inner.recent, &mut inner.window] {
-            acc.labelled += matched;
-            acc.correct += correct;
-        }
+        inner.cur.labelled += matched;
+        inner.cur.correct += correct;
         (matched, correct)
     }
 
     /// Figures over the recent span (the trial, or the reference once replaced).
     pub fn recent(&self) -> Acc {
-        let g = self.inner.lock().expect("health lock");
+        let mut g = self.inner.lock().expect("health lock");
+        g.drain();
         let mut acc = g.recent.clone();
         if let Some(o) = &g.older {
             acc.merge(o);
@@ -683,6 +719,7 @@ impl Health {
     /// The figures since the last call (a telemetry window) and when it started, resetting them.
     pub fn take_window(&self) -> (DateTime<Utc>, Acc) {
         let mut g = self.inner.lock().expect("health lock");
+        g.drain();
         let fresh = g.window.empty_like();
         let acc = std::mem::replace(&mut g.window, fresh);
         drop(g);
@@ -710,13 +747,6 @@ fn add_seen(acc: &mut Acc, s: &Seen) {
     acc.non_finite += s.non_finite as u64;
     acc.latency.add(s.latency_us.max(1.0).log10());
     acc.latency_sum_us += s.latency_us;
-}
-
-fn rotate(inner: &mut Inner) {
-    if inner.recent.requests >= RECENT_SPAN {
-        let fresh = inner.recent.empty_like();
-        inner.older = Some(std::mem::replace(&mut inner.recent, fresh));
-    }
 }
 
 fn bin_strided(h: &mut Histogram, t: &Tensor) {
