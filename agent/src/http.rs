@@ -277,6 +277,9 @@ async fn require_token(State(app): State<App>, request: Request, next: Next) -> 
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            // Read (a bounded amount of) the body first: answering before the client has sent
+            // it makes most clients report a broken pipe instead of the 401.
+            let _ = axum::body::to_bytes(request.into_body(), 64 << 20).await;
             return error(
                 StatusCode::UNAUTHORIZED,
                 "admin API needs 'Authorization: Bearer <token>'",

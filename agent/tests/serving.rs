@@ -323,3 +323,58 @@ fn hot_swap_and_revert_under_concurrent_load_fail_no_request() {
     );
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["1.0.0", "2.0.0"]);
 }
+
+#[test]
+fn admin_token_guards_the_admin_api_only() {
+    let fx = Fixture::new();
+    let data = fx.path("data");
+    let agent = AgentProcess::start(&fx, &data, &["--admin-token", "s3cret"]);
+    let bundle = std::fs::read(fx.bundle("digits_mlp", "1.0.0", 1)).unwrap();
+    let url = format!("{}/admin/v1/bundles", agent.url);
+    match ureq::post(&url).send_bytes(&bundle) {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("expected 401 without a token, got {other:?}"),
+    }
+    match ureq::post(&url)
+        .set("Authorization", "Bearer wrong")
+        .send_bytes(&bundle)
+    {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("expected 401 with a wrong token, got {other:?}"),
+    }
+    let r = ureq::post(&url)
+        .set("Authorization", "Bearer s3cret")
+        .send_bytes(&bundle)
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The CLI passes the token through.
+    let out = fx
+        .agent_cmd(&[
+            "status", "--agent", &agent.url, "--json", "--token", "s3cret",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Inference is not behind the admin token; the version path serves only the active version.
+    let x = sample(
+        &engine::npy::read_npy(models_dir().join("digits_mlp/test_input.npy")).unwrap(),
+        0,
+    );
+    let base = format!("{}/v2/models/digits_mlp", agent.url);
+    post_json(
+        &format!("{base}/versions/1.0.0/infer"),
+        &json_request("input", &x),
+    )
+    .unwrap();
+    let (code, body) = post_json(
+        &format!("{base}/versions/0.9.0/infer"),
+        &json_request("input", &x),
+    )
+    .unwrap_err();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("serves version 1.0.0, not 0.9.0"), "{body}");
+}
