@@ -1,8 +1,9 @@
-//! A vectorised depthwise 2-D convolution replacing tract's, and the graph pass installing it.
+//! An experimental depthwise 2-D convolution that can replace tract's, and the pass installing it.
+//! Off by default (see `model::optimize`): in release builds it measured no faster than tract.
 //!
 //! tract 0.23.9 runs depthwise convolutions with more than four taps (every 3x3 one) through a
-//! scalar per-pixel loop on x86 and ARM: on mobilenet-style models that is over half the
-//! inference time. This op pads each channel plane once into a scratch buffer, split by column
+//! generic per-pixel loop on x86 and ARM (its vectorised routine exists for wasm only): on
+//! mobilenet-style models that is 40-50% of the inference time. This op pads each channel plane once into a scratch buffer, split by column
 //! phase for strided convolutions, so that every tap is a contiguous multiply-add over an output
 //! row, which the compiler vectorises (AVX2 when the CPU has it). No fused multiply-add is used,
 //! so results are the same on every CPU.
@@ -161,7 +162,7 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
 
 /// Replaces every depthwise `Conv` this op can run (f32, NCHW/CHW, dilation 1, constant kernel
 /// and bias, known spatial size) with [`DepthwiseConv`]. Returns how many were replaced.
-pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
+pub fn install(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);

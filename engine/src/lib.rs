@@ -42,3 +42,9 @@ pub mod tensor;
 pub use error::EngineError;
 pub use model::{EngineOptions, Model};
 pub use tensor::{Tensor, TensorData};
+
+/// Internals for the engine's own examples (profiling); not part of the API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::depthwise::install as install_depthwise;
+}
