@@ -14,7 +14,7 @@
 //! without a server.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -271,9 +271,10 @@ struct Inner {
     older: Option<Acc>,
     recent: Acc,
     window: Acc,
-    /// hash of a request id -> predicted class of its first row, for label feedback.
-    predictions: HashMap<u64, usize>,
-    order: VecDeque<u64>,
+    /// Ring of (hash of a request id, predicted class of its first row), for label feedback:
+    /// one write per request, searched only when feedback arrives. Hash 0 marks a free slot.
+    predictions: Vec<(u64, u32)>,
+    next_prediction: usize,
 }
 
 impl Inner {
@@ -499,8 +500,8 @@ impl Health {
                 older: None,
                 window: acc.empty_like(),
                 recent: acc,
-                predictions: HashMap::new(),
-                order: VecDeque::new(),
+                predictions: Vec::new(),
+                next_prediction: 0,
             }),
         }
     }
@@ -607,15 +608,14 @@ impl Health {
             }
         }
         if let (Some(id), Some(class)) = (id, first_class) {
-            if inner.predictions.len() >= FEEDBACK_MEMORY {
-                if let Some(old) = inner.order.pop_front() {
-                    inner.predictions.remove(&old);
-                }
+            let entry = (id_hash(id).max(1), class as u32);
+            if inner.predictions.len() < FEEDBACK_MEMORY {
+                inner.predictions.push(entry);
+            } else {
+                let i = inner.next_prediction % FEEDBACK_MEMORY;
+                inner.predictions[i] = entry;
             }
-            let key = id_hash(id);
-            if inner.predictions.insert(key, class).is_none() {
-                inner.order.push_back(key);
-            }
+            inner.next_prediction = inner.next_prediction.wrapping_add(1);
         }
         drop(g);
         if non_finite {
@@ -694,10 +694,22 @@ impl Health {
         let mut g = self.inner.lock().expect("health lock");
         let inner = &mut *g;
         let (mut matched, mut correct) = (0, 0);
+        // Built only when feedback arrives; an id used twice matches one of its requests.
+        let mut index: HashMap<u64, usize> = HashMap::with_capacity(inner.predictions.len());
+        for (i, (h, _)) in inner.predictions.iter().enumerate() {
+            if *h != 0 {
+                index.insert(*h, i);
+            }
+        }
         for (id, label) in labels {
-            if let Some(pred) = inner.predictions.remove(&id_hash(id)) {
-                matched += 1;
-                correct += (pred == *label) as u64;
+            let key = id_hash(id).max(1);
+            if let Some(&i) = index.get(&key) {
+                let (h, pred) = inner.predictions[i];
+                if h == key {
+                    matched += 1;
+                    correct += (pred as usize == *label) as u64;
+                    inner.predictions[i].0 = 0;
+                }
             }
         }
         inner.cur.labelled += matched;
