@@ -1,7 +1,8 @@
 //! Cost of the health watch on the serving path (BENCHMARKS.md, "Health watch overhead").
 //!
 //! ```sh
-//! cargo run --release -p modelfleet-agent --example watch_bench [-- --rounds 20 --per-round 2000]
+//! cargo run -p modelfleet-agent --example watch_bench --config 'profile.dev.opt-level=3' \
+//!     -- --rounds 10 --per-round 1000     # or --release
 //! ```
 //!
 //! Two agents serve the same `digits_mlp` bundle, one with the watch on (default config) and one

@@ -632,12 +632,10 @@ impl Agent {
                 Verdict::Breach { reason, evidence } => {
                     self.end_trial(&name, &slot, Some((reason, evidence.clone())))
                 }
-                Verdict::Pass(figures) => self.end_trial(&name, &slot, None).map(|done| {
+                Verdict::Pass(_) => self.end_trial(&name, &slot, None).inspect(|&done| {
                     if done {
                         tracing::info!(model = %name, version = %slot.version, "trial passed: committed");
                     }
-                    let _ = figures;
-                    done
                 }),
                 Verdict::Continue => Ok(false),
             };

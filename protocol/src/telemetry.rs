@@ -19,6 +19,9 @@ use crate::stats::Histogram;
 pub const TELEMETRY_SCHEMA: u32 = 1;
 
 /// One telemetry record, tagged by `"type"`.
+// A window is much larger than a sample; records are built once and serialised, never kept in
+// bulk, so boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TelemetryRecord {
