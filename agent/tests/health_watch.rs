@@ -275,3 +275,37 @@ fn a_rebundled_healthy_model_is_committed_run_after_run() {
         "no false revert"
     );
 }
+
+#[test]
+fn a_trial_interrupted_by_a_restart_starts_again_and_commits() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new();
+    let data = fx.path("data");
+    // Offline installs (no agent running): the second version is on trial with nobody watching.
+    for version in ["1.0.0", "2.0.0"] {
+        let bundle = fx.bundle("digits_mlp", version, 1);
+        let out = fx
+            .agent_cmd(&["install", bundle.to_str().unwrap(), "--data-dir"])
+            .arg(&data)
+            .args(["--keyring", fx.keyring.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agent = start(&fx);
+    assert_eq!(model_status(&agent)["state"], "trial");
+    let traffic = Traffic::start(&agent);
+    let (status, _) = wait_trial_end(&agent, "2.0.0");
+    drop(traffic);
+    assert_eq!(status["state"], "committed", "{status}");
+    let ev = last_event(&agent, "committed");
+    assert_eq!(
+        ev["detail"]["figures"]["previous"],
+        Value::Null,
+        "no live reference after a restart: judged against the baseline"
+    );
+}
