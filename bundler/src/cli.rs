@@ -203,6 +203,7 @@ impl BuildArgs {
             max_p95_latency_ratio: h.max_p95_latency_ratio,
             max_confidence_drop: h.max_confidence_drop,
             max_prediction_psi: h.max_prediction_psi,
+            ..HealthPolicy::default()
         };
         o.progress = progress;
         o
