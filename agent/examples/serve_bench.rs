@@ -70,6 +70,8 @@ fn main() -> anyhow::Result<()> {
     {
         let mut config = agent::AgentConfig::new(&data);
         config.workers = 1;
+        // `--no-watch`: the same run without the health watch, to see what it costs.
+        config.health_watch = !std::env::args().any(|a| a == "--no-watch");
         let agent = Arc::new(agent::Agent::open(config, keyring.clone())?);
         for (_, b) in &bundles {
             agent.install(&std::fs::read(b)?)?;

@@ -241,7 +241,7 @@ fn infer_blocking(
     })?;
     let response =
         oip::encode_response(&model.name, model.version(), &request, &m.outputs, &outputs)
-            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()));
+            .map_err(oip_error);
     // Health sees every request the model ran (an unencodable output is still its output).
     model.health.observe(
         request.id.as_deref(),
