@@ -28,21 +28,7 @@ fn setup() -> Setup {
     let v1 = fx.bundle("digits_cnn", "1.0.0", 1);
     let v2 = fx.bundle("digits_cnn", "2.0.0", 1);
     let template = fx.path("template");
-    let out = fx
-        .agent_cmd(&[
-            "install",
-            v1.to_str().unwrap(),
-            "--data-dir",
-            template.to_str().unwrap(),
-        ])
-        .args(["--keyring", fx.keyring.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fx.install_offline(&v1, &template);
     Setup { fx, v2, template }
 }
 

@@ -284,17 +284,7 @@ fn a_trial_interrupted_by_a_restart_starts_again_and_commits() {
     // Offline installs (no agent running): the second version is on trial with nobody watching.
     for version in ["1.0.0", "2.0.0"] {
         let bundle = fx.bundle("digits_mlp", version, 1);
-        let out = fx
-            .agent_cmd(&["install", bundle.to_str().unwrap(), "--data-dir"])
-            .arg(&data)
-            .args(["--keyring", fx.keyring.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fx.install_offline(&bundle, &data);
     }
     let agent = start(&fx);
     assert_eq!(model_status(&agent)["state"], "trial");

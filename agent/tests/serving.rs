@@ -23,23 +23,8 @@ fn install_run_and_reach_reference_accuracy_over_oip() {
     let fx = Fixture::new();
     let bundle = fx.bundle("digits_cnn", "1.0.0", 1);
     let data = fx.path("data");
-    let out = fx
-        .agent_cmd(&[
-            "install",
-            bundle.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .args(["--keyring", fx.keyring.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("installed digits_cnn 1.0.0"));
-
+    let stdout = fx.install_offline(&bundle, &data);
+    assert!(stdout.contains("installed digits_cnn 1.0.0"), "{stdout}");
     let agent = AgentProcess::start(&fx, &data, &[]);
     let infer = format!("{}/v2/models/digits_cnn/infer", agent.url);
     let inputs = engine::npy::read_npy(models_dir().join("digits_cnn/test_input.npy")).unwrap();

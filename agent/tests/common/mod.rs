@@ -69,6 +69,27 @@ impl Fixture {
         out
     }
 
+    /// `fleet-agent install BUNDLE --data-dir DATA --keyring KEYRING`, asserting success;
+    /// returns its standard output.
+    pub fn install_offline(&self, bundle: &Path, data: &Path) -> String {
+        let out = self
+            .agent_cmd(&[
+                "install",
+                bundle.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .args(["--keyring", self.keyring.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn agent_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(AGENT);
         c.args(args).env("RUST_LOG", "warn");
