@@ -120,6 +120,21 @@ pub struct ModelStatus {
     pub serving: bool,
 }
 
+impl ModelStatus {
+    fn of(name: &str, rec: &ModelRecord, serving: bool) -> ModelStatus {
+        ModelStatus {
+            name: name.to_string(),
+            active: rec.active.version.clone(),
+            previous: rec.previous.as_ref().map(|p| p.version.clone()),
+            state: rec.state,
+            security_version: rec.active.security_version,
+            bundle_sha256: rec.active.bundle_sha256.clone(),
+            activated_at: rec.activated_at,
+            serving,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub target: String,
@@ -511,16 +526,7 @@ impl Agent {
             .registry
             .get(name)
             .is_some_and(|m| m.slot == rec.active);
-        ModelStatus {
-            name: name.to_string(),
-            active: rec.active.version.clone(),
-            previous: rec.previous.as_ref().map(|p| p.version.clone()),
-            state: rec.state,
-            security_version: rec.active.security_version,
-            bundle_sha256: rec.active.bundle_sha256.clone(),
-            activated_at: rec.activated_at,
-            serving,
-        }
+        ModelStatus::of(name, rec, serving)
     }
 
     pub fn status(&self) -> Result<Status, AgentError> {
@@ -543,16 +549,7 @@ impl Agent {
         let models = store
             .models()?
             .into_iter()
-            .map(|(name, rec)| ModelStatus {
-                active: rec.active.version.clone(),
-                previous: rec.previous.as_ref().map(|p| p.version.clone()),
-                state: rec.state,
-                security_version: rec.active.security_version,
-                bundle_sha256: rec.active.bundle_sha256.clone(),
-                activated_at: rec.activated_at,
-                serving: false,
-                name,
-            })
+            .map(|(name, rec)| ModelStatus::of(&name, &rec, false))
             .collect();
         Ok(Status {
             target: BUILD_TARGET.to_string(),
