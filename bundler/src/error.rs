@@ -1,7 +1,6 @@
 //! Typed errors of the library. Each message names the file, tensor or flag at fault and says
 //! what was expected, because it is what a build pipeline's log shows.
 
-use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
@@ -188,21 +187,4 @@ pub struct InspectError {
     pub source: BundleError,
 }
 
-/// Prints a spec shape as `[?, 1, 8, 8]`.
-pub(crate) struct Dims<'a>(pub &'a [Option<usize>]);
-
-impl fmt::Display for Dims<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[")?;
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            match d {
-                Some(d) => write!(f, "{d}")?,
-                None => f.write_str("?")?,
-            }
-        }
-        f.write_str("]")
-    }
-}
+pub(crate) use protocol::manifest::Dims;

@@ -1,7 +1,6 @@
 //! Errors of the engine. Their messages reach users as HTTP 400 bodies and CLI errors, so each
 //! one names the tensor at fault, what the model expects and what it was given.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use protocol::manifest::DType;
@@ -78,24 +77,7 @@ pub enum EngineError {
     Run(String),
 }
 
-/// Prints a spec shape as `[?, 64]`, `?` standing for a free dimension.
-struct Dims<'a>(&'a [Option<usize>]);
-
-impl fmt::Display for Dims<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[")?;
-        for (i, d) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            match d {
-                Some(d) => write!(f, "{d}")?,
-                None => f.write_str("?")?,
-            }
-        }
-        f.write_str("]")
-    }
-}
+use protocol::manifest::Dims;
 
 /// One phrase saying why `got` does not fit `expected`.
 fn shape_problem(expected: &[Option<usize>], got: &[usize]) -> String {

@@ -90,6 +90,25 @@ impl TensorSpec {
     }
 }
 
+/// Prints a spec shape as `[?, 1, 8, 8]`, `?` standing for a free dimension (error messages).
+pub struct Dims<'a>(pub &'a [Option<usize>]);
+
+impl std::fmt::Display for Dims<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match d {
+                Some(d) => write!(f, "{d}")?,
+                None => f.write_str("?")?,
+            }
+        }
+        f.write_str("]")
+    }
+}
+
 /// One payload file of the bundle, bound to the signed manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadEntry {
