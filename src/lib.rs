@@ -8,4 +8,5 @@
 pub use agent;
 pub use bundler;
 pub use engine;
+pub use fleet_server;
 pub use protocol;

@@ -35,9 +35,11 @@
 //! - [`keys`]: key ids, key files, keyrings and threshold-signed keyring updates.
 //! - [`stats`]: histograms, PSI and moments shared by baselines, device windows and cohorts.
 //! - [`telemetry`]: the agent's telemetry records (metric windows and sampled requests).
+//! - [`link`]: MQTT topics and the messages between agents and the fleet server.
 
 pub mod bundle;
 pub mod keys;
+pub mod link;
 pub mod manifest;
 pub mod stats;
 pub mod tar;

@@ -1,0 +1,1 @@
+//! The fleet server: device registry, bundle store, MQTT link, telemetry ingest and rollouts.
