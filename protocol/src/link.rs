@@ -61,7 +61,9 @@ pub enum LinkError {
     Schema(u32),
     #[error("malformed chunk frame: {0}")]
     Frame(String),
-    #[error("chunk {index} of {bundle_id}: sha256 {actual} does not match the header's {expected}")]
+    #[error(
+        "chunk {index} of {bundle_id}: sha256 {actual} does not match the header's {expected}"
+    )]
     ChunkHash {
         bundle_id: String,
         index: u32,
@@ -424,7 +426,10 @@ mod tests {
         let topic = t.device("dev-1", Channel::TransferChunk);
         assert_eq!(topic, "acme/fleet/devices/dev-1/transfer/chunk");
         assert_eq!(t.parse(&topic), Some(("dev-1", Channel::TransferChunk)));
-        assert_eq!(t.every_device(Channel::Status), "acme/fleet/devices/+/status");
+        assert_eq!(
+            t.every_device(Channel::Status),
+            "acme/fleet/devices/+/status"
+        );
         assert_eq!(t.parse("acme/fleet/devices/dev-1/other"), None);
         assert_eq!(t.parse("other/devices/dev-1/status"), None);
         assert_eq!(t.parse("acme/fleet/devices/a b/status"), None);

@@ -149,6 +149,80 @@ pub fn psi_of_fractions(
         .sum()
 }
 
+/// A one-sided two-proportion test of "rate A exceeds rate B by more than `margin`" (a
+/// non-inferiority test, as canary judging needs: a canary fails only on evidence, not on noise).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ProportionTest {
+    pub rate_a: f64,
+    pub rate_b: f64,
+    /// `rate_a - rate_b`.
+    pub difference: f64,
+    /// z statistic of `difference - margin` with the unpooled standard error.
+    pub z: f64,
+    /// Probability of a z this large if A exceeded B by exactly `margin`.
+    pub p_value: f64,
+}
+
+impl ProportionTest {
+    /// A's excess over B beyond the margin is significant at level `alpha` (e.g. 0.05).
+    pub fn significant(&self, alpha: f64) -> bool {
+        self.p_value < alpha
+    }
+}
+
+/// Tests `a_events / a_total` against `b_events / b_total`; `None` if either total is zero.
+pub fn proportion_excess(
+    a_events: u64,
+    a_total: u64,
+    b_events: u64,
+    b_total: u64,
+    margin: f64,
+) -> Option<ProportionTest> {
+    if a_total == 0 || b_total == 0 {
+        return None;
+    }
+    let (na, nb) = (a_total as f64, b_total as f64);
+    let (pa, pb) = (
+        a_events.min(a_total) as f64 / na,
+        b_events.min(b_total) as f64 / nb,
+    );
+    let difference = pa - pb;
+    let se = (pa * (1.0 - pa) / na + pb * (1.0 - pb) / nb).sqrt();
+    let excess = difference - margin;
+    let z = if se > 0.0 {
+        excess / se
+    } else if excess > 0.0 {
+        f64::INFINITY
+    } else {
+        f64::NEG_INFINITY
+    };
+    Some(ProportionTest {
+        rate_a: pa,
+        rate_b: pb,
+        difference,
+        z,
+        p_value: 1.0 - normal_cdf(z),
+    })
+}
+
+/// Standard normal cumulative distribution (Abramowitz & Stegun 7.1.26, error < 1.5e-7).
+pub fn normal_cdf(z: f64) -> f64 {
+    if z.is_infinite() {
+        return if z > 0.0 { 1.0 } else { 0.0 };
+    }
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let poly = t
+        * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
 /// Running mean, variance, min and max (Welford).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Moments {
@@ -229,6 +303,40 @@ mod tests {
         b.add(0.5);
         a.merge(&b).unwrap();
         assert_eq!(a.total(), 1);
+    }
+
+    #[test]
+    fn normal_cdf_matches_tables() {
+        for (z, p) in [
+            (0.0, 0.5),
+            (1.0, 0.841345),
+            (1.645, 0.950015),
+            (-1.96, 0.024998),
+        ] {
+            assert!((normal_cdf(z) - p).abs() < 1e-5, "{z}: {}", normal_cdf(z));
+        }
+    }
+
+    #[test]
+    fn proportion_excess_needs_evidence_not_just_a_difference() {
+        // 3 errors in 100 vs 1 in 100: a difference, but not evidence of more than 1 point.
+        let t = proportion_excess(3, 100, 1, 100, 0.01).unwrap();
+        assert!((t.difference - 0.02).abs() < 1e-12);
+        assert!(!t.significant(0.05), "{t:?}");
+        // 30% vs 1% on 300 requests each: clear.
+        let t = proportion_excess(90, 300, 3, 300, 0.01).unwrap();
+        assert!(t.significant(0.05), "{t:?}");
+        // Equal rates never fail, even when both are zero or one.
+        assert!(!proportion_excess(0, 500, 0, 500, 0.01)
+            .unwrap()
+            .significant(0.05));
+        assert!(!proportion_excess(500, 500, 500, 500, 0.01)
+            .unwrap()
+            .significant(0.05));
+        assert!(proportion_excess(500, 500, 0, 500, 0.01)
+            .unwrap()
+            .significant(0.05));
+        assert!(proportion_excess(1, 0, 0, 10, 0.0).is_none());
     }
 
     #[test]
