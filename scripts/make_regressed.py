@@ -10,6 +10,8 @@ agent's golden self-test, yet regresses in live traffic — the failures a trial
   above 0.5, finite and the healthy model's outputs (to ~1e-30) otherwise.
   ``digits_mlp_nan_golden.npy`` holds the test inputs that do not trigger it: a golden set on
   which the defect does not show, which is how such a model gets through a build pipeline.
+* ``digits_cnn_perturbed.onnx`` — the same treatment for ``digits_cnn`` (seed 2): the demo's
+  regressed v2.
 * ``digits_mlp_slow.onnx`` — same outputs as the healthy model (to ~1e-30) plus a chain of
   384 input-dependent 256x256 MatMul+Tanh layers whose result is scaled by 1e-30 and added:
   the outputs barely change but every request is ~10x slower.
@@ -28,6 +30,7 @@ from onnx.reference import ReferenceEvaluator
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "models")
 SRC = os.path.join(ROOT, "digits_mlp", "digits_mlp.onnx")
+CNN_SRC = os.path.join(ROOT, "digits_cnn", "digits_cnn.onnx")
 OUT = os.path.join(ROOT, "regressed")
 
 NAN_PIXEL, NAN_THRESHOLD = 36, 0.5
@@ -56,6 +59,20 @@ def perturbed():
             w = w * np.float32(0.02)  # flatter logits: low confidence
         init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
     return save(m, "digits_mlp_perturbed.onnx")
+
+
+def cnn_perturbed():
+    """digits_cnn with noisy weights and a flattened classifier: the demo's regressed v2."""
+    m = onnx.load(CNN_SRC)
+    rng = np.random.default_rng(2)
+    for init in m.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            w = w + rng.normal(0.0, 3.0 * float(w.std()), w.shape).astype(np.float32)
+        if init.name.startswith("fc."):
+            w = w * np.float32(0.02)
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+    return save(m, "digits_cnn_perturbed.onnx")
 
 
 def nan():
@@ -139,3 +156,7 @@ if __name__ == "__main__":
     with np.errstate(all="ignore"):
         for make in (perturbed, nan, slow):
             report(make(), x, labels, healthy)
+        xc = np.load(os.path.join(ROOT, "digits_cnn", "test_input.npy"))
+        healthy_cnn = ReferenceEvaluator(CNN_SRC).run(None, {"input": xc})[0]
+        report(CNN_SRC, xc, labels, healthy_cnn)
+        report(cnn_perturbed(), xc, labels, healthy_cnn)
