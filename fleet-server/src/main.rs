@@ -1,1 +1,161 @@
-fn main() {}
+//! `fleet-server`: the modelfleet control plane CLI.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use fleet_server::broker::{BrokerTls, EmbeddedBroker};
+use fleet_server::{load_keyring, BrokerChoice, BrokerConnection, Server, ServerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-server",
+    version,
+    about = "modelfleet control plane: device registry, bundle store, MQTT link, HTTP API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (with the embedded broker unless --broker is given).
+    Run(RunArgs),
+    /// Run the embedded MQTT broker alone.
+    Broker {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: SocketAddr,
+        /// Serve TLS with this certificate chain (PEM) ...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ... and this private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Public keys trusted to sign bundles.
+    #[arg(long)]
+    keyring: PathBuf,
+    /// HTTP listen address (port 0: any free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Base URL agents reach the API at (default: http://LISTEN-ADDRESS).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Start the embedded broker on this address (the default, on 127.0.0.1:1883).
+    #[arg(long, conflicts_with = "broker")]
+    embedded_broker: Option<SocketAddr>,
+    /// Use an external broker: mqtt://HOST:PORT or mqtts://HOST:PORT.
+    #[arg(long)]
+    broker: Option<String>,
+    /// CA certificate(s) (PEM) trusted for mqtts://.
+    #[arg(long, requires = "broker")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    #[arg(long, default_value = protocol::link::DEFAULT_PREFIX)]
+    topic_prefix: String,
+    /// Token file: lines `NAME ROLE SECRET` (role viewer|operator|admin).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Subscribe telemetry as $share/GROUP/... so several servers split it.
+    #[arg(long)]
+    shared_subscription: Option<String>,
+    /// MQTT client id (default: fleet-server-<hash of the data directory>).
+    #[arg(long)]
+    client_id: Option<String>,
+}
+
+fn init_tracing() {
+    // rumqttd logs every connect and disconnect at info/error: quiet unless RUST_LOG asks.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Broker {
+            listen,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert.zip(tls_key).map(|(cert_pem, key_pem)| BrokerTls { cert_pem, key_pem });
+            let broker = EmbeddedBroker::start_with(listen, tls).context("starting the broker")?;
+            say(&format!("broker {}", broker.url()));
+            loop {
+                std::thread::park();
+            }
+        }
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run(args))
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let keyring = load_keyring(&args.keyring)?;
+    let tokens = match &args.tokens {
+        Some(path) => Some(fleet_server::auth::read_token_file(path)?),
+        None => None,
+    };
+    let broker = match (&args.broker, args.embedded_broker) {
+        (Some(url), _) => BrokerChoice::External(BrokerConnection {
+            url: url.clone(),
+            ca_file: args.ca_file.clone(),
+            client_cert: args.client_cert.clone(),
+            client_key: args.client_key.clone(),
+        }),
+        (None, Some(addr)) => BrokerChoice::Embedded(addr),
+        (None, None) => BrokerChoice::Embedded(SocketAddr::from(([127, 0, 0, 1], 1883))),
+    };
+    if args.client_cert.is_some() && args.broker.is_none() {
+        bail!("--client-cert needs --broker mqtts://...");
+    }
+    let mut config = ServerConfig::new(&args.data_dir, keyring);
+    config.listen = args.listen;
+    config.public_url = args.public_url;
+    config.broker = broker;
+    config.topic_prefix = args.topic_prefix;
+    config.tokens = tokens;
+    config.shared_subscription = args.shared_subscription;
+    config.client_id = args.client_id;
+    let server = Server::start(config).await.context("starting the server")?;
+    if let Some(token) = server.admin_token() {
+        say(&format!("admin token: {token}"));
+        say("(shown once: the server keeps only its hash)");
+    }
+    say(&format!("broker {}", server.broker_url()));
+    say(&format!("listening on {}", server.http_url()));
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

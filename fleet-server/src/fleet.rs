@@ -1,0 +1,488 @@
+//! The fleet: the server's shared state and every operation on it.
+//!
+//! HTTP handlers and the MQTT ingest are thin layers over [`Fleet`]; the rollout engine will be
+//! another caller. Each mutation goes through the store together with the event that records
+//! it (who, what, when), so the event log is the audit log.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use protocol::bundle::BundleError;
+use protocol::keys::Keyring;
+use protocol::link::{
+    self, Action, BundleRef, Channel, Command, ModelSummary, Topics, DEFAULT_CHUNK_SIZE,
+    LINK_SCHEMA,
+};
+use rumqttc::{AsyncClient, QoS};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::{self, Caller, Role, TokenIndex};
+use crate::bundles::{BundleFileError, BundleFiles};
+use crate::metrics::{Gauges, Metrics};
+use crate::store::{BundleRecord, DeviceRecord, Event, EventFilter, Store, StoreError, TokenRecord};
+use crate::telemetry::Telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("{what} '{id}' not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("bundle does not verify: {0}")]
+    Verify(BundleError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("bundle storage: {0}")]
+    Files(String),
+    #[error("cannot queue the command for the broker: {0}")]
+    Mqtt(String),
+}
+
+impl From<BundleFileError> for FleetError {
+    fn from(e: BundleFileError) -> FleetError {
+        match e {
+            BundleFileError::Verify(v) => FleetError::Verify(v),
+            other => FleetError::Files(other.to_string()),
+        }
+    }
+}
+
+/// How far the server got serving a device's current transfer (from the chunk requests it
+/// answered and the transfer events the device reported).
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferProgress {
+    pub bundle_id: String,
+    /// Chunks in the bundle at the requested chunk size.
+    pub total_chunks: u32,
+    /// Chunks the server published for this transfer (re-sent chunks count again).
+    pub chunks_served: u64,
+    /// The last transfer event the device reported (`transfer_progress`, `transfer_completed`, …).
+    pub last_event: Option<String>,
+    pub last_event_detail: Option<serde_json::Value>,
+    pub updated: DateTime<Utc>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub online: bool,
+    pub last_seen: DateTime<Utc>,
+    pub first_seen: DateTime<Utc>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub target: Option<String>,
+    pub agent_version: Option<String>,
+    pub models: Vec<ModelSummary>,
+    pub transfer: Option<TransferProgress>,
+}
+
+/// Which devices to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery {
+    pub online: Option<bool>,
+    /// Every (key, value) must match.
+    pub labels: Vec<(String, String)>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// The server's state: store, bundle files, telemetry, metrics, and the MQTT client that
+/// carries commands and chunks.
+pub struct Fleet {
+    pub store: Store,
+    pub files: BundleFiles,
+    pub keyring: Keyring,
+    pub telemetry: Telemetry,
+    pub metrics: Metrics,
+    pub topics: Topics,
+    pub(crate) mqtt: AsyncClient,
+    pub(crate) mqtt_connected: AtomicBool,
+    pub(crate) mqtt_subscribed: AtomicBool,
+    tokens: RwLock<TokenIndex>,
+    /// Tokens from `--tokens FILE`: in force, never stored.
+    file_tokens: Vec<(String, Role, String)>,
+    /// When each device was last heard from (any message), newer than the stored `last_seen`.
+    last_heard: RwLock<HashMap<String, DateTime<Utc>>>,
+    transfers: RwLock<HashMap<String, TransferProgress>>,
+    /// Base URL of the HTTP API (`http://host:port`), for bundle content URLs in commands.
+    http_base: RwLock<String>,
+}
+
+impl Fleet {
+    pub(crate) fn new(
+        store: Store,
+        files: BundleFiles,
+        keyring: Keyring,
+        topics: Topics,
+        mqtt: AsyncClient,
+        file_tokens: Vec<(String, Role, String)>,
+    ) -> Result<Fleet, FleetError> {
+        let fleet = Fleet {
+            store,
+            files,
+            keyring,
+            telemetry: Telemetry::default(),
+            metrics: Metrics::default(),
+            topics,
+            mqtt,
+            mqtt_connected: AtomicBool::new(false),
+            mqtt_subscribed: AtomicBool::new(false),
+            tokens: RwLock::default(),
+            file_tokens,
+            last_heard: RwLock::default(),
+            transfers: RwLock::default(),
+            http_base: RwLock::new(String::new()),
+        };
+        fleet.reload_tokens()?;
+        Ok(fleet)
+    }
+
+    pub(crate) fn set_http_base(&self, base: String) {
+        *self.http_base.write().unwrap_or_else(|p| p.into_inner()) = base;
+    }
+
+    pub fn mqtt_connected(&self) -> bool {
+        self.mqtt_connected.load(Relaxed)
+    }
+
+    // ---- tokens ----
+
+    /// Rebuilds the token index from the file tokens and the stored ones.
+    pub fn reload_tokens(&self) -> Result<(), FleetError> {
+        let stored = self.store.tokens()?;
+        let all = self
+            .file_tokens
+            .iter()
+            .cloned()
+            .chain(stored.into_iter().map(|t| (t.name, t.role, t.secret_sha256)));
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = TokenIndex::new(all);
+        Ok(())
+    }
+
+    /// Who holds bearer secret `secret`.
+    pub fn authenticate(&self, secret: &str) -> Option<Caller> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(secret)
+            .cloned()
+    }
+
+    /// Creates (or replaces) a stored token; returns its secret (shown once).
+    pub fn create_token(&self, name: &str, role: Role, actor: &str) -> Result<String, FleetError> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(FleetError::BadRequest(
+                "token name must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
+        if self.file_tokens.iter().any(|t| t.0 == name) {
+            return Err(FleetError::Conflict(format!(
+                "token '{name}' is defined in the token file"
+            )));
+        }
+        let secret = auth::generate_secret();
+        let record = TokenRecord {
+            name: name.to_string(),
+            role,
+            secret_sha256: auth::hash_secret(&secret),
+            created_at: Utc::now(),
+            source: if actor == "server" { "generated" } else { "api" }.into(),
+        };
+        let event = Event::new("token_created", actor, json!({"name": name, "role": role}));
+        self.store.put_token(&record, event)?;
+        self.reload_tokens()?;
+        Ok(secret)
+    }
+
+    pub fn delete_token(&self, name: &str, actor: &str) -> Result<(), FleetError> {
+        let event = Event::new("token_deleted", actor, json!({"name": name}));
+        if !self.store.delete_token(name, event)? {
+            return Err(FleetError::NotFound {
+                what: "token",
+                id: name.into(),
+            });
+        }
+        self.reload_tokens()
+    }
+
+    /// Token names and roles (file and stored), never secrets.
+    pub fn token_list(&self) -> Result<Vec<serde_json::Value>, FleetError> {
+        let mut out: Vec<_> = self
+            .file_tokens
+            .iter()
+            .map(|(n, r, _)| json!({"name": n, "role": r, "source": "file"}))
+            .collect();
+        for t in self.store.tokens()? {
+            out.push(json!({"name": t.name, "role": t.role, "source": t.source, "created_at": t.created_at}));
+        }
+        Ok(out)
+    }
+
+    // ---- bundles ----
+
+    /// Verifies and stores a bundle. Returns its record and whether it is new (an upload of
+    /// bytes already stored returns the existing record). Blocking.
+    pub fn upload_bundle(
+        &self,
+        bytes: &[u8],
+        actor: &str,
+    ) -> Result<(BundleRecord, bool), FleetError> {
+        let verified = self.files.verify_and_store(bytes, &self.keyring)?;
+        let m = &verified.manifest;
+        let record = BundleRecord {
+            id: verified.sha256.clone(),
+            name: m.name.clone(),
+            version: m.version.to_string(),
+            size: verified.size,
+            security_version: m.security_version,
+            signed_by: verified.signed_by.iter().map(|k| k.to_string()).collect(),
+            uploaded_at: Utc::now(),
+            uploaded_by: actor.to_string(),
+        };
+        let event = Event::new(
+            "bundle_uploaded",
+            actor,
+            json!({"bundle_id": record.id, "size": record.size,
+                   "security_version": record.security_version, "signed_by": record.signed_by}),
+        )
+        .model(&record.name, Some(record.version.as_str()));
+        Ok(self.store.insert_bundle(&record, event)?)
+    }
+
+    pub fn bundle(&self, id: &str) -> Result<BundleRecord, FleetError> {
+        self.store.bundle(id)?.ok_or_else(|| FleetError::NotFound {
+            what: "bundle",
+            id: id.into(),
+        })
+    }
+
+    // ---- devices ----
+
+    fn view(&self, d: DeviceRecord) -> DeviceView {
+        let heard = self
+            .last_heard
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&d.id)
+            .copied();
+        let transfer = self
+            .transfers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&d.id)
+            .cloned();
+        DeviceView {
+            last_seen: heard.map_or(d.last_seen, |h| h.max(d.last_seen)),
+            id: d.id,
+            online: d.online,
+            first_seen: d.first_seen,
+            labels: d.labels,
+            target: d.target,
+            agent_version: d.agent_version,
+            models: d.models,
+            transfer,
+        }
+    }
+
+    pub fn device(&self, id: &str) -> Result<DeviceView, FleetError> {
+        let d = self.store.device(id)?.ok_or_else(|| FleetError::NotFound {
+            what: "device",
+            id: id.into(),
+        })?;
+        Ok(self.view(d))
+    }
+
+    /// Devices matching `q` (sorted by id), a page of them, and how many matched in all.
+    pub fn devices(&self, q: &DeviceQuery) -> Result<(Vec<DeviceView>, usize), FleetError> {
+        let matching: Vec<DeviceRecord> = self
+            .store
+            .devices()?
+            .into_iter()
+            .filter(|d| q.online.is_none_or(|o| d.online == o))
+            .filter(|d| q.labels.iter().all(|(k, v)| d.has_label(k, v)))
+            .collect();
+        let total = matching.len();
+        let page = matching
+            .into_iter()
+            .skip(q.offset)
+            .take(q.limit)
+            .map(|d| self.view(d))
+            .collect();
+        Ok((page, total))
+    }
+
+    pub(crate) fn heard_from(&self, device: &str) {
+        self.last_heard
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device.to_string(), Utc::now());
+    }
+
+    pub(crate) fn note_chunks_served(&self, device: &str, bundle_id: &str, total: u32, n: u64) {
+        let mut t = self.transfers.write().unwrap_or_else(|p| p.into_inner());
+        let entry = t
+            .entry(device.to_string())
+            .or_insert_with(|| TransferProgress {
+                bundle_id: bundle_id.to_string(),
+                total_chunks: total,
+                chunks_served: 0,
+                last_event: None,
+                last_event_detail: None,
+                updated: Utc::now(),
+            });
+        if entry.bundle_id != bundle_id {
+            *entry = TransferProgress {
+                bundle_id: bundle_id.to_string(),
+                total_chunks: total,
+                chunks_served: 0,
+                last_event: None,
+                last_event_detail: None,
+                updated: Utc::now(),
+            };
+        }
+        entry.total_chunks = total;
+        entry.chunks_served += n;
+        entry.updated = Utc::now();
+    }
+
+    pub(crate) fn note_transfer_event(&self, device: &str, kind: &str, detail: &serde_json::Value) {
+        let mut t = self.transfers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = t.get_mut(device) {
+            entry.last_event = Some(kind.to_string());
+            entry.last_event_detail = Some(detail.clone());
+            entry.updated = Utc::now();
+        }
+    }
+
+    // ---- commands ----
+
+    /// Sends `action` to a known device with QoS 1 and records the `command_sent` event.
+    /// Returns the command id.
+    pub async fn send_command(
+        &self,
+        device_id: &str,
+        action: Action,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<String, FleetError> {
+        if self.store.device(device_id)?.is_none() {
+            return Err(FleetError::NotFound {
+                what: "device",
+                id: device_id.into(),
+            });
+        }
+        let command = Command {
+            schema: LINK_SCHEMA,
+            command_id: new_command_id(),
+            rollout_id: rollout_id.map(str::to_string),
+            time: Utc::now(),
+            action,
+        };
+        let (model, version) = match &command.action {
+            Action::Stage { bundle } => (Some(bundle.name.clone()), Some(bundle.version.clone())),
+            Action::Revert { model, version } => (Some(model.clone()), version.clone()),
+            Action::CancelTransfer { .. } => (None, None),
+        };
+        let mut event = Event::new(
+            "command_sent",
+            actor,
+            serde_json::to_value(&command.action).unwrap_or_default(),
+        )
+        .device(device_id)
+        .command(&command.command_id, rollout_id);
+        if let Some(m) = &model {
+            event = event.model(m, version.as_deref());
+        }
+        // Recorded before it is sent: an audit log may name a command a device never got, but
+        // never miss one it got.
+        self.store.append(vec![event])?;
+        self.mqtt
+            .publish(
+                self.topics.device(device_id, Channel::Commands),
+                QoS::AtLeastOnce,
+                false,
+                link::encode(&command),
+            )
+            .await
+            .map_err(|e| FleetError::Mqtt(e.to_string()))?;
+        self.metrics.commands_sent.fetch_add(1, Relaxed);
+        Ok(command.command_id)
+    }
+
+    /// Tells a device to fetch, install and activate bundle `bundle_id`.
+    pub async fn stage(
+        &self,
+        device_id: &str,
+        bundle_id: &str,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<String, FleetError> {
+        let b = self.bundle(bundle_id)?;
+        let base = self.http_base.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let bundle = BundleRef {
+            http_url: (!base.is_empty()).then(|| format!("{base}/api/v1/bundles/{}/content", b.id)),
+            bundle_id: b.id,
+            name: b.name,
+            version: b.version,
+            size: b.size,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        };
+        self.send_command(device_id, Action::Stage { bundle }, rollout_id, actor)
+            .await
+    }
+
+    /// Tells a device to go back to the previous version of `model` (only if `version`, when
+    /// given, is the active one).
+    pub async fn revert(
+        &self,
+        device_id: &str,
+        model: &str,
+        version: Option<&str>,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<String, FleetError> {
+        let action = Action::Revert {
+            model: model.to_string(),
+            version: version.map(str::to_string),
+        };
+        self.send_command(device_id, action, rollout_id, actor).await
+    }
+
+    // ---- events and metrics ----
+
+    pub fn events(&self, filter: &EventFilter, limit: usize) -> Result<Vec<Event>, FleetError> {
+        Ok(self.store.events(filter, limit)?)
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let devices = self.store.devices().unwrap_or_default();
+        let g = Gauges {
+            devices: devices.len() as u64,
+            devices_online: devices.iter().filter(|d| d.online).count() as u64,
+            bundles: self.store.bundles().map(|b| b.len() as u64).unwrap_or(0),
+            events: self.store.event_count().unwrap_or(0),
+            mqtt_connected: self.mqtt_connected(),
+            telemetry_keys: self.telemetry.keys() as u64,
+        };
+        self.metrics.render(&g)
+    }
+}
+
+fn new_command_id() -> String {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).expect("the OS random source works");
+    format!("cmd-{}", hex::encode(b))
+}
+
+/// A shared handle to the fleet.
+pub type SharedFleet = Arc<Fleet>;

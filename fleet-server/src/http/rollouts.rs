@@ -1,0 +1,101 @@
+//! Rollout routes: create, list, one (with cohorts, figures and decisions), and the
+//! pause / resume / abort / rollback interventions.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{bad_request, ApiResult, App};
+use crate::auth::Role;
+use crate::rollout::driver::Intervention;
+use crate::rollout::engine::{DeviceState, Rollout};
+use crate::rollout::spec::RolloutSpec;
+
+pub async fn create(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let caller = app.caller(&headers, Role::Operator)?;
+    let spec: RolloutSpec = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("rollout request: {e}")))?;
+    let rollout = app.rollouts.create(spec, &caller.name).await?;
+    // Start it now rather than at the next tick.
+    app.rollouts.tick().await?;
+    let rollout = app.rollouts.get(&rollout.id)?;
+    Ok((StatusCode::CREATED, Json(view(&app, &rollout))))
+}
+
+pub async fn list(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    app.caller(&headers, Role::Viewer)?;
+    let rollouts: Vec<Value> = app
+        .rollouts
+        .list()?
+        .iter()
+        .map(|r| {
+            json!({"id": r.id, "state": r.state, "bundle_id": r.bundle.bundle_id,
+                   "model": r.model(), "version": r.version(), "stage": r.stage,
+                   "stages": r.spec.stages, "created_at": r.created_at,
+                   "created_by": r.created_by, "devices": r.devices.len(),
+                   "last_decision": r.decisions.last()})
+        })
+        .collect();
+    Ok(Json(json!({ "rollouts": rollouts })))
+}
+
+pub async fn one(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    app.caller(&headers, Role::Viewer)?;
+    Ok(Json(view(&app, &app.rollouts.get(&id)?)))
+}
+
+pub async fn intervene(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let caller = app.caller(&headers, Role::Operator)?;
+    let what: Intervention = action.parse()?;
+    let rollout = app.rollouts.intervene(&id, what, &caller.name).await?;
+    if what == Intervention::Rollback || what == Intervention::Resume {
+        app.rollouts.tick().await?;
+    }
+    Ok(Json(view(&app, &app.rollouts.get(&rollout.id)?)))
+}
+
+/// A rollout as the API shows it: the stored record plus cohort counts.
+fn view(app: &App, r: &Rollout) -> Value {
+    let count = |s: DeviceState| r.devices.values().filter(|p| p.state == s).count();
+    let selected = app
+        .fleet
+        .store
+        .devices()
+        .map(|all| {
+            all.iter()
+                .filter(|d| r.spec.selector.matches(&d.labels))
+                .count()
+        })
+        .unwrap_or(0);
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    v["model"] = json!(r.model());
+    v["version"] = json!(r.version());
+    v["current_stage"] = json!(r.spec.stages.get(r.stage));
+    v["cohorts"] = json!({
+        "selected": selected,
+        "canary": {
+            "devices": r.devices.len(),
+            "staged": count(DeviceState::Staged),
+            "installed": count(DeviceState::Installed),
+            "failed": count(DeviceState::Failed),
+            "reverted": count(DeviceState::Reverted),
+            "rolled_back": count(DeviceState::RolledBack),
+        },
+        "control": {"devices": selected.saturating_sub(r.devices.len())},
+    });
+    v
+}

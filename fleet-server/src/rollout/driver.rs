@@ -1,0 +1,289 @@
+//! Runs rollouts: creates and stores them, feeds the [`engine`](super::engine) an observation of
+//! the fleet every tick, carries out its orders over MQTT and stores the result.
+//!
+//! One tick at a time (a mutex), so a rollout is never stepped twice at once. Each step's
+//! rollout and the events describing its new decisions are committed in one transaction, after
+//! the orders went out: a crash between the two re-sends at most the orders of one tick, and
+//! devices take a repeated `stage` of a bundle they already run as a no-op.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+
+use protocol::link::BundleRef;
+
+use super::engine::{self, DeviceView, EventView, Observation, Order, Rollout, RolloutState};
+use super::spec::RolloutSpec;
+use crate::fleet::{Fleet, FleetError};
+use crate::store::{Event, EventFilter};
+
+/// Device events scanned per tick for a rollout's failure signals.
+const EVENT_SCAN: usize = 20_000;
+
+/// What a person can do to a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intervention {
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+}
+
+impl std::str::FromStr for Intervention {
+    type Err = FleetError;
+    fn from_str(s: &str) -> Result<Intervention, FleetError> {
+        Ok(match s {
+            "pause" => Intervention::Pause,
+            "resume" => Intervention::Resume,
+            "abort" => Intervention::Abort,
+            "rollback" => Intervention::Rollback,
+            other => {
+                return Err(FleetError::BadRequest(format!(
+                    "unknown action '{other}': use pause, resume, abort or rollback"
+                )))
+            }
+        })
+    }
+}
+
+pub struct Rollouts {
+    fleet: Arc<Fleet>,
+    tick: tokio::sync::Mutex<()>,
+}
+
+impl Rollouts {
+    pub fn new(fleet: Arc<Fleet>) -> Rollouts {
+        Rollouts {
+            fleet,
+            tick: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Checks and stores a new rollout (state `pending`; the next tick starts it).
+    pub async fn create(&self, spec: RolloutSpec, actor: &str) -> Result<Rollout, FleetError> {
+        spec.validate().map_err(FleetError::BadRequest)?;
+        let bundle = self.fleet.bundle(&spec.bundle_id)?;
+        let _guard = self.tick.lock().await;
+        let devices = self.devices()?;
+        for other in self.fleet.store.rollouts()? {
+            if !other.state.is_active() || other.model() != bundle.name {
+                continue;
+            }
+            let shared = devices.iter().find(|d| {
+                spec.selector.matches(&d.labels) && other.spec.selector.matches(&d.labels)
+            });
+            if shared.is_some() || other.spec.selector == spec.selector {
+                return Err(FleetError::Conflict(format!(
+                    "rollout {} ({} {}, {:?}) already targets model '{}' on {}; \
+                     pause and abort it, or wait until it ends",
+                    other.id,
+                    other.model(),
+                    other.version(),
+                    other.state,
+                    bundle.name,
+                    shared.map_or("the same devices".to_string(), |d| format!("device {}", d.id)),
+                )));
+            }
+        }
+        let id = new_rollout_id();
+        let bundle_ref = BundleRef {
+            bundle_id: bundle.id.clone(),
+            name: bundle.name.clone(),
+            version: bundle.version.clone(),
+            size: bundle.size,
+            chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
+            http_url: None,
+        };
+        let rollout = Rollout::new(id, spec, bundle_ref, actor.to_string(), Utc::now());
+        let event = rollout_event(&rollout, "rollout_created", actor, json!({"spec": rollout.spec}));
+        self.fleet.store.put_rollout(&rollout, vec![event])?;
+        Ok(rollout)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Rollout, FleetError> {
+        self.fleet.store.rollout(id)?.ok_or_else(|| FleetError::NotFound {
+            what: "rollout",
+            id: id.to_string(),
+        })
+    }
+
+    /// Every rollout, newest first.
+    pub fn list(&self) -> Result<Vec<Rollout>, FleetError> {
+        let mut all = self.fleet.store.rollouts()?;
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(all)
+    }
+
+    /// A person pauses, resumes, aborts or rolls back a rollout.
+    pub async fn intervene(
+        &self,
+        id: &str,
+        what: Intervention,
+        actor: &str,
+    ) -> Result<Rollout, FleetError> {
+        let _guard = self.tick.lock().await;
+        let mut r = self.get(id)?;
+        let now = Utc::now();
+        let before = r.decisions.len();
+        let result = match what {
+            Intervention::Pause => r.pause(now, actor),
+            Intervention::Resume => r.resume(now, actor),
+            Intervention::Abort => r.abort(now, actor),
+            Intervention::Rollback => r.rollback(now, format!("rolled back by {actor}")),
+        };
+        result.map_err(FleetError::Conflict)?;
+        let events = decision_events(&r, before, actor);
+        self.fleet.store.put_rollout(&r, events)?;
+        Ok(r)
+    }
+
+    /// Steps every rollout that is not finished and carries out its orders.
+    pub async fn tick(&self) -> Result<(), FleetError> {
+        let _guard = self.tick.lock().await;
+        let devices = self.devices()?;
+        for mut r in self.fleet.store.rollouts()? {
+            if !matches!(
+                r.state,
+                RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
+            ) {
+                continue;
+            }
+            let obs = self.observe(&r, &devices)?;
+            let before = r.decisions.len();
+            let snapshot = r.clone();
+            let orders = engine::step(&mut r, &obs);
+            let actor = format!("rollout:{}", r.id);
+            for order in orders {
+                self.carry_out(&mut r, &order, &actor).await;
+            }
+            if r != snapshot {
+                let events = decision_events(&r, before, &actor);
+                self.fleet.store.put_rollout(&r, events)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ticks every `period` until the task is dropped.
+    pub fn spawn(self: Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if let Err(e) = self.tick().await {
+                    tracing::warn!("rollout tick: {e}");
+                }
+            }
+        })
+    }
+
+    async fn carry_out(&self, r: &mut Rollout, order: &Order, actor: &str) {
+        let result = match order {
+            Order::Stage { device_id } => self
+                .fleet
+                .stage(device_id, &r.bundle.bundle_id, Some(&r.id), actor)
+                .await
+                .map(|command_id| {
+                    if let Some(p) = r.devices.get_mut(device_id) {
+                        p.command_id = Some(command_id);
+                    }
+                }),
+            Order::Revert { device_id } => self
+                .fleet
+                .revert(device_id, r.model(), Some(r.version()), Some(&r.id), actor)
+                .await
+                .map(|_| ()),
+        };
+        if let Err(e) = result {
+            // The engine re-issues what matters: a revert is repeated, a stage that never
+            // went out leaves the device `staged` until the bake gives up on it.
+            tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
+        }
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceView>, FleetError> {
+        Ok(self
+            .fleet
+            .store
+            .devices()?
+            .into_iter()
+            .map(|d| DeviceView {
+                id: d.id,
+                online: d.online,
+                labels: d.labels,
+                models: d.models,
+            })
+            .collect())
+    }
+
+    fn observe(&self, r: &Rollout, devices: &[DeviceView]) -> Result<Observation, FleetError> {
+        let events = self
+            .fleet
+            .store
+            .events(&EventFilter::default(), EVENT_SCAN)?
+            .into_iter()
+            .take_while(|e| e.time >= r.created_at)
+            .filter(|e| e.device_id.is_some() && e.model.as_deref() == Some(r.model()))
+            .filter(|e| !e.actor.starts_with("rollout:") && e.kind != "command_sent")
+            .map(|e| {
+                let text = |key: &str| e.detail.get(key).and_then(|v| v.as_str()).map(str::to_string);
+                // A `reverted` event names the version now active; the one left is `detail.from`.
+                let version = if e.kind == "reverted" { text("from") } else { e.version.clone() };
+                EventView {
+                    device_id: e.device_id.clone().unwrap_or_default(),
+                    time: e.time,
+                    reason: text("reason").unwrap_or_else(|| e.detail.to_string()),
+                    kind: e.kind.clone(),
+                    model: e.model.clone(),
+                    version,
+                }
+            })
+            .collect();
+        let mut windows = HashMap::new();
+        if let Some(since) = r.bake_started_at {
+            for d in devices.iter().filter(|d| r.spec.selector.matches(&d.labels)) {
+                let w = self.fleet.telemetry.windows(&d.id, Some(r.model()), Some(since));
+                if !w.is_empty() {
+                    windows.insert(d.id.clone(), w);
+                }
+            }
+        }
+        Ok(Observation {
+            now: Utc::now(),
+            devices: devices.to_vec(),
+            events,
+            windows,
+        })
+    }
+}
+
+/// One event per decision taken since `before`.
+fn decision_events(r: &Rollout, before: usize, actor: &str) -> Vec<Event> {
+    r.decisions[before.min(r.decisions.len())..]
+        .iter()
+        .map(|d| {
+            let mut detail = json!({"stage": d.stage, "reason": d.reason, "state": r.state});
+            if let Some(j) = &d.judgement {
+                detail["verdict"] = json!(j.verdict);
+                detail["gates"] = json!(j.gates);
+            }
+            rollout_event(r, &format!("rollout_{}", d.action), actor, detail)
+        })
+        .collect()
+}
+
+fn rollout_event(r: &Rollout, kind: &str, actor: &str, detail: serde_json::Value) -> Event {
+    let mut e = Event::new(kind, actor, detail).model(r.model(), Some(r.version()));
+    e.rollout_id = Some(r.id.clone());
+    e
+}
+
+fn new_rollout_id() -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::getrandom(&mut bytes).expect("the OS has randomness");
+    format!("r-{}", hex::encode(bytes))
+}

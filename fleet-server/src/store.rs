@@ -1,0 +1,479 @@
+//! Durable server state in one redb database (`DATA_DIR/server.redb`).
+//!
+//! Tables, each keyed by a plain value and holding a JSON record:
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `devices` | device id | [`DeviceRecord`] |
+//! | `bundles` | bundle id (sha256 hex) | [`BundleRecord`] |
+//! | `events` | server sequence number | [`Event`] (audit and device events) |
+//! | `device_event_keys` | (device id, device seq) | server sequence number: dedupe of redelivered events |
+//! | `tokens` | token name | [`TokenRecord`] (only the sha256 of the secret) |
+//!
+//! A new kind of state (the rollout engine's rollouts and decisions) is another table opened
+//! in [`Store::open`] with its own record type; [`Store::write`] gives a write transaction in
+//! which any table can change together with the events that record the change, so "every
+//! mutation leaves an audit event" holds by construction for callers that use it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use protocol::link::ModelSummary;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+
+pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+pub(crate) const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bundles");
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(crate) const DEVICE_EVENT_KEYS: TableDefinition<(&str, u64), u64> =
+    TableDefinition::new("device_event_keys");
+pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+
+/// Events kept; the oldest are pruned (with their dedupe keys) beyond this.
+pub const MAX_EVENTS: u64 = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data directory is in use by another fleet-server process (database locked)")]
+    Locked,
+    #[error("server database: {0}")]
+    Db(String),
+    #[error("server database holds an unreadable record for '{key}': {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError { StoreError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What the server knows about a device, from its status messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub online: bool,
+    /// When the server last heard from the device (any message).
+    pub last_seen: DateTime<Utc>,
+    pub first_seen: DateTime<Utc>,
+    /// The device's clock in its last status message.
+    pub status_time: DateTime<Utc>,
+    pub labels: BTreeMap<String, String>,
+    /// The device's target (triple or profile name), when it reported one.
+    pub target: Option<String>,
+    pub agent_version: Option<String>,
+    /// Models as of the last status that listed them (a last will keeps these).
+    pub models: Vec<ModelSummary>,
+}
+
+impl DeviceRecord {
+    /// Whether the device carries label `key` with `value`.
+    pub fn has_label(&self, key: &str, value: &str) -> bool {
+        self.labels.get(key).is_some_and(|v| v == value)
+    }
+}
+
+/// A stored bundle (its bytes are `DATA_DIR/bundles/<id>.mfb`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub size: u64,
+    pub security_version: u64,
+    /// Key ids that signed it (hex), as verified at upload.
+    pub signed_by: Vec<String>,
+    pub uploaded_at: DateTime<Utc>,
+    pub uploaded_by: String,
+}
+
+/// Something that happened: an audit record of a mutation (`actor` is a token name or
+/// `device:<id>`) or an event a device reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Server sequence number (assigned when stored).
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    pub kind: String,
+    pub actor: String,
+    pub device_id: Option<String>,
+    pub model: Option<String>,
+    pub version: Option<String>,
+    pub rollout_id: Option<String>,
+    pub command_id: Option<String>,
+    /// The device's own sequence number, for events a device reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_seq: Option<u64>,
+    pub detail: serde_json::Value,
+}
+
+impl Event {
+    /// A new event by `actor` (time now; sequence number assigned when stored).
+    pub fn new(kind: &str, actor: &str, detail: serde_json::Value) -> Event {
+        Event {
+            seq: 0,
+            time: Utc::now(),
+            kind: kind.to_string(),
+            actor: actor.to_string(),
+            device_id: None,
+            model: None,
+            version: None,
+            rollout_id: None,
+            command_id: None,
+            device_seq: None,
+            detail,
+        }
+    }
+
+    pub fn device(mut self, id: &str) -> Event {
+        self.device_id = Some(id.to_string());
+        self
+    }
+
+    pub fn model(mut self, model: &str, version: Option<&str>) -> Event {
+        self.model = Some(model.to_string());
+        self.version = version.map(str::to_string);
+        self
+    }
+
+    pub fn command(mut self, command_id: &str, rollout_id: Option<&str>) -> Event {
+        self.command_id = Some(command_id.to_string());
+        self.rollout_id = rollout_id.map(str::to_string);
+        self
+    }
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub device_id: Option<String>,
+    pub rollout_id: Option<String>,
+    pub kind: Option<String>,
+}
+
+impl EventFilter {
+    fn matches(&self, e: &Event) -> bool {
+        (self.device_id.is_none() || self.device_id == e.device_id)
+            && (self.rollout_id.is_none() || self.rollout_id == e.rollout_id)
+            && (self.kind.is_none() || self.kind.as_deref() == Some(e.kind.as_str()))
+    }
+}
+
+/// An API token: its role and the sha256 (hex) of its secret. The secret itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: Role,
+    pub secret_sha256: String,
+    pub created_at: DateTime<Utc>,
+    /// `generated` (first start), `file` (`--tokens`) or `api`.
+    pub source: String,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                StoreError::Locked
+            }
+            other => StoreError::Db(other.to_string()),
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(DEVICES)?;
+        tx.open_table(BUNDLES)?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(DEVICE_EVENT_KEYS)?;
+        tx.open_table(TOKENS)?;
+        tx.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Runs `f` in one write transaction and commits it: the changes `f` makes and the events
+    /// it returns are stored together or not at all. Returns the events with sequence numbers.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(T, Vec<Event>), StoreError>,
+    ) -> Result<(T, Vec<Event>), StoreError> {
+        let tx = self.db.begin_write()?;
+        let (value, events) = f(&tx)?;
+        let stored = append_events(&tx, events)?;
+        tx.commit()?;
+        Ok((value, stored))
+    }
+
+    /// Appends events on their own.
+    pub fn append(&self, events: Vec<Event>) -> Result<Vec<Event>, StoreError> {
+        Ok(self.write(|_| Ok(((), events)))?.1)
+    }
+
+    // ---- devices ----
+
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        get(&self.db, DEVICES, id)
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        all(&self.db, DEVICES)
+    }
+
+    /// Applies `update` to a device's record (None if new) in one transaction with the events it
+    /// returns; `update` returns None to leave the record as it is.
+    pub fn update_device(
+        &self,
+        id: &str,
+        update: impl FnOnce(Option<DeviceRecord>) -> (Option<DeviceRecord>, Vec<Event>),
+    ) -> Result<Vec<Event>, StoreError> {
+        Ok(self
+            .write(|tx| {
+                let mut table = tx.open_table(DEVICES)?;
+                let current = match table.get(id)? {
+                    Some(v) => Some(decode::<DeviceRecord>(id, v.value())?),
+                    None => None,
+                };
+                let (next, events) = update(current);
+                if let Some(next) = next {
+                    table.insert(id, encode(&next).as_slice())?;
+                }
+                Ok(((), events))
+            })?
+            .1)
+    }
+
+    // ---- bundles ----
+
+    pub fn bundle(&self, id: &str) -> Result<Option<BundleRecord>, StoreError> {
+        get(&self.db, BUNDLES, id)
+    }
+
+    pub fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
+        all(&self.db, BUNDLES)
+    }
+
+    /// Records a bundle (with its upload event) unless one with the same id exists; returns
+    /// the stored record and whether it was new.
+    pub fn insert_bundle(
+        &self,
+        record: &BundleRecord,
+        event: Event,
+    ) -> Result<(BundleRecord, bool), StoreError> {
+        Ok(self
+            .write(|tx| {
+                let mut table = tx.open_table(BUNDLES)?;
+                if let Some(v) = table.get(record.id.as_str())? {
+                    let existing = decode(&record.id, v.value())?;
+                    return Ok(((existing, false), vec![]));
+                }
+                table.insert(record.id.as_str(), encode(record).as_slice())?;
+                Ok(((record.clone(), true), vec![event]))
+            })?
+            .0)
+    }
+
+    // ---- events ----
+
+    /// Stores a device-reported event unless (device id, device seq) was stored before.
+    /// Returns whether it was new.
+    pub fn append_device_event(&self, event: Event) -> Result<bool, StoreError> {
+        let (Some(device), Some(dseq)) = (event.device_id.clone(), event.device_seq) else {
+            self.append(vec![event])?;
+            return Ok(true);
+        };
+        let (fresh, _) = self.write(|tx| {
+            let keys = tx.open_table(DEVICE_EVENT_KEYS)?;
+            if keys.get((device.as_str(), dseq))?.is_some() {
+                return Ok((false, vec![]));
+            }
+            Ok((true, vec![event]))
+        })?;
+        Ok(fresh)
+    }
+
+    /// Events newest first, at most `limit`, that match `filter`.
+    pub fn events(&self, filter: &EventFilter, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row?;
+            let e: Event = decode(&format!("event {}", k.value()), v.value())?;
+            if filter.matches(&e) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn event_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(EVENTS)?.len()?)
+    }
+
+    // ---- tokens ----
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        all(&self.db, TOKENS)
+    }
+
+    /// Inserts or replaces a token, with its audit event.
+    pub fn put_token(&self, token: &TokenRecord, event: Event) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(TOKENS)?
+                .insert(token.name.as_str(), encode(token).as_slice())?;
+            Ok(((), vec![event]))
+        })?;
+        Ok(())
+    }
+
+    /// Deletes a token (with its audit event); returns whether it existed.
+    pub fn delete_token(&self, name: &str, event: Event) -> Result<bool, StoreError> {
+        Ok(self
+            .write(|tx| {
+                let existed = tx.open_table(TOKENS)?.remove(name)?.is_some();
+                Ok((existed, if existed { vec![event] } else { vec![] }))
+            })?
+            .0)
+    }
+}
+
+fn append_events(tx: &redb::WriteTransaction, events: Vec<Event>) -> Result<Vec<Event>, StoreError> {
+    if events.is_empty() {
+        return Ok(events);
+    }
+    let mut table = tx.open_table(EVENTS)?;
+    let mut keys = tx.open_table(DEVICE_EVENT_KEYS)?;
+    let last = table.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let mut stored = Vec::with_capacity(events.len());
+    for (i, mut e) in events.into_iter().enumerate() {
+        e.seq = last + 1 + i as u64;
+        table.insert(e.seq, encode(&e).as_slice())?;
+        if let (Some(d), Some(ds)) = (&e.device_id, e.device_seq) {
+            keys.insert((d.as_str(), ds), e.seq)?;
+        }
+        stored.push(e);
+    }
+    let newest = last + stored.len() as u64;
+    if newest > MAX_EVENTS {
+        let cutoff = newest - MAX_EVENTS;
+        let mut pruned = Vec::new();
+        for row in table.range(..=cutoff)? {
+            let (k, v) = row?;
+            if let Ok(e) = serde_json::from_slice::<Event>(v.value()) {
+                if let (Some(d), Some(ds)) = (e.device_id, e.device_seq) {
+                    pruned.push((d, ds));
+                }
+            }
+            let _ = k;
+        }
+        table.retain_in(..=cutoff, |_, _| false)?;
+        for (d, ds) in pruned {
+            keys.remove((d.as_str(), ds))?;
+        }
+    }
+    Ok(stored)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialise")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    def: TableDefinition<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let tx = db.begin_read()?;
+    let table = tx.open_table(def)?;
+    let v = table.get(key)?;
+    v.map(|v| decode(key, v.value())).transpose()
+}
+
+fn all<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    def: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let tx = db.begin_read()?;
+    let table = tx.open_table(def)?;
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device_event(device: &str, dseq: u64) -> Event {
+        let mut e = Event::new("installed", &format!("device:{device}"), serde_json::json!({}));
+        e.device_id = Some(device.into());
+        e.device_seq = Some(dseq);
+        e
+    }
+
+    #[test]
+    fn device_events_are_deduplicated_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            assert!(s.append_device_event(device_event("d1", 1)).unwrap());
+            assert!(!s.append_device_event(device_event("d1", 1)).unwrap());
+            assert!(s.append_device_event(device_event("d2", 1)).unwrap());
+            s.append(vec![Event::new("bundle_uploaded", "admin", serde_json::json!({}))])
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(!s.append_device_event(device_event("d2", 1)).unwrap());
+        let all = s.events(&EventFilter::default(), 10).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].kind, "bundle_uploaded", "newest first");
+        assert_eq!(all[0].seq, 3);
+        let d1 = EventFilter {
+            device_id: Some("d1".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.events(&d1, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn update_device_can_leave_the_record_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("server.redb")).unwrap();
+        s.update_device("d1", |cur| {
+            assert!(cur.is_none());
+            (None, vec![])
+        })
+        .unwrap();
+        assert!(s.device("d1").unwrap().is_none());
+    }
+}
