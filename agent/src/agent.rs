@@ -20,7 +20,7 @@ use crate::install::{self, InstallError};
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::serving::{InferencePool, ModelMetrics, Registry, ServingModel};
 use crate::slots::{Layout, MANIFEST_FILE};
-use crate::store::{Event, ModelRecord, ModelState, SlotRef, Store, StoreError};
+use crate::store::{Event, EventContext, ModelRecord, ModelState, SlotRef, Store, StoreError};
 
 /// The Rust target triple this agent was built for.
 pub const BUILD_TARGET: &str = env!("AGENT_TARGET");
@@ -93,6 +93,12 @@ pub enum AgentError {
     NothingToRevert(String),
     #[error("cannot revert '{model}': the previous version does not load: {source}")]
     RevertFailed { model: String, source: InstallError },
+    #[error("not reverting '{model}': version {version} is not the active one ({active} is)")]
+    NotActive {
+        model: String,
+        version: String,
+        active: String,
+    },
 }
 
 /// What an install did.
@@ -159,6 +165,8 @@ pub struct Agent {
     health_options: HealthOptions,
     /// Telemetry waiting to be published.
     pub outbox: Outbox,
+    /// Counters of the MQTT link (zero while the agent runs offline), shown on `/metrics`.
+    pub link_metrics: Arc<crate::link::LinkMetrics>,
 }
 
 /// A model version on trial: what it is compared with and by which policy.
@@ -168,6 +176,8 @@ struct Trial {
     /// The previous model's live figures from before the swap (none after a restart).
     reference: Option<Acc>,
     policy: TrialPolicy,
+    /// The command that installed this version; its commit or revert is attributed to it.
+    context: EventContext,
 }
 
 impl Agent {
@@ -202,6 +212,7 @@ impl Agent {
             wake,
             health_options,
             outbox,
+            link_metrics: Arc::default(),
         };
         agent.load_installed()?;
         Ok(agent)
@@ -299,9 +310,19 @@ impl Agent {
     /// Verifies, installs, self-tests and activates a bundle. On any error the serving model is
     /// untouched and a `rejected` event is recorded.
     pub fn install(&self, bundle: &[u8]) -> Result<Installed, InstallError> {
+        self.install_with(bundle, &EventContext::default())
+    }
+
+    /// [`Agent::install`] on behalf of a fleet command: every event it records (and the commit or
+    /// revert that ends its trial) carries the command and rollout ids of `context`.
+    pub fn install_with(
+        &self,
+        bundle: &[u8],
+        context: &EventContext,
+    ) -> Result<Installed, InstallError> {
         let _one_at_a_time = self.change.lock().expect("install lock");
         let staging = self.layout.staging_dir()?;
-        let result = self.install_staged(bundle, &staging);
+        let result = self.install_staged(bundle, &staging, context);
         if staging.exists() {
             let _ = fs::remove_dir_all(&staging);
         }
@@ -312,7 +333,8 @@ impl Agent {
                 model.as_deref(),
                 version.as_deref(),
                 json!({"reason": e.reason(), "error": e.to_string()}),
-            )]);
+            )
+            .with_context(context)]);
         }
         result
     }
@@ -321,6 +343,7 @@ impl Agent {
         &self,
         bundle: &[u8],
         staging: &std::path::Path,
+        context: &EventContext,
     ) -> Result<Installed, InstallError> {
         // Refuse a lower security version before decompressing anything. The head is not
         // verified yet, so this can only refuse; the verified manifest is checked again below.
@@ -425,6 +448,10 @@ impl Agent {
                 json!({"reason": why}),
             ));
         }
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|e| e.with_context(context))
+            .collect();
         self.store
             .commit_model(&m.name, &record, m.security_version, &events)?;
         crash_point("activated");
@@ -451,6 +478,7 @@ impl Agent {
                     started: Instant::now(),
                     reference,
                     policy,
+                    context: context.clone(),
                 },
             );
         } else {
@@ -477,12 +505,34 @@ impl Agent {
         reason: &str,
         evidence: serde_json::Value,
     ) -> Result<ModelStatus, AgentError> {
+        self.revert_with(name, reason, evidence, &EventContext::default(), None)
+    }
+
+    /// [`Agent::revert`] on behalf of a fleet command (its ids go into the event); with
+    /// `only_version`, only if that version is the active one (else [`AgentError::NotActive`]).
+    pub fn revert_with(
+        &self,
+        name: &str,
+        reason: &str,
+        evidence: serde_json::Value,
+        context: &EventContext,
+        only_version: Option<&str>,
+    ) -> Result<ModelStatus, AgentError> {
         let _one_at_a_time = self.change.lock().expect("install lock");
         let rec = self
             .store
             .model(name)?
             .ok_or_else(|| AgentError::NoSuchModel(name.into()))?;
-        self.revert_locked(name, rec, reason, evidence)
+        if let Some(v) = only_version {
+            if rec.active.version != v {
+                return Err(AgentError::NotActive {
+                    model: name.into(),
+                    version: v.into(),
+                    active: rec.active.version.clone(),
+                });
+            }
+        }
+        self.revert_locked(name, rec, reason, evidence, context)
     }
 
     fn revert_locked(
@@ -491,6 +541,7 @@ impl Agent {
         rec: ModelRecord,
         reason: &str,
         evidence: serde_json::Value,
+        context: &EventContext,
     ) -> Result<ModelStatus, AgentError> {
         self.trials.lock().expect("trials lock").remove(name);
         let prev = rec
@@ -514,7 +565,8 @@ impl Agent {
             Some(name),
             Some(&prev.version),
             json!({"from": rec.active.version, "to": prev.version, "reason": reason, "evidence": evidence}),
-        );
+        )
+        .with_context(context);
         self.store.commit_model(name, &record, 0, &[event])?;
         self.registry.swap_in(Arc::new(model));
         let _ = fs::remove_dir_all(self.layout.slot(name, &rec.active.dir));
@@ -561,6 +613,26 @@ impl Agent {
     pub fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, AgentError> {
         Ok(self.store.events(after, limit)?)
     }
+
+    /// Records events (e.g. the link's transfer progress); returns them with `seq` set.
+    pub fn record(&self, events: &[Event]) -> Result<Vec<Event>, AgentError> {
+        Ok(self.store.append(events)?)
+    }
+
+    /// Sees the newest event `seq` change on every install, activation, commit, revert or
+    /// recorded event.
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store.subscribe()
+    }
+
+    /// The agent's database (the link keeps its transfer and cursor state there).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
 }
 
 /// The health watch's side of the agent: trials, their verdicts, label feedback.
@@ -580,6 +652,7 @@ impl Agent {
                 started: Instant::now(),
                 reference,
                 policy,
+                context: EventContext::default(),
             },
         );
     }
@@ -657,6 +730,13 @@ impl Agent {
         let Some(rec) = self.store.model(name)? else {
             return Ok(false);
         };
+        let context = self
+            .trials
+            .lock()
+            .expect("trials lock")
+            .get(name)
+            .map(|t| t.context.clone())
+            .unwrap_or_default();
         if &rec.active != slot || rec.state != ModelState::Trial {
             self.trials.lock().expect("trials lock").remove(name);
             return Ok(false);
@@ -666,7 +746,7 @@ impl Agent {
                 tracing::warn!(model = %name, version = %slot.version, %reason, "trial failed: reverting");
                 let mut evidence = evidence;
                 evidence["automatic"] = json!(true);
-                self.revert_locked(name, rec, reason, evidence)?;
+                self.revert_locked(name, rec, reason, evidence, &context)?;
             }
             None => {
                 let figures = self.trial_figures(name);
@@ -674,7 +754,8 @@ impl Agent {
                     state: ModelState::Committed,
                     ..rec
                 };
-                let event = Event::new("committed", Some(name), Some(&slot.version), figures);
+                let event = Event::new("committed", Some(name), Some(&slot.version), figures)
+                    .with_context(&context);
                 self.store.commit_model(name, &record, 0, &[event])?;
                 self.trials.lock().expect("trials lock").remove(name);
             }

@@ -28,10 +28,24 @@
 //! sample_bytes_per_hour = 4194304      # all models together
 //! outbox_max_records = 50000           # telemetry outbox cap: oldest dropped (and counted)
 //! outbox_max_bytes = 33554432
+//!
+//! [link]                  # the MQTT link to the fleet; without `broker` the agent runs offline
+//! broker = "mqtts://fleet.example:8883"   # or mqtt://HOST:PORT (plain)
+//! device_id = "berlin-7"  # 1-64 of A-Z a-z 0-9 . _ - (also the MQTT client id)
+//! labels = { site = "berlin", hw = "pi5" }  # --label k=v adds or overrides
+//! ca_file = "/etc/modelfleet/ca.pem"      # required for mqtts://: verifies the broker
+//! client_cert = "/etc/modelfleet/device.pem"  # optional mutual TLS (with client_key)
+//! client_key = "/etc/modelfleet/device.key"
+//! topic_prefix = "modelfleet/v1"
+//! transfer = "mqtt"       # or "http": bundles by HTTP Range from the command's http_url
+//! chunk_size = 65536      # when a stage command names none
 //! ```
 //!
-//! A bundle's `health_policy` overrides the trial thresholds it sets.
+//! A bundle's `health_policy` overrides the trial thresholds it sets. The `fleet-agent run` flags
+//! `--broker`, `--device-id`, `--label`, `--ca-file`, `--client-cert`, `--client-key`,
+//! `--topic-prefix` and `--transfer` override the `[link]` keys.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -51,6 +65,24 @@ pub struct ConfigFile {
     pub target: Option<String>,
     #[serde(default)]
     pub health: HealthFile,
+    #[serde(default)]
+    pub link: LinkFile,
+}
+
+/// The `[link]` section: the MQTT link (see [`crate::link::LinkConfig`]).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkFile {
+    pub broker: Option<String>,
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub topic_prefix: Option<String>,
+    pub transfer: Option<crate::link::TransferMode>,
+    pub chunk_size: Option<u32>,
 }
 
 /// The `[health]` section.
@@ -154,6 +186,24 @@ mod tests {
         std::fs::write(&path, "listn = 1\n").unwrap();
         let err = ConfigFile::load(&path).unwrap_err().to_string();
         assert!(err.contains("agent.toml") && err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn link_section_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[link]\nbroker = \"mqtt://127.0.0.1:1883\"\ndevice_id = \"d1\"\n\
+             labels = { site = \"berlin\" }\ntransfer = \"http\"\n",
+        )
+        .unwrap();
+        let c = ConfigFile::load(&path).unwrap();
+        assert_eq!(c.link.broker.as_deref(), Some("mqtt://127.0.0.1:1883"));
+        assert_eq!(c.link.labels["site"], "berlin");
+        assert_eq!(c.link.transfer, Some(crate::link::TransferMode::Http));
+        std::fs::write(&path, "[link]\nbrokr = \"x\"\n").unwrap();
+        assert!(ConfigFile::load(&path).is_err(), "typos are refused");
     }
 
     #[test]

@@ -260,6 +260,7 @@ async fn metrics(State(app): State<App>) -> Response {
     for m in app.agent.registry.all() {
         m.metrics.render(&m.name, m.version(), &mut out);
     }
+    app.agent.link_metrics.render(&mut out);
     out.push_str("# TYPE modelfleet_agent_models_loaded gauge\n");
     out.push_str(&format!(
         "modelfleet_agent_models_loaded {}\n",

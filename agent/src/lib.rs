@@ -31,6 +31,10 @@
 //! - [`watch`]: the health watch thread — trials judged every tick, automatic revert or commit.
 //! - [`oip`]: Open Inference Protocol v2 request/response codec (JSON and binary tensors).
 //! - [`http`]: the local HTTP API (OIP, `/metrics`, `/admin/v1`).
+//! - [`link`]: the MQTT link to the fleet — retained status and last will, commands, resumable
+//!   chunked bundle transfer (or HTTP Range), events with a durable cursor, telemetry drained
+//!   from the outbox on acknowledgement. Started with [`link::Link::start`]; without it the agent
+//!   serves offline.
 //! - [`config`]: `agent.toml`.
 //!
 //! What the agent must not know: how a bundle was built (only what its manifest says), and tract
@@ -41,6 +45,7 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod install;
+pub mod link;
 pub mod oip;
 pub mod outbox;
 pub mod serving;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use agent::config::ConfigFile;
+use agent::config::{ConfigFile, LinkFile};
+use agent::link::{Link, LinkConfig, TlsFiles, TransferMode};
 use agent::{Agent, AgentConfig};
 use protocol::keys::Keyring;
 
@@ -86,6 +87,85 @@ struct RunArgs {
     /// Bearer token required on /admin/v1 (or MODELFLEET_ADMIN_TOKEN).
     #[arg(long, env = "MODELFLEET_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    #[command(flatten)]
+    link: LinkArgs,
+}
+
+/// Joining the fleet: without --broker (or `[link] broker`) the agent serves offline.
+#[derive(Args)]
+struct LinkArgs {
+    /// MQTT broker of the fleet: mqtt://HOST:PORT or mqtts://HOST:PORT
+    #[arg(long)]
+    broker: Option<String>,
+    /// This device's id (MQTT client id and topic level)
+    #[arg(long)]
+    device_id: Option<String>,
+    /// A label KEY=VALUE reported in the status (repeatable)
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// CA certificate (PEM) that the broker's certificate must chain to (mqtts://)
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Topic prefix [default: modelfleet/v1]
+    #[arg(long)]
+    topic_prefix: Option<String>,
+    /// How bundles are fetched: mqtt (chunks over the broker) or http (Range requests) [default: mqtt]
+    #[arg(long)]
+    transfer: Option<TransferMode>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label '{s}': use KEY=VALUE")),
+    }
+}
+
+/// The link settings from flags over `[link]`; None without a broker.
+fn link_config(args: LinkArgs, file: LinkFile) -> Result<Option<LinkConfig>> {
+    let Some(broker) = args.broker.or(file.broker) else {
+        if args.device_id.is_some() || !args.labels.is_empty() {
+            bail!("--device-id and --label need --broker (or [link] broker in the config)");
+        }
+        return Ok(None);
+    };
+    let device_id = args
+        .device_id
+        .or(file.device_id)
+        .context("--broker needs --device-id (or [link] device_id in the config)")?;
+    let mut config = LinkConfig::new(broker, device_id);
+    config.labels = file.labels;
+    config.labels.extend(args.labels);
+    let ca_file = args.ca_file.or(file.ca_file);
+    let client_cert = args.client_cert.or(file.client_cert);
+    let client_key = args.client_key.or(file.client_key);
+    config.tls = match ca_file {
+        Some(ca_file) => Some(TlsFiles {
+            ca_file,
+            client_cert,
+            client_key,
+        }),
+        None if client_cert.is_some() || client_key.is_some() => {
+            bail!("a client certificate needs --ca-file too")
+        }
+        None => None,
+    };
+    if let Some(p) = args.topic_prefix.or(file.topic_prefix) {
+        config.prefix = p;
+    }
+    if let Some(t) = args.transfer.or(file.transfer) {
+        config.transfer = t;
+    }
+    if let Some(c) = file.chunk_size {
+        config.chunk_size = c;
+    }
+    Ok(Some(config))
 }
 
 fn main() {
@@ -249,6 +329,7 @@ fn serve(args: RunArgs) -> Result<()> {
         .or(file.listen)
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8500)));
     let admin_token = args.admin_token.or(file.admin_token);
+    let link = link_config(args.link, file.link)?;
     if admin_token.is_none() && !listen.ip().is_loopback() {
         bail!("refusing to expose the admin API on {listen} without --admin-token");
     }
@@ -271,12 +352,22 @@ fn serve(args: RunArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
-        let app = agent::http::router(agent, admin_token);
+        let app = agent::http::router(agent.clone(), admin_token);
+        let link = match link {
+            Some(config) => {
+                tracing::info!(device = %config.device_id, broker = %config.broker_url, "joining the fleet");
+                Some(Link::start(agent, config).context("cannot start the MQTT link")?)
+            }
+            None => None,
+        };
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
+        if let Some(link) = link {
+            link.shutdown().await;
+        }
         Ok(())
     })
 }

@@ -1,8 +1,8 @@
 //! The telemetry outbox: a bounded, durable queue of telemetry records (redb, its own file
 //! `outbox.redb` beside the agent database, so telemetry writes never contend with slot commits).
 //!
-//! Records are appended in batches by the watch's telemetry tick and drained by a publisher
-//! (MQTT, later) with [`Outbox::peek`] then [`Outbox::ack`]: a record is gone only once acked, so
+//! Records are appended in batches by the watch's telemetry tick and drained by the MQTT link
+//! (`crate::link`) with [`Outbox::peek_after`] then [`Outbox::ack`]: a record is gone only once acked, so
 //! nothing is lost while offline or across restarts. At the cap (records or bytes) the oldest
 //! records are dropped, in the same transaction as the append, and counted in a persistent
 //! counter that every window record reports (`outbox_dropped_total`).
@@ -116,6 +116,22 @@ impl Outbox {
         let table = tx.open_table(RECORDS)?;
         let mut out = Vec::new();
         for row in table.iter()?.take(n) {
+            let (k, v) = row?;
+            out.push(Pending {
+                id: k.value(),
+                json: v.value().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `n` records with ids above `after`, oldest first (a publisher with records in
+    /// flight asks for the ones after them).
+    pub fn peek_after(&self, after: u64, n: usize) -> Result<Vec<Pending>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(RECORDS)?;
+        let mut out = Vec::new();
+        for row in table.range(after + 1..)?.take(n) {
             let (k, v) = row?;
             out.push(Pending {
                 id: k.value(),

@@ -4,6 +4,8 @@
 //! DATA_DIR/
 //!   agent.redb                     state: slot records, security floors, events
 //!   tmp/<unique>/                  an install in progress (wiped at every start)
+//!   tmp/transfers/<bundle>.part    a bundle being fetched by the MQTT link (kept across starts;
+//!                                  its received-chunk bitmap is in agent.redb)
 //!   slots/<model>/<slot dir>/      verified payloads: model.onnx, golden.bin, manifest.json
 //! ```
 //!
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+const TRANSFERS_DIR: &str = "transfers";
 
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -38,6 +41,11 @@ impl Layout {
         self.root.join("tmp")
     }
 
+    /// Partial bundles of the link's transfers: the one part of `tmp/` that survives a restart.
+    pub fn transfers(&self) -> PathBuf {
+        self.tmp().join(TRANSFERS_DIR)
+    }
+
     pub fn model_dir(&self, model: &str) -> PathBuf {
         self.root.join("slots").join(model)
     }
@@ -46,14 +54,24 @@ impl Layout {
         self.model_dir(model).join(dir)
     }
 
-    /// Creates the directories; removes whatever an interrupted install left in `tmp/`.
+    /// Creates the directories; removes whatever an interrupted install left in `tmp/` (but not
+    /// `tmp/transfers/`: a transfer resumes after a restart).
     pub fn prepare(&self) -> io::Result<()> {
         fs::create_dir_all(self.root.join("slots"))?;
         let tmp = self.tmp();
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+        fs::create_dir_all(&tmp)?;
+        for entry in fs::read_dir(&tmp)? {
+            let entry = entry?;
+            if entry.file_name() == TRANSFERS_DIR {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
         }
-        fs::create_dir_all(&tmp)
+        fs::create_dir_all(self.transfers())
     }
 
     /// A fresh staging directory under `tmp/`.
@@ -147,8 +165,13 @@ mod tests {
         let keep = HashSet::from([("m".to_string(), "1.0.0-a".to_string())]);
         let removed = layout.remove_unreferenced(&keep).unwrap();
         assert_eq!(removed, vec![layout.slot("m", "orphan")]);
+        fs::write(layout.transfers().join("b.part"), b"x").unwrap();
         layout.prepare().unwrap();
         assert!(!leftover.exists(), "tmp is wiped at start");
+        assert!(
+            layout.transfers().join("b.part").exists(),
+            "but transfers survive"
+        );
         assert!(slot.exists());
     }
 }

@@ -1,5 +1,10 @@
 //! Durable agent state in one redb database: which slot each model serves, the security floor
-//! per model, and the event log.
+//! per model, the event log, and the MQTT link's state (bundle transfers in progress with their
+//! received-chunk bitmaps, the cursor of the last event the broker acknowledged).
+//!
+//! Every commit that appends events also bumps a [`tokio::sync::watch`] channel with the newest
+//! event's `seq` ([`Store::subscribe`]), so the link learns of installs, reverts and commits
+//! without polling.
 //!
 //! Invariant: activation is one write transaction that sets a model's `active` slot, moves the old
 //! one to `previous`, raises the floor and appends the event. redb commits are atomic and
@@ -14,6 +19,8 @@ use serde::{Deserialize, Serialize};
 const MODELS: TableDefinition<&str, &[u8]> = TableDefinition::new("models");
 const FLOORS: TableDefinition<&str, u64> = TableDefinition::new("security_floors");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+const LINK_META: TableDefinition<&str, u64> = TableDefinition::new("link_meta");
 
 /// Events kept; older ones are pruned on append.
 pub const MAX_EVENTS: u64 = 10_000;
@@ -84,10 +91,31 @@ pub struct Event {
     pub model: Option<String>,
     pub version: Option<String>,
     pub detail: serde_json::Value,
+    /// The fleet command that caused this event, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    /// The rollout that command belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
+}
+
+/// Which fleet command (and rollout) an operation runs for; copied into the events it records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventContext {
+    pub command_id: Option<String>,
+    pub rollout_id: Option<String>,
+}
+
+impl EventContext {
+    pub fn is_empty(&self) -> bool {
+        self.command_id.is_none() && self.rollout_id.is_none()
+    }
 }
 
 pub struct Store {
     db: Database,
+    /// The newest event's `seq`, bumped after every commit that appends events.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -105,8 +133,79 @@ impl Store {
         tx.open_table(MODELS)?;
         tx.open_table(FLOORS)?;
         tx.open_table(EVENTS)?;
+        tx.open_table(TRANSFERS)?;
+        tx.open_table(LINK_META)?;
         tx.commit()?;
-        Ok(Store { db })
+        let store = Store {
+            db,
+            changes: tokio::sync::watch::Sender::new(0),
+        };
+        let last = store.recent_events(1)?.first().map(|e| e.seq).unwrap_or(0);
+        store.changes.send_replace(last);
+        Ok(store)
+    }
+
+    /// A receiver that sees the newest event `seq` change whenever events are appended.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self, stored: &[Event]) {
+        if let Some(last) = stored.last() {
+            self.changes.send_replace(last.seq);
+        }
+    }
+
+    /// Every bundle transfer in progress: (bundle id, record as stored).
+    pub fn transfers<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(TRANSFERS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), decode(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Creates or replaces the record of a transfer (one transaction, durable on return).
+    pub fn put_transfer<T: Serialize>(
+        &self,
+        bundle_id: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(TRANSFERS)?;
+            let bytes = serde_json::to_vec(record).expect("transfer record serialises");
+            table.insert(bundle_id, bytes.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_transfer(&self, bundle_id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(TRANSFERS)?.remove(bundle_id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A counter of the link (e.g. the last event seq the broker acknowledged); 0 if never set.
+    pub fn link_meta(&self, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(LINK_META)?;
+        let v = table.get(key)?.map(|v| v.value()).unwrap_or(0);
+        Ok(v)
+    }
+
+    pub fn set_link_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(LINK_META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn models(&self) -> Result<Vec<(String, ModelRecord)>, StoreError> {
@@ -155,6 +254,7 @@ impl Store {
         }
         let stored = append_events(&tx, events)?;
         tx.commit()?;
+        self.notify(&stored);
         Ok(stored)
     }
 
@@ -163,6 +263,7 @@ impl Store {
         let tx = self.db.begin_write()?;
         let stored = append_events(&tx, events)?;
         tx.commit()?;
+        self.notify(&stored);
         Ok(stored)
     }
 
@@ -233,7 +334,16 @@ impl Event {
             model: model.map(str::to_string),
             version: version.map(str::to_string),
             detail,
+            command_id: None,
+            rollout_id: None,
         }
+    }
+
+    /// The event, attributed to the command in `context`.
+    pub fn with_context(mut self, context: &EventContext) -> Event {
+        self.command_id = context.command_id.clone();
+        self.rollout_id = context.rollout_id.clone();
+        self
     }
 }
 
