@@ -30,6 +30,8 @@ use crate::error::BuildError;
 use crate::golden::{self, rows};
 use crate::keys::load_secret_key;
 use crate::progress::Progress;
+use crate::quality::Gate;
+use crate::quantize::{QuantizeMode, RangeMethod, Selection};
 use crate::{GOLDEN_FILE, MODEL_FILE};
 
 /// When the bundle stops being accepted.
@@ -61,8 +63,14 @@ pub struct BuildOptions {
     pub calibration: Option<PathBuf>,
     pub targets: Vec<String>,
     pub expiry: Option<Expiry>,
-    /// Quantization mode; only `none` is supported.
-    pub quantize: String,
+    /// Quantization mode (`--quantize`). Default none.
+    pub quantize: QuantizeMode,
+    /// Nodes the quantization may touch (`--op-types`, `--exclude-node`).
+    pub quantize_selection: Selection,
+    /// How `int8` turns calibration activations into ranges. Default minmax.
+    pub calibration_method: RangeMethod,
+    /// The quantization quality gate (`--max-accuracy-drop`, `--min-snr-db`).
+    pub quality_gate: Gate,
     /// Task override; `None` detects it.
     pub task: Option<TaskKind>,
     /// At most this many golden samples are stored (all of them are evaluated). Default 64.
@@ -101,7 +109,10 @@ impl BuildOptions {
             calibration: None,
             targets: Vec::new(),
             expiry: None,
-            quantize: "none".into(),
+            quantize: QuantizeMode::None,
+            quantize_selection: Selection::default(),
+            calibration_method: RangeMethod::default(),
+            quality_gate: Gate::default(),
             task: None,
             golden_max: 64,
             golden_atol: 1e-4,
@@ -136,6 +147,8 @@ pub struct BuildReport {
     pub baseline_source: String,
     pub accuracy: Option<f64>,
     pub latency: LatencyBaseline,
+    /// The manifest's quantization record.
+    pub quantization: Quantization,
     pub payloads: Vec<PayloadEntry>,
     pub timings: BuildTimings,
 }
@@ -145,6 +158,8 @@ pub struct BuildReport {
 pub struct BuildTimings {
     pub load_ms: f64,
     pub evaluate_ms: f64,
+    /// Rewriting, loading, evaluating and gating the quantized model (0 without `--quantize`).
+    pub quantize_ms: f64,
     pub latency_ms: f64,
     pub compress_ms: f64,
     pub sign_write_ms: f64,
@@ -184,8 +199,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             return Err(BuildError::Target(t.clone()));
         }
     }
-    if opts.quantize != "none" {
-        return Err(BuildError::Quantize(opts.quantize.clone()));
+    if opts.quantize == QuantizeMode::Int8 && opts.calibration.is_none() {
+        return Err(BuildError::CalibrationNeeded);
+    }
+    let gate = opts.quality_gate;
+    if !(gate.max_accuracy_drop.is_finite() && gate.max_accuracy_drop >= 0.0) {
+        return Err(BuildError::Tolerance("--max-accuracy-drop"));
+    }
+    if !gate.min_snr_db.is_finite() {
+        return Err(BuildError::Tolerance("--min-snr-db"));
     }
     if !(opts.golden_atol.is_finite() && opts.golden_atol >= 0.0) {
         return Err(BuildError::Tolerance("--golden-atol"));
@@ -334,6 +356,49 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         labels.is_some(),
         opts.task,
     )?;
+
+    // 6b. Quantization: from here on the model, its golden outputs and the calibration
+    // outputs are the quantized model's (what the device will run).
+    let mut quantization = Quantization::None;
+    let (model, model_bytes, golden_outputs, calibration_outputs) =
+        if opts.quantize == QuantizeMode::None {
+            (model, model_bytes, golden_outputs, calibration_outputs)
+        } else {
+            let t = Instant::now();
+            let q = crate::quantize::step::quantize_and_gate(
+                &crate::quantize::step::StepInputs {
+                    float_bytes: &model_bytes,
+                    mode: opts.quantize,
+                    selection: &opts.quantize_selection,
+                    method: opts.calibration_method,
+                    gate,
+                    task: &task,
+                    output_names: output_specs.iter().map(|s| s.name.clone()).collect(),
+                    golden_inputs: &golden_inputs,
+                    float_golden_outputs: &golden_outputs,
+                    labels: labels.as_deref(),
+                    calibration: calibration.as_deref().map(|c| {
+                        let path = opts.calibration.as_deref().unwrap_or(Path::new(""));
+                        (c, format!("calibration inputs {}", file_name(path)))
+                    }),
+                    eval_batch,
+                },
+                &progress,
+            )?;
+            let calibration_outputs = match &calibration {
+                Some(c) => Some(golden::evaluate(
+                    &q.model,
+                    c,
+                    eval_batch,
+                    "calibration inputs (quantized model)",
+                    &progress,
+                )?),
+                None => None,
+            };
+            quantization = q.record;
+            timings.quantize_ms = ms(t);
+            (q.model, q.bytes, q.golden_outputs, calibration_outputs)
+        };
     let (base_inputs, base_outputs, base_source) = match (&calibration, &calibration_outputs) {
         (Some(i), Some(o)) => (
             i,
@@ -478,7 +543,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         inputs,
         outputs,
         task: task.clone(),
-        quantization: Quantization::None,
+        quantization: quantization.clone(),
         golden,
         baseline,
         health_policy: opts.health_policy.clone(),
@@ -541,6 +606,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         baseline_source: manifest.baseline.source,
         accuracy,
         latency,
+        quantization,
         payloads: manifest.payloads,
         timings,
     })

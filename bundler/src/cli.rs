@@ -9,6 +9,8 @@ use protocol::manifest::HealthPolicy;
 
 use crate::baseline::TaskKind;
 use crate::build::{BuildOptions, Expiry};
+use crate::quality::Gate;
+use crate::quantize::{QuantizeMode, RangeMethod, Selection, DEFAULT_OP_TYPES};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,7 +80,8 @@ pub struct BuildArgs {
     /// Integer class labels (.npy, int32 or int64) for the golden inputs: records accuracy.
     #[arg(long, value_name = "Y.npy")]
     pub golden_labels: Option<PathBuf>,
-    /// Inputs the baseline statistics are computed on (default: the golden inputs).
+    /// Inputs the baseline statistics are computed on (default: the golden inputs); with
+    /// `--quantize int8`, also the samples the activation ranges are calibrated on.
     #[arg(long, value_name = "C.npy")]
     pub calibration: Option<PathBuf>,
     /// Rust target triple the bundle is meant for (repeatable; none means any).
@@ -90,9 +93,27 @@ pub struct BuildArgs {
     /// Expiry relative to now (e.g. 90days, 12h).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub expires_in: Option<std::time::Duration>,
-    /// Quantization mode; only `none` is supported yet.
+    /// Quantization: none, int8-weights (per-channel int8 weights, dequantized at load),
+    /// int8 (static, calibrated on --calibration, QDQ form) or f16 (half-precision weights).
     #[arg(long, value_name = "MODE", default_value = "none")]
-    pub quantize: String,
+    pub quantize: QuantizeMode,
+    /// Op types whose nodes are quantized (comma-separated or repeated).
+    #[arg(long, value_name = "OP,...", value_delimiter = ',', default_values_t = DEFAULT_OP_TYPES.map(String::from))]
+    pub op_types: Vec<String>,
+    /// A node (by name) to keep in float; repeatable.
+    #[arg(long = "exclude-node", value_name = "NODE")]
+    pub exclude_nodes: Vec<String>,
+    /// int8 activation ranges: minmax, percentile (99.99) or percentile:P.
+    #[arg(long, value_name = "METHOD", default_value = "minmax")]
+    pub calibration_method: RangeMethod,
+    /// Quality gate: refuse the quantized bundle if accuracy drops by more than this many
+    /// percentage points (against the labels, else the float model's top-1 classes).
+    #[arg(long, value_name = "POINTS", default_value_t = 1.0)]
+    pub max_accuracy_drop: f64,
+    /// Quality gate for models without a class output: smallest SNR (dB) of the quantized
+    /// output against the float output.
+    #[arg(long, value_name = "DB", default_value_t = 20.0)]
+    pub min_snr_db: f64,
     /// What the model computes; `auto` detects it from labels and outputs.
     #[arg(long, value_enum, default_value = "auto")]
     pub task: TaskArg,
@@ -184,7 +205,16 @@ impl BuildArgs {
             (None, Some(d)) => Some(Expiry::In(d)),
             (None, None) => None,
         };
-        o.quantize = self.quantize.clone();
+        o.quantize = self.quantize;
+        o.quantize_selection = Selection {
+            op_types: self.op_types.clone(),
+            exclude_nodes: self.exclude_nodes.clone(),
+        };
+        o.calibration_method = self.calibration_method;
+        o.quality_gate = Gate {
+            max_accuracy_drop: self.max_accuracy_drop,
+            min_snr_db: self.min_snr_db,
+        };
         o.task = match self.task {
             TaskArg::Auto => None,
             TaskArg::Classification => Some(TaskKind::Classification),

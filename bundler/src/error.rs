@@ -60,8 +60,20 @@ pub enum BuildError {
         "invalid --target '{0}': a target triple is a plain word such as aarch64-unknown-linux-gnu"
     )]
     Target(String),
-    #[error("quantization mode '{0}' is not supported yet (only 'none' is)")]
-    Quantize(String),
+    #[error("cannot quantize the model")]
+    Quantize(#[from] crate::quantize::QuantizeError),
+    #[error("--quantize int8 needs --calibration inputs (samples the activation ranges are measured on)")]
+    CalibrationNeeded,
+    #[error(
+        "quality gate: the {mode} model is refused, no bundle written: {reason} ({figures}); \
+         keep sensitive layers in float with --exclude-node / --op-types, try another \
+         --quantize mode, or raise the limit"
+    )]
+    QualityGate {
+        mode: String,
+        reason: String,
+        figures: String,
+    },
     #[error("--expires-at {expires_at} is in the past (now {now})")]
     ExpiryInPast {
         expires_at: DateTime<Utc>,

@@ -163,13 +163,36 @@ impl InspectReport {
             self.targets.join(", ")
         };
         let _ = writeln!(s, "targets          {targets}");
-        let _ = writeln!(
-            s,
-            "quantization     {}",
-            match self.quantization {
-                Quantization::None => "none",
+        let _ = writeln!(s, "quantization     {}", self.quantization.mode());
+        if let Some(r) = self.quantization.record() {
+            let _ = writeln!(
+                s,
+                "  {} tensors ({} parameters) of {}{}; float model {} bytes, sha256 {}",
+                r.tensors,
+                r.parameters,
+                r.op_types.join(", "),
+                if r.excluded_nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" except nodes {}", r.excluded_nodes.join(", "))
+                },
+                r.float_model_size,
+                r.float_model_sha256
+            );
+            if let Some(c) = &r.calibration {
+                let _ = writeln!(
+                    s,
+                    "  calibration: {}{} on {} samples ({}), {} activations, form {}",
+                    c.method,
+                    c.percentile.map(|p| format!(" {p}")).unwrap_or_default(),
+                    c.samples,
+                    c.source,
+                    c.activations,
+                    r.form.as_deref().unwrap_or("-")
+                );
             }
-        );
+            let _ = writeln!(s, "  quality gate: {}", crate::quality::summary(&r.quality));
+        }
         let _ = writeln!(s, "payloads");
         for p in &self.payloads {
             let _ = writeln!(

@@ -83,7 +83,11 @@ pub mod error;
 pub mod golden;
 pub mod inspect;
 pub mod keys;
+#[allow(clippy::all, missing_docs)]
+mod onnx_pb;
 mod progress;
+pub mod quality;
+pub mod quantize;
 pub mod verify;
 
 pub use baseline::{machine_name, TaskKind};
@@ -92,6 +96,8 @@ pub use error::{BuildError, InspectError, KeyFileError, KeygenError, VerifyError
 pub use inspect::{inspect, InspectReport};
 pub use keys::{keygen, keygen_files, load_keyring, load_secret_key, KeyFiles};
 pub use protocol::bundle::VerifiedBundle;
+pub use quality::Gate;
+pub use quantize::{QuantizeMode, RangeMethod, Selection};
 pub use verify::{verify, verify_with, VerifyReport};
 
 /// Name of the model payload inside a bundle (stored compressed as `model.onnx.zst`).

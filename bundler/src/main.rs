@@ -65,6 +65,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(a) = report.accuracy {
                     println!("  accuracy {a:.4}");
                 }
+                if let Some(r) = report.quantization.record() {
+                    println!(
+                        "  quantization {}: {} tensors; {}",
+                        report.quantization.mode(),
+                        r.tensors,
+                        bundler::quality::summary(&r.quality)
+                    );
+                }
                 println!(
                     "  latency batch 1: p50 {:.0} us, p95 {:.0} us",
                     report.latency.p50_us, report.latency.p95_us

@@ -327,9 +327,19 @@ fn build_refuses_bad_flags() {
         &["2020-01-01", "in the past"],
     );
     refused(
+        &[&"--quantize", &"int4"],
+        &cnn,
+        &["'int4'", "none, int8-weights, int8, f16"],
+    );
+    refused(
         &[&"--quantize", &"int8"],
         &cnn,
-        &["'int8'", "not supported yet"],
+        &["--quantize int8 needs --calibration"],
+    );
+    refused(
+        &[&"--quantize", &"int8-weights", &"--exclude-node", &"nope"],
+        &cnn,
+        &["--exclude-node 'nope'", "no node of that name"],
     );
     refused(&[&"--name", &"../evil"], &cnn, &["'../evil'"]);
 }

@@ -280,11 +280,105 @@ pub struct LatencyBaseline {
     pub machine: String,
 }
 
-/// How the model was quantized. Only `none` exists until the quantization modes land.
+/// How the model was quantized (`bundler build --quantize`). `none`: weights stored as trained.
+/// The other modes carry a [`QuantizationRecord`] beside the `mode` tag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Quantization {
     None,
+    /// Per-channel symmetric int8 weights, dequantized by the runtime when it loads the model.
+    Int8Weights(QuantizationRecord),
+    /// Static post-training quantization: int8 weights, uint8 activations from calibration.
+    Int8(QuantizationRecord),
+    /// Half-precision weights, widened to float by the runtime when it loads the model.
+    F16(QuantizationRecord),
+}
+
+impl Quantization {
+    /// The mode as written in the manifest (`none`, `int8_weights`, `int8`, `f16`).
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Int8Weights(_) => "int8_weights",
+            Quantization::Int8(_) => "int8",
+            Quantization::F16(_) => "f16",
+        }
+    }
+
+    pub fn record(&self) -> Option<&QuantizationRecord> {
+        match self {
+            Quantization::None => None,
+            Quantization::Int8Weights(r) | Quantization::Int8(r) | Quantization::F16(r) => Some(r),
+        }
+    }
+}
+
+/// What the bundler quantized and how the result compares with the float model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationRecord {
+    /// Op types whose nodes were eligible (`--op-types`).
+    pub op_types: Vec<String>,
+    /// Nodes kept in float on request (`--exclude-node`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_nodes: Vec<String>,
+    /// Initializers converted, and their element count.
+    pub tensors: usize,
+    pub parameters: u64,
+    /// Form of the quantized graph (`int8`: `qdq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub form: Option<String>,
+    /// Activation ranges (`int8` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationRecord>,
+    /// Size and sha256 of the float model the bundle was made from.
+    pub float_model_size: u64,
+    pub float_model_sha256: String,
+    pub quality: QuantizationQuality,
+}
+
+/// How activation ranges were calibrated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRecord {
+    /// `minmax` or `percentile`.
+    pub method: String,
+    /// For `percentile`: the percentile kept, e.g. 99.99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
+    pub samples: usize,
+    pub source: String,
+    /// Activation tensors given a quantize/dequantize pair.
+    pub activations: usize,
+}
+
+/// The quantized model against the float model on the golden inputs (all of them, not only
+/// the stored ones), and the gate the bundler applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationQuality {
+    /// Samples compared.
+    pub samples: usize,
+    /// Output the figures are about (the task's output).
+    pub output: String,
+    /// Signal-to-noise ratio of the quantized output against the float output, in dB;
+    /// `null` when they are identical.
+    pub snr_db: Option<f64>,
+    pub max_abs_diff: f64,
+    /// Classification: fraction of samples whose top-1 class is the float model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argmax_agreement: Option<f64>,
+    /// Accuracy on the golden labels, float and quantized, when labels were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub float_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Accuracy lost, in percentage points: against the labels when given, else against the
+    /// float model's own top-1 classes (classification only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_drop: Option<f64>,
+    /// The gate: largest accuracy drop accepted (points), and for models without a class
+    /// output the smallest SNR accepted.
+    pub max_accuracy_drop: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_snr_db: Option<f64>,
 }
 
 /// Thresholds for the device's trial window after activation. Every field is optional: a field

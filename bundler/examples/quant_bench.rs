@@ -1,0 +1,315 @@
+//! The quantization table of BENCHMARKS.md: for each reference model, bundles built with
+//! `--quantize none | int8-weights | int8 | f16` (size, quality, gate verdict) and onnxruntime's
+//! own quantized models (from `scripts/quant_ort.py --out-dir DIR`) run in *this* engine, then
+//! batch-1 latency of every variant measured side by side in one process (round-robin).
+//!
+//! ```sh
+//! python3 scripts/quant_ort.py --out-dir /tmp/ortq        # onnxruntime's models + its figures
+//! cargo run -p modelfleet-bundler --example quant_bench -- --ort-dir /tmp/ortq [--seconds 1] [--models ...]
+//! ```
+//!
+//! Quality: accuracy on the test labels (digits), ROC AUC of the reconstruction error against
+//! the anomaly labels (vibration_ae), SNR of the logits against the float model and top-1
+//! agreement (mobilenetish: random weights). int8 calibrates on `calib_input.npy`, or on the
+//! test inputs where the model has none (mobilenetish). Bundles are built with the gate opened
+//! wide so every variant is measured; the `gate` column says what the default gate
+//! (1 point / 20 dB) decides.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bundler::{BuildOptions, Gate, QuantizeMode};
+use engine::{EngineOptions, Model, Tensor, TensorData};
+use protocol::bundle::{read_bundle_file, MemorySink, VerifyOptions};
+
+struct Variant {
+    model: String,
+    name: String,
+    file_size: u64,
+    bundle_size: Option<u64>,
+    quality: String,
+    gate: String,
+    engine: Option<Model>,
+    load_error: Option<String>,
+    times: Vec<f64>,
+}
+
+fn dir(model: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models")
+        .join(model)
+}
+
+fn read(model: &str, file: &str) -> Tensor {
+    engine::npy::read_npy(&dir(model).join(file)).unwrap()
+}
+
+fn labels(model: &str) -> Option<Vec<i64>> {
+    let path = dir(model).join("test_labels.npy");
+    path.exists()
+        .then(|| match engine::npy::read_npy(&path).unwrap().data {
+            TensorData::I64(v) => v,
+            TensorData::I32(v) => v.into_iter().map(i64::from).collect(),
+            _ => panic!("labels"),
+        })
+}
+
+fn roc_auc(score: &[f64], labels: &[i64]) -> f64 {
+    let (mut hits, mut pairs) = (0.0, 0.0);
+    for (s, _) in score.iter().zip(labels).filter(|(_, &l)| l == 1) {
+        for (n, _) in score.iter().zip(labels).filter(|(_, &l)| l != 1) {
+            pairs += 1.0;
+            hits += if s > n {
+                1.0
+            } else if s == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    hits / pairs
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+/// Quality of `out` (all test samples) as the table prints it.
+fn quality(model: &str, x: &Tensor, out: &[f32], float: &[f32]) -> String {
+    let n = x.shape[0];
+    if model == "vibration_ae" {
+        let xs = x.as_f32().unwrap();
+        let per = xs.len() / n;
+        let err: Vec<f64> = (0..n)
+            .map(|i| {
+                let (a, b) = (&xs[i * per..(i + 1) * per], &out[i * per..(i + 1) * per]);
+                a.iter()
+                    .zip(b)
+                    .map(|(p, q)| f64::from(p - q).powi(2))
+                    .sum::<f64>()
+                    / per as f64
+            })
+            .collect();
+        return format!("AUC {:.4}", roc_auc(&err, &labels(model).unwrap()));
+    }
+    let classes = out.len() / n;
+    if let Some(l) = labels(model) {
+        let hits = out
+            .chunks(classes)
+            .zip(&l)
+            .filter(|(r, &y)| argmax(r) as i64 == y)
+            .count();
+        return format!("acc {:.4}", hits as f64 / n as f64);
+    }
+    let agree = out
+        .chunks(classes)
+        .zip(float.chunks(classes))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    let (mut s, mut e) = (0f64, 0f64);
+    for (&a, &b) in float.iter().zip(out) {
+        s += f64::from(a).powi(2);
+        e += f64::from(a - b).powi(2);
+    }
+    let snr = if e == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (s / e).log10()
+    };
+    format!("SNR {snr:.1} dB, top-1 {agree}/{n}")
+}
+
+fn run_all(m: &Model, x: &Tensor) -> Vec<f32> {
+    let n = x.shape[0];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let j = (i + 32).min(n);
+        let per = x.as_f32().unwrap().len() / n;
+        let mut shape = x.shape.clone();
+        shape[0] = j - i;
+        let part = Tensor::from_f32(shape, x.as_f32().unwrap()[i * per..j * per].to_vec()).unwrap();
+        out.extend_from_slice(m.run(&[part]).unwrap()[0].as_f32().unwrap());
+        i = j;
+    }
+    out
+}
+
+fn load(bytes: &[u8]) -> Result<Model, String> {
+    let f = tempfile::Builder::new().suffix(".onnx").tempfile().unwrap();
+    std::fs::write(f.path(), bytes).unwrap();
+    Model::load(f.path(), &EngineOptions::default()).map_err(|e| format!("{e:#}"))
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut ort_dir, mut seconds) = (None, 1.0f64);
+    let mut models: Vec<String> = ["digits_mlp", "digits_cnn", "vibration_ae", "mobilenetish"]
+        .map(String::from)
+        .to_vec();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ort-dir" => ort_dir = args.next().map(PathBuf::from),
+            "--seconds" => seconds = args.next().unwrap().parse().unwrap(),
+            "--models" => models = args.next().unwrap().split(',').map(String::from).collect(),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    bundler::keygen(work.path(), "k").unwrap();
+    let keyring = bundler::load_keyring(&[work.path().join("k.pub")]).unwrap();
+    let mut variants: Vec<Variant> = Vec::new();
+    for model in &models {
+        let x = read(model, "test_input.npy");
+        let mut float_out: Option<Vec<f32>> = None;
+        for mode in [
+            QuantizeMode::None,
+            QuantizeMode::Int8Weights,
+            QuantizeMode::Int8,
+            QuantizeMode::F16,
+        ] {
+            let out = work.path().join(format!("{model}-{mode}.mfb"));
+            let mut o = BuildOptions::new(
+                dir(model).join(format!("{model}.onnx")),
+                model.as_str(),
+                "1.0.0",
+                1,
+                work.path().join("k.key"),
+                &out,
+            );
+            o.golden_inputs = Some(dir(model).join("test_input.npy"));
+            if model.starts_with("digits") {
+                o.golden_labels = Some(dir(model).join("test_labels.npy"));
+            }
+            let calib = dir(model).join("calib_input.npy");
+            o.calibration = Some(if calib.exists() {
+                calib
+            } else {
+                dir(model).join("test_input.npy")
+            });
+            o.latency_runs = 3;
+            o.quantize = mode;
+            o.quality_gate = Gate {
+                max_accuracy_drop: 100.0,
+                min_snr_db: -1000.0,
+            };
+            let report = match bundler::build(&o) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{model} {mode}: build failed: {e:#?}");
+                    continue;
+                }
+            };
+            let gate = match report.quantization.record() {
+                None => "-".to_string(),
+                Some(r) => {
+                    let mut q = r.quality.clone();
+                    q.max_accuracy_drop = Gate::default().max_accuracy_drop;
+                    q.min_snr_db = q.min_snr_db.map(|_| Gate::default().min_snr_db);
+                    match bundler::quality::check(&q) {
+                        Ok(()) => "pass".into(),
+                        Err(_) => "refused".into(),
+                    }
+                }
+            };
+            let mut sink = MemorySink::default();
+            read_bundle_file(&out, &VerifyOptions::new(&keyring), &mut sink).unwrap();
+            let bytes = &sink.0["model.onnx"];
+            let m = load(bytes).unwrap();
+            let y = run_all(&m, &x);
+            let float = float_out.get_or_insert_with(|| y.clone()).clone();
+            variants.push(Variant {
+                model: model.clone(),
+                name: format!("ours {mode}"),
+                file_size: bytes.len() as u64,
+                bundle_size: Some(report.size),
+                quality: quality(model, &x, &y, &float),
+                gate,
+                engine: Some(m),
+                load_error: None,
+                times: vec![],
+            });
+        }
+        let Some(ort) = &ort_dir else { continue };
+        for v in ["dynamic", "qdq", "qop"] {
+            let path = ort.join(format!("{model}.{v}.onnx"));
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let (engine, load_error, quality_text) = match load(&bytes) {
+                Ok(m) => {
+                    let y = run_all(&m, &x);
+                    let q = quality(model, &x, &y, float_out.as_deref().unwrap_or(&y));
+                    (Some(m), None, q)
+                }
+                Err(e) => (None, Some(e), "-".into()),
+            };
+            variants.push(Variant {
+                model: model.clone(),
+                name: format!("onnxruntime {v} in tract"),
+                file_size: bytes.len() as u64,
+                bundle_size: None,
+                quality: quality_text,
+                gate: "-".into(),
+                engine,
+                load_error,
+                times: vec![],
+            });
+        }
+    }
+    // Latency: batch 1, first test sample; round-robin over variants of a model, 5 rounds.
+    for model in &models {
+        let x = read(model, "test_input.npy");
+        let per = x.as_f32().unwrap().len() / x.shape[0];
+        let mut shape = x.shape.clone();
+        shape[0] = 1;
+        let one = Tensor::from_f32(shape, x.as_f32().unwrap()[..per].to_vec()).unwrap();
+        for _ in 0..5 {
+            for v in variants.iter_mut().filter(|v| &v.model == model) {
+                let Some(m) = &v.engine else { continue };
+                for _ in 0..3 {
+                    m.run(std::slice::from_ref(&one)).unwrap();
+                }
+                let start = Instant::now();
+                while start.elapsed().as_secs_f64() < seconds / 5.0 || v.times.len() % 5 != 0 {
+                    let t = Instant::now();
+                    m.run(std::slice::from_ref(&one)).unwrap();
+                    v.times.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+    }
+    println!("| model | variant | model file | bundle | quality | gate | latency p50 | p95 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for v in &mut variants {
+        v.times.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            v.times
+                .get(((v.times.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+        };
+        let fmt = |t: Option<f64>| match t {
+            Some(t) if t >= 1000.0 => format!("{:.2} ms", t / 1000.0),
+            Some(t) => format!("{t:.1} µs"),
+            None => v.load_error.clone().map_or("-".into(), |e| {
+                format!("does not load: {}", e.chars().take(80).collect::<String>())
+            }),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            v.model,
+            v.name,
+            v.file_size,
+            v.bundle_size.map_or("-".into(), |s| s.to_string()),
+            v.quality,
+            v.gate,
+            fmt(pick(0.5)),
+            fmt(pick(0.95)),
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! The quantization quality gate: the quantized model against the float model on the golden
+//! inputs, and the decision whether the bundle may be written.
+//!
+//! Figures (recorded in the manifest whether or not the gate passes): SNR of the task output
+//! in dB, the largest absolute difference, for classification the top-1 agreement with the
+//! float model and, with labels, both accuracies. The gate refuses when the accuracy drops by
+//! more than `max_accuracy_drop` points — against the labels when given, else against the
+//! float model's own top-1 classes — and, for models without a class output (regression), when
+//! the SNR is below `min_snr_db`. Any non-finite output fails.
+
+use engine::Tensor;
+use protocol::manifest::{QuantizationQuality, Task};
+
+use crate::baseline;
+
+/// Thresholds of the gate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gate {
+    /// Percentage points (`--max-accuracy-drop`, default 1).
+    pub max_accuracy_drop: f64,
+    /// dB, for models without a class output (`--min-snr-db`, default 20).
+    pub min_snr_db: f64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            max_accuracy_drop: 1.0,
+            min_snr_db: 20.0,
+        }
+    }
+}
+
+/// Signal-to-noise ratio of `got` against `reference` in dB; `None` when identical, NaN when
+/// `got` holds a non-finite value.
+pub(crate) fn snr_db(reference: &[f32], got: &[f32]) -> Option<f64> {
+    let (mut signal, mut noise) = (0f64, 0f64);
+    for (&r, &g) in reference.iter().zip(got) {
+        signal += f64::from(r) * f64::from(r);
+        noise += (f64::from(r) - f64::from(g)).powi(2);
+    }
+    if noise.is_nan() {
+        return Some(f64::NAN);
+    }
+    (noise > 0.0).then(|| 10.0 * (signal / noise).log10())
+}
+
+fn argmax_rows(scores: &[f32], classes: usize) -> Vec<usize> {
+    scores
+        .chunks(classes.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        })
+        .collect()
+}
+
+/// The figures of the quantized outputs against the float outputs of the task's output.
+pub(crate) fn compare(
+    task: &Task,
+    output_names: &[String],
+    float_outputs: &[Tensor],
+    quantized_outputs: &[Tensor],
+    labels: Option<&[i64]>,
+    gate: Gate,
+) -> QuantizationQuality {
+    let output = match task {
+        Task::Classification { output, .. } | Task::Regression { output, .. } => output.clone(),
+    };
+    let ix = output_names.iter().position(|n| *n == output).unwrap_or(0);
+    let reference = float_outputs[ix].as_f32().unwrap_or(&[]);
+    let got = quantized_outputs[ix].as_f32().unwrap_or(&[]);
+    let max_abs_diff = reference
+        .iter()
+        .zip(got)
+        .map(|(&r, &g)| f64::from((r - g).abs()))
+        .fold(0f64, |a, d| {
+            if d.is_nan() || a.is_nan() {
+                f64::NAN
+            } else {
+                a.max(d)
+            }
+        });
+    let mut q = QuantizationQuality {
+        samples: float_outputs[ix].shape.first().copied().unwrap_or(0),
+        output,
+        snr_db: snr_db(reference, got),
+        max_abs_diff,
+        argmax_agreement: None,
+        float_accuracy: None,
+        accuracy: None,
+        accuracy_drop: None,
+        max_accuracy_drop: gate.max_accuracy_drop,
+        min_snr_db: None,
+    };
+    match task {
+        Task::Classification { classes, .. } => {
+            let (a, b) = (argmax_rows(reference, *classes), argmax_rows(got, *classes));
+            let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            let agreement = agree as f64 / a.len().max(1) as f64;
+            q.argmax_agreement = Some(agreement);
+            q.accuracy_drop = Some(100.0 * (1.0 - agreement));
+            if let Some(labels) = labels {
+                let fa = baseline::accuracy(&float_outputs[ix], *classes, labels);
+                let qa = baseline::accuracy(&quantized_outputs[ix], *classes, labels);
+                q.float_accuracy = Some(fa);
+                q.accuracy = Some(qa);
+                q.accuracy_drop = Some(100.0 * (fa - qa));
+            }
+        }
+        Task::Regression { .. } => q.min_snr_db = Some(gate.min_snr_db),
+    }
+    q
+}
+
+/// `Err(reason)` when the gate refuses the quantized model.
+pub fn check(q: &QuantizationQuality) -> Result<(), String> {
+    let finite = q.max_abs_diff.is_finite() && q.snr_db.is_none_or(f64::is_finite);
+    if !finite {
+        return Err("the quantized model gives non-finite outputs".into());
+    }
+    if let Some(drop) = q.accuracy_drop {
+        if drop > q.max_accuracy_drop + 1e-9 {
+            let against = match (q.float_accuracy, q.accuracy) {
+                (Some(f), Some(a)) => format!("accuracy {a:.4} vs float {f:.4}"),
+                _ => format!(
+                    "top-1 agreement with the float model {:.4} (no labels)",
+                    q.argmax_agreement.unwrap_or(0.0)
+                ),
+            };
+            return Err(format!(
+                "{against}: a drop of {drop:.2} points > --max-accuracy-drop {}",
+                q.max_accuracy_drop
+            ));
+        }
+    }
+    if let (Some(min), Some(snr)) = (q.min_snr_db, q.snr_db) {
+        if snr < min {
+            return Err(format!("SNR {snr:.1} dB < --min-snr-db {min}"));
+        }
+    }
+    Ok(())
+}
+
+/// One line of figures, for messages and `inspect`.
+pub fn summary(q: &QuantizationQuality) -> String {
+    let mut s = match q.snr_db {
+        Some(snr) => format!("SNR {snr:.1} dB"),
+        None => "identical outputs".into(),
+    };
+    s += &format!(", max |diff| {:.3e}", q.max_abs_diff);
+    if let Some(a) = q.argmax_agreement {
+        s += &format!(", top-1 agreement {a:.4}");
+    }
+    if let (Some(f), Some(a)) = (q.float_accuracy, q.accuracy) {
+        s += &format!(", accuracy {a:.4} (float {f:.4})");
+    }
+    if let Some(d) = q.accuracy_drop {
+        s += &format!(", drop {d:.2} points (max {})", q.max_accuracy_drop);
+    }
+    if let Some(m) = q.min_snr_db {
+        s += &format!(", min SNR {m} dB");
+    }
+    s + &format!(", on {} golden samples", q.samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::manifest::ScoreKind;
+
+    fn t(rows: usize, v: Vec<f32>) -> Tensor {
+        let cols = v.len() / rows;
+        Tensor::from_f32(vec![rows, cols], v).unwrap()
+    }
+
+    #[test]
+    fn gate_refuses_an_accuracy_drop_beyond_the_limit() {
+        let task = Task::Classification {
+            output: "p".into(),
+            scores: ScoreKind::Probabilities,
+            classes: 2,
+        };
+        let names = vec!["p".to_string()];
+        let float = [t(4, vec![0.9, 0.1, 0.2, 0.8, 0.7, 0.3, 0.4, 0.6])];
+        let worse = [t(4, vec![0.9, 0.1, 0.6, 0.4, 0.7, 0.3, 0.4, 0.6])];
+        let labels = [0, 1, 0, 1];
+        let q = compare(
+            &task,
+            &names,
+            &float,
+            &worse,
+            Some(&labels),
+            Gate::default(),
+        );
+        assert_eq!(q.float_accuracy, Some(1.0));
+        assert_eq!(q.accuracy, Some(0.75));
+        assert_eq!(q.argmax_agreement, Some(0.75));
+        let err = check(&q).unwrap_err();
+        assert!(
+            err.contains("drop of 25.00 points > --max-accuracy-drop 1"),
+            "{err}"
+        );
+        let lenient = Gate {
+            max_accuracy_drop: 30.0,
+            ..Gate::default()
+        };
+        assert!(check(&compare(
+            &task,
+            &names,
+            &float,
+            &worse,
+            Some(&labels),
+            lenient
+        ))
+        .is_ok());
+        let same = compare(&task, &names, &float, &float, None, Gate::default());
+        assert_eq!((same.snr_db, same.accuracy_drop), (None, Some(0.0)));
+        assert!(check(&same).is_ok());
+    }
+
+    #[test]
+    fn gate_refuses_low_snr_and_nan_for_regression() {
+        let task = Task::Regression {
+            output: "y".into(),
+            statistic: protocol::manifest::OutputStatistic::Mean,
+        };
+        let names = vec!["y".to_string()];
+        let float = [t(1, vec![1.0, -1.0, 2.0, 0.5])];
+        let close = [t(1, vec![1.001, -1.0, 2.0, 0.5])];
+        let far = [t(1, vec![1.5, -0.5, 2.0, 0.5])];
+        let nan = [t(1, vec![f32::NAN, -1.0, 2.0, 0.5])];
+        assert!(check(&compare(
+            &task,
+            &names,
+            &float,
+            &close,
+            None,
+            Gate::default()
+        ))
+        .is_ok());
+        let err = check(&compare(&task, &names, &float, &far, None, Gate::default())).unwrap_err();
+        assert!(err.contains("< --min-snr-db 20"), "{err}");
+        let err = check(&compare(&task, &names, &float, &nan, None, Gate::default())).unwrap_err();
+        assert!(err.contains("non-finite"), "{err}");
+    }
+}

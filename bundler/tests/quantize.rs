@@ -1,0 +1,236 @@
+//! `--quantize`: each mode end to end on the reference models (build, verify, install the way a
+//! device does — engine load + golden self-test — and serve with the recorded accuracy), and
+//! the quality gate refusing a bad configuration.
+
+mod common;
+
+use std::path::Path;
+
+use bundler::{BuildError, BuildOptions, BuildReport, Gate, QuantizeMode, RangeMethod};
+use common::*;
+use engine::{EngineOptions, Model, Tensor};
+use protocol::bundle::{read_bundle_file, MemorySink, VerifyOptions};
+use protocol::manifest::{Manifest, Quantization};
+
+fn options(dir: &Path, name: &str, out: &str, mode: QuantizeMode) -> BuildOptions {
+    if !dir.join("k.key").exists() {
+        bundler::keygen(dir, "k").unwrap();
+    }
+    let mut o = BuildOptions::new(
+        model(name, &format!("{name}.onnx")),
+        name,
+        "1.0.0",
+        1,
+        dir.join("k.key"),
+        dir.join(out),
+    );
+    o.golden_inputs = Some(model(name, "test_input.npy"));
+    if name.starts_with("digits") {
+        o.golden_labels = Some(model(name, "test_labels.npy"));
+    }
+    o.calibration = Some(model(name, "calib_input.npy"));
+    o.latency_runs = 3;
+    o.quantize = mode;
+    o
+}
+
+/// What a device does at install: verify, load the model, run the golden self-test (within the
+/// manifest's tolerance). Returns the manifest and the loaded model.
+fn install_like_a_device(dir: &Path, bundle: &Path) -> (Manifest, Model) {
+    let keyring = bundler::load_keyring(&[dir.join("k.pub")]).unwrap();
+    let mut sink = MemorySink::default();
+    let v = read_bundle_file(bundle, &VerifyOptions::new(&keyring), &mut sink).unwrap();
+    let m = v.manifest;
+    let slot = tempfile::tempdir().unwrap();
+    for (name, bytes) in &sink.0 {
+        std::fs::write(slot.path().join(name), bytes).unwrap();
+    }
+    let model = Model::load(&slot.path().join(&m.model_file), &EngineOptions::default()).unwrap();
+    let golden = std::fs::read(slot.path().join(&m.golden.file)).unwrap();
+    let (inputs, expected) = engine::tensor::golden_tensors(&m.golden, &golden).unwrap();
+    let got = model.run(&inputs).unwrap();
+    for (e, g) in expected.iter().zip(&got) {
+        for (&y, &w) in g.as_f32().unwrap().iter().zip(e.as_f32().unwrap()) {
+            assert!(
+                (y - w).abs() <= m.golden.atol + m.golden.rtol * w.abs(),
+                "{y} vs {w}"
+            );
+        }
+    }
+    (m, model)
+}
+
+fn accuracy(model: &Model, name: &str) -> f64 {
+    let x = engine::npy::read_npy(&model_path(name, "test_input.npy")).unwrap();
+    let labels = engine::npy::read_npy(&model_path(name, "test_labels.npy")).unwrap();
+    let labels: Vec<i64> = match labels.data {
+        engine::TensorData::I64(v) => v,
+        engine::TensorData::I32(v) => v.into_iter().map(i64::from).collect(),
+        _ => panic!("labels"),
+    };
+    let out = model.run(&[x]).unwrap();
+    let scores = out[0].as_f32().unwrap();
+    let hits = scores
+        .chunks(10)
+        .zip(&labels)
+        .filter(|(row, &l)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            best as i64 == l
+        })
+        .count();
+    hits as f64 / labels.len() as f64
+}
+
+fn model_path(name: &str, file: &str) -> std::path::PathBuf {
+    model(name, file)
+}
+
+fn model_payload(r: &BuildReport) -> u64 {
+    r.payloads
+        .iter()
+        .find(|p| p.file == "model.onnx.zst")
+        .unwrap()
+        .compressed_size
+}
+
+#[test]
+fn int8_weights_digits_cnn_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = bundler::build(&options(
+        dir.path(),
+        "digits_cnn",
+        "f.mfb",
+        QuantizeMode::None,
+    ))
+    .unwrap();
+    let q = bundler::build(&options(
+        dir.path(),
+        "digits_cnn",
+        "q.mfb",
+        QuantizeMode::Int8Weights,
+    ))
+    .unwrap();
+    let Quantization::Int8Weights(record) = &q.quantization else {
+        panic!("{:?}", q.quantization)
+    };
+    assert_eq!(record.tensors, 3); // two Conv weights, one Gemm weight
+    assert_eq!(record.quality.samples, 450);
+    let drop = record.quality.accuracy_drop.unwrap();
+    assert!(drop <= 0.5, "accuracy drop {drop} points");
+    assert!(
+        model_payload(&q) * 10 <= model_payload(&float) * 3,
+        "model payload {} vs float {}",
+        model_payload(&q),
+        model_payload(&float)
+    );
+
+    let (m, model) = install_like_a_device(dir.path(), &q.output);
+    assert_eq!(m.quantization, q.quantization);
+    // The device serves with the accuracy the manifest records.
+    assert_eq!(Some(accuracy(&model, "digits_cnn")), m.baseline.accuracy);
+    assert_eq!(m.baseline.accuracy, record.quality.accuracy);
+
+    let text = bundler::inspect(&q.output).unwrap().to_text();
+    assert!(text.contains("quantization     int8_weights"), "{text}");
+    assert!(text.contains("quality gate: SNR"), "{text}");
+}
+
+#[test]
+fn f16_and_int8_weights_on_digits_mlp_and_vibration_ae() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["digits_mlp", "vibration_ae"] {
+        for mode in [QuantizeMode::F16, QuantizeMode::Int8Weights] {
+            let r = bundler::build(&options(
+                dir.path(),
+                name,
+                &format!("{name}-{mode}.mfb"),
+                mode,
+            ))
+            .unwrap_or_else(|e| panic!("{name} {mode}: {e:?}"));
+            let record = r.quantization.record().unwrap();
+            let snr = record.quality.snr_db.unwrap_or(f64::INFINITY);
+            let min = if mode == QuantizeMode::F16 {
+                50.0
+            } else {
+                20.0
+            };
+            assert!(snr > min, "{name} {mode}: SNR {snr}");
+            install_like_a_device(dir.path(), &r.output);
+        }
+    }
+}
+
+#[test]
+fn int8_static_digits_cnn_is_within_a_point_and_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), "digits_cnn", "q.mfb", QuantizeMode::Int8);
+    o.calibration_method = RangeMethod::MinMax;
+    let r = bundler::build(&o).unwrap();
+    let Quantization::Int8(record) = &r.quantization else {
+        panic!()
+    };
+    let cal = record.calibration.as_ref().unwrap();
+    assert_eq!(
+        (cal.method.as_str(), cal.samples, cal.activations),
+        ("minmax", 100, 3)
+    );
+    assert!(record.quality.accuracy_drop.unwrap() <= 1.0);
+    let (_, model) = install_like_a_device(dir.path(), &r.output);
+    assert_eq!(
+        Some(accuracy(&model, "digits_cnn")),
+        record.quality.accuracy
+    );
+}
+
+#[test]
+fn the_gate_refuses_a_bad_configuration_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Activation ranges cut at the median: most activations saturate.
+    let mut o = options(dir.path(), "digits_cnn", "bad.mfb", QuantizeMode::Int8);
+    o.calibration_method = RangeMethod::Percentile(50.0);
+    let err = bundler::build(&o).unwrap_err();
+    let BuildError::QualityGate { reason, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("> --max-accuracy-drop 1"), "{reason}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no bundle written") && msg.contains("accuracy"),
+        "{msg}"
+    );
+    assert!(!o.output.exists());
+    // The same configuration passes when the limit allows it.
+    o.quality_gate = Gate {
+        max_accuracy_drop: 100.0,
+        ..Gate::default()
+    };
+    bundler::build(&o).unwrap();
+    assert!(o.output.exists());
+}
+
+#[test]
+fn quantized_outputs_are_reproducible_by_a_fresh_engine() {
+    // The golden outputs of a quantized bundle come from the quantized model: loading the
+    // shipped model again gives the same numbers (what the device's self-test relies on).
+    let dir = tempfile::tempdir().unwrap();
+    let r = bundler::build(&options(
+        dir.path(),
+        "vibration_ae",
+        "v.mfb",
+        QuantizeMode::Int8,
+    ))
+    .unwrap();
+    let (m, model) = install_like_a_device(dir.path(), &r.output);
+    assert_eq!(m.quantization.mode(), "int8");
+    let x = Tensor::from_f32(vec![1, 128], vec![0.1; 128]).unwrap();
+    assert!(model.run(&[x]).unwrap()[0]
+        .as_f32()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
+}
