@@ -166,16 +166,22 @@ mod tests {
 
     #[test]
     fn token_lines_parse_and_errors_name_the_line() {
-        let text = "# ops\nci operator 0123456789abcdef0123\n\n root admin  fedcba9876543210fedc # x\n";
+        let text =
+            "# ops\nci operator 0123456789abcdef0123\n\n root admin  fedcba9876543210fedc # x\n";
         let t = parse_token_lines(text).unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].role, Role::Admin);
         assert_eq!(t[1].secret, "fedcba9876543210fedc");
         assert_eq!(
-            parse_token_lines("a boss 0123456789abcdef0123").unwrap_err().0,
+            parse_token_lines("a boss 0123456789abcdef0123")
+                .unwrap_err()
+                .0,
             1
         );
-        assert!(parse_token_lines("\na viewer short").unwrap_err().1.contains("shorter"));
+        assert!(parse_token_lines("\na viewer short")
+            .unwrap_err()
+            .1
+            .contains("shorter"));
         assert!(parse_token_lines("a viewer").is_err());
     }
 

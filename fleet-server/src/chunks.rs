@@ -35,7 +35,10 @@ impl Fleet {
             }
             Err((why, total)) => refuse(why, total),
         };
-        let _ = self.mqtt.publish(topic, QoS::AtLeastOnce, false, frame).await;
+        let _ = self
+            .mqtt
+            .publish(topic, QoS::AtLeastOnce, false, frame)
+            .await;
     }
 
     /// The bundle size and the number of chunks to serve, or why not (and the chunk total).
@@ -47,7 +50,10 @@ impl Fleet {
         }
         if req.chunk_size == 0 || req.chunk_size > MAX_CHUNK_SIZE {
             return Err((
-                format!("chunk size {} out of range 1..={MAX_CHUNK_SIZE}", req.chunk_size),
+                format!(
+                    "chunk size {} out of range 1..={MAX_CHUNK_SIZE}",
+                    req.chunk_size
+                ),
                 0,
             ));
         }
@@ -79,12 +85,21 @@ impl Fleet {
         let total = chunk_count(size, req.chunk_size);
         let mut served = 0u64;
         for index in req.first..req.first + n {
-            let frame = match self.files.chunk_frame(&req.bundle_id, size, req.chunk_size, index) {
+            let frame = match self
+                .files
+                .chunk_frame(&req.bundle_id, size, req.chunk_size, index)
+            {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(device, bundle_id = %req.bundle_id, index, error = %e, "cannot read chunk");
                     self.metrics.chunk_errors_sent.fetch_add(1, Relaxed);
-                    error_frame(&req.bundle_id, req.chunk_size, index, total, "server cannot read the bundle")
+                    error_frame(
+                        &req.bundle_id,
+                        req.chunk_size,
+                        index,
+                        total,
+                        "server cannot read the bundle",
+                    )
                 }
             };
             let bytes = frame.len() as u64;

@@ -22,7 +22,9 @@ use serde_json::json;
 use crate::auth::{self, Caller, Role, TokenIndex};
 use crate::bundles::{BundleFileError, BundleFiles};
 use crate::metrics::{Gauges, Metrics};
-use crate::store::{BundleRecord, DeviceRecord, Event, EventFilter, Store, StoreError, TokenRecord};
+use crate::store::{
+    BundleRecord, DeviceRecord, Event, EventFilter, Store, StoreError, TokenRecord,
+};
 use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,11 +157,11 @@ impl Fleet {
     /// Rebuilds the token index from the file tokens and the stored ones.
     pub fn reload_tokens(&self) -> Result<(), FleetError> {
         let stored = self.store.tokens()?;
-        let all = self
-            .file_tokens
-            .iter()
-            .cloned()
-            .chain(stored.into_iter().map(|t| (t.name, t.role, t.secret_sha256)));
+        let all = self.file_tokens.iter().cloned().chain(
+            stored
+                .into_iter()
+                .map(|t| (t.name, t.role, t.secret_sha256)),
+        );
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = TokenIndex::new(all);
         Ok(())
     }
@@ -196,7 +198,12 @@ impl Fleet {
             role,
             secret_sha256: auth::hash_secret(&secret),
             created_at: Utc::now(),
-            source: if actor == "server" { "generated" } else { "api" }.into(),
+            source: if actor == "server" {
+                "generated"
+            } else {
+                "api"
+            }
+            .into(),
         };
         let event = Event::new("token_created", actor, json!({"name": name, "role": role}));
         self.store.put_token(&record, event)?;
@@ -406,14 +413,18 @@ impl Fleet {
         // Recorded before it is sent: an audit log may name a command a device never got, but
         // never miss one it got.
         self.store.append(vec![event])?;
-        self.mqtt
-            .publish(
-                self.topics.device(device_id, Channel::Commands),
-                QoS::AtLeastOnce,
-                false,
-                link::encode(&command),
-            )
+        let publish = self.mqtt.publish(
+            self.topics.device(device_id, Channel::Commands),
+            QoS::AtLeastOnce,
+            false,
+            link::encode(&command),
+        );
+        // The request queue only fills when the broker has been unreachable for a while.
+        tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
             .await
+            .map_err(|_| {
+                FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
+            })?
             .map_err(|e| FleetError::Mqtt(e.to_string()))?;
         self.metrics.commands_sent.fetch_add(1, Relaxed);
         Ok(command.command_id)
@@ -428,7 +439,11 @@ impl Fleet {
         actor: &str,
     ) -> Result<String, FleetError> {
         let b = self.bundle(bundle_id)?;
-        let base = self.http_base.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let base = self
+            .http_base
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let bundle = BundleRef {
             http_url: (!base.is_empty()).then(|| format!("{base}/api/v1/bundles/{}/content", b.id)),
             bundle_id: b.id,
@@ -455,7 +470,8 @@ impl Fleet {
             model: model.to_string(),
             version: version.map(str::to_string),
         };
-        self.send_command(device_id, action, rollout_id, actor).await
+        self.send_command(device_id, action, rollout_id, actor)
+            .await
     }
 
     // ---- events and metrics ----
@@ -477,6 +493,9 @@ impl Fleet {
         self.metrics.render(&g)
     }
 }
+
+/// How long a command may wait for room in the MQTT request queue.
+const COMMAND_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn new_command_id() -> String {
     let mut b = [0u8; 8];

@@ -92,7 +92,11 @@ impl Fleet {
                 }
                 Some(mut d) => {
                     if d.online != status.online {
-                        let kind = if status.online { "device_online" } else { "device_offline" };
+                        let kind = if status.online {
+                            "device_online"
+                        } else {
+                            "device_offline"
+                        };
                         events.push(Event::new(kind, &actor, json!({})).device(device));
                     }
                     d.online = status.online;

@@ -103,7 +103,9 @@ fn main() -> Result<()> {
             tls_cert,
             tls_key,
         } => {
-            let tls = tls_cert.zip(tls_key).map(|(cert_pem, key_pem)| BrokerTls { cert_pem, key_pem });
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert_pem, key_pem)| BrokerTls { cert_pem, key_pem });
             let broker = EmbeddedBroker::start_with(listen, tls).context("starting the broker")?;
             say(&format!("broker {}", broker.url()));
             loop {
@@ -154,7 +156,9 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     say(&format!("broker {}", server.broker_url()));
     say(&format!("listening on {}", server.http_url()));
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())

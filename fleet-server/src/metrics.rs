@@ -90,15 +90,30 @@ impl Metrics {
             }
         };
         let l = |c: &AtomicU64| c.load(Relaxed);
-        metric("fleet_devices", "gauge", "Devices known to the server.", &[("", g.devices)]);
+        metric(
+            "fleet_devices",
+            "gauge",
+            "Devices known to the server.",
+            &[("", g.devices)],
+        );
         metric(
             "fleet_devices_online",
             "gauge",
             "Devices whose last status says online.",
             &[("", g.devices_online)],
         );
-        metric("fleet_bundles", "gauge", "Bundles stored.", &[("", g.bundles)]);
-        metric("fleet_events", "gauge", "Events in the event log.", &[("", g.events)]);
+        metric(
+            "fleet_bundles",
+            "gauge",
+            "Bundles stored.",
+            &[("", g.bundles)],
+        );
+        metric(
+            "fleet_events",
+            "gauge",
+            "Events in the event log.",
+            &[("", g.events)],
+        );
         metric(
             "fleet_telemetry_series",
             "gauge",
@@ -140,7 +155,12 @@ impl Metrics {
             "Device events received again (same device and seq) and not stored twice.",
             &[("", l(&self.duplicate_events))],
         );
-        metric("fleet_chunks_served_total", "counter", "Bundle chunks published.", &[("", l(&self.chunks_served))]);
+        metric(
+            "fleet_chunks_served_total",
+            "counter",
+            "Bundle chunks published.",
+            &[("", l(&self.chunks_served))],
+        );
         metric(
             "fleet_chunk_bytes_served_total",
             "counter",
@@ -159,15 +179,30 @@ impl Metrics {
             "Chunk requests dropped because the serving queue was full (the agent asks again).",
             &[("", l(&self.chunk_requests_dropped))],
         );
-        metric("fleet_commands_sent_total", "counter", "Commands published to devices.", &[("", l(&self.commands_sent))]);
-        metric("fleet_mqtt_connects_total", "counter", "MQTT connections made (ConnAck received).", &[("", l(&self.mqtt_connects))]);
+        metric(
+            "fleet_commands_sent_total",
+            "counter",
+            "Commands published to devices.",
+            &[("", l(&self.commands_sent))],
+        );
+        metric(
+            "fleet_mqtt_connects_total",
+            "counter",
+            "MQTT connections made (ConnAck received).",
+            &[("", l(&self.mqtt_connects))],
+        );
         metric(
             "fleet_mqtt_connection_errors_total",
             "counter",
             "MQTT connection errors (each followed by a backoff and a reconnect).",
             &[("", l(&self.mqtt_connection_errors))],
         );
-        metric("fleet_store_errors_total", "counter", "Failed database operations.", &[("", l(&self.store_errors))]);
+        metric(
+            "fleet_store_errors_total",
+            "counter",
+            "Failed database operations.",
+            &[("", l(&self.store_errors))],
+        );
         metric(
             "fleet_http_unauthorized_total",
             "counter",

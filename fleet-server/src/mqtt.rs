@@ -274,6 +274,7 @@ pub async fn run(
     drop(chunk_tx);
     for w in workers {
         w.abort();
+        let _ = w.await;
     }
     let _ = ingest.await;
 }
@@ -322,8 +323,14 @@ mod tests {
 
     #[test]
     fn urls_parse() {
-        assert_eq!(parse_url("mqtt://127.0.0.1:1883").unwrap(), (false, "127.0.0.1".into(), 1883));
-        assert_eq!(parse_url("mqtts://broker.local").unwrap(), (true, "broker.local".into(), 8883));
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1883").unwrap(),
+            (false, "127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_url("mqtts://broker.local").unwrap(),
+            (true, "broker.local".into(), 8883)
+        );
         for bad in ["http://x:1", "mqtt://", "mqtt://h:port", "mqtt://h:1/path"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }

@@ -17,10 +17,18 @@ const OPERATOR: &str = "operator-secret-0123456789";
 const ADMIN: &str = "admin-secret-0123456789abc";
 
 fn token_lines() -> Vec<TokenLine> {
-    [("ro", Role::Viewer, VIEWER), ("ci", Role::Operator, OPERATOR), ("root", Role::Admin, ADMIN)]
-        .into_iter()
-        .map(|(n, r, s)| TokenLine { name: n.into(), role: r, secret: s.into() })
-        .collect()
+    [
+        ("ro", Role::Viewer, VIEWER),
+        ("ci", Role::Operator, OPERATOR),
+        ("root", Role::Admin, ADMIN),
+    ]
+    .into_iter()
+    .map(|(n, r, s)| TokenLine {
+        name: n.into(),
+        role: r,
+        secret: s.into(),
+    })
+    .collect()
 }
 
 #[test]
@@ -29,7 +37,10 @@ fn roles_guard_the_api_and_errors_say_what_is_wrong() {
     let mut config = fx.config("server");
     config.tokens = Some(token_lines());
     let server = fx.start(config);
-    assert!(server.admin_token().is_none(), "a token file means no generated token");
+    assert!(
+        server.admin_token().is_none(),
+        "a token file means no generated token"
+    );
     let anon = Api::new(&server, None);
     let viewer = anon.with_token(Some(VIEWER));
     let operator = anon.with_token(Some(OPERATOR));
@@ -38,10 +49,18 @@ fn roles_guard_the_api_and_errors_say_what_is_wrong() {
 
     let (s, e) = anon.get("/api/v1/devices");
     assert_eq!(s, 401);
-    assert!(e["error"].as_str().unwrap().contains("Authorization"), "{e}");
-    let (s, e) = anon.with_token(Some("wrong-secret-000000000")).get("/api/v1/devices");
+    assert!(
+        e["error"].as_str().unwrap().contains("Authorization"),
+        "{e}"
+    );
+    let (s, e) = anon
+        .with_token(Some("wrong-secret-000000000"))
+        .get("/api/v1/devices");
     assert_eq!(s, 401);
-    assert!(e["error"].as_str().unwrap().contains("unknown token"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("unknown token"),
+        "{e}"
+    );
     assert_eq!(viewer.get("/api/v1/devices").0, 200);
     assert_eq!(viewer.get("/api/v1/events").0, 200);
     let (s, e) = viewer.post_bytes("/api/v1/bundles", &bundle);
@@ -50,7 +69,12 @@ fn roles_guard_the_api_and_errors_say_what_is_wrong() {
     let (s, up) = operator.post_bytes("/api/v1/bundles", &bundle);
     assert_eq!(s, 201, "{up}");
     assert_eq!(operator.get("/api/v1/tokens").0, 403);
-    assert_eq!(operator.post_json("/api/v1/tokens", json!({"name": "x", "role": "viewer"})).0, 403);
+    assert_eq!(
+        operator
+            .post_json("/api/v1/tokens", json!({"name": "x", "role": "viewer"}))
+            .0,
+        403
+    );
 
     // Admin manages tokens; a created token works at its role; a deleted one stops working.
     let (s, created) = admin.post_json("/api/v1/tokens", json!({"name": "dash", "role": "viewer"}));
@@ -59,15 +83,38 @@ fn roles_guard_the_api_and_errors_say_what_is_wrong() {
     assert_eq!(dash.get("/api/v1/bundles").0, 200);
     assert_eq!(dash.post_bytes("/api/v1/bundles", &bundle).0, 403);
     let (_, list) = admin.get("/api/v1/tokens");
-    let names: Vec<&str> = list["tokens"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["ro", "ci", "root", "dash"]);
-    assert!(!list.to_string().contains(VIEWER), "no secrets in the listing");
+    assert!(
+        !list.to_string().contains(VIEWER),
+        "no secrets in the listing"
+    );
     assert_eq!(admin.delete("/api/v1/tokens/dash").0, 204);
     assert_eq!(dash.get("/api/v1/bundles").0, 401);
     assert_eq!(admin.delete("/api/v1/tokens/dash").0, 404);
-    assert_eq!(admin.post_json("/api/v1/tokens", json!({"name": "ro", "role": "admin"})).0, 409);
-    assert_eq!(admin.post_json("/api/v1/tokens", json!({"name": "a b", "role": "viewer"})).0, 400);
-    assert_eq!(admin.post_json("/api/v1/tokens", json!({"name": "x", "role": "boss"})).0, 400);
+    assert_eq!(
+        admin
+            .post_json("/api/v1/tokens", json!({"name": "ro", "role": "admin"}))
+            .0,
+        409
+    );
+    assert_eq!(
+        admin
+            .post_json("/api/v1/tokens", json!({"name": "a b", "role": "viewer"}))
+            .0,
+        400
+    );
+    assert_eq!(
+        admin
+            .post_json("/api/v1/tokens", json!({"name": "x", "role": "boss"}))
+            .0,
+        400
+    );
 
     // A bundle signed by a key the server does not trust: 400 naming the reason.
     let other = fleet_server_other_key_bundle(&fx);
@@ -99,7 +146,14 @@ fn fleet_server_other_key_bundle(fx: &Fixture) -> Vec<u8> {
     let keys = bundler::keys::keygen_files(&fx.path("other-keys"), "other").unwrap();
     let src = common::models_dir().join("digits_mlp");
     let out = fx.path("other.mfb");
-    let mut opts = bundler::BuildOptions::new(src.join("digits_mlp.onnx"), "digits_mlp", "9.0.0", 1, &keys.secret, &out);
+    let mut opts = bundler::BuildOptions::new(
+        src.join("digits_mlp.onnx"),
+        "digits_mlp",
+        "9.0.0",
+        1,
+        &keys.secret,
+        &out,
+    );
     opts.golden_inputs = Some(src.join("test_input.npy"));
     opts.golden_max = 4;
     opts.latency_runs = 1;
@@ -125,7 +179,9 @@ fn state_survives_a_restart_on_the_same_data_dir() {
     assert_eq!(s, 201);
     let dev = FakeDevice::connect(&broker.url(), "dev-p");
     dev.publish_status(&dev.status(&[("site", "a")], Some(vec![])));
-    wait_for(20, "device registered", || (api.get("/api/v1/devices").1["total"] == 1).then_some(()));
+    wait_for(20, "device registered", || {
+        (api.get("/api/v1/devices").1["total"] == 1).then_some(())
+    });
     fx.stop(server);
 
     // While the server is away the device reports an event: the persistent session keeps it.
@@ -133,13 +189,19 @@ fn state_survives_a_restart_on_the_same_data_dir() {
     dev.event("installed", "digits_mlp", "1.0.0", None);
 
     let server = fx.start(config());
-    assert!(server.admin_token().is_none(), "the admin token is generated once");
+    assert!(
+        server.admin_token().is_none(),
+        "the admin token is generated once"
+    );
     let api = Api::new(&server, Some(&token));
     let (s, b) = api.get(&format!("/api/v1/bundles/{}", up["id"].as_str().unwrap()));
     assert_eq!((s, &b["version"]), (200, &json!("1.0.0")));
     let (_, devices) = api.get("/api/v1/devices");
     assert_eq!(devices["devices"][0]["labels"]["site"], "a");
-    let (_, _, content) = api.get_raw(&format!("/api/v1/bundles/{}/content", up["id"].as_str().unwrap()), None);
+    let (_, _, content) = api.get_raw(
+        &format!("/api/v1/bundles/{}/content", up["id"].as_str().unwrap()),
+        None,
+    );
     assert_eq!(content, bytes);
     wait_for(20, "the event published while the server was down", || {
         let (_, ev) = api.get("/api/v1/events?device_id=dev-p&kind=installed");
@@ -158,7 +220,9 @@ fn telemetry_windows_are_kept_per_device_model_and_version() {
     let api = Api::new(&server, server.admin_token());
     let dev = FakeDevice::connect(server.broker_url(), "dev-t");
     dev.publish_status(&dev.status(&[], Some(vec![])));
-    wait_for(20, "device registered", || (api.get("/api/v1/devices/dev-t").0 == 200).then_some(()));
+    wait_for(20, "device registered", || {
+        (api.get("/api/v1/devices/dev-t").0 == 200).then_some(())
+    });
     let window = json!({
         "type": "window", "schema": 1, "model": "digits_mlp", "version": "1.0.0",
         "start": "2026-01-01T00:00:00Z", "end": chrono::Utc::now(), "state": "trial",
@@ -169,18 +233,30 @@ fn telemetry_windows_are_kept_per_device_model_and_version() {
                            "mean_confidence": 0.8, "prediction_psi_baseline": 0.01},
         "input_psi": {"input": 0.02}, "samples_over_budget": 0, "outbox_dropped_total": 0
     });
-    dev.publish(Channel::Telemetry, serde_json::to_vec(&window).unwrap(), false);
+    dev.publish(
+        Channel::Telemetry,
+        serde_json::to_vec(&window).unwrap(),
+        false,
+    );
     let body = wait_for(20, "telemetry window", || {
         let (_, b) = api.get("/api/v1/devices/dev-t/telemetry?model=digits_mlp");
         (b["windows"].as_array().is_some_and(|w| w.len() == 1)).then_some(b)
     });
     assert_eq!(body["windows"][0]["requests"], 40);
-    let fig = server.fleet().telemetry.summary(["dev-t"], "digits_mlp", "1.0.0", chrono::Utc::now() - chrono::Duration::hours(1));
+    let fig = server.fleet().telemetry.summary(
+        ["dev-t"],
+        "digits_mlp",
+        "1.0.0",
+        chrono::Utc::now() - chrono::Duration::hours(1),
+    );
     assert_eq!((fig.devices, fig.requests, fig.errors), (1, 40, 2));
     assert_eq!(fig.class_counts, vec![30, 10]);
     assert_eq!(fig.mean_confidence, Some(0.8));
     assert!(fig.p95_ms.is_some());
-    assert_eq!(api.metric("fleet_mqtt_messages_received_total{channel=\"telemetry\"}"), 1);
+    assert_eq!(
+        api.metric("fleet_mqtt_messages_received_total{channel=\"telemetry\"}"),
+        1
+    );
     drop(dev);
     fx.stop(server);
 }
@@ -213,25 +289,40 @@ fn garbage_on_every_topic_is_counted_and_the_server_keeps_answering() {
         dev.publish(channel, payload, false);
     }
     // A well-formed chunk request from a device the server has never seen: an error frame.
-    let req = link::ChunkRequest { schema: 1, bundle_id: "a".repeat(64), chunk_size: 65536, first: 0, count: 4 };
+    let req = link::ChunkRequest {
+        schema: 1,
+        bundle_id: "a".repeat(64),
+        chunk_size: 65536,
+        first: 0,
+        count: 4,
+    };
     dev.publish(Channel::TransferRequest, link::encode(&req), false);
     let (h, _) = link::decode_chunk(&dev.recv(Channel::TransferChunk, 20).payload).unwrap();
     assert_eq!(h.error.as_deref(), Some("unknown device"));
     wait_for(20, "malformed messages counted", || {
         let total: u64 = ["status", "events", "telemetry", "transfer_req"]
             .iter()
-            .map(|c| api.metric(&format!("fleet_mqtt_messages_malformed_total{{channel=\"{c}\"}}")))
+            .map(|c| {
+                api.metric(&format!(
+                    "fleet_mqtt_messages_malformed_total{{channel=\"{c}\"}}"
+                ))
+            })
             .sum();
         (total == n).then_some(())
     });
-    assert_eq!(api.metric("fleet_mqtt_messages_malformed_total{channel=\"status\"}"), 4);
+    assert_eq!(
+        api.metric("fleet_mqtt_messages_malformed_total{channel=\"status\"}"),
+        4
+    );
     // Still serving, and the garbage registered nothing.
     let (s, body) = api.get("/api/v1/devices");
     assert_eq!((s, &body["total"]), (200, &json!(0)));
     assert_eq!(api.get("/healthz").1["mqtt_connected"], true);
     // A good status after all that still registers.
     dev.publish_status(&dev.status(&[], Some(vec![])));
-    wait_for(20, "device registered", || (api.get("/api/v1/devices").1["total"] == 1).then_some(()));
+    wait_for(20, "device registered", || {
+        (api.get("/api/v1/devices").1["total"] == 1).then_some(())
+    });
     drop(dev);
     fx.stop(server);
 }
@@ -285,8 +376,13 @@ fn the_cli_prints_its_addresses_and_token() {
     let lines = read_lines(&mut server, &["admin token: ", "broker ", "listening on "]);
     let (token, url, http) = (&lines[0], &lines[1], &lines[2]);
     assert_eq!(url, &broker_url);
-    let api = Api { base: http.clone(), token: Some(token.clone()) };
-    wait_for(20, "server connected to the broker", || (api.get("/healthz").1["mqtt_connected"] == true).then_some(()));
+    let api = Api {
+        base: http.clone(),
+        token: Some(token.clone()),
+    };
+    wait_for(20, "server connected to the broker", || {
+        (api.get("/healthz").1["mqtt_connected"] == true).then_some(())
+    });
     assert_eq!(api.get("/api/v1/devices").0, 200);
     server.kill().unwrap();
     server.wait().unwrap();

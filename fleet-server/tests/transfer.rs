@@ -11,7 +11,10 @@ use serde_json::json;
 fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     let fx = Fixture::new();
     let server = fx.start(fx.config("server"));
-    let token = server.admin_token().expect("first start generates an admin token").to_string();
+    let token = server
+        .admin_token()
+        .expect("first start generates an admin token")
+        .to_string();
     let api = Api::new(&server, Some(&token));
 
     let mut dev = FakeDevice::connect(server.broker_url(), "dev-1");
@@ -63,7 +66,9 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     let p = dev.recv(Channel::Commands, 20);
     let cmd: Command = link::decode(&p.payload).unwrap();
     assert_eq!(cmd.command_id, command_id);
-    let Action::Stage { bundle } = cmd.action else { panic!("not a stage command: {:?}", cmd.action) };
+    let Action::Stage { bundle } = cmd.action else {
+        panic!("not a stage command: {:?}", cmd.action)
+    };
     assert_eq!(bundle.bundle_id, id);
     assert_eq!(bundle.size, bytes.len() as u64);
     assert_eq!(bundle.chunk_size, link::DEFAULT_CHUNK_SIZE);
@@ -77,7 +82,13 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     let mut chunks: Vec<Option<Vec<u8>>> = vec![None; total as usize];
     let mut first = 0;
     while first < total {
-        let req = ChunkRequest { schema: LINK_SCHEMA, bundle_id: id.clone(), chunk_size: bundle.chunk_size, first, count: 16 };
+        let req = ChunkRequest {
+            schema: LINK_SCHEMA,
+            bundle_id: id.clone(),
+            chunk_size: bundle.chunk_size,
+            first,
+            count: 16,
+        };
         dev.publish(Channel::TransferRequest, link::encode(&req), false);
         for _ in first..(first + 16).min(total) {
             let p = dev.recv(Channel::TransferChunk, 20);
@@ -88,25 +99,45 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
         }
         first += 16;
     }
-    let whole: Vec<u8> = chunks.into_iter().flat_map(|c| c.expect("every chunk")).collect();
+    let whole: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.expect("every chunk"))
+        .collect();
     assert_eq!(link::sha256_hex(&whole), id);
     assert_eq!(whole, bytes);
-    let (_, d) = api.get("/api/v1/devices/dev-1");
-    assert_eq!(d["transfer"]["bundle_id"], id.as_str());
-    assert_eq!(d["transfer"]["chunks_served"], total as u64);
+    wait_for(20, "transfer progress", || {
+        let (_, d) = api.get("/api/v1/devices/dev-1");
+        (d["transfer"]["bundle_id"] == id.as_str()
+            && d["transfer"]["chunks_served"] == total as u64)
+            .then_some(())
+    });
 
     // Unknown bundle and a range past the end: error frames.
     for (bundle_id, first) in [("f".repeat(64), 0), (id.clone(), total)] {
-        let req = ChunkRequest { schema: LINK_SCHEMA, bundle_id, chunk_size: 65536, first, count: 1 };
+        let req = ChunkRequest {
+            schema: LINK_SCHEMA,
+            bundle_id,
+            chunk_size: 65536,
+            first,
+            count: 1,
+        };
         dev.publish(Channel::TransferRequest, link::encode(&req), false);
-        let (h, b) = link::decode_chunk(&dev.recv(Channel::TransferChunk, 20).payload).unwrap();
+        let p = dev.recv(Channel::TransferChunk, 20);
+        let (h, b) = link::decode_chunk(&p.payload).unwrap();
         assert!(h.error.is_some() && b.is_empty(), "{h:?}");
     }
     assert!(api.metric("fleet_chunk_errors_total") >= 2);
-    assert!(api.metric("fleet_chunks_served_total") >= total as u64);
+    wait_for(20, "chunks counted", || {
+        (api.metric("fleet_chunks_served_total") >= total as u64).then_some(())
+    });
 
     // Device events, one delivered twice: stored once, newest first, filtered by device.
-    dev.event("transfer_completed", "digits_mlp", "2.0.0", Some(&command_id));
+    dev.event(
+        "transfer_completed",
+        "digits_mlp",
+        "2.0.0",
+        Some(&command_id),
+    );
     dev.event("installed", "digits_mlp", "2.0.0", Some(&command_id));
     let activated = dev.event("activated", "digits_mlp", "2.0.0", Some(&command_id));
     dev.publish(Channel::Events, link::encode(&activated), false);
@@ -115,23 +146,42 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
         let ev = body["events"].as_array().unwrap().clone();
         ev.iter().any(|e| e["kind"] == "activated").then_some(ev)
     });
-    wait_for(20, "the duplicate to be counted", || (api.metric("fleet_device_events_duplicate_total") >= 1).then_some(()));
+    wait_for(20, "the duplicate to be counted", || {
+        (api.metric("fleet_device_events_duplicate_total") >= 1).then_some(())
+    });
     let (_, body) = api.get("/api/v1/events?device_id=dev-1&limit=50");
-    let kinds: Vec<&str> = body["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "activated").count(), 1, "{kinds:?}");
+    let kinds: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "activated").count(),
+        1,
+        "{kinds:?}"
+    );
     assert_eq!(kinds[0], "activated", "newest first: {kinds:?}");
-    assert!(kinds.contains(&"command_sent") && kinds.contains(&"device_registered"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"command_sent") && kinds.contains(&"device_registered"),
+        "{kinds:?}"
+    );
     let act = &events[0];
     assert_eq!(act["model"], "digits_mlp");
     assert_eq!(act["version"], "2.0.0");
     assert_eq!(act["command_id"], command_id.as_str());
-    assert!(act["time"].is_string() && act.get("rollout_id").is_some() && act["detail"]["test"] == true);
+    assert!(
+        act["time"].is_string() && act.get("rollout_id").is_some() && act["detail"]["test"] == true
+    );
     let (_, audit) = api.get("/api/v1/events?kind=bundle_uploaded");
     assert_eq!(audit["events"].as_array().unwrap().len(), 1);
     assert_eq!(audit["events"][0]["actor"], "admin");
 
     // Revert command.
-    let (s, r) = api.post_json("/api/v1/devices/dev-1/revert", json!({"model": "digits_mlp", "version": "2.0.0"}));
+    let (s, r) = api.post_json(
+        "/api/v1/devices/dev-1/revert",
+        json!({"model": "digits_mlp", "version": "2.0.0"}),
+    );
     assert_eq!(s, 202, "{r}");
     let cmd: Command = link::decode(&dev.recv(Channel::Commands, 20).payload).unwrap();
     assert!(matches!(cmd.action, Action::Revert { ref model, .. } if model == "digits_mlp"));
@@ -143,14 +193,24 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     assert_eq!((s, full.len()), (200, bytes.len()));
     let (s, cr, part) = anon.get_raw(&path, Some("bytes=100-1123"));
     assert_eq!(s, 206);
-    assert_eq!(cr.as_deref(), Some(format!("bytes 100-1123/{}", bytes.len()).as_str()));
+    assert_eq!(
+        cr.as_deref(),
+        Some(format!("bytes 100-1123/{}", bytes.len()).as_str())
+    );
     assert_eq!(part, &bytes[100..1124]);
     let (s, _, tail) = anon.get_raw(&path, Some("bytes=-10"));
     assert_eq!((s, tail.as_slice()), (206, &bytes[bytes.len() - 10..]));
     let (s, cr, _) = anon.get_raw(&path, Some(&format!("bytes={}-", bytes.len())));
     assert_eq!(s, 416);
-    assert_eq!(cr.as_deref(), Some(format!("bytes */{}", bytes.len()).as_str()));
-    assert_eq!(anon.get_raw(&format!("/api/v1/bundles/{}/content", "0".repeat(64)), None).0, 404);
+    assert_eq!(
+        cr.as_deref(),
+        Some(format!("bytes */{}", bytes.len()).as_str())
+    );
+    assert_eq!(
+        anon.get_raw(&format!("/api/v1/bundles/{}/content", "0".repeat(64)), None)
+            .0,
+        404
+    );
 
     // Unknown device: 404 naming it.
     let (s, e) = api.post_json("/api/v1/devices/nope/stage", json!({"bundle_id": id}));
@@ -179,9 +239,15 @@ fn a_last_will_marks_the_device_offline_and_keeps_its_models() {
         bundle_sha256: String::new(),
     };
     dev.publish_status(&dev.status(&[("k", "v")], Some(vec![model])));
-    wait_for(20, "device online", || (api.get("/api/v1/devices/dev-9").1["online"] == true).then_some(()));
+    wait_for(20, "device online", || {
+        (api.get("/api/v1/devices/dev-9").1["online"] == true).then_some(())
+    });
     // What the broker publishes when the connection drops.
-    dev.publish(Channel::Status, link::encode(&protocol::link::DeviceStatus::last_will("dev-9")), true);
+    dev.publish(
+        Channel::Status,
+        link::encode(&protocol::link::DeviceStatus::last_will("dev-9")),
+        true,
+    );
     let d = wait_for(20, "device offline", || {
         let (_, d) = api.get("/api/v1/devices/dev-9");
         (d["online"] == false).then_some(d)

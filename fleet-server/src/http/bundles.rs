@@ -22,21 +22,34 @@ fn summary(b: &BundleRecord) -> serde_json::Value {
            "security_version": b.security_version})
 }
 
-pub async fn upload(State(app): State<App>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+pub async fn upload(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let caller = app.caller(&headers, Role::Operator)?;
     if body.is_empty() {
-        return Err(super::bad_request("empty body: send the bundle file's bytes"));
+        return Err(super::bad_request(
+            "empty body: send the bundle file's bytes",
+        ));
     }
     let fleet = app.fleet.clone();
     let (record, created) =
         tokio::task::spawn_blocking(move || fleet.upload_bundle(&body, &caller.name))
             .await
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(summary(&record))).into_response())
 }
 
-pub async fn list(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+pub async fn list(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
     app.caller(&headers, Role::Viewer)?;
     let mut bundles = app.fleet.store.bundles().map_err(FleetError::from)?;
     bundles.sort_by(|a, b| b.uploaded_at.cmp(&a.uploaded_at));
@@ -64,7 +77,11 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), String> {
     let (a, b) = spec
         .split_once('-')
         .ok_or_else(|| format!("range '{value}' is malformed"))?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| format!("range '{value}' is malformed"));
+    let num = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("range '{value}' is malformed"))
+    };
     let (first, last) = match (a.trim().is_empty(), b.trim().is_empty()) {
         (true, false) => {
             let n = num(b)?;
@@ -78,7 +95,9 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), String> {
         (true, true) => return Err(format!("range '{value}' is malformed")),
     };
     if size == 0 || first >= size || first > last {
-        return Err(format!("range '{value}' is outside the {size} bytes of the bundle"));
+        return Err(format!(
+            "range '{value}' is outside the {size} bytes of the bundle"
+        ));
     }
     Ok((first, last))
 }
@@ -110,15 +129,27 @@ pub async fn content(
     let (first, last) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { last - first + 1 };
     let fleet = app.fleet.clone();
-    let bytes = tokio::task::spawn_blocking(move || fleet.files.read_at(&b.id, first, len as usize))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read bundle: {e}")))?;
+    let bytes =
+        tokio::task::spawn_blocking(move || fleet.files.read_at(&b.id, first, len as usize))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot read bundle: {e}"),
+                )
+            })?;
     let mut resp = Response::new(Body::from(bytes));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{id}\"")).expect("hex id"));
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{id}\"")).expect("hex id"),
+    );
     if range.is_some() {
         h.insert(
             header::CONTENT_RANGE,
@@ -139,7 +170,15 @@ mod tests {
         assert_eq!(parse_range("bytes=900-", 1000), Ok((900, 999)));
         assert_eq!(parse_range("bytes=-10", 1000), Ok((990, 999)));
         assert_eq!(parse_range("bytes=990-5000", 1000), Ok((990, 999)));
-        for bad in ["bytes=1000-", "bytes=5-1", "bytes=a-b", "items=0-1", "bytes=0-1,3-4", "bytes=-0", "bytes=-"] {
+        for bad in [
+            "bytes=1000-",
+            "bytes=5-1",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=-0",
+            "bytes=-",
+        ] {
             assert!(parse_range(bad, 1000).is_err(), "{bad}");
         }
     }

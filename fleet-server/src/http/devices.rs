@@ -27,14 +27,26 @@ pub fn device_query(raw: Option<&str>) -> Result<DeviceQuery, String> {
     for (k, v) in pairs {
         match k.as_str() {
             "limit" => {
-                q.limit = v.parse().map_err(|_| format!("limit '{v}' is not a number"))?;
+                q.limit = v
+                    .parse()
+                    .map_err(|_| format!("limit '{v}' is not a number"))?;
                 if q.limit > MAX_LIMIT {
-                    return Err(format!("limit {} is over the maximum of {MAX_LIMIT}", q.limit));
+                    return Err(format!(
+                        "limit {} is over the maximum of {MAX_LIMIT}",
+                        q.limit
+                    ));
                 }
             }
-            "offset" => q.offset = v.parse().map_err(|_| format!("offset '{v}' is not a number"))?,
+            "offset" => {
+                q.offset = v
+                    .parse()
+                    .map_err(|_| format!("offset '{v}' is not a number"))?
+            }
             "online" => {
-                q.online = Some(v.parse().map_err(|_| format!("online '{v}' is not true or false"))?)
+                q.online = Some(
+                    v.parse()
+                        .map_err(|_| format!("online '{v}' is not true or false"))?,
+                )
             }
             "label" => {
                 let (lk, lv) = v
@@ -82,12 +94,22 @@ pub async fn stage(
     body: Result<Json<StageBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let caller = app.caller(&headers, Role::Operator)?;
-    let Json(body) = body.map_err(|e| bad_request(format!("body must be {{\"bundle_id\": \"...\"}}: {e}")))?;
+    let Json(body) =
+        body.map_err(|e| bad_request(format!("body must be {{\"bundle_id\": \"...\"}}: {e}")))?;
     let command_id = app
         .fleet
-        .stage(&id, &body.bundle_id, body.rollout_id.as_deref(), &caller.name)
+        .stage(
+            &id,
+            &body.bundle_id,
+            body.rollout_id.as_deref(),
+            &caller.name,
+        )
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"command_id": command_id}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"command_id": command_id})),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -106,7 +128,8 @@ pub async fn revert(
     body: Result<Json<RevertBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let caller = app.caller(&headers, Role::Operator)?;
-    let Json(body) = body.map_err(|e| bad_request(format!("body must be {{\"model\": \"...\"}}: {e}")))?;
+    let Json(body) =
+        body.map_err(|e| bad_request(format!("body must be {{\"model\": \"...\"}}: {e}")))?;
     let command_id = app
         .fleet
         .revert(
@@ -117,7 +140,11 @@ pub async fn revert(
             &caller.name,
         )
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"command_id": command_id}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"command_id": command_id})),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -135,13 +162,18 @@ pub async fn telemetry(
     app.caller(&headers, Role::Viewer)?;
     let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
     app.fleet.device(&id)?;
-    let windows = app.fleet.telemetry.windows(&id, q.model.as_deref(), q.since);
+    let windows = app
+        .fleet
+        .telemetry
+        .windows(&id, q.model.as_deref(), q.since);
     let samples = q
         .model
         .as_deref()
         .map(|m| app.fleet.telemetry.samples(&id, m))
         .unwrap_or_default();
-    Ok(Json(json!({"device_id": id, "windows": windows, "samples": samples})))
+    Ok(Json(
+        json!({"device_id": id, "windows": windows, "samples": samples}),
+    ))
 }
 
 #[cfg(test)]
@@ -150,8 +182,14 @@ mod tests {
 
     #[test]
     fn device_query_takes_repeated_labels_and_refuses_junk() {
-        let q = device_query(Some("label=site:a&label=hw%3Api&online=true&limit=5&offset=2")).unwrap();
-        assert_eq!(q.labels, vec![("site".into(), "a".into()), ("hw".into(), "pi".into())]);
+        let q = device_query(Some(
+            "label=site:a&label=hw%3Api&online=true&limit=5&offset=2",
+        ))
+        .unwrap();
+        assert_eq!(
+            q.labels,
+            vec![("site".into(), "a".into()), ("hw".into(), "pi".into())]
+        );
         assert_eq!((q.online, q.limit, q.offset), (Some(true), 5, 2));
         assert!(device_query(Some("label=nocolon")).is_err());
         assert!(device_query(Some("limit=x")).is_err());

@@ -48,7 +48,9 @@ pub async fn events(
     let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
     let limit = q.limit.unwrap_or(DEFAULT_EVENTS);
     if limit > MAX_EVENTS {
-        return Err(bad_request(format!("limit {limit} is over the maximum of {MAX_EVENTS}")));
+        return Err(bad_request(format!(
+            "limit {limit} is over the maximum of {MAX_EVENTS}"
+        )));
     }
     let filter = EventFilter {
         device_id: q.device_id,
@@ -62,7 +64,10 @@ pub async fn events(
     Ok(Json(json!({ "events": events })))
 }
 
-pub async fn tokens(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+pub async fn tokens(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
     app.caller(&headers, Role::Admin)?;
     Ok(Json(json!({"tokens": app.fleet.token_list()?})))
 }
@@ -80,9 +85,13 @@ pub async fn create_token(
 ) -> ApiResult<Response> {
     let caller = app.caller(&headers, Role::Admin)?;
     let Json(body) = body.map_err(|e| {
-        bad_request(format!("body must be {{\"name\": \"...\", \"role\": \"viewer|operator|admin\"}}: {e}"))
+        bad_request(format!(
+            "body must be {{\"name\": \"...\", \"role\": \"viewer|operator|admin\"}}: {e}"
+        ))
     })?;
-    let secret = app.fleet.create_token(&body.name, body.role, &caller.name)?;
+    let secret = app
+        .fleet
+        .create_token(&body.name, body.role, &caller.name)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": body.name, "role": body.role, "token": secret})),

@@ -265,7 +265,11 @@ impl FakeDevice {
             .unwrap();
     }
 
-    pub fn status(&self, labels: &[(&str, &str)], models: Option<Vec<ModelSummary>>) -> DeviceStatus {
+    pub fn status(
+        &self,
+        labels: &[(&str, &str)],
+        models: Option<Vec<ModelSummary>>,
+    ) -> DeviceStatus {
         DeviceStatus {
             schema: LINK_SCHEMA,
             device_id: self.id.clone(),
@@ -286,7 +290,13 @@ impl FakeDevice {
     }
 
     /// Publishes an event with the next sequence number; returns it.
-    pub fn event(&mut self, kind: &str, model: &str, version: &str, command_id: Option<&str>) -> link::DeviceEvent {
+    pub fn event(
+        &mut self,
+        kind: &str,
+        model: &str,
+        version: &str,
+        command_id: Option<&str>,
+    ) -> link::DeviceEvent {
         self.seq += 1;
         let e = link::DeviceEvent {
             schema: LINK_SCHEMA,
@@ -309,10 +319,9 @@ impl FakeDevice {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let p = self
-                .rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("{}: nothing on {:?} within {secs} s", self.id, channel));
+            let p = self.rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("{}: nothing on {:?} within {secs} s", self.id, channel)
+            });
             if self.topics.parse(&p.topic).map(|(_, c)| c) == Some(channel) {
                 return p;
             }
