@@ -81,6 +81,7 @@
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`telemetry`]: in-memory windows and cohort figures. [`metrics`]: counters and exposition.
 //! - [`auth`]: token files, roles, hashing. [`http`]: the axum router and handlers.
+//! - [`rollout`]: cohort canary rollouts (spec, cohorts, gates, the state machine and its driver).
 
 pub mod auth;
 pub mod broker;
@@ -91,6 +92,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod telemetry;

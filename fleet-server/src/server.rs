@@ -2,6 +2,7 @@
 //! broker, runs the MQTT session and serves HTTP; [`RunningServer`] reports the addresses and
 //! shuts everything down.
 
+use crate::rollout::driver::Rollouts;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     /// How long `start` waits for the MQTT subscriptions to be acknowledged before returning
     /// anyway (the session keeps reconnecting in the background).
     pub wait_for_broker: Duration,
+    /// How often the rollout engine looks at the fleet (default 1 s).
+    pub rollout_tick: Duration,
 }
 
 impl ServerConfig {
@@ -69,6 +72,7 @@ impl ServerConfig {
             shared_subscription: None,
             client_id: None,
             wait_for_broker: Duration::from_secs(10),
+            rollout_tick: Duration::from_secs(1),
         }
     }
 }
@@ -146,7 +150,8 @@ impl Server {
             .clone()
             .unwrap_or_else(|| default_client_id(data_dir));
         let opts = mqtt::options(&connection, &client_id)?;
-        let (client, eventloop) = rumqttc::AsyncClient::new(opts.clone(), opts.request_channel_capacity());
+        let (client, eventloop) =
+            rumqttc::AsyncClient::new(opts.clone(), opts.request_channel_capacity());
 
         let file_tokens = config
             .tokens
@@ -174,10 +179,12 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-        let http_addr = listener.local_addr().map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
         fleet.set_http_base(
             config
                 .public_url
@@ -196,7 +203,9 @@ impl Server {
             filters,
             stop_rx.clone(),
         ));
-        let router = crate::http::router(fleet.clone());
+        let rollouts = Arc::new(Rollouts::new(fleet.clone()));
+        let rollout_task = rollouts.clone().spawn(config.rollout_tick);
+        let router = crate::http::router(fleet.clone(), rollouts.clone());
         let mut http_stop = stop_rx;
         let http_task = tokio::spawn(async move {
             let shutdown = async move {
@@ -224,6 +233,8 @@ impl Server {
             broker,
             admin_token,
             stop: stop_tx,
+            rollouts,
+            rollout_task,
             tasks: vec![mqtt_task, http_task],
         })
     }
@@ -258,6 +269,8 @@ pub struct RunningServer {
     broker: Option<EmbeddedBroker>,
     admin_token: Option<String>,
     stop: watch::Sender<bool>,
+    rollouts: Arc<Rollouts>,
+    rollout_task: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -287,6 +300,11 @@ impl RunningServer {
         self.admin_token.as_deref()
     }
 
+    /// The rollouts, for in-process callers.
+    pub fn rollouts(&self) -> &Arc<Rollouts> {
+        &self.rollouts
+    }
+
     /// The fleet, for in-process callers (the rollout engine, tests).
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
@@ -295,6 +313,8 @@ impl RunningServer {
     /// Stops HTTP and the MQTT session and closes the database. The embedded broker (if any)
     /// keeps running until the process exits: rumqttd has no shutdown.
     pub async fn shutdown(self) {
+        self.rollout_task.abort();
+        let _ = self.rollout_task.await;
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;

@@ -9,6 +9,7 @@
 //! | `events` | server sequence number | [`Event`] (audit and device events) |
 //! | `device_event_keys` | (device id, device seq) | server sequence number: dedupe of redelivered events |
 //! | `tokens` | token name | [`TokenRecord`] (only the sha256 of the secret) |
+//! | `rollouts` | rollout id | [`Rollout`] (spec, state, devices, decisions with evidence) |
 //!
 //! A new kind of state (the rollout engine's rollouts and decisions) is another table opened
 //! in [`Store::open`] with its own record type; [`Store::write`] gives a write transaction in
@@ -24,6 +25,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Role;
+use crate::rollout::engine::Rollout;
 
 pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 pub(crate) const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bundles");
@@ -31,6 +33,7 @@ pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("eve
 pub(crate) const DEVICE_EVENT_KEYS: TableDefinition<(&str, u64), u64> =
     TableDefinition::new("device_event_keys");
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+pub(crate) const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 
 /// Events kept; the oldest are pruned (with their dedupe keys) beyond this.
 pub const MAX_EVENTS: u64 = 1_000_000;
@@ -202,6 +205,7 @@ impl Store {
         tx.open_table(EVENTS)?;
         tx.open_table(DEVICE_EVENT_KEYS)?;
         tx.open_table(TOKENS)?;
+        tx.open_table(ROLLOUTS)?;
         tx.commit()?;
         Ok(Store { db })
     }
@@ -255,6 +259,26 @@ impl Store {
                 Ok(((), events))
             })?
             .1)
+    }
+
+    // ---- rollouts ----
+
+    pub fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        get(&self.db, ROLLOUTS, id)
+    }
+
+    pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        all(&self.db, ROLLOUTS)
+    }
+
+    /// Stores a rollout together with the events describing what changed.
+    pub fn put_rollout(&self, rollout: &Rollout, events: Vec<Event>) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(ROLLOUTS)?
+                .insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            Ok(((), events))
+        })?;
+        Ok(())
     }
 
     // ---- bundles ----
@@ -356,7 +380,10 @@ impl Store {
     }
 }
 
-fn append_events(tx: &redb::WriteTransaction, events: Vec<Event>) -> Result<Vec<Event>, StoreError> {
+fn append_events(
+    tx: &redb::WriteTransaction,
+    events: Vec<Event>,
+) -> Result<Vec<Event>, StoreError> {
     if events.is_empty() {
         return Ok(events);
     }
@@ -434,7 +461,11 @@ mod tests {
     use super::*;
 
     fn device_event(device: &str, dseq: u64) -> Event {
-        let mut e = Event::new("installed", &format!("device:{device}"), serde_json::json!({}));
+        let mut e = Event::new(
+            "installed",
+            &format!("device:{device}"),
+            serde_json::json!({}),
+        );
         e.device_id = Some(device.into());
         e.device_seq = Some(dseq);
         e
@@ -449,8 +480,12 @@ mod tests {
             assert!(s.append_device_event(device_event("d1", 1)).unwrap());
             assert!(!s.append_device_event(device_event("d1", 1)).unwrap());
             assert!(s.append_device_event(device_event("d2", 1)).unwrap());
-            s.append(vec![Event::new("bundle_uploaded", "admin", serde_json::json!({}))])
-                .unwrap();
+            s.append(vec![Event::new(
+                "bundle_uploaded",
+                "admin",
+                serde_json::json!({}),
+            )])
+            .unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert!(!s.append_device_event(device_event("d2", 1)).unwrap());

@@ -8,6 +8,7 @@
 mod bundles;
 mod devices;
 mod fleet_admin;
+mod rollouts;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use serde_json::json;
 
 use crate::auth::{Caller, Role};
 use crate::fleet::{Fleet, FleetError};
+use crate::rollout::driver::Rollouts;
 
 /// Largest request body (bundle uploads).
 pub const MAX_BODY: usize = 1 << 30;
@@ -31,6 +33,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct App {
     pub fleet: Arc<Fleet>,
+    pub rollouts: Arc<Rollouts>,
 }
 
 /// An API error: a status and a message, answered as `{"error": message}`.
@@ -75,9 +78,7 @@ impl App {
             ));
         };
         let Some(secret) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
-            return Err(unauthorized(
-                "Authorization header is not 'Bearer TOKEN'",
-            ));
+            return Err(unauthorized("Authorization header is not 'Bearer TOKEN'"));
         };
         let Some(caller) = self.fleet.authenticate(secret.trim()) else {
             return Err(unauthorized("unknown token"));
@@ -125,11 +126,27 @@ fn routes() -> Routes {
         .add("get", "/api/v1/devices/{id}", get(devices::one))
         .add("post", "/api/v1/devices/{id}/stage", post(devices::stage))
         .add("post", "/api/v1/devices/{id}/revert", post(devices::revert))
-        .add("get", "/api/v1/devices/{id}/telemetry", get(devices::telemetry))
+        .add(
+            "get",
+            "/api/v1/devices/{id}/telemetry",
+            get(devices::telemetry),
+        )
         .add("get", "/api/v1/events", get(fleet_admin::events))
+        .add("get", "/api/v1/rollouts", get(rollouts::list))
+        .add("post", "/api/v1/rollouts", post(rollouts::create))
+        .add("get", "/api/v1/rollouts/{id}", get(rollouts::one))
+        .add(
+            "post",
+            "/api/v1/rollouts/{id}/{action}",
+            post(rollouts::intervene),
+        )
         .add("get", "/api/v1/tokens", get(fleet_admin::tokens))
         .add("post", "/api/v1/tokens", post(fleet_admin::create_token))
-        .add("delete", "/api/v1/tokens/{name}", delete(fleet_admin::delete_token))
+        .add(
+            "delete",
+            "/api/v1/tokens/{name}",
+            delete(fleet_admin::delete_token),
+        )
 }
 
 /// Every (method, path) the router serves.
@@ -138,12 +155,12 @@ pub fn route_list() -> Vec<(&'static str, &'static str)> {
 }
 
 /// The HTTP API over `fleet`.
-pub fn router(fleet: Arc<Fleet>) -> Router {
+pub fn router(fleet: Arc<Fleet>, rollouts: Arc<Rollouts>) -> Router {
     routes()
         .router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(App { fleet })
+        .with_state(App { fleet, rollouts })
 }
 
 #[cfg(test)]
@@ -166,6 +183,10 @@ mod tests {
                 "{method} {path} is missing from openapi.json"
             );
         }
-        assert_eq!(documented, route_list().len(), "openapi.json documents routes that do not exist");
+        assert_eq!(
+            documented,
+            route_list().len(),
+            "openapi.json documents routes that do not exist"
+        );
     }
 }

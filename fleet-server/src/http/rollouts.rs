@@ -19,8 +19,8 @@ pub async fn create(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let caller = app.caller(&headers, Role::Operator)?;
-    let spec: RolloutSpec = serde_json::from_slice(&body)
-        .map_err(|e| bad_request(format!("rollout request: {e}")))?;
+    let spec: RolloutSpec =
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("rollout request: {e}")))?;
     let rollout = app.rollouts.create(spec, &caller.name).await?;
     // Start it now rather than at the next tick.
     app.rollouts.tick().await?;

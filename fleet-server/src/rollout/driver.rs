@@ -84,7 +84,10 @@ impl Rollouts {
                     other.version(),
                     other.state,
                     bundle.name,
-                    shared.map_or("the same devices".to_string(), |d| format!("device {}", d.id)),
+                    shared.map_or("the same devices".to_string(), |d| format!(
+                        "device {}",
+                        d.id
+                    )),
                 )));
             }
         }
@@ -98,16 +101,24 @@ impl Rollouts {
             http_url: None,
         };
         let rollout = Rollout::new(id, spec, bundle_ref, actor.to_string(), Utc::now());
-        let event = rollout_event(&rollout, "rollout_created", actor, json!({"spec": rollout.spec}));
+        let event = rollout_event(
+            &rollout,
+            "rollout_created",
+            actor,
+            json!({"spec": rollout.spec}),
+        );
         self.fleet.store.put_rollout(&rollout, vec![event])?;
         Ok(rollout)
     }
 
     pub fn get(&self, id: &str) -> Result<Rollout, FleetError> {
-        self.fleet.store.rollout(id)?.ok_or_else(|| FleetError::NotFound {
-            what: "rollout",
-            id: id.to_string(),
-        })
+        self.fleet
+            .store
+            .rollout(id)?
+            .ok_or_else(|| FleetError::NotFound {
+                what: "rollout",
+                id: id.to_string(),
+            })
     }
 
     /// Every rollout, newest first.
@@ -230,9 +241,18 @@ impl Rollouts {
             .filter(|e| e.device_id.is_some() && e.model.as_deref() == Some(r.model()))
             .filter(|e| !e.actor.starts_with("rollout:") && e.kind != "command_sent")
             .map(|e| {
-                let text = |key: &str| e.detail.get(key).and_then(|v| v.as_str()).map(str::to_string);
+                let text = |key: &str| {
+                    e.detail
+                        .get(key)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                };
                 // A `reverted` event names the version now active; the one left is `detail.from`.
-                let version = if e.kind == "reverted" { text("from") } else { e.version.clone() };
+                let version = if e.kind == "reverted" {
+                    text("from")
+                } else {
+                    e.version.clone()
+                };
                 EventView {
                     device_id: e.device_id.clone().unwrap_or_default(),
                     time: e.time,
@@ -245,8 +265,14 @@ impl Rollouts {
             .collect();
         let mut windows = HashMap::new();
         if let Some(since) = r.bake_started_at {
-            for d in devices.iter().filter(|d| r.spec.selector.matches(&d.labels)) {
-                let w = self.fleet.telemetry.windows(&d.id, Some(r.model()), Some(since));
+            for d in devices
+                .iter()
+                .filter(|d| r.spec.selector.matches(&d.labels))
+            {
+                let w = self
+                    .fleet
+                    .telemetry
+                    .windows(&d.id, Some(r.model()), Some(since));
                 if !w.is_empty() {
                     windows.insert(d.id.clone(), w);
                 }

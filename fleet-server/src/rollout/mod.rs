@@ -9,6 +9,7 @@
 //!   fleet; the server's driver feeds it and carries out its orders.
 
 pub mod cohort;
+pub mod driver;
 pub mod engine;
 pub mod gates;
 pub mod spec;
