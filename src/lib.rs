@@ -10,3 +10,5 @@ pub use bundler;
 pub use engine;
 pub use fleet_server;
 pub use protocol;
+
+pub mod harness;

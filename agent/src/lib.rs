@@ -35,6 +35,8 @@
 //!   chunked bundle transfer (or HTTP Range), events with a durable cursor, telemetry drained
 //!   from the outbox on acknowledgement. Started with [`link::Link::start`]; without it the agent
 //!   serves offline.
+//! - [`simulate`]: many real agents in one process with synthetic traffic (the demo's and the
+//!   scale tests' fleet).
 //! - [`config`]: `agent.toml`.
 //!
 //! What the agent must not know: how a bundle was built (only what its manifest says), and tract
@@ -49,6 +51,7 @@ pub mod link;
 pub mod oip;
 pub mod outbox;
 pub mod serving;
+pub mod simulate;
 pub mod slots;
 pub mod store;
 pub mod watch;

@@ -1,0 +1,300 @@
+//! A simulated fleet: many real agents in one process, each with its own data directory, MQTT
+//! session, transfers, installs, health watch and telemetry, serving synthetic traffic.
+//!
+//! Nothing is faked below the traffic: a simulated device is an [`Agent`] plus a [`Link`],
+//! exactly what `fleet-agent run --broker` runs. Only the requests are made up: each device
+//! sends `rps` requests per second to every model it serves, drawn in turn from the golden
+//! inputs of the version it runs (so a regressed version shows its regression in live traffic,
+//! and the health watch and the server's canary gates judge real model outputs).
+//!
+//! Not yet done: sharing loaded model weights between devices that run the same version (each
+//! device loads its own copy today, which bounds a simulated fleet by memory).
+//!
+//! Labels: `--label site=berlin|munich` gives device `i` the `i mod 2`-th value, so one flag
+//! spreads a fleet over sites.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::keys::Keyring;
+
+use crate::agent::{Agent, AgentConfig, AgentError};
+use crate::link::{Link, LinkConfig, LinkError, LinkHandle, TlsFiles};
+use crate::serving::ServingModel;
+
+/// Settings of a simulated fleet.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub devices: usize,
+    pub broker_url: String,
+    pub keyring: Keyring,
+    /// Device data directories go under here (`{id}/`).
+    pub data_root: PathBuf,
+    /// Device ids are `{prefix}-{index:04}`.
+    pub id_prefix: String,
+    /// `(key, values)`: device `i` gets `values[i % values.len()]`.
+    pub labels: Vec<(String, Vec<String>)>,
+    /// Requests per second per device and model (0: no traffic).
+    pub rps: f64,
+    pub tls: Option<TlsFiles>,
+    /// Agent settings every device starts from (data dir and worker count are set per device).
+    pub agent: AgentConfig,
+    /// Link settings every device starts from (broker, id and labels are set per device).
+    pub link: Option<LinkConfig>,
+}
+
+impl SimConfig {
+    pub fn new(
+        devices: usize,
+        broker_url: &str,
+        keyring: Keyring,
+        data_root: PathBuf,
+    ) -> SimConfig {
+        let mut agent = AgentConfig::new(&data_root);
+        agent.workers = 1;
+        agent.queue_limit = 16;
+        SimConfig {
+            devices,
+            broker_url: broker_url.to_string(),
+            keyring,
+            data_root,
+            id_prefix: "sim".into(),
+            labels: Vec::new(),
+            rps: 5.0,
+            tls: None,
+            agent,
+            link: None,
+        }
+    }
+
+    /// The id and labels of device `i`.
+    pub fn device(&self, i: usize) -> (String, BTreeMap<String, String>) {
+        let labels = self
+            .labels
+            .iter()
+            .filter(|(_, values)| !values.is_empty())
+            .map(|(k, values)| (k.clone(), values[i % values.len()].clone()))
+            .collect();
+        (format!("{}-{i:04}", self.id_prefix), labels)
+    }
+}
+
+/// Parses `key=v1|v2|…`.
+pub fn parse_label(s: &str) -> Result<(String, Vec<String>), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label '{s}' is not KEY=VALUE (or KEY=V1|V2|…)"))?;
+    if k.is_empty() || v.is_empty() {
+        return Err(format!("label '{s}' has an empty key or value"));
+    }
+    Ok((k.to_string(), v.split('|').map(str::to_string).collect()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("device {id}: {source}")]
+    Agent { id: String, source: AgentError },
+    #[error("device {id}: {source}")]
+    Link { id: String, source: LinkError },
+}
+
+/// One simulated device.
+pub struct SimDevice {
+    pub id: String,
+    pub agent: Arc<Agent>,
+    link: Option<LinkHandle>,
+    traffic: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A running simulated fleet. Dropping it stops every device without a goodbye.
+pub struct SimFleet {
+    pub devices: Vec<SimDevice>,
+}
+
+impl SimFleet {
+    /// Opens and links every device (on the current tokio runtime) and starts its traffic.
+    pub fn start(config: &SimConfig) -> Result<SimFleet, SimError> {
+        let mut devices = Vec::with_capacity(config.devices);
+        for i in 0..config.devices {
+            let (id, labels) = config.device(i);
+            let mut agent_config = config.agent.clone();
+            agent_config.data_dir = config.data_root.join(&id);
+            let agent = Agent::open(agent_config, config.keyring.clone()).map_err(|source| {
+                SimError::Agent {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+            let agent = Arc::new(agent);
+            crate::watch::spawn(&agent);
+            let mut link_config = config
+                .link
+                .clone()
+                .unwrap_or_else(|| LinkConfig::new(&config.broker_url, &id));
+            link_config.broker_url = config.broker_url.clone();
+            link_config.device_id = id.clone();
+            link_config.labels = labels;
+            link_config.tls = config.tls.clone();
+            let link =
+                Link::start(agent.clone(), link_config).map_err(|source| SimError::Link {
+                    id: id.clone(),
+                    source,
+                })?;
+            let traffic = (config.rps > 0.0).then(|| {
+                let period = Duration::from_secs_f64(1.0 / config.rps);
+                // Spread the devices' request times over one period.
+                let offset = period.mul_f64(i as f64 / config.devices.max(1) as f64);
+                tokio::spawn(traffic(agent.clone(), period, offset))
+            });
+            devices.push(SimDevice {
+                id,
+                agent,
+                link: Some(link),
+                traffic,
+            });
+        }
+        Ok(SimFleet { devices })
+    }
+
+    /// Says goodbye on every device's link.
+    pub async fn shutdown(mut self) {
+        for d in &mut self.devices {
+            if let Some(t) = d.traffic.take() {
+                t.abort();
+            }
+        }
+        for d in &mut self.devices {
+            if let Some(link) = d.link.take() {
+                link.shutdown().await;
+            }
+        }
+    }
+
+    /// How many devices are connected to the broker right now.
+    pub fn connected(&self) -> usize {
+        self.devices
+            .iter()
+            .filter(|d| d.link.as_ref().is_some_and(|l| l.is_connected()))
+            .count()
+    }
+}
+
+impl Drop for SimFleet {
+    fn drop(&mut self) {
+        for d in &mut self.devices {
+            if let Some(t) = d.traffic.take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// Requests drawn in turn from each served model's golden inputs, every `period`.
+async fn traffic(agent: Arc<Agent>, period: Duration, offset: Duration) {
+    tokio::time::sleep(offset).await;
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut inputs: HashMap<(String, String), Arc<Vec<Vec<u8>>>> = HashMap::new();
+    let mut turn = 0usize;
+    loop {
+        interval.tick().await;
+        turn += 1;
+        for model in agent.registry.all() {
+            let key = (model.name.clone(), model.version().to_string());
+            let requests = match inputs.get(&key) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Arc::new(golden_requests(&agent, &model).unwrap_or_default());
+                    inputs.insert(key, r.clone());
+                    r
+                }
+            };
+            if requests.is_empty() {
+                continue;
+            }
+            let body = requests[turn % requests.len()].clone();
+            let m = model.clone();
+            // A full queue is what a real device under load sees too: the request is dropped.
+            let _ = agent
+                .pool
+                .submit(move || crate::http::serve_request(&m, &body, None).is_ok());
+        }
+    }
+}
+
+/// One OIP JSON request per golden input row of the model's active slot.
+fn golden_requests(agent: &Agent, model: &ServingModel) -> Option<Vec<Vec<u8>>> {
+    let g = &model.manifest.golden;
+    if g.count == 0 {
+        return None;
+    }
+    let slot = agent
+        .config
+        .data_dir
+        .join("slots")
+        .join(&model.name)
+        .join(&model.slot.dir);
+    let bytes = std::fs::read(slot.join(&g.file)).ok()?;
+    let (inputs, _) = engine::tensor::golden_tensors(g, &bytes).ok()?;
+    let rows = inputs.first()?.shape.first().copied()?;
+    let mut requests = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let mut tensors = Vec::new();
+        for (spec, t) in model.manifest.inputs.iter().zip(&inputs) {
+            let per: usize = t.shape[1..].iter().product();
+            let mut shape = t.shape.clone();
+            shape[0] = 1;
+            let data = row_json(t, row, per)?;
+            tensors.push(
+                serde_json::json!({"name": spec.name, "datatype": spec.dtype,
+                                            "shape": shape, "data": data}),
+            );
+        }
+        requests.push(
+            serde_json::json!({ "inputs": tensors })
+                .to_string()
+                .into_bytes(),
+        );
+    }
+    Some(requests)
+}
+
+/// Row `row` (of `per` elements) of a batch tensor, as OIP JSON data.
+fn row_json(t: &engine::Tensor, row: usize, per: usize) -> Option<serde_json::Value> {
+    use engine::TensorData;
+    let r = row * per..(row + 1) * per;
+    Some(match &t.data {
+        TensorData::F32(v) => serde_json::json!(v.get(r)?),
+        TensorData::I32(v) => serde_json::json!(v.get(r)?),
+        TensorData::I64(v) => serde_json::json!(v.get(r)?),
+        TensorData::U8(v) => serde_json::json!(v.get(r)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_spread_round_robin() {
+        let mut c = SimConfig::new(
+            4,
+            "mqtt://127.0.0.1:1",
+            Keyring::new([]),
+            PathBuf::from("/x"),
+        );
+        c.labels = vec![
+            parse_label("site=berlin|munich").unwrap(),
+            parse_label("hw=pi5").unwrap(),
+        ];
+        let (id, l) = c.device(3);
+        assert_eq!(id, "sim-0003");
+        assert_eq!(l["site"], "munich");
+        assert_eq!(l["hw"], "pi5");
+        assert_eq!(c.device(2).1["site"], "berlin");
+        assert!(parse_label("site").is_err());
+        assert!(parse_label("=x").is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! The world of an end-to-end test: signing keys, real bundles of the reference models, a fleet
+//! server and device agents in this process (on a tokio runtime), talking through a real broker
+//! that runs as a child process (see `modelfleet::harness`).
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::link::{Link, LinkConfig, LinkHandle, TlsFiles};
+use agent::{Agent, AgentConfig};
+use fleet_server::{BrokerChoice, BrokerConnection, RunningServer, Server, ServerConfig};
+use modelfleet::harness::wait_until;
+use protocol::keys::Keyring;
+use serde_json::{json, Value};
+
+pub fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models")
+}
+
+pub fn embedded_broker_exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_embedded-broker"))
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    pub key: PathBuf,
+    pub keyring_file: PathBuf,
+    pub keyring: Keyring,
+    pub server: Option<RunningServer>,
+    pub token: String,
+    pub api: String,
+}
+
+/// A device: an agent and its link to the broker.
+pub struct Device {
+    pub id: String,
+    pub agent: Arc<Agent>,
+    pub link: Option<LinkHandle>,
+    pub data_dir: PathBuf,
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("modelfleet-e2e-")
+            .tempdir()
+            .unwrap();
+        let files = bundler::keys::keygen_files(&dir.path().join("keys"), "fleet").unwrap();
+        let keyring = bundler::load_keyring(&[&files.public]).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        World {
+            key: files.secret,
+            keyring_file: files.public,
+            keyring,
+            dir,
+            rt,
+            server: None,
+            token: String::new(),
+            api: String::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Builds (once per world) a bundle of reference model `model` at `version`.
+    pub fn bundle(&self, model: &str, version: &str) -> PathBuf {
+        self.bundle_of(
+            model,
+            &models_dir().join(model).join(format!("{model}.onnx")),
+            version,
+        )
+    }
+
+    /// A bundle named `name` of the ONNX file `onnx`, with `name`'s reference golden set.
+    pub fn bundle_of(&self, name: &str, onnx: &Path, version: &str) -> PathBuf {
+        let out = self.path(&format!("{name}-{version}.mfb"));
+        if out.exists() {
+            return out;
+        }
+        let src = models_dir().join(name);
+        let mut opts = bundler::BuildOptions::new(onnx, name, version, 1, &self.key, &out);
+        opts.golden_inputs = Some(src.join("test_input.npy"));
+        if src.join("test_labels.npy").exists() {
+            opts.golden_labels = Some(src.join("test_labels.npy"));
+        }
+        opts.golden_max = 16;
+        opts.latency_runs = 3;
+        bundler::build(&opts).unwrap();
+        out
+    }
+
+    /// Starts the fleet server in this process, on `broker`.
+    pub fn start_server(&mut self, broker: BrokerConnection) {
+        let mut config = ServerConfig::new(self.path("server"), self.keyring.clone());
+        config.broker = BrokerChoice::External(broker);
+        let server = self.rt.block_on(Server::start(config)).unwrap();
+        if let Some(token) = server.admin_token() {
+            self.token = token.to_string();
+        }
+        self.api = server.http_url();
+        self.server = Some(server);
+    }
+
+    pub fn stop_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.rt.block_on(server.shutdown());
+        }
+    }
+
+    /// Opens (or reopens) a device's agent in `devices/{id}` and links it to `broker_url`.
+    pub fn start_device(
+        &self,
+        id: &str,
+        labels: &[(&str, &str)],
+        broker_url: &str,
+        tls: Option<TlsFiles>,
+    ) -> Device {
+        let data_dir = self.path(&format!("devices/{id}"));
+        let mut config = AgentConfig::new(&data_dir);
+        config.workers = 1;
+        config.telemetry_window = Duration::from_millis(500);
+        let agent = Arc::new(Agent::open(config, self.keyring.clone()).unwrap());
+        agent::watch::spawn(&agent);
+        let mut link_config = LinkConfig::new(broker_url, id);
+        link_config.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>();
+        link_config.tls = tls;
+        link_config.backoff_max = Duration::from_secs(2);
+        link_config.request_timeout = Duration::from_secs(3);
+        // A small window keeps a 14 MB transfer slow enough to interrupt halfway.
+        link_config.window = 4;
+        let link = {
+            let _guard = self.rt.enter();
+            Link::start(agent.clone(), link_config).unwrap()
+        };
+        Device {
+            id: id.to_string(),
+            agent,
+            link: Some(link),
+            data_dir,
+        }
+    }
+
+    /// Stops a device without a goodbye, as a crash would.
+    pub fn crash_device(&self, mut device: Device) {
+        if let Some(link) = device.link.take() {
+            self.rt.block_on(link.abort());
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        ureq::get(&format!("{}{path}", self.api))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_json()
+            .unwrap()
+    }
+
+    /// POSTs and returns the status and JSON body, whatever the status.
+    pub fn post(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        self.post_typed(path, "application/octet-stream", body)
+    }
+
+    fn post_typed(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let result = ureq::post(&format!("{}{path}", self.api))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .set("Content-Type", content_type)
+            .send_bytes(body);
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        (
+            response.status(),
+            response.into_json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        self.post_typed(path, "application/json", body.to_string().as_bytes())
+    }
+
+    /// Uploads a bundle file; returns its id.
+    pub fn upload(&self, bundle: &Path) -> String {
+        let (status, body) = self.post("/api/v1/bundles", &std::fs::read(bundle).unwrap());
+        assert!(status == 201 || status == 200, "upload: {status} {body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until the API shows `id` with `model` active at `version`.
+    pub fn wait_for_version(&self, id: &str, model: &str, version: &str, timeout: Duration) {
+        wait_until(&format!("{id} to run {model} {version}"), timeout, || {
+            let d = self.get(&format!("/api/v1/devices/{id}"));
+            d["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == model && m["active"] == version)
+                .then_some(())
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\ndevice: {}\nevents: {}",
+                self.get(&format!("/api/v1/devices/{id}")),
+                self.get(&format!("/api/v1/events?device_id={id}&limit=20"))
+            )
+        });
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}
+
+/// Runs `n` inference requests on the device's active `model` with the model's test inputs.
+pub fn traffic(device: &Device, model: &str, n: usize) {
+    let inputs = engine::npy::read_npy(models_dir().join(model).join("test_input.npy")).unwrap();
+    let serving = device.agent.registry.get(model).expect("model is served");
+    let per: usize = inputs.shape[1..].iter().product();
+    let rows = inputs.shape[0];
+    let input_name = serving.manifest.inputs[0].name.clone();
+    for i in 0..n {
+        let row = i % rows;
+        let mut shape = inputs.shape.clone();
+        shape[0] = 1;
+        let data = &inputs.as_f32().unwrap()[row * per..(row + 1) * per];
+        let body = json!({"inputs": [{"name": input_name, "datatype": "FP32", "shape": shape,
+                                       "data": data}]});
+        agent::http::serve_request(&serving, body.to_string().as_bytes(), None)
+            .map_err(|(s, e)| format!("{s}: {e}"))
+            .unwrap();
+    }
+}
