@@ -11,4 +11,5 @@ pub use engine;
 pub use fleet_server;
 pub use protocol;
 
+pub mod api;
 pub mod harness;

@@ -52,6 +52,41 @@ enum Command {
         #[arg(long)]
         keyring: Vec<PathBuf>,
     },
+    /// Run N simulated devices in this process: each a real agent with its own data directory,
+    /// MQTT session, installs, health watch and telemetry, serving traffic drawn from the golden
+    /// inputs of the bundles it runs. The demo's fleet and the scale tests' fleet.
+    Simulate(SimArgs),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// How many devices
+    #[arg(long)]
+    devices: usize,
+    /// MQTT broker of the fleet: mqtt://HOST:PORT or mqtts://HOST:PORT
+    #[arg(long)]
+    broker: String,
+    /// Trusted public key file(s)
+    #[arg(long, required = true)]
+    keyring: Vec<PathBuf>,
+    /// Where the devices keep their data (one directory per device, kept across runs)
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Labels KEY=VALUE or KEY=V1|V2|… (device i gets the (i mod n)-th value; repeatable)
+    #[arg(long = "label", value_parser = agent::simulate::parse_label)]
+    labels: Vec<(String, Vec<String>)>,
+    /// Inference requests per second per device and model (0: no traffic)
+    #[arg(long, default_value_t = 5.0)]
+    rps: f64,
+    /// Device ids are PREFIX-0000, PREFIX-0001, …
+    #[arg(long, default_value = "sim")]
+    id_prefix: String,
+    /// Seconds per telemetry window
+    #[arg(long, default_value_t = 10)]
+    telemetry_seconds: u64,
+    /// CA certificate (PEM) that the broker's certificate must chain to (mqtts://)
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 /// Where the agent is: a data directory (agent not running) or a running agent's URL.
@@ -187,6 +222,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => serve(args),
+        Command::Simulate(args) => simulate(args),
         Command::Install {
             bundle,
             target,
@@ -368,6 +404,49 @@ fn serve(args: RunArgs) -> Result<()> {
         if let Some(link) = link {
             link.shutdown().await;
         }
+        Ok(())
+    })
+}
+
+fn simulate(args: SimArgs) -> Result<()> {
+    use agent::simulate::{SimConfig, SimFleet};
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if !(args.rps >= 0.0 && args.rps.is_finite()) {
+        bail!("--rps {} is not a rate (use 0 for no traffic)", args.rps);
+    }
+    let keyring = load_keyring(&args.keyring)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let mut config = SimConfig::new(args.devices, &args.broker, keyring, args.data_dir);
+    config.id_prefix = args.id_prefix;
+    config.labels = args.labels;
+    config.rps = args.rps;
+    config.agent.telemetry_window = Duration::from_secs(args.telemetry_seconds.max(1));
+    config.tls = args.ca_file.map(|ca_file| TlsFiles {
+        ca_file,
+        client_cert: None,
+        client_key: None,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let fleet = SimFleet::start(&config).context("cannot start the simulated fleet")?;
+        tracing::info!(devices = fleet.devices.len(), broker = %config.broker_url, "simulated fleet started");
+        let mut report = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = report.tick() => {
+                    let serving = fleet.devices.iter().filter(|d| !d.agent.registry.is_empty()).count();
+                    tracing::info!(connected = fleet.connected(), serving, "fleet");
+                }
+            }
+        }
+        fleet.shutdown().await;
         Ok(())
     })
 }

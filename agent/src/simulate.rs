@@ -4,8 +4,9 @@
 //! Nothing is faked below the traffic: a simulated device is an [`Agent`] plus a [`Link`],
 //! exactly what `fleet-agent run --broker` runs. Only the requests are made up: each device
 //! sends `rps` requests per second to every model it serves, drawn in turn from the golden
-//! inputs of the version it runs (so a regressed version shows its regression in live traffic,
-//! and the health watch and the server's canary gates judge real model outputs).
+//! inputs of the first version of that model it served — the same inputs whatever version runs
+//! now, so a regressed version shows its regression in live traffic, and the health watch and
+//! the server's canary gates judge real model outputs on the same world.
 //!
 //! Not yet done: sharing loaded model weights between devices that run the same version (each
 //! device loads its own copy today, which bounds a simulated fleet by memory).
@@ -192,22 +193,28 @@ impl Drop for SimFleet {
 }
 
 /// Requests drawn in turn from each served model's golden inputs, every `period`.
+///
+/// The inputs are the world's, not the model's: a device keeps drawing from the golden inputs of
+/// the first version of a model it served, whatever version runs later (while the input
+/// signature stays the same). So a new version is judged on the same traffic as the old one —
+/// as on a real device, where a model update does not change what the camera sees.
 async fn traffic(agent: Arc<Agent>, period: Duration, offset: Duration) {
     tokio::time::sleep(offset).await;
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut inputs: HashMap<(String, String), Arc<Vec<Vec<u8>>>> = HashMap::new();
+    // model name → (input signature, requests)
+    let mut inputs: HashMap<String, (String, Arc<Vec<Vec<u8>>>)> = HashMap::new();
     let mut turn = 0usize;
     loop {
         interval.tick().await;
         turn += 1;
         for model in agent.registry.all() {
-            let key = (model.name.clone(), model.version().to_string());
-            let requests = match inputs.get(&key) {
-                Some(r) => r.clone(),
-                None => {
+            let signature = format!("{:?}", model.manifest.inputs);
+            let requests = match inputs.get(&model.name) {
+                Some((sig, r)) if *sig == signature && !r.is_empty() => r.clone(),
+                _ => {
                     let r = Arc::new(golden_requests(&agent, &model).unwrap_or_default());
-                    inputs.insert(key, r.clone());
+                    inputs.insert(model.name.clone(), (signature, r.clone()));
                     r
                 }
             };

@@ -834,6 +834,73 @@ async fn the_last_will_marks_a_device_offline_when_the_link_dies() {
     assert_eq!(will.device_id, "dev-w");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_agent_simulate_runs_labelled_devices_on_the_broker() {
+    let broker = start_broker();
+    let fx = Fixture::new();
+    let observer = Tap::new(
+        &broker,
+        "observer-sim",
+        &["modelfleet/v1/devices/+/status".to_string()],
+    )
+    .await;
+    let data = fx.path("sim");
+    let mut child = fx
+        .agent_cmd(&["simulate", "--devices", "3", "--broker", &broker])
+        .args(["--label", "site=berlin|munich", "--id-prefix", "cli"])
+        .arg("--keyring")
+        .arg(&fx.keyring)
+        .arg("--data-dir")
+        .arg(&data)
+        .spawn()
+        .unwrap();
+    let labels = wait_for("three simulated devices online", || {
+        let online: Vec<(String, String)> = (0..3)
+            .filter_map(|i| {
+                let id = format!("cli-{i:04}");
+                let s = observer.statuses(&id).into_iter().rfind(|s| s.online)?;
+                Some((id, s.labels.get("site")?.clone()))
+            })
+            .collect();
+        (online.len() == 3).then_some(online)
+    })
+    .await;
+    let sites: Vec<&str> = labels.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(sites, ["berlin", "munich", "berlin"]);
+    for (id, _) in &labels {
+        assert!(
+            data.join(id).join("outbox.redb").exists(),
+            "{id} keeps its data on disk"
+        );
+    }
+    // A killed simulator leaves last wills: every device shows offline.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("last wills of the simulated devices", || {
+        (0..3)
+            .all(|i| {
+                observer
+                    .statuses(&format!("cli-{i:04}"))
+                    .last()
+                    .is_some_and(|s| !s.online)
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Bad arguments are refused with the flag named.
+    let out = fx
+        .agent_cmd(&["simulate", "--devices", "0", "--broker", &broker])
+        .arg("--keyring")
+        .arg(&fx.keyring)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--devices"));
+}
+
 /// A throw-away CA and a server certificate for localhost / 127.0.0.1: (ca, cert, key) files.
 fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     use rcgen::{

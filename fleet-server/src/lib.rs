@@ -36,7 +36,7 @@
 //! file, an fsync and a rename. Telemetry is kept in memory only, per device, model and
 //! version, bounded to the last 720 windows (two hours of 10 s windows) and 24 hours, plus the
 //! last 20 sampled requests per device and model ([`telemetry::Retention`]); the rollout engine
-//! reads cohort figures from it with [`telemetry::Telemetry::summary`].
+//! sums a cohort's windows from it ([`rollout::gates::CohortFigures`]).
 //!
 //! The HTTP API lives under `/api/v1` and is described by the OpenAPI document it serves at
 //! `/api/v1/openapi.json`. Callers present `Authorization: Bearer TOKEN`; a token's role is

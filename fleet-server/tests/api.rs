@@ -243,16 +243,14 @@ fn telemetry_windows_are_kept_per_device_model_and_version() {
         (b["windows"].as_array().is_some_and(|w| w.len() == 1)).then_some(b)
     });
     assert_eq!(body["windows"][0]["requests"], 40);
-    let fig = server.fleet().telemetry.summary(
-        ["dev-t"],
-        "digits_mlp",
-        "1.0.0",
-        chrono::Utc::now() - chrono::Duration::hours(1),
-    );
-    assert_eq!((fig.devices, fig.requests, fig.errors), (1, 40, 2));
-    assert_eq!(fig.class_counts, vec![30, 10]);
-    assert_eq!(fig.mean_confidence, Some(0.8));
-    assert!(fig.p95_ms.is_some());
+    let stored = server
+        .fleet()
+        .telemetry
+        .windows("dev-t", Some("digits_mlp"), None);
+    assert_eq!(stored.len(), 1);
+    assert_eq!((stored[0].requests, stored[0].errors), (40, 2));
+    let classes = &stored[0].classification.as_ref().unwrap().class_counts;
+    assert_eq!(classes, &vec![30, 10]);
     assert_eq!(
         api.metric("fleet_mqtt_messages_received_total{channel=\"telemetry\"}"),
         1

@@ -12,6 +12,7 @@ use std::time::Duration;
 use agent::link::{Link, LinkConfig, LinkHandle, TlsFiles};
 use agent::{Agent, AgentConfig};
 use fleet_server::{BrokerChoice, BrokerConnection, RunningServer, Server, ServerConfig};
+use modelfleet::api::ApiClient;
 use modelfleet::harness::wait_until;
 use protocol::keys::Keyring;
 use serde_json::{json, Value};
@@ -33,6 +34,8 @@ pub struct World {
     pub server: Option<RunningServer>,
     pub token: String,
     pub api: String,
+    /// Golden inputs stored in the bundles this world builds (default 16: small and quick).
+    pub golden_max: usize,
 }
 
 /// A device: an agent and its link to the broker.
@@ -65,6 +68,7 @@ impl World {
             server: None,
             token: String::new(),
             api: String::new(),
+            golden_max: 16,
         }
     }
 
@@ -93,7 +97,7 @@ impl World {
         if src.join("test_labels.npy").exists() {
             opts.golden_labels = Some(src.join("test_labels.npy"));
         }
-        opts.golden_max = 16;
+        opts.golden_max = self.golden_max;
         opts.latency_runs = 3;
         bundler::build(&opts).unwrap();
         out
@@ -160,45 +164,33 @@ impl World {
         }
     }
 
+    /// The API as the admin of this world's server.
+    pub fn client(&self) -> ApiClient {
+        ApiClient::new(&self.api, &self.token)
+    }
+
     pub fn get(&self, path: &str) -> Value {
-        ureq::get(&format!("{}{path}", self.api))
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-            .into_json()
-            .unwrap()
+        self.client().get(path).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// POSTs and returns the status and JSON body, whatever the status.
     pub fn post(&self, path: &str, body: &[u8]) -> (u16, Value) {
-        self.post_typed(path, "application/octet-stream", body)
-    }
-
-    fn post_typed(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
-        let result = ureq::post(&format!("{}{path}", self.api))
-            .set("Authorization", &format!("Bearer {}", self.token))
-            .set("Content-Type", content_type)
-            .send_bytes(body);
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        };
-        (
-            response.status(),
-            response.into_json().unwrap_or(Value::Null),
-        )
+        self.client()
+            .post_bytes(path, body)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
-        self.post_typed(path, "application/json", body.to_string().as_bytes())
+        self.client()
+            .post_json(path, &body)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Uploads a bundle file; returns its id.
     pub fn upload(&self, bundle: &Path) -> String {
-        let (status, body) = self.post("/api/v1/bundles", &std::fs::read(bundle).unwrap());
-        assert!(status == 201 || status == 200, "upload: {status} {body}");
-        body["id"].as_str().unwrap().to_string()
+        self.client()
+            .upload(&std::fs::read(bundle).unwrap())
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Waits until the API shows `id` with `model` active at `version`.

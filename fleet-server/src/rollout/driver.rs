@@ -211,7 +211,7 @@ impl Rollouts {
         };
         if let Err(e) = result {
             // The engine re-issues what matters: a revert is repeated, a stage that never
-            // went out leaves the device `staged` until the bake gives up on it.
+            // went out leaves the device `staged` until `install_timeout_seconds` fails it.
             tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
         }
     }

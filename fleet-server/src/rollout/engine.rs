@@ -87,8 +87,8 @@ pub enum DeviceState {
 pub struct Decision {
     pub time: DateTime<Utc>,
     pub stage: usize,
-    /// `start`, `stage`, `bake`, `promote`, `keep_baking`, `pause`, `resume`, `fail`,
-    /// `rollback`, `abort`, `succeed`.
+    /// `start`, `bake`, `promote`, `keep_baking`, `pause`, `resume`, `fail`, `rollback`,
+    /// `abort`, `succeed`.
     pub action: String,
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,7 +271,10 @@ pub fn step(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
             r.decide(
                 now,
                 "start",
-                format!("{} stages", r.spec.stages.len()),
+                match r.spec.stages.len() {
+                    1 => "1 stage".to_string(),
+                    n => format!("{n} stages"),
+                },
                 None,
             );
             run_stage(r, obs)
@@ -288,6 +291,8 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
     let version = r.bundle.version.clone();
     let by_id: HashMap<&str, &DeviceView> =
         obs.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    let install_timeout = Duration::seconds(r.spec.install_timeout_seconds as i64);
+    let rolling_back = r.state == RolloutState::RolledBack;
     for (id, p) in r.devices.iter_mut() {
         let on_version = by_id
             .get(id.as_str())
@@ -315,12 +320,19 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
                     };
                     p.since = e.time;
                     p.reason = Some(format!("{}: {}", e.kind, e.reason));
+                } else if obs.now - p.since >= install_timeout {
+                    // Silence is a failure too: a stage must not wait forever on one device.
+                    p.state = DeviceState::Failed;
+                    p.reason = Some(format!(
+                        "no install reported within {} s of staging",
+                        r.spec.install_timeout_seconds
+                    ));
+                    p.since = obs.now;
                 }
             }
             DeviceState::Installed => {
                 if on_version == Some(false) {
-                    let reverted = r.state == RolloutState::RolledBack;
-                    p.state = if reverted {
+                    p.state = if rolling_back {
                         DeviceState::RolledBack
                     } else {
                         DeviceState::Reverted
@@ -559,16 +571,22 @@ fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     let model = r.bundle.name.clone();
     let mut orders = Vec::new();
     for (id, p) in r.devices.iter_mut() {
-        let device = obs.devices.iter().find(|d| &d.id == id);
-        let on_version = device
-            .and_then(|d| d.model(&model))
-            .is_some_and(|m| m.active == version);
         // Staged devices may still finish installing: they are reverted when they report it.
-        if !on_version {
-            if p.state == DeviceState::Installed {
-                p.state = DeviceState::RolledBack;
-                p.since = now;
-            }
+        // Devices already off the version are done with this rollout, whatever they run later
+        // (a later rollout of the same version must not be undone by this one).
+        if p.state != DeviceState::Installed {
+            continue;
+        }
+        let device = obs.devices.iter().find(|d| &d.id == id);
+        let summary = device.and_then(|d| d.model(&model));
+        if !summary.is_some_and(|m| m.active == version) {
+            p.state = DeviceState::RolledBack;
+            p.since = now;
+            continue;
+        }
+        if summary.is_some_and(|m| m.previous.is_none()) {
+            // A first install has no earlier version to go back to; asking again cannot help.
+            p.reason = Some("nothing to revert to: the model's first install".into());
             continue;
         }
         let online = device.is_some_and(|d| d.online);
@@ -643,6 +661,7 @@ mod tests {
             },
             on_failure,
             inconclusive_timeout_seconds: 60,
+            install_timeout_seconds: 600,
         }
     }
 
@@ -664,6 +683,8 @@ mod tests {
         /// Devices that revert v2 on their own as soon as they get it.
         bad_v2: bool,
         traffic: bool,
+        /// Revert orders carried out.
+        reverts: usize,
     }
 
     impl Fleet {
@@ -684,6 +705,7 @@ mod tests {
                 },
                 bad_v2: false,
                 traffic: true,
+                reverts: 0,
             }
         }
 
@@ -710,10 +732,13 @@ mod tests {
                                 reason: "error rate over the policy".into(),
                             });
                         } else {
-                            d.models = vec![summary(V2)];
+                            let mut m = summary(V2);
+                            m.previous = Some(V1.into());
+                            d.models = vec![m];
                         }
                     }
                     Order::Revert { device_id } => {
+                        self.reverts += 1;
                         self.device(device_id).models = vec![summary(V1)]
                     }
                 }
@@ -929,5 +954,80 @@ mod tests {
         }
         let orders = step(&mut r, &fleet.obs);
         assert_eq!(orders.len(), 5, "the devices that came back: {orders:?}");
+    }
+
+    #[test]
+    fn a_rollback_converges_and_never_reverts_a_device_again() {
+        let mut fleet = Fleet::new(20);
+        let mut r = rollout(spec(&[(50, 20), (100, 0)], OnFailure::Rollback));
+        for _ in 0..3 {
+            let orders = step(&mut r, &fleet.obs);
+            fleet.apply(&orders, 10);
+        }
+        assert_eq!(fleet.on(V2), 10);
+        r.rollback(fleet.obs.now, "ops".into()).unwrap();
+        for _ in 0..3 {
+            let orders = step(&mut r, &fleet.obs);
+            fleet.apply(&orders, 30);
+        }
+        assert_eq!(fleet.on(V2), 0);
+        assert_eq!(fleet.reverts, 10, "one revert per canary");
+        assert!(r
+            .devices
+            .values()
+            .all(|p| p.state == DeviceState::RolledBack));
+        // Later a fixed rollout brings 2.0.0 back: the old rollback leaves it alone.
+        for d in fleet.obs.devices.iter_mut() {
+            d.models[0].active = V2.into();
+            d.models[0].previous = Some(V1.into());
+        }
+        for _ in 0..5 {
+            assert_eq!(step(&mut r, &fleet.obs), vec![]);
+            fleet.apply(&[], 30);
+        }
+    }
+
+    #[test]
+    fn a_first_install_is_not_asked_to_revert_to_nothing() {
+        let mut fleet = Fleet::new(4);
+        for d in fleet.obs.devices.iter_mut() {
+            d.models = vec![];
+        }
+        let mut r = rollout(spec(&[(100, 0)], OnFailure::Rollback));
+        let orders = step(&mut r, &fleet.obs);
+        assert_eq!(orders.len(), 4);
+        for d in fleet.obs.devices.iter_mut() {
+            d.models = vec![summary(V2)]; // no previous version
+        }
+        step(&mut r, &fleet.obs);
+        r.rollback(fleet.obs.now, "ops".into()).unwrap();
+        assert_eq!(step(&mut r, &fleet.obs), vec![]);
+        assert!(r.devices.values().all(|p| p
+            .reason
+            .as_deref()
+            .is_some_and(|s| s.contains("nothing to revert to"))));
+    }
+
+    #[test]
+    fn a_device_that_never_answers_fails_the_stage_after_the_install_timeout() {
+        let mut fleet = Fleet::new(10);
+        let mut s = spec(&[(20, 10), (100, 0)], OnFailure::Pause);
+        s.install_timeout_seconds = 120;
+        let mut r = rollout(s);
+        let orders = step(&mut r, &fleet.obs);
+        assert_eq!(orders.len(), 2);
+        // Only the first canary answers.
+        fleet.apply(&orders[..1], 60);
+        step(&mut r, &fleet.obs);
+        assert_eq!(r.state, RolloutState::Running, "{:#?}", r.decisions);
+        fleet.apply(&[], 70);
+        step(&mut r, &fleet.obs);
+        assert_eq!(r.state, RolloutState::Failed, "{:#?}", r.decisions);
+        let silent = r
+            .devices
+            .values()
+            .find(|p| p.state == DeviceState::Failed)
+            .unwrap();
+        assert!(silent.reason.as_deref().unwrap().contains("within 120 s"));
     }
 }

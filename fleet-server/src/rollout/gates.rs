@@ -8,7 +8,7 @@
 //! | `install_failures` | more canaries refused the bundle than allowed |
 //! | `reverts` | more canaries reverted locally (their health watch) than allowed |
 //! | `error_rate` | the canary error rate (failed + non-finite answers) exceeds the control's by more than `max_error_rate_delta`, *significantly* (one-sided two-proportion test at `alpha`) |
-//! | `p95_latency` | canary p95 / control p95 > `max_p95_latency_ratio` |
+//! | `p95_latency` | canary p95 / control p95 > `max_p95_latency_ratio`, both floored at `latency_floor_ms` first (sub-floor jitter on a busy CPU is not a regression) |
 //! | `confidence` | control mean top-1 confidence − canary's > `max_confidence_drop` |
 //! | `prediction_psi` | PSI of the canary's predicted classes against the control's > `max_prediction_psi` |
 //!
@@ -27,6 +27,9 @@ use protocol::telemetry::WindowRecord;
 pub struct Gates {
     pub max_error_rate_delta: f64,
     pub max_p95_latency_ratio: f64,
+    /// Both p95s are raised to at least this (ms) before the ratio: a 0.2 ms model jittering to
+    /// 0.4 ms on a shared CPU is not a regression.
+    pub latency_floor_ms: f64,
     pub max_confidence_drop: f64,
     pub max_prediction_psi: f64,
     pub max_reverts: u64,
@@ -41,6 +44,7 @@ impl Default for Gates {
         Gates {
             max_error_rate_delta: 0.01,
             max_p95_latency_ratio: 1.5,
+            latency_floor_ms: 1.0,
             max_confidence_drop: 0.05,
             max_prediction_psi: 0.2,
             max_reverts: 0,
@@ -62,6 +66,7 @@ impl Gates {
                 1.0,
                 f64::MAX,
             ),
+            ("latency_floor_ms", self.latency_floor_ms, 0.0, 60_000.0),
             ("max_confidence_drop", self.max_confidence_drop, 0.0, 1.0),
             ("max_prediction_psi", self.max_prediction_psi, 0.0, f64::MAX),
             ("alpha", self.alpha, 1e-9, 0.5),
@@ -276,8 +281,8 @@ fn compare(canary: &CohortFigures, control: &CohortFigures, gates: &Gates) -> Ve
 
     let (a, b) = (canary.p95_ms(), control.p95_ms());
     out.push(match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => {
-            let ratio = a / b;
+        (Some(a), Some(b)) if b.max(gates.latency_floor_ms) > 0.0 => {
+            let ratio = a.max(gates.latency_floor_ms) / b.max(gates.latency_floor_ms);
             GateResult {
                 gate: "p95_latency".into(),
                 verdict: if ratio > gates.max_p95_latency_ratio {
@@ -289,7 +294,10 @@ fn compare(canary: &CohortFigures, control: &CohortFigures, gates: &Gates) -> Ve
                 control: Some(b),
                 value: Some(ratio),
                 threshold: Some(gates.max_p95_latency_ratio),
-                note: format!("p95 {a:.3} ms vs {b:.3} ms (ratio {ratio:.2})"),
+                note: format!(
+                    "p95 {a:.3} ms vs {b:.3} ms (ratio {ratio:.2}, floor {} ms)",
+                    gates.latency_floor_ms
+                ),
             }
         }
         _ => skipped(
@@ -435,6 +443,21 @@ mod tests {
                 .collect();
             assert_eq!(failed, vec![gate], "{}", j.summary());
         }
+    }
+
+    #[test]
+    fn latency_below_the_floor_is_not_compared() {
+        // 0.2 ms against 0.1 ms: twice as slow, but both under the 1 ms floor.
+        let fast = |ms| cohort(1000, 2, ms, 0.95, &[250, 250, 250, 250]);
+        let j = judge(&fast(0.2), Some(&fast(0.1)), &Gates::default());
+        assert_eq!(j.verdict, Verdict::Pass, "{}", j.summary());
+        // Without the floor the same figures fail the latency gate.
+        let no_floor = Gates {
+            latency_floor_ms: 0.0,
+            ..Gates::default()
+        };
+        let j = judge(&fast(0.2), Some(&fast(0.1)), &no_floor);
+        assert_eq!(j.verdict, Verdict::Fail, "{}", j.summary());
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct RolloutSpec {
     /// the rollout pauses for a person.
     #[serde(default = "default_inconclusive_timeout")]
     pub inconclusive_timeout_seconds: u64,
+    /// How long a staged device may stay silent (no install, no refusal) before it counts as an
+    /// install failure.
+    #[serde(default = "default_install_timeout")]
+    pub install_timeout_seconds: u64,
 }
 
 /// Devices whose labels include all of these.
@@ -80,6 +84,10 @@ fn default_stages() -> Vec<Stage> {
 
 fn default_inconclusive_timeout() -> u64 {
     3600
+}
+
+fn default_install_timeout() -> u64 {
+    1800
 }
 
 impl RolloutSpec {
