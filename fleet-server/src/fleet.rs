@@ -89,8 +89,55 @@ pub struct DeviceQuery {
     pub online: Option<bool>,
     /// Every (key, value) must match.
     pub labels: Vec<(String, String)>,
+    /// Case-insensitive substring of the id, a label `key:value`, the target or a model name.
+    pub search: Option<String>,
+    /// Has this model (any version, or `model@version`).
+    pub model: Option<String>,
+    /// Has a model in this state (`trial`, `committed`, `reverted`).
+    pub model_state: Option<String>,
     pub offset: usize,
     pub limit: usize,
+}
+
+impl DeviceQuery {
+    /// The search, model and model-state filters.
+    pub fn matches_extra(&self, d: &DeviceRecord) -> bool {
+        if let Some(text) = self.search.as_deref().filter(|t| !t.is_empty()) {
+            let text = text.to_lowercase();
+            let hit = d.id.to_lowercase().contains(&text)
+                || d.target
+                    .as_deref()
+                    .is_some_and(|t| t.to_lowercase().contains(&text))
+                || d.labels
+                    .iter()
+                    .any(|(k, v)| format!("{k}:{v}").to_lowercase().contains(&text))
+                || d.models
+                    .iter()
+                    .any(|m| m.name.to_lowercase().contains(&text));
+            if !hit {
+                return false;
+            }
+        }
+        if let Some(want) = self.model.as_deref() {
+            let (name, version) = match want.split_once('@') {
+                Some((n, v)) => (n, Some(v)),
+                None => (want, None),
+            };
+            if !d
+                .models
+                .iter()
+                .any(|m| m.name == name && version.is_none_or(|v| m.active == v))
+            {
+                return false;
+            }
+        }
+        if let Some(state) = self.model_state.as_deref() {
+            if !d.models.iter().any(|m| m.state == state) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// The server's state: store, bundle files, telemetry, metrics, and the MQTT client that
@@ -317,6 +364,7 @@ impl Fleet {
             .into_iter()
             .filter(|d| q.online.is_none_or(|o| d.online == o))
             .filter(|d| q.labels.iter().all(|(k, v)| d.has_label(k, v)))
+            .filter(|d| q.matches_extra(d))
             .collect();
         let total = matching.len();
         let page = matching

@@ -205,7 +205,7 @@ impl Server {
         ));
         let rollouts = Arc::new(Rollouts::new(fleet.clone()));
         let rollout_task = rollouts.clone().spawn(config.rollout_tick);
-        let router = crate::http::router(fleet.clone(), rollouts.clone());
+        let router = crate::http::router_until(fleet.clone(), rollouts.clone(), stop_rx.clone());
         let mut http_stop = stop_rx;
         let http_task = tokio::spawn(async move {
             let shutdown = async move {

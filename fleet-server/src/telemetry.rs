@@ -112,6 +112,24 @@ impl Telemetry {
         out
     }
 
+    /// Every device's windows of `model` ending after `since`, in one pass over the keys
+    /// (the dashboard's cohort series: one call whatever the fleet size). Unordered.
+    pub fn model_windows(
+        &self,
+        model: &str,
+        since: Option<DateTime<Utc>>,
+    ) -> Vec<(String, WindowRecord)> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .windows
+            .iter()
+            .filter(|(k, _)| k.model == model)
+            .flat_map(|(k, q)| q.iter().map(move |w| (k, w)))
+            .filter(|(_, w)| since.is_none_or(|s| w.end > s))
+            .map(|(k, w)| (k.device.clone(), w.clone()))
+            .collect()
+    }
+
     /// The recent sampled requests of `device` and `model`, oldest first.
     pub fn samples(&self, device: &str, model: &str) -> Vec<SampleRecord> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());

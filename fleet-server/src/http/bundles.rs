@@ -53,6 +53,24 @@ pub async fn list(
     app.caller(&headers, Role::Viewer)?;
     let mut bundles = app.fleet.store.bundles().map_err(FleetError::from)?;
     bundles.sort_by(|a, b| b.uploaded_at.cmp(&a.uploaded_at));
+    let app2 = app.clone();
+    // Manifest fields (quantization, accuracy, task) from each stored file's head, cached.
+    let bundles = tokio::task::spawn_blocking(move || {
+        bundles
+            .iter()
+            .map(|b| {
+                let mut v = serde_json::to_value(b).unwrap_or_default();
+                if let (Some(o), serde_json::Value::Object(d)) =
+                    (v.as_object_mut(), super::views::bundle_details(&app2, b))
+                {
+                    o.extend(d);
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(json!({ "bundles": bundles })))
 }
 

@@ -16,7 +16,8 @@ use crate::fleet::{DeviceQuery, DeviceView};
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
-/// Parses `limit`, `offset`, `online` and any number of `label=k:v`.
+/// Parses `limit`, `offset`, `online`, `q` (search), `model` (`name` or `name@version`),
+/// `state` (a model state) and any number of `label=k:v`.
 pub fn device_query(raw: Option<&str>) -> Result<DeviceQuery, String> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| format!("bad query: {e}"))?;
@@ -47,6 +48,14 @@ pub fn device_query(raw: Option<&str>) -> Result<DeviceQuery, String> {
                     v.parse()
                         .map_err(|_| format!("online '{v}' is not true or false"))?,
                 )
+            }
+            "q" => q.search = Some(v),
+            "model" => q.model = Some(v),
+            "state" => {
+                if !["trial", "committed", "reverted"].contains(&v.as_str()) {
+                    return Err(format!("state '{v}' is not trial, committed or reverted"));
+                }
+                q.model_state = Some(v)
             }
             "label" => {
                 let (lk, lv) = v
@@ -191,6 +200,11 @@ mod tests {
             vec![("site".into(), "a".into()), ("hw".into(), "pi".into())]
         );
         assert_eq!((q.online, q.limit, q.offset), (Some(true), 5, 2));
+        let q = device_query(Some("q=berlin&model=digits%401.0.0&state=reverted")).unwrap();
+        assert_eq!(q.search.as_deref(), Some("berlin"));
+        assert_eq!(q.model.as_deref(), Some("digits@1.0.0"));
+        assert_eq!(q.model_state.as_deref(), Some("reverted"));
+        assert!(device_query(Some("state=asleep")).is_err());
         assert!(device_query(Some("label=nocolon")).is_err());
         assert!(device_query(Some("limit=x")).is_err());
         assert!(device_query(Some("colour=red")).is_err());

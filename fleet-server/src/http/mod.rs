@@ -6,12 +6,15 @@
 //! [`App::caller`] and the role the route needs; errors are `{"error": "..."}` with a 4xx/5xx.
 
 mod bundles;
+pub mod dashboard;
 mod devices;
 mod fleet_admin;
 mod rollouts;
+pub mod views;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -34,6 +37,11 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub struct App {
     pub fleet: Arc<Fleet>,
     pub rollouts: Arc<Rollouts>,
+    /// Manifest fields of stored bundles (files never change), for the bundles page.
+    pub bundle_details: Arc<RwLock<HashMap<String, serde_json::Value>>>,
+    /// Becomes `true` when the server stops: long-lived responses (the stream) end then, so a
+    /// graceful shutdown does not wait for a browser tab.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An API error: a status and a message, answered as `{"error": message}`.
@@ -115,12 +123,17 @@ fn routes() -> Routes {
         router: Router::new(),
         list: Vec::new(),
     };
-    r.add("get", "/healthz", get(fleet_admin::healthz))
+    r.add("get", "/", get(dashboard::index))
+        .add("get", "/ui/{file}", get(dashboard::asset))
+        .add("get", "/healthz", get(fleet_admin::healthz))
         .add("get", "/metrics", get(fleet_admin::metrics))
         .add("get", "/api/v1/openapi.json", get(fleet_admin::openapi))
         .add("get", "/api/v1/bundles", get(bundles::list))
         .add("post", "/api/v1/bundles", post(bundles::upload))
         .add("get", "/api/v1/bundles/{id}", get(bundles::one))
+        .add("get", "/api/v1/whoami", get(views::whoami))
+        .add("get", "/api/v1/fleet/summary", get(views::fleet_summary))
+        .add("get", "/api/v1/stream", get(views::stream))
         .add("get", "/api/v1/bundles/{id}/content", get(bundles::content))
         .add("get", "/api/v1/devices", get(devices::list))
         .add("get", "/api/v1/devices/{id}", get(devices::one))
@@ -135,6 +148,11 @@ fn routes() -> Routes {
         .add("get", "/api/v1/rollouts", get(rollouts::list))
         .add("post", "/api/v1/rollouts", post(rollouts::create))
         .add("get", "/api/v1/rollouts/{id}", get(rollouts::one))
+        .add(
+            "get",
+            "/api/v1/rollouts/{id}/series",
+            get(views::rollout_series),
+        )
         .add(
             "post",
             "/api/v1/rollouts/{id}/{action}",
@@ -154,13 +172,28 @@ pub fn route_list() -> Vec<(&'static str, &'static str)> {
     routes().list
 }
 
-/// The HTTP API over `fleet`.
+/// The HTTP API and the dashboard over `fleet`.
 pub fn router(fleet: Arc<Fleet>, rollouts: Arc<Rollouts>) -> Router {
+    let (_never, stop) = tokio::sync::watch::channel(false);
+    router_until(fleet, rollouts, stop)
+}
+
+/// [`router`] whose long-lived responses end when `stop` becomes `true`.
+pub fn router_until(
+    fleet: Arc<Fleet>,
+    rollouts: Arc<Rollouts>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Router {
     routes()
         .router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(App { fleet, rollouts })
+        .with_state(App {
+            fleet,
+            rollouts,
+            bundle_details: Arc::default(),
+            stop,
+        })
 }
 
 #[cfg(test)]
