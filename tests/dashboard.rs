@@ -135,6 +135,22 @@ impl Rig {
         let v1 = rig.upload("1.0.0", None);
         let first = rig.create(json!({"bundle_id": v1, "stages": [{"percent": 100}]}));
         rig.wait_state(&first, &["succeeded"]);
+        // v1 serves long enough for its live figures to be the reference of the next trial.
+        wait_until("100 requests on every device", LONG, || {
+            rig.fleet
+                .as_ref()
+                .unwrap()
+                .devices
+                .iter()
+                .all(|d| {
+                    d.agent
+                        .registry
+                        .get(MODEL)
+                        .is_some_and(|m| m.health.recent().requests >= 100)
+                })
+                .then_some(())
+        })
+        .unwrap();
         // The regressed model: the canaries' health watch reverts it and the rollout rolls back.
         let bad = rig.upload("2.0.0", Some("regressed/digits_cnn_perturbed.onnx"));
         rig.failed = rig.create(json!({
@@ -209,7 +225,7 @@ impl Browser {
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                          "--no-first-run", "--disable-background-networking",
                          "--disable-component-update", "--disable-sync",
-                         "--disable-dev-shm-usage", "--window-size=1400,1100",
+                         "--disable-dev-shm-usage", "--window-size=1400,2000",
                          format!("--user-data-dir={}", profile.display())],
             }),
         );

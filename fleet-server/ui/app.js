@@ -450,7 +450,9 @@ async function rolloutPage(root, id) {
       const t = (x) => new Date(x).getTime();
       const pts = s.points;
       const judged = s.decisions.filter((d) => d.verdict);
-      const markers = s.decisions.filter((d) => d.action !== "bake" || true).map((d) => ({ t: t(d.time), label: `${d.action}: ${d.reason}`, cls: d.action }));
+      const markers = s.decisions.map((d) => ({ t: t(d.time), label: `${d.action}: ${d.reason}`, cls: d.action }));
+      // One time axis for every chart, so a decision's line sits at the same place in each.
+      const span = { from: t(s.from), to: t(s.to) };
       const chart = (title, get, opts = {}) =>
         lineChart(
           title,
@@ -460,7 +462,7 @@ async function rolloutPage(root, id) {
             { name: "canary at decisions", cls: "canary", dots: true, points: judged.map((d) => [t(d.time), d.canary ? get(d.canary, d) : null]) },
             { name: "control at decisions", cls: "control", dots: true, points: judged.map((d) => [t(d.time), d.control ? get(d.control, d) : null]) },
           ],
-          { markers, ...opts },
+          { markers, ...span, ...opts },
         );
       const g = r.spec.gates || {};
       const charts = h(
@@ -475,10 +477,11 @@ async function rolloutPage(root, id) {
             { name: "PSI", cls: "canary", points: pts.map((p) => [t(p.t), p.prediction_psi]) },
             { name: "PSI at decisions", cls: "canary", dots: true, points: judged.map((d) => [t(d.time), d.prediction_psi]) },
           ],
-          { markers, threshold: g.max_prediction_psi, id: "chart-psi" },
+          { markers, ...span, threshold: g.max_prediction_psi, id: "chart-psi" },
         ),
         lineChart("Reverts (canaries, cumulative)", [{ name: "reverts", cls: "canary", points: pts.map((p) => [t(p.t), p.reverts]) }], {
           markers,
+          ...span,
           threshold: g.max_reverts,
           floorMax: 1,
           id: "chart-reverts",

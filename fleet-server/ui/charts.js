@@ -44,7 +44,8 @@ export function lineChart(title, series, opts = {}) {
     const t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, root);
     t.textContent = "no data yet";
   }
-  let t0 = Math.min(...times), t1 = Math.max(...times);
+  let t0 = opts.from !== undefined ? opts.from : Math.min(...times);
+  let t1 = opts.to !== undefined ? opts.to : Math.max(...times);
   if (!isFinite(t0)) { t0 = Date.now() - 60000; t1 = Date.now(); }
   if (t1 <= t0) t1 = t0 + 1000;
   let y0 = opts.min !== undefined ? opts.min : Math.min(0, ...all.map((p) => p[1]));
