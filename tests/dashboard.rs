@@ -549,6 +549,19 @@ fn dashboard_pages_show_the_api_figures_and_pause_and_resume_a_rollout() {
         )
         .await;
         b.shot("rollout-running").await;
+        // Telemetry keeps arriving: the page redraws from the stream, without a reload.
+        let before = b
+            .js("window.__sameDocument = true; \
+                 return document.getElementById('page').dataset.updated || ''")
+            .await;
+        b.until(
+            "a live update of the rollout page",
+            &format!(
+                "return window.__sameDocument === true && \
+                 (document.getElementById('page').dataset.updated || '') !== {before} ? true : null"
+            ),
+        )
+        .await;
         for (button, state) in [("pause", "paused"), ("resume", "running")] {
             b.until(
                 &format!("{button} enabled"),
@@ -671,6 +684,15 @@ fn dashboard_pages_show_the_api_figures_and_pause_and_resume_a_rollout() {
         assert_eq!(shown, json!(api));
         b.shot("bundles").await;
 
+        // No request the page made carried the token in its URL.
+        let leaked = b
+            .js(&format!(
+                "return performance.getEntriesByType('resource').map(e => e.name)\
+                 .filter(n => n.includes({})).length",
+                json!(w.token)
+            ))
+            .await;
+        assert_eq!(leaked, json!(0), "the token appeared in a URL");
         // A viewer sees everything and can act on nothing.
         b.sign_out().await;
         assert_eq!(

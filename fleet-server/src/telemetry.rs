@@ -112,22 +112,21 @@ impl Telemetry {
         out
     }
 
-    /// Every device's windows of `model` ending after `since`, in one pass over the keys
-    /// (the dashboard's cohort series: one call whatever the fleet size). Unordered.
-    pub fn model_windows(
+    /// Calls `f(device, window)` for every device's windows of `model` ending after `since`, in
+    /// one pass over the keys and without copying a window (the dashboard's cohort series: one
+    /// call whatever the fleet size). Unordered; holds the read lock while it runs.
+    pub fn for_each_window(
         &self,
         model: &str,
         since: Option<DateTime<Utc>>,
-    ) -> Vec<(String, WindowRecord)> {
+        mut f: impl FnMut(&str, &WindowRecord),
+    ) {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        inner
-            .windows
-            .iter()
-            .filter(|(k, _)| k.model == model)
-            .flat_map(|(k, q)| q.iter().map(move |w| (k, w)))
-            .filter(|(_, w)| since.is_none_or(|s| w.end > s))
-            .map(|(k, w)| (k.device.clone(), w.clone()))
-            .collect()
+        for (k, q) in inner.windows.iter().filter(|(k, _)| k.model == model) {
+            for w in q.iter().filter(|w| since.is_none_or(|s| w.end > s)) {
+                f(&k.device, w);
+            }
+        }
     }
 
     /// The recent sampled requests of `device` and `model`, oldest first.

@@ -224,18 +224,24 @@ pub fn series(
         vec![Default::default(); buckets];
     let mut control_devices = canary_devices.clone();
     let version = r.version();
-    for (device, w) in fleet.telemetry.model_windows(r.model(), Some(from)) {
-        let i = (((w.end - from).num_milliseconds() / 1000) / bucket).clamp(0, buckets as i64 - 1)
-            as usize;
-        let in_rollout = r.devices.contains_key(&device);
-        if in_rollout && w.version == version {
-            canary[i].add_window(&w);
-            canary_devices[i].insert(device);
-        } else if !in_rollout && selected.contains_key(&device) && w.version != version {
-            control[i].add_window(&w);
-            control_devices[i].insert(device);
-        }
-    }
+    fleet
+        .telemetry
+        .for_each_window(r.model(), Some(from), |device, w| {
+            let i = (((w.end - from).num_milliseconds() / 1000) / bucket)
+                .clamp(0, buckets as i64 - 1) as usize;
+            let in_rollout = r.devices.contains_key(device);
+            if in_rollout && w.version == version {
+                canary[i].add_window(w);
+                if !canary_devices[i].contains(device) {
+                    canary_devices[i].insert(device.to_string());
+                }
+            } else if !in_rollout && selected.contains_key(device) && w.version != version {
+                control[i].add_window(w);
+                if !control_devices[i].contains(device) {
+                    control_devices[i].insert(device.to_string());
+                }
+            }
+        });
     let mut reverts: Vec<DateTime<Utc>> = r
         .devices
         .values()
