@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use agent::simulate::{SimConfig, SimFleet};
 use fleet_server::{Server, ServerConfig};
 use modelfleet::api::ApiClient;
+use modelfleet::harness::oip_accuracy;
 
 const DEVICES: usize = 24;
 const MODEL: &str = "digits_cnn";
@@ -141,7 +142,13 @@ fn main() -> Result<()> {
     println!("   every device has served 1.0.0 200+ times: its live figures are the reference");
     let device = &fleet.devices[0];
     let oip = rt.block_on(serve_oip(device.agent.clone()))?;
-    let accuracy = classify(&oip, &models.join(MODEL))?;
+    let accuracy = oip_accuracy(
+        &oip,
+        MODEL,
+        "input",
+        &models.join(MODEL).join("test_input.npy"),
+        &models.join(MODEL).join("test_labels.npy"),
+    )?;
     let bundled = device
         .agent
         .registry
@@ -364,34 +371,4 @@ async fn serve_oip(agent: Arc<agent::Agent>) -> Result<String> {
     let router = agent::http::router(agent, None);
     tokio::spawn(async move { axum::serve(listener, router).await });
     Ok(url)
-}
-
-/// Classifies the reference digits through `POST /v2/models/digits_cnn/infer`; returns accuracy.
-fn classify(url: &str, model_dir: &Path) -> Result<f64> {
-    let inputs = engine::npy::read_npy(model_dir.join("test_input.npy"))?;
-    let labels = match engine::npy::read_npy(model_dir.join("test_labels.npy"))?.data {
-        engine::TensorData::I32(v) => v.into_iter().map(i64::from).collect::<Vec<_>>(),
-        engine::TensorData::I64(v) => v,
-        _ => bail!("labels are not integers"),
-    };
-    let pixels = inputs.as_f32().context("inputs are not f32")?;
-    let per: usize = inputs.shape[1..].iter().product();
-    let mut shape = inputs.shape.clone();
-    shape[0] = 1;
-    let mut correct = 0;
-    for (i, label) in labels.iter().enumerate() {
-        let request = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape,
-                                         "data": &pixels[i * per..(i + 1) * per]}]});
-        let response: Value = ureq::post(&format!("{url}/v2/models/{MODEL}/infer"))
-            .send_json(request)?
-            .into_json()?;
-        let probs: Vec<f32> = serde_json::from_value(response["outputs"][0]["data"].clone())?;
-        let predicted = probs
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i);
-        correct += (predicted == Some(*label as usize)) as usize;
-    }
-    Ok(correct as f64 / labels.len() as f64)
 }

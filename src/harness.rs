@@ -244,3 +244,48 @@ impl Drop for BrokerProcess {
         self.kill();
     }
 }
+
+/// Classifies every row of `inputs_npy` through `POST {url}/v2/models/{model}/infer` (OIP v2
+/// JSON, one row per request, first input named `input_name`) and returns the accuracy against
+/// `labels_npy` — the figure a bundle records, so a caller can check that a device serves the
+/// model exactly as it was built.
+pub fn oip_accuracy(
+    url: &str,
+    model: &str,
+    input_name: &str,
+    inputs_npy: &Path,
+    labels_npy: &Path,
+) -> Result<f64> {
+    let inputs = engine::npy::read_npy(inputs_npy)?;
+    let labels = match engine::npy::read_npy(labels_npy)?.data {
+        engine::TensorData::I32(v) => v.into_iter().map(i64::from).collect::<Vec<_>>(),
+        engine::TensorData::I64(v) => v,
+        _ => bail!("labels in {} are not integers", labels_npy.display()),
+    };
+    let pixels = inputs.as_f32().context("inputs are not f32")?;
+    let per: usize = inputs.shape[1..].iter().product();
+    let mut shape = inputs.shape.clone();
+    shape[0] = 1;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build();
+    let mut correct = 0;
+    for (i, label) in labels.iter().enumerate() {
+        let request = serde_json::json!({"inputs": [{"name": input_name, "datatype": "FP32",
+            "shape": shape, "data": &pixels[i * per..(i + 1) * per]}]});
+        let response: serde_json::Value = agent
+            .post(&format!("{url}/v2/models/{model}/infer"))
+            .send_json(request)
+            .with_context(|| format!("inference request {i} to {url}"))?
+            .into_json()?;
+        let scores: Vec<f32> = serde_json::from_value(response["outputs"][0]["data"].clone())
+            .with_context(|| format!("answer {i} has no output data: {response}"))?;
+        let predicted = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i);
+        correct += (predicted == Some(*label as usize)) as usize;
+    }
+    Ok(correct as f64 / labels.len().max(1) as f64)
+}
