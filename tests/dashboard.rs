@@ -92,6 +92,8 @@ struct Rig {
     world: World,
     failed: String,
     running: String,
+    /// The healthy 2.1.0 bundle.
+    good: String,
 }
 
 impl Rig {
@@ -125,6 +127,7 @@ impl Rig {
             world,
             failed: String::new(),
             running: String::new(),
+            good: String::new(),
         };
         wait_until("the simulated fleet online", LONG, || {
             let online = rig.world.get("/api/v1/devices?online=true&limit=1000");
@@ -160,9 +163,9 @@ impl Rig {
         let r = rig.wait_state(&rig.failed, &["rolled_back", "failed", "succeeded"]);
         assert_eq!(r["state"], "rolled_back", "{r:#}");
         // A healthy version, baking long enough to be paused and resumed from the page.
-        let good = rig.upload("2.1.0", None);
+        rig.good = rig.upload("2.1.0", None);
         rig.running = rig.create(json!({
-            "bundle_id": good, "gates": gates,
+            "bundle_id": rig.good, "gates": gates,
             "stages": [{"percent": 50, "bake_seconds": 3600}, {"percent": 100, "bake_seconds": 0}],
         }));
         rig.wait_state(&rig.running, &["running"]);
@@ -683,6 +686,41 @@ fn dashboard_pages_show_the_api_figures_and_pause_and_resume_a_rollout() {
             .collect();
         assert_eq!(shown, json!(api));
         b.shot("bundles").await;
+
+        // A rollout created with the form (after aborting the running one: one rollout per
+        // model and device).
+        let (s, r) = w.post_json(
+            &format!("/api/v1/rollouts/{}/abort", rig.running),
+            json!({}),
+        );
+        assert_eq!(s, 200, "{r}");
+        b.page("rollouts").await;
+        b.js(&format!(
+            "document.getElementById('new-bundle').value = {}; \
+             document.getElementById('new-labels').value = 'site=berlin'; \
+             document.getElementById('new-stages').value = '100:0'; return true",
+            json!(rig.good)
+        ))
+        .await;
+        b.c.find(Locator::Css("#create-submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let id = b
+            .until(
+                "the new rollout's page",
+                "const m = location.hash.match(/^#\\/rollouts\\/(r-[0-9a-f]+)$/); \
+                 return m && document.getElementById('page').dataset.loaded === \
+                 'rollouts/' + m[1] ? m[1] : null",
+            )
+            .await;
+        let created = w.get(&format!("/api/v1/rollouts/{}", text(&id)));
+        assert_eq!(created["version"], "2.1.0", "{created:#}");
+        assert_eq!(created["spec"]["selector"]["labels"]["site"], "berlin");
+        assert_eq!(created["spec"]["stages"], json!([{"percent": 100, "bake_seconds": 0}]));
+        b.shot("rollout-created").await;
 
         // No request the page made carried the token in its URL.
         let leaked = b

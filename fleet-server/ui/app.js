@@ -647,7 +647,7 @@ async function devicePage(root, id) {
           td(
             e.kind === "reverted" ? h("strong", { text: `${e.detail.from} → ${e.detail.to}: ${e.detail.reason}` }) : null,
             e.kind === "reverted" && e.detail.evidence ? h("details", {}, h("summary", { text: "evidence" }), h("pre", { class: "sample", text: JSON.stringify(e.detail.evidence, null, 1) })) : null,
-            e.kind !== "reverted" ? h("span", { class: "mono", text: JSON.stringify(e.detail).slice(0, 160) }) : null,
+            e.kind !== "reverted" ? h("span", { class: "detail", text: JSON.stringify(e.detail).slice(0, 140) }) : null,
           ),
           td(e.rollout_id ? h("a", { href: `#/rollouts/${esc(e.rollout_id)}`, class: "mono", text: e.rollout_id }) : "–"),
         ),
@@ -683,9 +683,9 @@ async function devicePage(root, id) {
         info,
         h("h2", { text: "Models" }),
         table(["model", "active", "previous", "state", "security version num", "bundle"], models, { id: "device-models" }),
+        ...sections,
         h("h2", { text: "Recent events" }),
         table(["time", "kind", "model", "detail", "rollout"], events, { id: "device-events" }),
-        ...sections,
       );
     },
   };
