@@ -17,6 +17,7 @@ use protocol::keys::Keyring;
 
 use crate::health::{self, Acc, Health, HealthOptions, SampleBudget, TrialPolicy, Verdict};
 use crate::install::{self, InstallError};
+use crate::model_cache::ModelCache;
 use crate::outbox::{Outbox, OutboxLimits};
 use crate::serving::{InferencePool, ModelMetrics, Registry, ServingModel};
 use crate::slots::{Layout, MANIFEST_FILE};
@@ -53,6 +54,10 @@ pub struct AgentConfig {
     /// Bytes of sampled records per hour, all models together; samples beyond are counted only.
     pub sample_bytes_per_hour: u64,
     pub outbox: OutboxLimits,
+    /// Share loaded models with the other agents given the same cache (a simulated fleet: one
+    /// engine per distinct model file instead of one per device). `None`: this agent loads its
+    /// own, as a device does.
+    pub share_models: Option<Arc<ModelCache>>,
 }
 
 impl AgentConfig {
@@ -74,6 +79,7 @@ impl AgentConfig {
             sample_rate: 0.01,
             sample_bytes_per_hour: 4 << 20,
             outbox: OutboxLimits::default(),
+            share_models: None,
         }
     }
 }
@@ -225,6 +231,10 @@ impl Agent {
         }
     }
 
+    fn shared(&self) -> Option<&ModelCache> {
+        self.config.share_models.as_deref()
+    }
+
     fn load_installed(&self) -> Result<(), AgentError> {
         let mut keep = HashSet::new();
         for (name, rec) in self.store.models()? {
@@ -291,7 +301,7 @@ impl Agent {
         let dir = self.layout.slot(name, &slot.dir);
         let manifest = parse_manifest(&fs::read(dir.join(MANIFEST_FILE))?)?;
         let (engine, load_time) =
-            install::load_slot(&dir, &manifest, &self.engine_options(), true)?;
+            install::load_slot(&dir, &manifest, &self.engine_options(), true, self.shared())?;
         Ok(ServingModel {
             name: name.to_string(),
             slot: slot.clone(),
@@ -386,7 +396,8 @@ impl Agent {
         };
         let slot_path = self.layout.commit_staging(staging, &m.name, &slot.dir)?;
         crash_point("slot_written");
-        let loaded = install::load_slot(&slot_path, m, &self.engine_options(), false);
+        let loaded =
+            install::load_slot(&slot_path, m, &self.engine_options(), false, self.shared());
         let (engine, load_time) = match loaded {
             Ok(x) => x,
             Err(e) => {

@@ -6,7 +6,8 @@
 //! 2. check the security version against the device's persisted floor for that model;
 //! 3. check the bundle's targets against this device's target;
 //! 4. move the staging directory to its slot name (fsync + rename);
-//! 5. load and optimise the model with the engine;
+//! 5. load and optimise the model with the engine (or take the already loaded one with the same
+//!    bytes from a shared [`ModelCache`], in a simulated fleet);
 //! 6. run the golden inputs and compare with the golden outputs within the bundle's tolerance.
 //!
 //! Activation (the pointer flip) is the caller's: see [`crate::agent::Agent::install`].
@@ -14,12 +15,15 @@
 use std::fs;
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use protocol::bundle::{read_bundle, BundleError, DirSink, VerifiedBundle, VerifyOptions};
 use protocol::manifest::{Golden, Manifest};
 
 use engine::{EngineOptions, Tensor};
+
+use crate::model_cache::{ModelCache, ModelKey};
 
 /// Why a bundle was refused. Every message names what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -105,15 +109,23 @@ pub fn check_policy(m: &Manifest, floor: u64, device_target: &str) -> Result<(),
 /// Steps 5 and 6 on a slot directory; also used at start-up to reload an installed slot.
 /// `check_hash` re-hashes the model file against the manifest first (start-up: bit rot, a
 /// partially synced disk).
+///
+/// With `shared`, the engine comes from that cache when a model with the same bytes (the model
+/// payload's sha256 in `manifest`, which the caller has verified against the file: at install
+/// while verifying the bundle, at start-up through `check_hash`) and the same engine options is
+/// already loaded; otherwise it is loaded and put there. The schema check and the golden
+/// self-test run either way, on the engine this slot will serve.
 pub fn load_slot(
     slot: &Path,
     manifest: &Manifest,
     opts: &EngineOptions,
     check_hash: bool,
-) -> Result<(engine::Model, std::time::Duration), InstallError> {
+    shared: Option<&ModelCache>,
+) -> Result<(Arc<engine::Model>, std::time::Duration), InstallError> {
     let model_path = slot.join(&manifest.model_file);
+    let entry = manifest.payload(&manifest.model_file);
     if check_hash {
-        let entry = manifest.payload(&manifest.model_file).ok_or_else(|| {
+        let entry = entry.ok_or_else(|| {
             InstallError::Schema(format!(
                 "manifest lists no payload '{}'",
                 manifest.model_file
@@ -130,7 +142,16 @@ pub fn load_slot(
         }
     }
     let started = Instant::now();
-    let model = engine::Model::load(&model_path, opts).map_err(InstallError::Load)?;
+    let load = || engine::Model::load(&model_path, opts).map_err(InstallError::Load);
+    let model = match (shared, entry) {
+        (Some(cache), Some(entry)) => {
+            cache
+                .get_or_load(&ModelKey::new(&entry.sha256, opts), load)?
+                .0
+        }
+        // No payload entry to key on (a verified manifest always has one): load unshared.
+        _ => Arc::new(load()?),
+    };
     let load_time = started.elapsed();
     check_schema(manifest, &model)?;
     golden_self_test(slot, manifest, &model)?;

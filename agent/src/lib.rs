@@ -35,6 +35,8 @@
 //!   chunked bundle transfer (or HTTP Range), events with a durable cursor, telemetry drained
 //!   from the outbox on acknowledgement. Started with [`link::Link::start`]; without it the agent
 //!   serves offline.
+//! - [`model_cache`]: loaded models shared by the agents of one process when their bytes are
+//!   identical (the simulated fleet).
 //! - [`simulate`]: many real agents in one process with synthetic traffic (the demo's and the
 //!   scale tests' fleet).
 //! - [`config`]: `agent.toml`.
@@ -48,6 +50,7 @@ pub mod health;
 pub mod http;
 pub mod install;
 pub mod link;
+pub mod model_cache;
 pub mod oip;
 pub mod outbox;
 pub mod serving;

@@ -87,6 +87,10 @@ struct SimArgs {
     /// CA certificate (PEM) that the broker's certificate must chain to (mqtts://)
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Load a model per device instead of sharing one loaded copy among the devices that run
+    /// the same model bytes (for comparison: memory grows with the fleet)
+    #[arg(long)]
+    no_share_models: bool,
 }
 
 /// Where the agent is: a data directory (agent not running) or a running agent's URL.
@@ -424,6 +428,9 @@ fn simulate(args: SimArgs) -> Result<()> {
     config.labels = args.labels;
     config.rps = args.rps;
     config.agent.telemetry_window = Duration::from_secs(args.telemetry_seconds.max(1));
+    if args.no_share_models {
+        config.agent.share_models = None;
+    }
     config.tls = args.ca_file.map(|ca_file| TlsFiles {
         ca_file,
         client_cert: None,
@@ -442,7 +449,8 @@ fn simulate(args: SimArgs) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = report.tick() => {
                     let serving = fleet.devices.iter().filter(|d| !d.agent.registry.is_empty()).count();
-                    tracing::info!(connected = fleet.connected(), serving, "fleet");
+                    let loaded_models = config.agent.share_models.as_ref().map(|c| c.live());
+                    tracing::info!(connected = fleet.connected(), serving, ?loaded_models, "fleet");
                 }
             }
         }

@@ -24,7 +24,10 @@ pub struct ServingModel {
     pub name: String,
     pub manifest: Manifest,
     pub slot: SlotRef,
-    pub engine: engine::Model,
+    /// The loaded model. Shared with other agents of the process that serve the same bytes when
+    /// they have a common [`crate::model_cache::ModelCache`]; everything else here is this
+    /// agent's own.
+    pub engine: Arc<engine::Model>,
     pub metrics: ModelMetrics,
     /// Live health figures for the trial watch and telemetry.
     pub health: crate::health::Health,

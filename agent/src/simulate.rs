@@ -8,8 +8,12 @@
 //! now, so a regressed version shows its regression in live traffic, and the health watch and
 //! the server's canary gates judge real model outputs on the same world.
 //!
-//! Not yet done: sharing loaded model weights between devices that run the same version (each
-//! device loads its own copy today, which bounds a simulated fleet by memory).
+//! Loaded models are shared: [`SimConfig::new`] gives every device one
+//! [`ModelCache`](crate::model_cache::ModelCache), so devices that serve the same model bytes
+//! (by the verified manifest's sha256, never by name or version) run one loaded engine instead
+//! of a copy each, and a fleet of thousands fits in one process. Each device still verifies,
+//! writes its own slot and runs the golden self-test on install, and keeps its own metrics,
+//! health figures and trials. Set `agent.share_models = None` to load a copy per device.
 //!
 //! Labels: `--label site=berlin|munich` gives device `i` the `i mod 2`-th value, so one flag
 //! spreads a fleet over sites.
@@ -23,6 +27,7 @@ use protocol::keys::Keyring;
 
 use crate::agent::{Agent, AgentConfig, AgentError};
 use crate::link::{Link, LinkConfig, LinkError, LinkHandle, TlsFiles};
+use crate::model_cache::ModelCache;
 use crate::serving::ServingModel;
 
 /// Settings of a simulated fleet.
@@ -40,7 +45,8 @@ pub struct SimConfig {
     /// Requests per second per device and model (0: no traffic).
     pub rps: f64,
     pub tls: Option<TlsFiles>,
-    /// Agent settings every device starts from (data dir and worker count are set per device).
+    /// Agent settings every device starts from (the data dir is set per device). Its
+    /// `share_models` cache, set by [`SimConfig::new`], is common to all devices.
     pub agent: AgentConfig,
     /// Link settings every device starts from (broker, id and labels are set per device).
     pub link: Option<LinkConfig>,
@@ -56,6 +62,7 @@ impl SimConfig {
         let mut agent = AgentConfig::new(&data_root);
         agent.workers = 1;
         agent.queue_limit = 16;
+        agent.share_models = Some(Arc::new(ModelCache::new()));
         SimConfig {
             devices,
             broker_url: broker_url.to_string(),
