@@ -289,8 +289,9 @@ pub fn series(
     )
 }
 
-/// `GET /api/v1/bundles/{id}/details`… is not needed: the list carries them. The manifest
-/// fields the bundles page shows, read once per bundle from the stored file's head.
+/// The manifest fields the bundles page shows (quantization, accuracy, task, targets), read
+/// once per bundle from the stored file's head (verified at upload) and cached; `GET
+/// /api/v1/bundles` adds them to each record.
 pub fn bundle_details(app: &App, b: &BundleRecord) -> Value {
     if let Some(v) = app
         .bundle_details
