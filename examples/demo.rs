@@ -208,6 +208,7 @@ fn main() -> Result<()> {
 
     step(6, "look around");
     let base = server.http_url();
+    println!("   dashboard: open {base}/ and sign in with the token above");
     let auth = format!("-H 'Authorization: Bearer {token}'");
     println!("   curl {auth} {base}/api/v1/rollouts/{second}");
     println!("   curl {auth} '{base}/api/v1/events?rollout_id={second}'");
