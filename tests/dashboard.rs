@@ -20,8 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::link::LinkConfig;
-use agent::simulate::{SimConfig, SimFleet};
+use agent::simulate::SimFleet;
 use common::{embedded_broker_exe, models_dir, World};
 use fantoccini::{Client, ClientBuilder, Locator};
 use fleet_server::BrokerConnection;
@@ -102,25 +101,7 @@ impl Rig {
         world.golden_max = 1000;
         let broker = BrokerProcess::embedded(embedded_broker_exe()).unwrap();
         world.start_server(BrokerConnection::plain(&broker.url()));
-        let mut config = SimConfig::new(
-            DEVICES,
-            &broker.url(),
-            world.keyring.clone(),
-            world.path("fleet"),
-        );
-        config.rps = 20.0;
-        config.labels = vec![("site".into(), vec!["berlin".into(), "paris".into()])];
-        config.agent.telemetry_window = Duration::from_millis(500);
-        config.agent.trial.min_requests = 100;
-        config.agent.trial.min_seconds = 2;
-        let mut link = LinkConfig::new(&broker.url(), "template");
-        link.backoff_max = Duration::from_secs(2);
-        link.request_timeout = Duration::from_secs(3);
-        config.link = Some(link);
-        let fleet = {
-            let _guard = world.rt.enter();
-            SimFleet::start(&config).unwrap()
-        };
+        let fleet = world.start_sim_fleet(&broker.url(), DEVICES, 20.0, &["berlin", "paris"]);
         let mut rig = Rig {
             fleet: Some(fleet),
             broker,
@@ -129,11 +110,6 @@ impl Rig {
             running: String::new(),
             good: String::new(),
         };
-        wait_until("the simulated fleet online", LONG, || {
-            let online = rig.world.get("/api/v1/devices?online=true&limit=1000");
-            (online["total"] == DEVICES).then_some(())
-        })
-        .unwrap();
         let gates = json!({"min_requests_per_cohort": 100, "latency_floor_ms": 5.0});
         let v1 = rig.upload("1.0.0", None);
         let first = rig.create(json!({"bundle_id": v1, "stages": [{"percent": 100}]}));

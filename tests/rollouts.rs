@@ -19,8 +19,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use agent::link::LinkConfig;
-use agent::simulate::{SimConfig, SimFleet};
+use agent::simulate::SimFleet;
 use common::{embedded_broker_exe, models_dir, World};
 use fleet_server::BrokerConnection;
 use modelfleet::harness::{wait_until, BrokerProcess};
@@ -57,31 +56,7 @@ impl Rig {
         .unwrap();
         world.start_server(BrokerConnection::plain(&broker.url()));
 
-        let mut config = SimConfig::new(
-            DEVICES,
-            &broker.url(),
-            world.keyring.clone(),
-            world.path("fleet"),
-        );
-        config.rps = rps;
-        config.labels = vec![("site".into(), vec!["berlin".into()])];
-        // Short windows and trials: a test has seconds, not the production minutes.
-        config.agent.telemetry_window = Duration::from_millis(500);
-        config.agent.trial.min_requests = 100;
-        config.agent.trial.min_seconds = 2;
-        let mut link = LinkConfig::new(&broker.url(), "template");
-        link.backoff_max = Duration::from_secs(2);
-        link.request_timeout = Duration::from_secs(3);
-        config.link = Some(link);
-        let fleet = {
-            let _guard = world.rt.enter();
-            SimFleet::start(&config).unwrap()
-        };
-        wait_until("the simulated fleet online", LONG, || {
-            let online = world.get("/api/v1/devices?online=true&limit=1000");
-            (online["total"] == DEVICES).then_some(())
-        })
-        .unwrap();
+        let fleet = world.start_sim_fleet(&broker.url(), DEVICES, rps, &["berlin"]);
 
         let rig = Rig {
             fleet: Some(fleet),

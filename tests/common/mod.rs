@@ -164,6 +164,49 @@ impl World {
         }
     }
 
+    /// Starts a simulated fleet of `devices` real agents on `broker_url` (ids `sim-0000`…, label
+    /// `site` spread over `sites`, `rps` requests per second each) with test-sized settings —
+    /// 0.5 s telemetry windows, trials of 100 requests / 2 s, quick reconnects — and waits until
+    /// the server lists all of them online.
+    pub fn start_sim_fleet(
+        &self,
+        broker_url: &str,
+        devices: usize,
+        rps: f64,
+        sites: &[&str],
+    ) -> agent::simulate::SimFleet {
+        let mut config = agent::simulate::SimConfig::new(
+            devices,
+            broker_url,
+            self.keyring.clone(),
+            self.path("fleet"),
+        );
+        config.rps = rps;
+        config.labels = vec![("site".into(), sites.iter().map(|s| s.to_string()).collect())];
+        // Short windows and trials: a test has seconds, not the production minutes.
+        config.agent.telemetry_window = Duration::from_millis(500);
+        config.agent.trial.min_requests = 100;
+        config.agent.trial.min_seconds = 2;
+        let mut link = LinkConfig::new(broker_url, "template");
+        link.backoff_max = Duration::from_secs(2);
+        link.request_timeout = Duration::from_secs(3);
+        config.link = Some(link);
+        let fleet = {
+            let _guard = self.rt.enter();
+            agent::simulate::SimFleet::start(&config).unwrap()
+        };
+        wait_until(
+            "the simulated fleet online",
+            Duration::from_secs(180),
+            || {
+                let online = self.get("/api/v1/devices?online=true&limit=1");
+                (online["total"] == devices).then_some(())
+            },
+        )
+        .unwrap();
+        fleet
+    }
+
     /// The API as the admin of this world's server.
     pub fn client(&self) -> ApiClient {
         ApiClient::new(&self.api, &self.token)
