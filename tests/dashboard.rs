@@ -165,15 +165,7 @@ impl Rig {
     }
 
     fn wait_state(&self, id: &str, states: &[&str]) -> Value {
-        let mut last = Value::Null;
-        wait_until(&format!("rollout {id} to be {states:?}"), LONG, || {
-            last = self.world.get(&format!("/api/v1/rollouts/{id}"));
-            states
-                .iter()
-                .any(|s| last["state"] == *s)
-                .then(|| last.clone())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nrollout: {last:#}"))
+        self.world.wait_for_rollout(id, states, LONG)
     }
 }
 

@@ -120,15 +120,7 @@ impl Rig {
 
     /// Waits until the rollout is in one of `states`; returns it.
     fn wait_state(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
-        let mut last = Value::Null;
-        wait_until(&format!("rollout {id} to be {states:?}"), timeout, || {
-            last = self.rollout(id);
-            states
-                .iter()
-                .any(|s| last["state"] == *s)
-                .then(|| last.clone())
-        })
-        .unwrap_or_else(|e| panic!("{e}\nrollout: {last:#}"))
+        self.world.wait_for_rollout(id, states, timeout)
     }
 
     /// The active version of `digits_cnn` on each device that has it.

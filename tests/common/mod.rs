@@ -207,6 +207,19 @@ impl World {
         fleet
     }
 
+    /// Waits until rollout `id` is in one of `states`; returns it (panics with the rollout).
+    pub fn wait_for_rollout(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        wait_until(&format!("rollout {id} to be {states:?}"), timeout, || {
+            last = self.get(&format!("/api/v1/rollouts/{id}"));
+            states
+                .iter()
+                .any(|s| last["state"] == *s)
+                .then(|| last.clone())
+        })
+        .unwrap_or_else(|e| panic!("{e}\nrollout: {last:#}"))
+    }
+
     /// The API as the admin of this world's server.
     pub fn client(&self) -> ApiClient {
         ApiClient::new(&self.api, &self.token)
