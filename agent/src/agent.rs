@@ -15,6 +15,7 @@ use serde_json::json;
 use protocol::bundle::{parse_manifest, read_head, Limits, VerifyOptions};
 use protocol::keys::Keyring;
 
+use crate::backend::Backend;
 use crate::health::{self, Acc, Health, HealthOptions, SampleBudget, TrialPolicy, Verdict};
 use crate::install::{self, InstallError};
 use crate::model_cache::ModelCache;
@@ -34,7 +35,9 @@ pub struct AgentConfig {
     pub workers: usize,
     /// Requests waiting for a worker before new ones get 503.
     pub queue_limit: usize,
-    /// Intra-op threads per inference (tract).
+    /// What runs the models ([`crate::backend`]; `backend = "tract"` in `agent.toml`).
+    pub backend: Arc<dyn Backend>,
+    /// Intra-op threads per inference.
     pub engine_threads: usize,
     /// Accept bundles up to this long after their expiry (offline devices, clock skew).
     pub expiry_slack: Duration,
@@ -69,6 +72,7 @@ impl AgentConfig {
             data_dir: data_dir.into(),
             workers: cores,
             queue_limit: 64,
+            backend: Arc::new(crate::backend::Tract),
             engine_threads: 1,
             expiry_slack: Duration::from_secs(7 * 24 * 3600),
             target: BUILD_TARGET.to_string(),
@@ -150,6 +154,10 @@ impl ModelStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub target: String,
+    /// The inference backend serving the models; absent when read from a data directory
+    /// whose agent is not running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'static str>,
     pub agent_version: &'static str,
     pub models: Vec<ModelStatus>,
 }
@@ -300,8 +308,14 @@ impl Agent {
     fn load(&self, name: &str, slot: &SlotRef) -> Result<ServingModel, InstallError> {
         let dir = self.layout.slot(name, &slot.dir);
         let manifest = parse_manifest(&fs::read(dir.join(MANIFEST_FILE))?)?;
-        let (engine, load_time) =
-            install::load_slot(&dir, &manifest, &self.engine_options(), true, self.shared())?;
+        let (engine, load_time) = install::load_slot(
+            &dir,
+            &manifest,
+            self.config.backend.as_ref(),
+            &self.engine_options(),
+            true,
+            self.shared(),
+        )?;
         Ok(ServingModel {
             name: name.to_string(),
             slot: slot.clone(),
@@ -396,8 +410,14 @@ impl Agent {
         };
         let slot_path = self.layout.commit_staging(staging, &m.name, &slot.dir)?;
         crash_point("slot_written");
-        let loaded =
-            install::load_slot(&slot_path, m, &self.engine_options(), false, self.shared());
+        let loaded = install::load_slot(
+            &slot_path,
+            m,
+            self.config.backend.as_ref(),
+            &self.engine_options(),
+            false,
+            self.shared(),
+        );
         let (engine, load_time) = match loaded {
             Ok(x) => x,
             Err(e) => {
@@ -601,6 +621,7 @@ impl Agent {
             .collect();
         Ok(Status {
             target: self.config.target.clone(),
+            backend: Some(self.config.backend.name()),
             agent_version: env!("CARGO_PKG_VERSION"),
             models,
         })
@@ -616,6 +637,7 @@ impl Agent {
             .collect();
         Ok(Status {
             target: BUILD_TARGET.to_string(),
+            backend: None,
             agent_version: env!("CARGO_PKG_VERSION"),
             models,
         })

@@ -7,6 +7,7 @@
 //! workers = 2             # concurrent inference requests
 //! queue_limit = 64        # waiting requests before 503
 //! engine_threads = 1      # intra-op threads per request
+//! backend = "tract"       # inference backend (the only one this build has)
 //! expiry_slack_seconds = 604800
 //! admin_token = "…"       # optional: required as a bearer token on /admin/v1
 //!
@@ -60,6 +61,7 @@ pub struct ConfigFile {
     pub workers: Option<usize>,
     pub queue_limit: Option<usize>,
     pub engine_threads: Option<usize>,
+    pub backend: Option<String>,
     pub expiry_slack_seconds: Option<u64>,
     pub admin_token: Option<String>,
     pub target: Option<String>,

@@ -23,6 +23,8 @@ use protocol::manifest::{Golden, Manifest};
 
 use engine::{EngineOptions, Tensor};
 
+use crate::backend::{Backend, LoadedModel};
+
 use crate::model_cache::{ModelCache, ModelKey};
 
 /// Why a bundle was refused. Every message names what is wrong.
@@ -118,10 +120,11 @@ pub fn check_policy(m: &Manifest, floor: u64, device_target: &str) -> Result<(),
 pub fn load_slot(
     slot: &Path,
     manifest: &Manifest,
+    backend: &dyn Backend,
     opts: &EngineOptions,
     check_hash: bool,
     shared: Option<&ModelCache>,
-) -> Result<(Arc<engine::Model>, std::time::Duration), InstallError> {
+) -> Result<(Arc<dyn LoadedModel>, std::time::Duration), InstallError> {
     let model_path = slot.join(&manifest.model_file);
     let entry = manifest.payload(&manifest.model_file);
     if check_hash {
@@ -142,23 +145,23 @@ pub fn load_slot(
         }
     }
     let started = Instant::now();
-    let load = || engine::Model::load(&model_path, opts).map_err(InstallError::Load);
+    let load = || backend.load(&model_path, opts).map_err(InstallError::Load);
     let model = match (shared, entry) {
         (Some(cache), Some(entry)) => {
             cache
-                .get_or_load(&ModelKey::new(&entry.sha256, opts), load)?
+                .get_or_load(&ModelKey::new(backend, &entry.sha256, opts), load)?
                 .0
         }
         // No payload entry to key on (a verified manifest always has one): load unshared.
-        _ => Arc::new(load()?),
+        _ => load()?,
     };
     let load_time = started.elapsed();
-    check_schema(manifest, &model)?;
-    golden_self_test(slot, manifest, &model)?;
+    check_schema(manifest, model.as_ref())?;
+    golden_self_test(slot, manifest, model.as_ref())?;
     Ok((model, load_time))
 }
 
-fn check_schema(m: &Manifest, model: &engine::Model) -> Result<(), InstallError> {
+fn check_schema(m: &Manifest, model: &dyn LoadedModel) -> Result<(), InstallError> {
     let same = |a: &[protocol::manifest::TensorSpec], b: &[protocol::manifest::TensorSpec]| {
         a.len() == b.len()
             && a.iter()
@@ -188,7 +191,7 @@ fn names(specs: &[protocol::manifest::TensorSpec]) -> Vec<String> {
 pub fn golden_self_test(
     slot: &Path,
     m: &Manifest,
-    model: &engine::Model,
+    model: &dyn LoadedModel,
 ) -> Result<(), InstallError> {
     let g = &m.golden;
     if g.count == 0 {

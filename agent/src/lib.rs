@@ -22,6 +22,7 @@
 //!
 //! # Map
 //! - [`agent`]: the core — open a data directory, install, revert, status.
+//! - [`backend`]: what runs a model (the [`backend::LoadedModel`] trait; tract ships).
 //! - [`install`]: the install path's checks: verify, floor, target, load, golden self-test.
 //! - [`slots`]: data-directory layout and crash-safe file operations.
 //! - [`store`]: durable state in redb (slot records, security floors, events).
@@ -42,9 +43,11 @@
 //! - [`config`]: `agent.toml`.
 //!
 //! What the agent must not know: how a bundle was built (only what its manifest says), and tract
-//! itself — models are run through the `engine` crate.
+//! itself — models are run through a [`backend::Backend`] (tract's lives in the `engine` crate),
+//! so nothing outside [`backend`] names a runtime.
 
 pub mod agent;
+pub mod backend;
 pub mod config;
 pub mod health;
 pub mod http;

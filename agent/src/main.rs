@@ -123,6 +123,9 @@ struct RunArgs {
     /// Intra-op threads per inference [default: 1]
     #[arg(long)]
     engine_threads: Option<usize>,
+    /// Inference backend [default: tract, the only one this build has]
+    #[arg(long)]
+    backend: Option<String>,
     /// Bearer token required on /admin/v1 (or MODELFLEET_ADMIN_TOKEN).
     #[arg(long, env = "MODELFLEET_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -357,6 +360,9 @@ fn serve(args: RunArgs) -> Result<()> {
     }
     if let Some(t) = args.engine_threads.or(file.engine_threads) {
         config.engine_threads = t.max(1);
+    }
+    if let Some(name) = args.backend.or(file.backend) {
+        config.backend = agent::backend::by_name(&name)?;
     }
     if let Some(s) = file.expiry_slack_seconds {
         config.expiry_slack = Duration::from_secs(s);

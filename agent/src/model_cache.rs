@@ -2,22 +2,22 @@
 //!
 //! A real device runs one agent and has nothing to share with. A simulated fleet runs hundreds
 //! to thousands of agents in one process, most of them serving the same few versions; loading
-//! one [`engine::Model`] per device would bound the fleet by memory. A [`ModelCache`] handed to
+//! one model per device would bound the fleet by memory. A [`ModelCache`] handed to
 //! every agent ([`crate::AgentConfig::share_models`]) lets them serve one loaded copy.
 //!
 //! What is shared is only what is identical: the cache is keyed by the sha256 of the model
 //! file's bytes as the verified manifest records it (checked against the bytes while the bundle
 //! was verified at install, and re-hashed at start-up), plus the engine options that change the
 //! plan ([`ModelKey`]). Names and versions play no part: two bundles with the same model bytes
-//! share an engine whatever they are called, two with different bytes never do. The engine reads
-//! nothing but the model file's bytes (no external data beside it), so equal bytes make an equal
-//! model.
+//! share an engine whatever they are called, two with different bytes never do. A backend reads
+//! nothing but the model file's bytes (no external data beside it), so equal bytes loaded by the
+//! same backend with the same options make an equal model.
 //!
 //! Everything else stays per device: each agent still verifies the bundle, writes its own slot,
 //! checks the schema and runs the golden self-test (on the shared engine), and keeps its own
 //! request metrics and health figures (they live in [`crate::serving::ServingModel`], not in the
-//! engine). [`engine::Model`] is `Send + Sync` and runs with `&self` on pooled execution states,
-//! so any number of agents' inference threads can run one engine at once.
+//! engine). A [`LoadedModel`] is `Send + Sync` and runs with `&self` (tract's on pooled execution
+//! states), so any number of agents' inference threads can run one engine at once.
 //!
 //! The cache holds [`Weak`] references: a model no agent serves any more is dropped as it would
 //! be without sharing, and the next agent to need it loads it again.
@@ -26,9 +26,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::backend::{Backend, LoadedModel};
+
 /// What makes two loads the same model: the same bytes, prepared the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelKey {
+    /// [`Backend::name`]: the same bytes loaded by two backends are two models.
+    pub backend: &'static str,
     /// Hex sha256 of the decompressed model file, from the verified manifest's payload entry.
     pub model_sha256: String,
     /// [`engine::EngineOptions::threads`]: the plan's executor depends on it.
@@ -39,8 +43,13 @@ pub struct ModelKey {
 }
 
 impl ModelKey {
-    pub fn new(model_sha256: &str, opts: &engine::EngineOptions) -> ModelKey {
+    pub fn new(
+        backend: &dyn Backend,
+        model_sha256: &str,
+        opts: &engine::EngineOptions,
+    ) -> ModelKey {
         ModelKey {
+            backend: backend.name(),
             model_sha256: model_sha256.to_ascii_lowercase(),
             threads: opts.threads,
         }
@@ -49,7 +58,7 @@ impl ModelKey {
 
 /// One key's entry. Its own lock serialises loads of that key, so agents installing the same
 /// version at once load it once; different keys load in parallel.
-type Entry = Arc<Mutex<Weak<engine::Model>>>;
+type Entry = Arc<Mutex<Weak<dyn LoadedModel>>>;
 
 /// Loaded models by [`ModelKey`], held weakly. Cheap to share: put it in an `Arc`.
 #[derive(Default)]
@@ -82,8 +91,8 @@ impl ModelCache {
     pub fn get_or_load<E>(
         &self,
         key: &ModelKey,
-        load: impl FnOnce() -> Result<engine::Model, E>,
-    ) -> Result<(Arc<engine::Model>, bool), E> {
+        load: impl FnOnce() -> Result<Arc<dyn LoadedModel>, E>,
+    ) -> Result<(Arc<dyn LoadedModel>, bool), E> {
         let entry = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             // Forget keys whose model is gone and that nobody is loading. An entry only the map
@@ -92,14 +101,21 @@ impl ModelCache {
                 Arc::strong_count(e) > 1
                     || e.try_lock().map(|w| w.strong_count() > 0).unwrap_or(true)
             });
-            entries.entry(key.clone()).or_default().clone()
+            entries
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    // Nothing loaded yet: a dangling `Weak` (it needs a sized type to be made).
+                    let none: Weak<dyn LoadedModel> = Weak::<engine::Model>::new();
+                    Arc::new(Mutex::new(none))
+                })
+                .clone()
         };
         let mut slot = entry.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(model) = slot.upgrade() {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((model, true));
         }
-        let model = Arc::new(load()?);
+        let model = load()?;
         self.loads.fetch_add(1, Ordering::Relaxed);
         *slot = Arc::downgrade(&model);
         Ok((model, false))
@@ -131,14 +147,17 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn digits() -> engine::Model {
+    fn digits() -> Arc<dyn LoadedModel> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../examples/models/digits_mlp/digits_mlp.onnx");
-        engine::Model::load(&path, &engine::EngineOptions::default()).unwrap()
+        crate::backend::Tract
+            .load(&path, &engine::EngineOptions::default())
+            .unwrap()
     }
 
     fn key(sha: &str, threads: usize) -> ModelKey {
         ModelKey {
+            backend: "tract",
             model_sha256: sha.into(),
             threads,
         }
@@ -182,9 +201,9 @@ mod tests {
         let cache = Arc::new(ModelCache::new());
         assert_eq!(
             cache
-                .get_or_load(&key("aa", 1), || Err::<engine::Model, _>("broken"))
-                .unwrap_err(),
-            "broken"
+                .get_or_load(&key("aa", 1), || Err::<Arc<dyn LoadedModel>, _>("broken"))
+                .err(),
+            Some("broken")
         );
         let threads: Vec<_> = (0..4)
             .map(|_| {

@@ -24,10 +24,10 @@ pub struct ServingModel {
     pub name: String,
     pub manifest: Manifest,
     pub slot: SlotRef,
-    /// The loaded model. Shared with other agents of the process that serve the same bytes when
-    /// they have a common [`crate::model_cache::ModelCache`]; everything else here is this
-    /// agent's own.
-    pub engine: Arc<engine::Model>,
+    /// The loaded model, from the agent's [`crate::backend::Backend`]. Shared with other agents
+    /// of the process that serve the same bytes when they have a common
+    /// [`crate::model_cache::ModelCache`]; everything else here is this agent's own.
+    pub engine: Arc<dyn crate::backend::LoadedModel>,
     pub metrics: ModelMetrics,
     /// Live health figures for the trial watch and telemetry.
     pub health: crate::health::Health,

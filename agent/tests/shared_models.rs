@@ -25,7 +25,7 @@ fn install(agent: &Agent, bundle: &Path) {
     agent.install(&std::fs::read(bundle).unwrap()).unwrap();
 }
 
-fn engine(agent: &Agent, model: &str) -> Arc<engine::Model> {
+fn engine(agent: &Agent, model: &str) -> Arc<dyn agent::backend::LoadedModel> {
     agent.registry.get(model).unwrap().engine.clone()
 }
 
@@ -143,6 +143,7 @@ fn agents_with_one_cache_share_an_engine_only_for_identical_model_bytes() {
     let err = agent::install::load_slot(
         &broken,
         &manifest,
+        &agent::backend::Tract,
         &engine::EngineOptions::default(),
         true,
         Some(&cache),
@@ -155,6 +156,7 @@ fn agents_with_one_cache_share_an_engine_only_for_identical_model_bytes() {
     let (shared, _) = agent::install::load_slot(
         &slot_a,
         &manifest_of(&slot_a),
+        &agent::backend::Tract,
         &engine::EngineOptions::default(),
         true,
         Some(&cache),
