@@ -24,3 +24,17 @@ bench:
 fuzz seconds="300":
     cd fuzz && cargo +nightly fuzz run bundle_reader corpus/bundle_reader -- -max_total_time={{seconds}}
     cd fuzz && cargo +nightly fuzz run manifest_parser corpus/manifest_parser -- -max_total_time={{seconds}}
+
+# Release agents for the ARM targets (linkers and qemu runners come from .cargo/config.toml;
+# needs gcc-aarch64-linux-gnu / gcc-arm-linux-gnueabihf and `rustup target add`, see docs/targets.md).
+cross-aarch64:
+    cargo build --release -p modelfleet-agent --bin fleet-agent --target aarch64-unknown-linux-gnu
+
+cross-armv7:
+    cargo build --release -p modelfleet-agent --bin fleet-agent --target armv7-unknown-linux-gnueabihf
+
+# Footprint table of BENCHMARKS.md: stripped sizes per target and the agent's PSS (digits_cnn,
+# idle and at 50 req/s).
+footprint window="120":
+    cargo build --release -p modelfleet-agent -p modelfleet-bundler --bins
+    python3 scripts/footprint.py --agent target/release/fleet-agent --bundler target/release/bundler --window {{window}}

@@ -38,6 +38,7 @@ const MODEL: &str = "mobilenetish";
 fn main() -> Result<()> {
     let mut devices = vec![1usize, 50];
     let mut brokers = vec!["embedded".to_string(), "mosquitto".to_string()];
+    let mut windows = vec![LinkConfig::new("", "").window];
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -50,7 +51,15 @@ fn main() -> Result<()> {
                     .collect::<Result<_>>()?
             }
             "--broker" => brokers = value.split(',').map(str::to_string).collect(),
-            other => bail!("unknown flag {other}: use --devices 1,50 --broker embedded,mosquitto"),
+            "--window" => {
+                windows = value
+                    .split(',')
+                    .map(|s| s.parse().context("--window takes numbers: 32,64"))
+                    .collect::<Result<_>>()?
+            }
+            other => bail!(
+                "unknown flag {other}: use --devices 1,50 --broker embedded,mosquitto --window 32"
+            ),
         }
         i += 2;
     }
@@ -116,7 +125,10 @@ fn main() -> Result<()> {
             mb_per_s(bundle.len(), plain)
         );
 
-        for &n in &devices {
+        for (&n, &window) in devices
+            .iter()
+            .flat_map(|n| windows.iter().map(move |w| (n, w)))
+        {
             let run = stage_to(
                 &rt,
                 &api,
@@ -124,11 +136,12 @@ fn main() -> Result<()> {
                 &bundle_id,
                 &keyring,
                 n,
-                &dir.join(format!("{broker_name}-{n}")),
+                window,
+                &dir.join(format!("{broker_name}-{n}-w{window}")),
             )?;
             let bytes = bundle.len() * n;
             println!(
-                "staging to {n:>3} agent(s): all transferred in {:.3} s ({:.1} MB/s aggregate, {:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s",
+                "staging to {n:>3} agent(s), window {window:>3}: all transferred in {:.3} s ({:.1} MB/s aggregate, {:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s",
                 run.transferred.as_secs_f64(),
                 mb_per_s(bytes, run.transferred),
                 100.0 * mb_per_s(bytes, run.transferred) / mb_per_s(bundle.len(), plain),
@@ -223,6 +236,7 @@ fn stage_to(
     bundle_id: &str,
     keyring: &protocol::keys::Keyring,
     n: usize,
+    window: u32,
     dir: &std::path::Path,
 ) -> Result<StagingRun> {
     let mut agents = Vec::new();
@@ -239,7 +253,9 @@ fn stage_to(
         let agent = Arc::new(Agent::open(config, keyring.clone())?);
         let link = {
             let _guard = rt.enter();
-            Link::start(agent.clone(), LinkConfig::new(broker_url, &id))?
+            let mut link = LinkConfig::new(broker_url, &id);
+            link.window = window;
+            Link::start(agent.clone(), link)?
         };
         agents.push((id, agent));
         links.push(link);

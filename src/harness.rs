@@ -206,7 +206,7 @@ impl BrokerProcess {
         // who cannot read the test's private files.
         let mut conf = format!(
             "user root\npersistence false\nallow_anonymous true\nlog_dest stderr\n\
-             max_queued_messages 100000\nlistener {port} 127.0.0.1\n"
+             max_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n"
         );
         if let Some(certs) = tls {
             conf.push_str(&format!(

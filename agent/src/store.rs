@@ -186,6 +186,28 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::put_transfer`] without waiting for the disk: a checkpoint's bitmap. Safe
+    /// because the chunks it claims were fsynced before this is called: if a crash loses this
+    /// commit the store falls back to an older bitmap that claims fewer chunks, which are
+    /// fetched again; the next durable commit of this store (an event, the next transfer
+    /// record) persists it. Saves the two fsyncs of a redb commit per checkpoint on the link's
+    /// receive path.
+    pub fn put_transfer_checkpoint<T: Serialize>(
+        &self,
+        bundle_id: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::None);
+        {
+            let mut table = tx.open_table(TRANSFERS)?;
+            let bytes = serde_json::to_vec(record).expect("transfer record serialises");
+            table.insert(bundle_id, bytes.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn remove_transfer(&self, bundle_id: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         tx.open_table(TRANSFERS)?.remove(bundle_id)?;

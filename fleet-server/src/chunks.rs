@@ -1,23 +1,18 @@
 //! Chunk serving: answers a device's [`ChunkRequest`] with one frame per chunk on its
 //! `transfer/chunk` topic, QoS 1.
 //!
-//! A request is capped at [`MAX_CHUNKS_PER_REQUEST`] chunks and [`MAX_BYTES_PER_REQUEST`]
-//! bytes (the agent asks again for the rest); requests for an unknown bundle, from an unknown
+//! A request is served up to [`max_chunks_per_request`] chunks (the caps of `protocol::link`,
+//! which the agent also honours when it asks); requests for an unknown bundle, from an unknown
 //! device, with a bad chunk size or a range past the end are answered with an error frame and
 //! counted. Chunks are read with positioned reads from files kept open, hashed, and published.
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use protocol::link::{chunk_count, Channel, ChunkRequest, MAX_CHUNK_SIZE};
+use protocol::link::{chunk_count, max_chunks_per_request, Channel, ChunkRequest, MAX_CHUNK_SIZE};
 use rumqttc::QoS;
 
 use crate::bundles::error_frame;
 use crate::fleet::Fleet;
-
-/// Most chunks served for one request.
-pub const MAX_CHUNKS_PER_REQUEST: u32 = 64;
-/// Most bytes served for one request.
-pub const MAX_BYTES_PER_REQUEST: u64 = 4 << 20;
 
 impl Fleet {
     /// Serves one chunk request from `device`.
@@ -72,12 +67,10 @@ impl Fleet {
                 total,
             ));
         }
-        let by_bytes = (MAX_BYTES_PER_REQUEST / req.chunk_size as u64).max(1) as u32;
         let n = req
             .count
             .min(total - req.first)
-            .min(MAX_CHUNKS_PER_REQUEST)
-            .min(by_bytes);
+            .min(max_chunks_per_request(req.chunk_size));
         Ok((size, n))
     }
 

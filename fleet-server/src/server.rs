@@ -150,8 +150,10 @@ impl Server {
             .clone()
             .unwrap_or_else(|| default_client_id(data_dir));
         let opts = mqtt::options(&connection, &client_id)?;
-        let (client, eventloop) =
+        let (client, mut eventloop) =
             rumqttc::AsyncClient::new(opts.clone(), opts.request_channel_capacity());
+        // Acknowledgements and error frames are small writes a device waits on: no Nagle delay.
+        eventloop.network_options.set_tcp_nodelay(true);
 
         let file_tokens = config
             .tokens

@@ -34,6 +34,18 @@ pub const DEFAULT_PREFIX: &str = "modelfleet/v1";
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Largest chunk size either side accepts.
 pub const MAX_CHUNK_SIZE: u32 = 1 << 20;
+/// Most chunks the server sends for one [`ChunkRequest`]; an agent asks for at most this many
+/// at once (a larger `count` is served only up to the cap).
+pub const MAX_CHUNKS_PER_REQUEST: u32 = 64;
+/// Most bytes the server sends for one [`ChunkRequest`] (same rule as the chunk cap).
+pub const MAX_BYTES_PER_REQUEST: u64 = 4 << 20;
+
+/// Chunks one request may ask for at `chunk_size`: both caps applied, at least 1.
+pub fn max_chunks_per_request(chunk_size: u32) -> u32 {
+    let by_bytes = (MAX_BYTES_PER_REQUEST / chunk_size.max(1) as u64).clamp(1, u32::MAX as u64);
+    MAX_CHUNKS_PER_REQUEST.min(by_bytes as u32)
+}
+
 /// Largest JSON message (status, command, event, request) either side accepts.
 pub const MAX_JSON_MESSAGE: usize = 256 * 1024;
 /// Largest chunk frame header.

@@ -128,7 +128,10 @@ impl Session {
     ) -> Result<Session, LinkError> {
         // Room for every publish the windows allow plus status and subscriptions.
         let capacity = config.window as usize + config.telemetry_window + EVENT_WINDOW + 64;
-        let (client, eventloop) = AsyncClient::new(options, capacity);
+        let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        // Chunk requests and acknowledgements are small writes the next chunk waits on: with
+        // Nagle's algorithm they can sit in the kernel until the broker's delayed ACK.
+        eventloop.network_options.set_tcp_nodelay(true);
         let events = EventPump::open(agent.store())?;
         let (done_tx, _) = mpsc::unbounded_channel();
         Ok(Session {

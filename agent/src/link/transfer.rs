@@ -6,7 +6,8 @@
 //! completes, pauses or the link stops) [`Transfer::checkpoint`] fsyncs the file and only then
 //! writes the bitmap to the `transfers` table of `agent.redb`. So the stored bitmap never claims a
 //! chunk that is not durably on disk; after a power cut at worst the chunks since the last
-//! checkpoint are fetched again. The record also keeps the [`BundleRef`] and the command and
+//! checkpoint are fetched again. The bitmap's own commit does not wait for the disk
+//! ([`crate::store::Store::put_transfer_checkpoint`]): losing it only loses claims. The record also keeps the [`BundleRef`] and the command and
 //! rollout ids, so a restarted agent resumes the transfer (or, if it was complete, goes straight
 //! to the install) without the server re-sending the command.
 
@@ -20,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use protocol::link::BundleRef;
+use protocol::link::{max_chunks_per_request, BundleRef};
 
 use crate::agent::Agent;
 use crate::store::{Event, EventContext};
@@ -307,7 +308,9 @@ impl Transfer {
                 path: self.path.clone(),
                 source,
             })?;
-        agent.store().put_transfer(self.id(), &self.record())?;
+        agent
+            .store()
+            .put_transfer_checkpoint(self.id(), &self.record())?;
         self.unsynced = 0;
         Ok(())
     }
@@ -386,11 +389,14 @@ impl Transfer {
         if wanted.is_empty() || (free < min_batch.min(remaining).max(1)) {
             return (Vec::new(), timed_out);
         }
+        // One request per run of consecutive chunks, each within what the server serves for
+        // one request (it would silently serve less, and the rest would wait for the timeout).
+        let cap = max_chunks_per_request(self.bundle.chunk_size);
         let mut ranges: Vec<(u32, u32)> = Vec::new();
         for i in wanted {
             self.outstanding.insert(i, now);
             match ranges.last_mut() {
-                Some((first, count)) if *first + *count == i => *count += 1,
+                Some((first, count)) if *first + *count == i && *count < cap => *count += 1,
                 _ => ranges.push((i, 1)),
             }
         }
@@ -595,6 +601,17 @@ mod tests {
             "everything outstanding timed out (20 was forgotten)"
         );
         assert_eq!(ranges, vec![(7, 3), (11, 29)]);
+    }
+
+    #[test]
+    fn a_wide_window_is_split_into_requests_the_server_serves_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = transfer(dir.path(), 300);
+        let cap = protocol::link::MAX_CHUNKS_PER_REQUEST;
+        let (ranges, _) = t.plan_requests(Instant::now(), 2 * cap + 10, Duration::from_secs(5), 8);
+        assert_eq!(ranges, vec![(0, cap), (cap, cap), (2 * cap, 10)]);
+        // Large chunks: the byte cap binds first (4 MiB / 1 MiB = 4 chunks per request).
+        assert_eq!(protocol::link::max_chunks_per_request(1 << 20), 4);
     }
 
     #[test]
