@@ -192,6 +192,22 @@ impl BrokerProcess {
         tls: Option<&TestCerts>,
         require_client_cert: bool,
     ) -> Result<BrokerProcess> {
+        let listener = match tls {
+            Some(certs) => format!(
+                "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                certs.ca.display(),
+                certs.server_cert.display(),
+                certs.server_key.display(),
+                require_client_cert
+            ),
+            None => "allow_anonymous true\n".to_string(),
+        };
+        BrokerProcess::mosquitto_with(dir, &listener, tls.is_some())
+    }
+
+    /// Mosquitto on a free port with `listener_conf` (lines after `listener PORT 127.0.0.1`,
+    /// e.g. TLS, `acl_file`, `password_file`); `tls` says whether those lines make it TLS.
+    pub fn mosquitto_with(dir: &Path, listener_conf: &str, tls: bool) -> Result<BrokerProcess> {
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .map(PathBuf::from)
@@ -204,19 +220,10 @@ impl BrokerProcess {
         let port = free_port();
         // `user root`: started as root, Mosquitto would otherwise drop to user `mosquitto`,
         // who cannot read the test's private files.
-        let mut conf = format!(
-            "user root\npersistence false\nallow_anonymous true\nlog_dest stderr\n\
-             max_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n"
+        let conf = format!(
+            "user root\npersistence false\nlog_dest stderr\n\
+             max_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n{listener_conf}"
         );
-        if let Some(certs) = tls {
-            conf.push_str(&format!(
-                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
-                certs.ca.display(),
-                certs.server_cert.display(),
-                certs.server_key.display(),
-                require_client_cert
-            ));
-        }
         let conf_path = dir.join(format!("mosquitto-{port}.conf"));
         fs::write(&conf_path, conf)?;
         let log = fs::File::create(dir.join(format!("mosquitto-{port}.log")))?;
@@ -229,7 +236,7 @@ impl BrokerProcess {
             .stderr(log);
         let mut broker = BrokerProcess {
             port,
-            tls: tls.is_some(),
+            tls,
             command,
             child: None,
             name: "mosquitto",

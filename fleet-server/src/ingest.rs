@@ -49,6 +49,10 @@ impl Fleet {
                 tracing::error!(device, channel = channel.suffix(), error = %e, "cannot store message");
             }
             Err(e) => {
+                if matches!(e, IngestError::WrongDevice { .. }) {
+                    // Another device's topic, or a forged payload: see `crate::isolation`.
+                    self.metrics.device_mismatch.fetch_add(1, Relaxed);
+                }
                 self.metrics.malformed(channel);
                 tracing::warn!(device, channel = channel.suffix(), error = %e, "dropped malformed message");
             }

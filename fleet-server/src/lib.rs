@@ -81,6 +81,8 @@
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`telemetry`]: in-memory windows and cohort figures. [`metrics`]: counters and exposition.
 //! - [`auth`]: token files, roles, hashing. [`http`]: the axum router and handlers.
+//! - [`isolation`]: the Mosquitto ACL that confines each device to its own topics.
+//!   [`pki`]: the fleet CA and device certificates for mutual TLS.
 //! - [`rollout`]: cohort canary rollouts (spec, cohorts, gates, the state machine and its driver).
 
 pub mod auth;
@@ -90,8 +92,10 @@ pub mod chunks;
 pub mod fleet;
 pub mod http;
 pub mod ingest;
+pub mod isolation;
 pub mod metrics;
 pub mod mqtt;
+pub mod pki;
 pub mod rollout;
 pub mod server;
 pub mod store;

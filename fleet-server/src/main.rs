@@ -36,6 +36,50 @@ enum Command {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
+    /// Write the Mosquitto ACL that confines every device to its own topics (docs/security.md).
+    MosquittoAcl {
+        #[arg(long, default_value = protocol::link::DEFAULT_PREFIX)]
+        topic_prefix: String,
+        /// Username (certificate CN) of a fleet server: reads and writes every device topic.
+        #[arg(long = "server-identity", default_values_t = [fleet_server::isolation::SERVER_IDENTITY.to_string()])]
+        servers: Vec<String>,
+        /// Username allowed to read every device's telemetry (repeatable).
+        #[arg(long = "telemetry-reader")]
+        readers: Vec<String>,
+        /// Write here (temp file + rename) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Issue a device's client certificate (CN = device id) from the fleet CA in --ca-dir,
+    /// creating the CA on first use. Writes OUT/ID.pem, OUT/ID.key and OUT/ca.pem.
+    IssueDeviceCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a client certificate for a non-device identity (the fleet server, a telemetry
+    /// reader) from the fleet CA.
+    IssueIdentityCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = fleet_server::isolation::SERVER_IDENTITY)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue the broker's server certificate (OUT/broker.pem, OUT/broker.key) from the fleet CA.
+    IssueBrokerCert {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// DNS name or IP address devices reach the broker at (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -112,6 +156,46 @@ fn main() -> Result<()> {
                 std::thread::park();
             }
         }
+        Command::MosquittoAcl {
+            topic_prefix,
+            servers,
+            readers,
+            out,
+        } => {
+            let topics = protocol::link::Topics::new(&topic_prefix)?;
+            let acl = fleet_server::isolation::mosquitto_acl(&topics, &servers, &readers)?;
+            match out {
+                None => print!("{acl}"),
+                Some(path) => {
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, acl)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    say(&format!("wrote {}", path.display()));
+                }
+            }
+            Ok(())
+        }
+        Command::IssueDeviceCert {
+            ca_dir,
+            device_id,
+            out,
+        } => {
+            let issued = fleet_server::pki::issue_device_cert(&ca_dir, &device_id, &out)?;
+            print_issued(&issued);
+            Ok(())
+        }
+        Command::IssueIdentityCert { ca_dir, name, out } => {
+            let issued = fleet_server::pki::issue_identity_cert(&ca_dir, &name, &out)?;
+            print_issued(&issued);
+            Ok(())
+        }
+        Command::IssueBrokerCert { ca_dir, names, out } => {
+            let issued = fleet_server::pki::issue_server_cert(&ca_dir, &names, &out)?;
+            print_issued(&issued);
+            Ok(())
+        }
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -120,6 +204,12 @@ fn main() -> Result<()> {
             rt.block_on(run(args))
         }
     }
+}
+
+fn print_issued(issued: &fleet_server::pki::Issued) {
+    say(&format!("certificate {}", issued.cert.display()));
+    say(&format!("key {}", issued.key.display()));
+    say(&format!("ca {}", issued.ca.display()));
 }
 
 async fn run(args: RunArgs) -> Result<()> {

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub mqtt_connection_errors: AtomicU64,
     pub store_errors: AtomicU64,
     pub http_unauthorized: AtomicU64,
+    /// API requests answered 429 because their address failed authentication too often.
+    pub http_rate_limited: AtomicU64,
+    /// Status and event messages whose payload names another device than their topic.
+    pub device_mismatch: AtomicU64,
 }
 
 /// The gauges, read from the state at render time.
@@ -208,6 +212,18 @@ impl Metrics {
             "counter",
             "API requests refused for a missing or unknown token.",
             &[("", l(&self.http_unauthorized))],
+        );
+        metric(
+            "fleet_http_auth_rate_limited_total",
+            "counter",
+            "API requests refused (429) because their client address failed authentication too often.",
+            &[("", l(&self.http_rate_limited))],
+        );
+        metric(
+            "fleet_mqtt_device_mismatch_total",
+            "counter",
+            "Status and event messages dropped because their payload names another device than their topic.",
+            &[("", l(&self.device_mismatch))],
         );
         out
     }

@@ -18,6 +18,7 @@ use crate::auth::{Role, TokenLine};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bundles::{BundleFileError, BundleFiles};
 use crate::fleet::{Fleet, FleetError};
+use crate::http::limit::AuthFailureLimit;
 use crate::mqtt::{self, BrokerConnection, MqttError};
 use crate::store::{Store, StoreError};
 
@@ -55,6 +56,8 @@ pub struct ServerConfig {
     pub wait_for_broker: Duration,
     /// How often the rollout engine looks at the fleet (default 1 s).
     pub rollout_tick: Duration,
+    /// Failed authentications per client address before the API answers 429.
+    pub auth_failure_limit: AuthFailureLimit,
 }
 
 impl ServerConfig {
@@ -73,6 +76,7 @@ impl ServerConfig {
             client_id: None,
             wait_for_broker: Duration::from_secs(10),
             rollout_tick: Duration::from_secs(1),
+            auth_failure_limit: AuthFailureLimit::default(),
         }
     }
 }
@@ -207,7 +211,13 @@ impl Server {
         ));
         let rollouts = Arc::new(Rollouts::new(fleet.clone()));
         let rollout_task = rollouts.clone().spawn(config.rollout_tick);
-        let router = crate::http::router_until(fleet.clone(), rollouts.clone(), stop_rx.clone());
+        let router = crate::http::router_until(
+            fleet.clone(),
+            rollouts.clone(),
+            stop_rx.clone(),
+            config.auth_failure_limit,
+        )
+        .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_stop = stop_rx;
         let http_task = tokio::spawn(async move {
             let shutdown = async move {

@@ -9,11 +9,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::json;
 
 use super::{ApiError, ApiResult, App};
-use crate::auth::Role;
+use crate::auth::Caller;
 use crate::fleet::FleetError;
 use crate::store::BundleRecord;
 
@@ -24,10 +24,9 @@ fn summary(b: &BundleRecord) -> serde_json::Value {
 
 pub async fn upload(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let caller = app.caller(&headers, Role::Operator)?;
     if body.is_empty() {
         return Err(super::bad_request(
             "empty body: send the bundle file's bytes",
@@ -46,11 +45,7 @@ pub async fn upload(
     Ok((status, Json(summary(&record))).into_response())
 }
 
-pub async fn list(
-    State(app): State<App>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn list(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
     let mut bundles = app.fleet.store.bundles().map_err(FleetError::from)?;
     bundles.sort_by(|a, b| b.uploaded_at.cmp(&a.uploaded_at));
     let app2 = app.clone();
@@ -74,12 +69,7 @@ pub async fn list(
     Ok(Json(json!({ "bundles": bundles })))
 }
 
-pub async fn one(
-    State(app): State<App>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<Json<BundleRecord>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<BundleRecord>> {
     Ok(Json(app.fleet.bundle(&id)?))
 }
 

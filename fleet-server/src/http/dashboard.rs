@@ -107,6 +107,14 @@ mod tests {
         assert!(!html.contains("<script>"), "inline script");
         assert!(!html.contains("style="), "inline style");
         assert!(!html.contains("<style"), "inline style sheet");
+        // The token field has no name: even a native form submission (blocked anyway by
+        // `form-action 'none'`) could not carry it into a URL.
+        assert!(html.contains(r#"<input id="token""#));
+        assert!(
+            !html.contains(r#"name="token""#),
+            "the token field has a name"
+        );
+        assert!(CSP.contains("form-action 'none'") && CSP.contains("frame-ancestors 'none'"));
         for (name, _, bytes) in FILES {
             let text = String::from_utf8_lossy(bytes);
             // Scripts never put the token in a URL and never use eval-like sinks.

@@ -1,15 +1,16 @@
 //! Device routes: list with filters, one, telemetry, and the stage / revert commands.
 
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{bad_request, ApiResult, App};
-use crate::auth::Role;
+use crate::auth::Caller;
 use crate::fleet::{DeviceQuery, DeviceView};
 
 /// Default and largest page of `GET /api/v1/devices`.
@@ -71,21 +72,14 @@ pub fn device_query(raw: Option<&str>) -> Result<DeviceQuery, String> {
 
 pub async fn list(
     State(app): State<App>,
-    headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
-    app.caller(&headers, Role::Viewer)?;
     let q = device_query(raw.as_deref()).map_err(bad_request)?;
     let (devices, total) = app.fleet.devices(&q)?;
     Ok(Json(json!({"devices": devices, "total": total})))
 }
 
-pub async fn one(
-    State(app): State<App>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<Json<DeviceView>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<DeviceView>> {
     Ok(Json(app.fleet.device(&id)?))
 }
 
@@ -98,11 +92,10 @@ pub struct StageBody {
 
 pub async fn stage(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Json<StageBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
-    let caller = app.caller(&headers, Role::Operator)?;
     let Json(body) =
         body.map_err(|e| bad_request(format!("body must be {{\"bundle_id\": \"...\"}}: {e}")))?;
     let command_id = app
@@ -132,11 +125,10 @@ pub struct RevertBody {
 
 pub async fn revert(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Json<RevertBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
-    let caller = app.caller(&headers, Role::Operator)?;
     let Json(body) =
         body.map_err(|e| bad_request(format!("body must be {{\"model\": \"...\"}}: {e}")))?;
     let command_id = app
@@ -164,11 +156,9 @@ pub struct TelemetryQuery {
 
 pub async fn telemetry(
     State(app): State<App>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     query: Result<Query<TelemetryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    app.caller(&headers, Role::Viewer)?;
     let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
     app.fleet.device(&id)?;
     let windows = app

@@ -1,14 +1,15 @@
 //! Events, tokens, metrics, health and the OpenAPI document.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{bad_request, ApiResult, App, OPENAPI};
-use crate::auth::Role;
+use crate::auth::{Caller, Role};
 use crate::store::EventFilter;
 
 /// Default and largest number of events per `GET /api/v1/events`.
@@ -41,10 +42,8 @@ pub struct EventsQuery {
 
 pub async fn events(
     State(app): State<App>,
-    headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    app.caller(&headers, Role::Viewer)?;
     let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
     let limit = q.limit.unwrap_or(DEFAULT_EVENTS);
     if limit > MAX_EVENTS {
@@ -64,11 +63,7 @@ pub async fn events(
     Ok(Json(json!({ "events": events })))
 }
 
-pub async fn tokens(
-    State(app): State<App>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
-    app.caller(&headers, Role::Admin)?;
+pub async fn tokens(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
     Ok(Json(json!({"tokens": app.fleet.token_list()?})))
 }
 
@@ -80,10 +75,9 @@ pub struct NewToken {
 
 pub async fn create_token(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<NewToken>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
-    let caller = app.caller(&headers, Role::Admin)?;
     let Json(body) = body.map_err(|e| {
         bad_request(format!(
             "body must be {{\"name\": \"...\", \"role\": \"viewer|operator|admin\"}}: {e}"
@@ -101,10 +95,9 @@ pub async fn create_token(
 
 pub async fn delete_token(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let caller = app.caller(&headers, Role::Admin)?;
     app.fleet.delete_token(&name, &caller.name)?;
     Ok(StatusCode::NO_CONTENT)
 }

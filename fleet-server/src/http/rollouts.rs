@@ -3,22 +3,22 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::{bad_request, ApiResult, App};
-use crate::auth::Role;
+use crate::auth::Caller;
 use crate::rollout::driver::Intervention;
 use crate::rollout::engine::{DeviceState, Rollout};
 use crate::rollout::spec::RolloutSpec;
 
 pub async fn create(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = app.caller(&headers, Role::Operator)?;
     let spec: RolloutSpec =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("rollout request: {e}")))?;
     let rollout = app.rollouts.create(spec, &caller.name).await?;
@@ -28,8 +28,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&app, &rollout))))
 }
 
-pub async fn list(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn list(State(app): State<App>) -> ApiResult<Json<Value>> {
     let rollouts: Vec<Value> = app
         .rollouts
         .list()?
@@ -45,21 +44,15 @@ pub async fn list(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<
     Ok(Json(json!({ "rollouts": rollouts })))
 }
 
-pub async fn one(
-    State(app): State<App>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     Ok(Json(view(&app, &app.rollouts.get(&id)?)))
 }
 
 pub async fn intervene(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let caller = app.caller(&headers, Role::Operator)?;
     let what: Intervention = action.parse()?;
     let rollout = app.rollouts.intervene(&id, what, &caller.name).await?;
     if what == Intervention::Rollback || what == Intervention::Resume {

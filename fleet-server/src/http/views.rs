@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use futures_util::stream::Stream;
@@ -23,15 +23,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{bad_request, ApiResult, App};
-use crate::auth::Role;
+use crate::auth::Caller;
 use crate::fleet::FleetError;
 use crate::rollout::engine::{DeviceState, Rollout};
 use crate::rollout::gates::CohortFigures;
 use crate::store::{BundleRecord, EventFilter};
 
 /// `GET /api/v1/whoami`: the token's name and role (the dashboard hides actions from viewers).
-pub async fn whoami(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    let caller = app.caller(&headers, Role::Viewer)?;
+pub async fn whoami(Extension(caller): Extension<Caller>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({"name": caller.name, "role": caller.role})))
 }
 
@@ -61,8 +60,7 @@ struct VersionCount {
 const MAX_LABEL_ROWS: usize = 200;
 
 /// `GET /api/v1/fleet/summary`: device counts by state, target and label; models × versions.
-pub async fn fleet_summary(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    app.caller(&headers, Role::Viewer)?;
+pub async fn fleet_summary(State(app): State<App>) -> ApiResult<Json<Value>> {
     let fleet = app.fleet.clone();
     let summary = tokio::task::spawn_blocking(move || summary(&fleet.store))
         .await
@@ -159,11 +157,9 @@ const MAX_BUCKETS: i64 = 500;
 /// kept in memory, the reverts over time, and the figures of every judged decision.
 pub async fn rollout_series(
     State(app): State<App>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    app.caller(&headers, Role::Viewer)?;
     let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
     let rollout = app.rollouts.get(&id)?;
     let fleet = app.fleet.clone();
@@ -349,9 +345,8 @@ struct StreamState {
 /// events were stored or status / telemetry messages arrived (at most one a second).
 pub async fn stream(
     State(app): State<App>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let caller = app.caller(&headers, Role::Viewer)?;
     let last_seq = app
         .fleet
         .store
