@@ -123,6 +123,7 @@ fn main() -> Result<()> {
                 &broker_url,
                 &bundle_id,
                 &keyring,
+                server.server_public_key(),
                 n,
                 &dir.join(format!("{broker_name}-{n}")),
             )?;
@@ -222,6 +223,7 @@ fn stage_to(
     broker_url: &str,
     bundle_id: &str,
     keyring: &protocol::keys::Keyring,
+    server_key: protocol::keys::PublicKey,
     n: usize,
     dir: &std::path::Path,
 ) -> Result<StagingRun> {
@@ -239,7 +241,9 @@ fn stage_to(
         let agent = Arc::new(Agent::open(config, keyring.clone())?);
         let link = {
             let _guard = rt.enter();
-            Link::start(agent.clone(), LinkConfig::new(broker_url, &id))?
+            let mut link_config = LinkConfig::new(broker_url, &id);
+            link_config.server_key = Some(server_key);
+            Link::start(agent.clone(), link_config)?
         };
         agents.push((id, agent));
         links.push(link);

@@ -9,6 +9,7 @@ mod bundles;
 pub mod dashboard;
 mod devices;
 mod fleet_admin;
+mod keyring;
 mod rollouts;
 pub mod views;
 
@@ -61,7 +62,12 @@ impl From<FleetError> for ApiError {
             FleetError::BadRequest(_) | FleetError::Verify(_) => StatusCode::BAD_REQUEST,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
             FleetError::Mqtt(_) => StatusCode::SERVICE_UNAVAILABLE,
-            FleetError::Store(_) | FleetError::Files(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FleetError::Keyring(crate::keyring::KeyringError::Refused(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            FleetError::Store(_) | FleetError::Files(_) | FleetError::Keyring(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -158,6 +164,8 @@ fn routes() -> Routes {
             "/api/v1/rollouts/{id}/{action}",
             post(rollouts::intervene),
         )
+        .add("get", "/api/v1/keyring", get(keyring::get_keyring))
+        .add("post", "/api/v1/keyring", post(keyring::update_keyring))
         .add("get", "/api/v1/tokens", get(fleet_admin::tokens))
         .add("post", "/api/v1/tokens", post(fleet_admin::create_token))
         .add(
