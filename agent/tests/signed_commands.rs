@@ -102,8 +102,10 @@ async fn forged_expired_misaddressed_and_replayed_commands_are_refused_and_recor
     publish(SignedCommand::sign(&old, server_key()).encode()).await;
 
     let m = agent.link_metrics.clone();
+    // Counted first, then recorded: wait for both.
     wait_for("five refusals", || {
-        (LinkMetrics::get(&m.commands_refused_total) == 5).then_some(())
+        (LinkMetrics::get(&m.commands_refused_total) == 5 && refusals(&agent).len() == 5)
+            .then_some(())
     })
     .await;
     assert_eq!(active(&agent), "2.0.0", "no forged command was obeyed");
@@ -172,7 +174,8 @@ async fn forged_expired_misaddressed_and_replayed_commands_are_refused_and_recor
     publish(genuine).await;
     let m = agent.link_metrics.clone();
     wait_for("the replay refused after the restart", || {
-        (LinkMetrics::get(&m.commands_refused_replayed_total) == 1).then_some(())
+        (LinkMetrics::get(&m.commands_refused_replayed_total) == 1 && refusals(&agent).len() == 7)
+            .then_some(())
     })
     .await;
     assert_eq!(active(&agent), "2.0.0");
@@ -213,7 +216,9 @@ async fn without_a_server_key_every_command_is_refused() {
         .unwrap();
     let m = agent.link_metrics.clone();
     wait_for("the refusal", || {
-        (LinkMetrics::get(&m.commands_refused_no_server_key_total) == 1).then_some(())
+        (LinkMetrics::get(&m.commands_refused_no_server_key_total) == 1
+            && !refusals(&agent).is_empty())
+        .then_some(())
     })
     .await;
     assert_eq!(refusals(&agent), ["no_server_key"]);
