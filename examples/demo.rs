@@ -88,6 +88,7 @@ fn main() -> Result<()> {
 
     step(3, &format!("a simulated fleet of {DEVICES} devices"));
     let mut sim = SimConfig::new(DEVICES, server.broker_url(), keyring, dir.join("devices"));
+    sim.server_key = Some(server.server_public_key());
     sim.labels =
         vec![agent::simulate::parse_label("site=berlin|munich|paris").map_err(anyhow::Error::msg)?];
     sim.rps = 20.0;

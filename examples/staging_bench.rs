@@ -135,6 +135,7 @@ fn main() -> Result<()> {
                 &broker_url,
                 &bundle_id,
                 &keyring,
+                server.server_public_key(),
                 n,
                 window,
                 &dir.join(format!("{broker_name}-{n}-w{window}")),
@@ -235,6 +236,7 @@ fn stage_to(
     broker_url: &str,
     bundle_id: &str,
     keyring: &protocol::keys::Keyring,
+    server_key: protocol::keys::PublicKey,
     n: usize,
     window: u32,
     dir: &std::path::Path,
@@ -255,6 +257,7 @@ fn stage_to(
             let _guard = rt.enter();
             let mut link = LinkConfig::new(broker_url, &id);
             link.window = window;
+            link.server_key = Some(server_key);
             Link::start(agent.clone(), link)?
         };
         agents.push((id, agent));

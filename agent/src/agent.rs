@@ -197,6 +197,9 @@ struct Trial {
 impl Agent {
     /// Opens the data directory, cleans up after any interrupted install, and loads every
     /// installed model (falling back to its previous slot if the active one does not load).
+    ///
+    /// `keyring` is the provisioned one (`--keyring`); a keyring accepted later through a
+    /// rotation ([`crate::keyring_store`]) and stored in the database supersedes it when newer.
     pub fn open(config: AgentConfig, keyring: Keyring) -> Result<Agent, AgentError> {
         let layout = Layout::new(&config.data_dir);
         layout.prepare().map_err(|source| AgentError::DataDir {
@@ -204,6 +207,10 @@ impl Agent {
             source,
         })?;
         let store = Store::open(&layout.db())?;
+        let keyring = match crate::keyring_store::load(store.database())? {
+            Some(rotated) if rotated.version > keyring.version => rotated,
+            _ => keyring,
+        };
         let outbox = Outbox::open(&config.data_dir.join("outbox.redb"), config.outbox)?;
         let wake: Arc<health::Wake> = Arc::default();
         let health_options = HealthOptions {
@@ -329,6 +336,11 @@ impl Agent {
 
     pub fn keyring(&self) -> Keyring {
         self.keyring.read().expect("keyring lock").clone()
+    }
+
+    /// Replaces the keyring (after [`crate::keyring_store`] checked and stored a rotation).
+    pub(crate) fn set_keyring(&self, keyring: Keyring) {
+        *self.keyring.write().expect("keyring lock") = keyring;
     }
 
     /// Verifies, installs, self-tests and activates a bundle. On any error the serving model is

@@ -40,11 +40,12 @@
 //! topic_prefix = "modelfleet/v1"
 //! transfer = "mqtt"       # or "http": bundles by HTTP Range from the command's http_url
 //! chunk_size = 65536      # when a stage command names none
+//! server_key = "/etc/modelfleet/server.pub"  # required: commands must be signed by the server
 //! ```
 //!
 //! A bundle's `health_policy` overrides the trial thresholds it sets. The `fleet-agent run` flags
 //! `--broker`, `--device-id`, `--label`, `--ca-file`, `--client-cert`, `--client-key`,
-//! `--topic-prefix` and `--transfer` override the `[link]` keys.
+//! `--topic-prefix`, `--transfer` and `--server-key` override the `[link]` keys.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -85,6 +86,8 @@ pub struct LinkFile {
     pub topic_prefix: Option<String>,
     pub transfer: Option<crate::link::TransferMode>,
     pub chunk_size: Option<u32>,
+    /// The fleet server's public key file (`server.pub`): commands must be signed by it.
+    pub server_key: Option<PathBuf>,
 }
 
 /// The `[health]` section.

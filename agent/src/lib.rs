@@ -41,6 +41,7 @@
 //! - [`simulate`]: many real agents in one process with synthetic traffic (the demo's and the
 //!   scale tests' fleet).
 //! - [`config`]: `agent.toml`.
+//! - [`keyring_store`]: keyring rotations received from the fleet, checked and persisted.
 //!
 //! What the agent must not know: how a bundle was built (only what its manifest says), and tract
 //! itself — models are run through a [`backend::Backend`] (tract's lives in the `engine` crate),
@@ -52,6 +53,7 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod install;
+pub mod keyring_store;
 pub mod link;
 pub mod model_cache;
 pub mod oip;

@@ -91,6 +91,9 @@ struct SimArgs {
     /// the same model bytes (for comparison: memory grows with the fleet)
     #[arg(long)]
     no_share_models: bool,
+    /// The fleet server's public key (its DATA_DIR/server.pub): only commands it signed are obeyed
+    #[arg(long, value_name = "FILE.pub")]
+    server_key: PathBuf,
 }
 
 /// Where the agent is: a data directory (agent not running) or a running agent's URL.
@@ -160,6 +163,9 @@ struct LinkArgs {
     /// How bundles are fetched: mqtt (chunks over the broker) or http (Range requests) [default: mqtt]
     #[arg(long)]
     transfer: Option<TransferMode>,
+    /// The fleet server's public key (its DATA_DIR/server.pub): only commands it signed are obeyed
+    #[arg(long, value_name = "FILE.pub")]
+    server_key: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -207,7 +213,19 @@ fn link_config(args: LinkArgs, file: LinkFile) -> Result<Option<LinkConfig>> {
     if let Some(c) = file.chunk_size {
         config.chunk_size = c;
     }
+    let server_key = args.server_key.or(file.server_key).context(
+        "--broker needs --server-key FILE.pub (or [link] server_key): the fleet server's public \
+         key (DATA_DIR/server.pub); devices obey only commands it signed",
+    )?;
+    config.server_key = Some(load_server_key(&server_key)?);
     Ok(Some(config))
+}
+
+fn load_server_key(path: &Path) -> Result<protocol::keys::PublicKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read server key {}", path.display()))?;
+    protocol::command_auth::server_key_from_file_text(&text)
+        .with_context(|| format!("server key {}", path.display()))
 }
 
 fn main() {
@@ -437,6 +455,7 @@ fn simulate(args: SimArgs) -> Result<()> {
     if args.no_share_models {
         config.agent.share_models = None;
     }
+    config.server_key = Some(load_server_key(&args.server_key)?);
     config.tls = args.ca_file.map(|ca_file| TlsFiles {
         ca_file,
         client_cert: None,

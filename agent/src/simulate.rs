@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::keys::Keyring;
+use protocol::keys::{Keyring, PublicKey};
 
 use crate::agent::{Agent, AgentConfig, AgentError};
 use crate::link::{Link, LinkConfig, LinkError, LinkHandle, TlsFiles};
@@ -50,6 +50,9 @@ pub struct SimConfig {
     pub agent: AgentConfig,
     /// Link settings every device starts from (broker, id and labels are set per device).
     pub link: Option<LinkConfig>,
+    /// The fleet server's public key (overrides the link template's): commands are obeyed only
+    /// if it signed them.
+    pub server_key: Option<PublicKey>,
 }
 
 impl SimConfig {
@@ -74,6 +77,7 @@ impl SimConfig {
             tls: None,
             agent,
             link: None,
+            server_key: None,
         }
     }
 
@@ -145,6 +149,9 @@ impl SimFleet {
             link_config.device_id = id.clone();
             link_config.labels = labels;
             link_config.tls = config.tls.clone();
+            if config.server_key.is_some() {
+                link_config.server_key = config.server_key;
+            }
             let link =
                 Link::start(agent.clone(), link_config).map_err(|source| SimError::Link {
                     id: id.clone(),

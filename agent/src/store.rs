@@ -145,6 +145,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The database, for modules that keep their own tables in it (the command replay memory).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// A receiver that sees the newest event `seq` change whenever events are appended.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

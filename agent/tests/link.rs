@@ -12,175 +12,14 @@ use std::time::{Duration, Instant};
 use agent::link::transfer::{Bitmap, TransferRecord};
 use agent::link::{Link, LinkConfig, LinkHandle, LinkMetrics};
 use agent::{Agent, AgentConfig};
+use common::mqtt::*;
 use common::*;
 use protocol::link::{
-    self, encode_chunk, sha256_hex, Action, BundleRef, Channel, ChunkHeader, ChunkRequest, Command,
-    DeviceEvent, DeviceStatus, Topics, LINK_SCHEMA,
+    self, encode_chunk, sha256_hex, Action, BundleRef, Channel, ChunkHeader, ChunkRequest,
+    DeviceStatus,
 };
 use protocol::telemetry::{SampleRecord, TelemetryRecord, TELEMETRY_SCHEMA};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-// ---- infrastructure ----
-
-/// rumqttd on a free loopback port, in this process (it cannot bind port 0, and its `start`
-/// blocks: it runs on its own thread for the rest of the test process).
-fn start_broker_on(port: u16) {
-    start_broker_with(port, None)
-}
-
-/// `tls`: (server certificate, server key) PEM files.
-fn start_broker_with(port: u16, tls: Option<(&std::path::Path, &std::path::Path)>) {
-    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        tls: tls.map(|(cert, key)| TlsConfig::Rustls {
-            capath: None,
-            certpath: cert.to_str().unwrap().into(),
-            keypath: key.to_str().unwrap().into(),
-        }),
-        next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 2 << 20,
-            max_inflight_count: 200,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 100 << 20,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some([("1".to_string(), server)].into_iter().collect()),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
-    std::thread::spawn(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let _ = broker.start();
-    });
-    let deadline = Instant::now() + DEADLINE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "broker did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start_broker() -> String {
-    let port = free_port();
-    start_broker_on(port);
-    format!("mqtt://127.0.0.1:{port}")
-}
-
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':').next().unwrap().parse().unwrap()
-}
-
-/// Polls `check` every 50 ms until it returns Some, failing with `what` after the deadline.
-async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A raw MQTT client that records every message on the topics it subscribed to.
-struct Tap {
-    client: AsyncClient,
-    messages: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
-    connected: Arc<AtomicBool>,
-}
-
-impl Tap {
-    async fn new(broker: &str, id: &str, filters: &[String]) -> Tap {
-        let port = port_of(broker);
-        let mut options = MqttOptions::new(id, "127.0.0.1", port);
-        options.set_max_packet_size(4 << 20, 4 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 1000);
-        for f in filters {
-            client.subscribe(f.clone(), QoS::AtLeastOnce).await.unwrap();
-        }
-        let messages: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
-        let connected = Arc::new(AtomicBool::new(false));
-        let (m, c) = (messages.clone(), connected.clone());
-        let need_suback = !filters.is_empty();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => m
-                        .lock()
-                        .unwrap()
-                        .push((p.topic.clone(), p.payload.to_vec())),
-                    Ok(Event::Incoming(Packet::SubAck(_))) => c.store(true, Ordering::SeqCst),
-                    Ok(Event::Incoming(Packet::ConnAck(_))) if !need_suback => {
-                        c.store(true, Ordering::SeqCst)
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        let tap = Tap {
-            client,
-            messages,
-            connected,
-        };
-        let c = tap.connected.clone();
-        wait_for("the tap's subscription", || {
-            c.load(Ordering::SeqCst).then_some(())
-        })
-        .await;
-        tap
-    }
-
-    fn on(&self, topic: &str) -> Vec<Vec<u8>> {
-        self.messages
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, _)| t == topic)
-            .map(|(_, p)| p.clone())
-            .collect()
-    }
-
-    fn statuses(&self, device: &str) -> Vec<DeviceStatus> {
-        self.on(&topic(device, Channel::Status))
-            .iter()
-            .map(|p| link::decode(p).unwrap())
-            .collect()
-    }
-
-    fn events(&self, device: &str) -> Vec<DeviceEvent> {
-        self.on(&topic(device, Channel::Events))
-            .iter()
-            .map(|p| link::decode(p).unwrap())
-            .collect()
-    }
-}
-
-fn topic(device: &str, channel: Channel) -> String {
-    Topics::default().device(device, channel)
-}
+use rumqttc::QoS;
 
 /// The fleet server's side of transfers: answers chunk requests from a bundle file, counting
 /// every chunk asked for; can hold back chunks, corrupt chosen ones once, and send commands.
@@ -265,20 +104,13 @@ impl FakeServer {
     }
 
     async fn command(&self, device: &str, id: &str, action: Action) {
-        let command = Command {
-            schema: LINK_SCHEMA,
-            command_id: id.into(),
-            rollout_id: Some("r-1".into()),
-            time: chrono::Utc::now(),
-            action,
-        };
         self.tap
             .client
             .publish(
                 topic(device, Channel::Commands),
                 QoS::AtLeastOnce,
                 false,
-                link::encode(&command),
+                signed_command(device, id, action),
             )
             .await
             .unwrap();
@@ -316,6 +148,7 @@ fn open_agent(fx: &Fixture, data: &str) -> Arc<Agent> {
 
 fn link_config(broker: &str, device: &str) -> LinkConfig {
     let mut c = LinkConfig::new(broker, device);
+    c.server_key = Some(server_key().public());
     c.backoff_min = Duration::from_millis(100);
     c.backoff_max = Duration::from_millis(500);
     c
@@ -845,9 +678,13 @@ async fn fleet_agent_simulate_runs_labelled_devices_on_the_broker() {
     )
     .await;
     let data = fx.path("sim");
+    let server_pub = fx.path("server.pub");
+    std::fs::write(&server_pub, server_key().public().to_line()).unwrap();
     let mut child = fx
         .agent_cmd(&["simulate", "--devices", "3", "--broker", &broker])
         .args(["--label", "site=berlin|munich", "--id-prefix", "cli"])
+        .arg("--server-key")
+        .arg(&server_pub)
         .arg("--keyring")
         .arg(&fx.keyring)
         .arg("--data-dir")
@@ -891,6 +728,8 @@ async fn fleet_agent_simulate_runs_labelled_devices_on_the_broker() {
     // Bad arguments are refused with the flag named.
     let out = fx
         .agent_cmd(&["simulate", "--devices", "0", "--broker", &broker])
+        .arg("--server-key")
+        .arg(&server_pub)
         .arg("--keyring")
         .arg(&fx.keyring)
         .arg("--data-dir")
@@ -1021,20 +860,13 @@ async fn http_transfer_fetches_by_range_and_retries() {
     let server = Tap::new(&broker, "server-h", &[]).await;
     let mut bundle = bundle_ref(&v1, "digits_mlp", "1.0.0", 4096);
     bundle.http_url = Some(url);
-    let command = Command {
-        schema: LINK_SCHEMA,
-        command_id: "c-http".into(),
-        rollout_id: None,
-        time: chrono::Utc::now(),
-        action: Action::Stage { bundle },
-    };
     server
         .client
         .publish(
             topic("dev-h", Channel::Commands),
             QoS::AtLeastOnce,
             false,
-            link::encode(&command),
+            signed_command("dev-h", "c-http", Action::Stage { bundle }),
         )
         .await
         .unwrap();

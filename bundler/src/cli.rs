@@ -33,6 +33,35 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print what a bundle says about itself (nothing is verified).
     Inspect(InspectArgs),
+    /// Write a keyring update (the new keyring's keys, threshold and version) signed by current
+    /// keys, or add signatures to one (--cosign); post it to the fleet server's /api/v1/keyring.
+    KeyringUpdate(KeyringUpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyringUpdateArgs {
+    /// Version of the new keyring: higher than the fleet's current one (GET /api/v1/keyring).
+    #[arg(long, required_unless_present = "cosign")]
+    pub version: Option<u64>,
+    /// Signatures of the new keyring's keys that its own next update will need.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+    /// Public key file(s) making up the new keyring (repeatable).
+    #[arg(
+        long = "key",
+        value_name = "FILE.pub",
+        required_unless_present = "cosign"
+    )]
+    pub keys: Vec<PathBuf>,
+    /// Add signatures to this update file instead of writing a new one.
+    #[arg(long, value_name = "UPDATE.json", conflicts_with_all = ["version", "keys"])]
+    pub cosign: Option<PathBuf>,
+    /// Secret key(s) of the current keyring to sign with (repeatable).
+    #[arg(long = "sign", value_name = "FILE.key", required = true)]
+    pub signers: Vec<PathBuf>,
+    /// Where to write the signed update (may be the --cosign file).
+    #[arg(short = 'o', long = "output", value_name = "UPDATE.json")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,7 @@ pub mod cli;
 pub mod error;
 pub mod golden;
 pub mod inspect;
+pub mod keyring_update;
 pub mod keys;
 #[allow(clippy::all, missing_docs)]
 mod onnx_pb;

@@ -114,6 +114,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             });
         }
+        Command::KeyringUpdate(args) => {
+            let update = match (&args.cosign, args.version) {
+                (Some(path), _) => bundler::keyring_update::cosign(path, &args.signers)?,
+                (None, Some(version)) => bundler::keyring_update::new_update(
+                    version,
+                    args.threshold,
+                    &args.keys,
+                    &args.signers,
+                )?,
+                (None, None) => unreachable!("clap requires --version without --cosign"),
+            };
+            let json = serde_json::to_vec_pretty(&update)?;
+            std::fs::write(&args.output, json)
+                .with_context(|| format!("cannot write {}", args.output.display()))?;
+            let signers: Vec<String> = update
+                .signatures
+                .iter()
+                .map(|s| s.key_id.to_string())
+                .collect();
+            println!("{} signed by {}", args.output.display(), signers.join(", "));
+        }
         Command::Inspect(args) => {
             let report = bundler::inspect(&args.bundle)?;
             if args.json {

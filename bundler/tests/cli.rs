@@ -474,3 +474,72 @@ fn a_build_failing_at_the_final_rename_leaves_no_temp_file() {
         "temp file removed"
     );
 }
+
+#[test]
+fn keyring_update_is_signed_in_turn_and_applies_to_the_current_keyring() {
+    use protocol::keys::{Keyring, SignedKeyringUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in ["k0", "k1", "k2"] {
+        keygen(d, name);
+    }
+    let update = d.join("update.json");
+    let o = bundler(&[
+        &"keyring-update",
+        &"--version",
+        &"1",
+        &"--threshold",
+        &"2",
+        &"--key",
+        &d.join("k1.pub"),
+        &"--key",
+        &d.join("k2.pub"),
+        &"--sign",
+        &d.join("k1.key"),
+        &"-o",
+        &update,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read =
+        || -> SignedKeyringUpdate { serde_json::from_slice(&fs::read(&update).unwrap()).unwrap() };
+    let current = bundler::load_keyring(&[d.join("k1.pub"), d.join("k2.pub")]).unwrap();
+    let mut two = current.clone();
+    two.threshold = 2;
+    // One signature is enough for a file keyring (threshold 1), not for one of threshold 2.
+    assert_eq!(current.apply_update(&read()).unwrap().version, 1);
+    assert!(two.apply_update(&read()).is_err());
+    // The second holder co-signs the same file (twice: counted once).
+    for _ in 0..2 {
+        let o = bundler(&[
+            &"keyring-update",
+            &"--cosign",
+            &update,
+            &"--sign",
+            &d.join("k2.key"),
+            &"-o",
+            &update,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(read().signatures.len(), 2);
+    assert_eq!(two.apply_update(&read()).unwrap().threshold, 2);
+    // Signed by a key outside the current keyring: refused when applied.
+    let k0_only = bundler::load_keyring(&[d.join("k0.pub")]).unwrap();
+    assert!(Keyring::apply_update(&k0_only, &read()).is_err());
+    // A threshold the new keys cannot meet is refused when writing.
+    let o = bundler(&[
+        &"keyring-update",
+        &"--version",
+        &"1",
+        &"--threshold",
+        &"3",
+        &"--key",
+        &d.join("k1.pub"),
+        &"--sign",
+        &d.join("k0.key"),
+        &"-o",
+        &d.join("bad.json"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("threshold"), "{}", stderr(&o));
+}

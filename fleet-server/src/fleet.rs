@@ -5,12 +5,13 @@
 //! it (who, what, when), so the event log is the audit log.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use protocol::bundle::BundleError;
-use protocol::keys::Keyring;
+use protocol::command_auth::SignedCommand;
+use protocol::keys::{KeyId, Keyring, PublicKey, SecretKey, SignedKeyringUpdate};
 use protocol::link::{
     self, Action, BundleRef, Channel, Command, ModelSummary, Topics, DEFAULT_CHUNK_SIZE,
     LINK_SCHEMA,
@@ -21,6 +22,7 @@ use serde_json::json;
 
 use crate::auth::{self, Caller, Role, TokenIndex};
 use crate::bundles::{BundleFileError, BundleFiles};
+use crate::keyring::{FleetKeyring, KeyringError};
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{
     BundleRecord, DeviceRecord, Event, EventFilter, Store, StoreError, TokenRecord,
@@ -43,6 +45,8 @@ pub enum FleetError {
     Files(String),
     #[error("cannot queue the command for the broker: {0}")]
     Mqtt(String),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
 }
 
 impl From<BundleFileError> for FleetError {
@@ -145,7 +149,8 @@ impl DeviceQuery {
 pub struct Fleet {
     pub store: Store,
     pub files: BundleFiles,
-    pub keyring: Keyring,
+    /// Keys trusted to sign bundles, and their rotations.
+    pub keyring: FleetKeyring,
     pub telemetry: Telemetry,
     pub metrics: Metrics,
     pub topics: Topics,
@@ -160,16 +165,24 @@ pub struct Fleet {
     transfers: RwLock<HashMap<String, TransferProgress>>,
     /// Base URL of the HTTP API (`http://host:port`), for bundle content URLs in commands.
     http_base: RwLock<String>,
+    /// Signs every command (`protocol::command_auth`).
+    server_key: SecretKey,
+    /// The last command sequence number signed.
+    command_seq: AtomicU64,
+    /// How long a command stays valid.
+    command_ttl: chrono::Duration,
 }
 
 impl Fleet {
     pub(crate) fn new(
         store: Store,
         files: BundleFiles,
-        keyring: Keyring,
+        keyring: FleetKeyring,
         topics: Topics,
         mqtt: AsyncClient,
         file_tokens: Vec<(String, Role, String)>,
+        server_key: SecretKey,
+        command_ttl: chrono::Duration,
     ) -> Result<Fleet, FleetError> {
         let fleet = Fleet {
             store,
@@ -186,6 +199,9 @@ impl Fleet {
             last_heard: RwLock::default(),
             transfers: RwLock::default(),
             http_base: RwLock::new(String::new()),
+            server_key,
+            command_seq: AtomicU64::new(0),
+            command_ttl,
         };
         fleet.reload_tokens()?;
         Ok(fleet)
@@ -193,6 +209,22 @@ impl Fleet {
 
     pub(crate) fn set_http_base(&self, base: String) {
         *self.http_base.write().unwrap_or_else(|p| p.into_inner()) = base;
+    }
+
+    /// The public half of the key commands are signed with (what agents are given).
+    pub fn server_public_key(&self) -> PublicKey {
+        self.server_key.public()
+    }
+
+    /// The next command sequence number: microseconds since the epoch, bumped past the last
+    /// one, so it grows across restarts without being stored (as long as the clock does).
+    fn next_command_seq(&self) -> u64 {
+        let now = Utc::now().timestamp_micros().max(0) as u64;
+        let prev = self
+            .command_seq
+            .fetch_update(Relaxed, Relaxed, |last| Some(now.max(last + 1)))
+            .expect("the closure always returns Some");
+        now.max(prev + 1)
     }
 
     pub fn mqtt_connected(&self) -> bool {
@@ -291,7 +323,9 @@ impl Fleet {
         bytes: &[u8],
         actor: &str,
     ) -> Result<(BundleRecord, bool), FleetError> {
-        let verified = self.files.verify_and_store(bytes, &self.keyring)?;
+        let verified = self
+            .files
+            .verify_and_store(bytes, &self.keyring.current())?;
         let m = &verified.manifest;
         let record = BundleRecord {
             id: verified.sha256.clone(),
@@ -436,11 +470,15 @@ impl Fleet {
                 id: device_id.into(),
             });
         }
+        let time = Utc::now();
         let command = Command {
             schema: LINK_SCHEMA,
             command_id: new_command_id(),
             rollout_id: rollout_id.map(str::to_string),
-            time: Utc::now(),
+            device_id: device_id.to_string(),
+            seq: self.next_command_seq(),
+            time,
+            expires: time + self.command_ttl,
             action,
         };
         let (model, version) = match &command.action {
@@ -465,7 +503,7 @@ impl Fleet {
             self.topics.device(device_id, Channel::Commands),
             QoS::AtLeastOnce,
             false,
-            link::encode(&command),
+            SignedCommand::sign(&command, &self.server_key).encode(),
         );
         // The request queue only fills when the broker has been unreachable for a while.
         tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
@@ -487,6 +525,18 @@ impl Fleet {
         actor: &str,
     ) -> Result<String, FleetError> {
         let b = self.bundle(bundle_id)?;
+        let keyring = self.keyring.current();
+        let trusted = b.signed_by.iter().any(|id| {
+            id.parse::<KeyId>()
+                .is_ok_and(|id| keyring.get(&id).is_some())
+        });
+        if !trusted {
+            return Err(FleetError::Conflict(format!(
+                "bundle {bundle_id} is signed only by keys no longer in the keyring ({}); \
+                 devices would refuse it",
+                b.signed_by.join(", ")
+            )));
+        }
         let base = self
             .http_base
             .read()
@@ -520,6 +570,53 @@ impl Fleet {
         };
         self.send_command(device_id, action, rollout_id, actor)
             .await
+    }
+
+    // ---- keyring ----
+
+    /// Accepts a keyring rotation signed by a threshold of the current keys: stores it, records
+    /// a `keyring_updated` event and publishes the chain (retained) to every device.
+    pub async fn update_keyring(
+        &self,
+        update: SignedKeyringUpdate,
+        actor: &str,
+    ) -> Result<Keyring, FleetError> {
+        let (old, new) = self.keyring.accept(update)?;
+        let ids = |k: &Keyring| k.ids().map(|i| i.to_string()).collect::<Vec<_>>();
+        let retired: Vec<String> = old
+            .ids()
+            .filter(|k| new.get(k).is_none())
+            .map(|k| k.to_string())
+            .collect();
+        let event = Event::new(
+            "keyring_updated",
+            actor,
+            json!({"from_version": old.version, "version": new.version, "threshold": new.threshold,
+                   "keys": ids(&new), "retired": retired}),
+        );
+        self.store.append(vec![event])?;
+        self.publish_keyring().await?;
+        Ok(new)
+    }
+
+    /// Publishes the keyring chain retained on `{p}/keyring` (nothing before the first rotation).
+    pub(crate) async fn publish_keyring(&self) -> Result<(), FleetError> {
+        let chain = self.keyring.chain();
+        if chain.updates.is_empty() {
+            return Ok(());
+        }
+        let publish = self.mqtt.publish(
+            self.topics.keyring(),
+            QoS::AtLeastOnce,
+            true,
+            link::encode(&chain),
+        );
+        tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
+            .await
+            .map_err(|_| {
+                FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
+            })?
+            .map_err(|e| FleetError::Mqtt(e.to_string()))
     }
 
     // ---- events and metrics ----

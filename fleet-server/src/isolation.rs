@@ -97,6 +97,8 @@ pub fn mosquitto_acl(
     for c in DEVICE_READS {
         let _ = writeln!(w, "pattern read {}", topics.device("%u", c));
     }
+    // The fleet's keyring updates (retained, signed by a threshold of keys): read only.
+    let _ = writeln!(w, "pattern read {}", topics.keyring());
     Ok(out)
 }
 
@@ -117,12 +119,13 @@ mod tests {
             "pattern write modelfleet/v1/devices/%u/transfer/req",
             "pattern read modelfleet/v1/devices/%u/commands",
             "pattern read modelfleet/v1/devices/%u/transfer/chunk",
+            "pattern read modelfleet/v1/keyring",
         ] {
             assert!(acl.lines().any(|l| l == line), "{line} missing:\n{acl}");
         }
         assert_eq!(
             acl.matches("pattern ").count(),
-            6,
+            7,
             "nothing else for devices"
         );
         assert!(mosquitto_acl(&t, &["a b".into()], &[]).is_err());

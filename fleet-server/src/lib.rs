@@ -74,6 +74,8 @@
 //!
 //! ## Map
 //! - [`server`]: [`Server::start`], [`ServerConfig`], [`RunningServer`].
+//! - [`server_key`]: the key every command is signed with (`protocol::command_auth`).
+//! - [`keyring`]: the bundle-signing keyring and its threshold-signed rotations.
 //! - [`fleet`]: the shared state and every operation on it (what HTTP and MQTT call).
 //! - [`store`]: redb tables and records. [`bundles`]: bundle files and chunk frames.
 //! - [`ingest`]: status, events and telemetry from devices. [`chunks`]: chunk serving.
@@ -93,11 +95,13 @@ pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod isolation;
+pub mod keyring;
 pub mod metrics;
 pub mod mqtt;
 pub mod pki;
 pub mod rollout;
 pub mod server;
+pub mod server_key;
 pub mod store;
 pub mod telemetry;
 

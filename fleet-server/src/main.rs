@@ -120,6 +120,13 @@ struct RunArgs {
     /// MQTT client id (default: fleet-server-<hash of the data directory>).
     #[arg(long)]
     client_id: Option<String>,
+    /// Secret key commands are signed with (default: DATA_DIR/server.key, generated on the
+    /// first start). Agents get its public half, DATA_DIR/server.pub, as --server-key.
+    #[arg(long, value_name = "FILE.key")]
+    server_key: Option<PathBuf>,
+    /// Seconds a command stays valid; devices refuse it afterwards.
+    #[arg(long, default_value_t = protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64)]
+    command_ttl: u64,
 }
 
 fn init_tracing() {
@@ -239,11 +246,18 @@ async fn run(args: RunArgs) -> Result<()> {
     config.tokens = tokens;
     config.shared_subscription = args.shared_subscription;
     config.client_id = args.client_id;
+    config.server_key = args.server_key;
+    config.command_ttl = std::time::Duration::from_secs(args.command_ttl.max(1));
     let server = Server::start(config).await.context("starting the server")?;
     if let Some(token) = server.admin_token() {
         say(&format!("admin token: {token}"));
         say("(shown once: the server keeps only its hash)");
     }
+    say(&format!(
+        "commands signed by server key {} (agents: --server-key {})",
+        server.server_public_key().id(),
+        args.data_dir.join("server.pub").display()
+    ));
     say(&format!("broker {}", server.broker_url()));
     say(&format!("listening on {}", server.http_url()));
     tokio::signal::ctrl_c()

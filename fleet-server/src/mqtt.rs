@@ -239,12 +239,17 @@ pub async fn run(
                 fleet.metrics.mqtt_connects.fetch_add(1, Relaxed);
                 tracing::info!("connected to the MQTT broker; subscribing");
                 let (client, filters) = (client.clone(), filters.clone());
+                let keyring_fleet = fleet.clone();
                 tokio::spawn(async move {
                     let subs = filters
                         .into_iter()
                         .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
                     if let Err(e) = client.subscribe_many(subs).await {
                         tracing::warn!(error = %e, "cannot queue the subscriptions");
+                    }
+                    // Retained, but a broker without persistence forgets it on a restart.
+                    if let Err(e) = keyring_fleet.publish_keyring().await {
+                        tracing::warn!(error = %e, "cannot publish the keyring chain");
                     }
                 });
             }

@@ -19,7 +19,9 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::bundles::{BundleFileError, BundleFiles};
 use crate::fleet::{Fleet, FleetError};
 use crate::http::limit::AuthFailureLimit;
+use crate::keyring::{FleetKeyring, KeyringError};
 use crate::mqtt::{self, BrokerConnection, MqttError};
+use crate::server_key::{self, ServerKeyError};
 use crate::store::{Store, StoreError};
 
 /// Which broker the server uses.
@@ -35,7 +37,8 @@ pub enum BrokerChoice {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
-    /// Keys trusted to sign bundles.
+    /// Keys trusted to sign bundles (the `--keyring` file; rotations accepted since are stored in
+    /// the data directory and applied on top).
     pub keyring: Keyring,
     /// HTTP listen address (port 0: a free port).
     pub listen: SocketAddr,
@@ -58,6 +61,11 @@ pub struct ServerConfig {
     pub rollout_tick: Duration,
     /// Failed authentications per client address before the API answers 429.
     pub auth_failure_limit: AuthFailureLimit,
+    /// The secret key commands are signed with; default `DATA_DIR/server.key`, generated on the
+    /// first start (`DATA_DIR/server.pub` is its public half, for agents).
+    pub server_key: Option<PathBuf>,
+    /// How long a command stays valid (default 1 hour): a device that receives it later refuses it.
+    pub command_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -77,6 +85,10 @@ impl ServerConfig {
             wait_for_broker: Duration::from_secs(10),
             rollout_tick: Duration::from_secs(1),
             auth_failure_limit: AuthFailureLimit::default(),
+            server_key: None,
+            command_ttl: Duration::from_secs(
+                protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64,
+            ),
         }
     }
 }
@@ -105,6 +117,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ServerKey(#[from] ServerKeyError),
+    #[error(transparent)]
+    Rotation(#[from] KeyringError),
     #[error("cannot read keyring {path}: {reason}")]
     Keyring { path: String, reason: String },
 }
@@ -136,6 +152,8 @@ impl Server {
         })?;
         let store = open_store(&data_dir.join("server.redb")).await?;
         let files = BundleFiles::open(&data_dir.join("bundles"))?;
+        let server_key = server_key::load_or_generate(data_dir, config.server_key.as_deref())?;
+        let keyring = FleetKeyring::open(config.keyring.clone(), data_dir)?;
         let topics = Topics::new(&config.topic_prefix)?;
 
         let (broker, connection) = match &config.broker {
@@ -168,10 +186,12 @@ impl Server {
         let fleet = Arc::new(Fleet::new(
             store,
             files,
-            config.keyring.clone(),
+            keyring,
             topics.clone(),
             client.clone(),
             file_tokens,
+            server_key,
+            chrono::Duration::from_std(config.command_ttl).unwrap_or(chrono::Duration::MAX),
         )?);
         let admin_token = if config.tokens.is_none() && fleet.store.tokens()?.is_empty() {
             Some(fleet.create_token("admin", Role::Admin, "server")?)
@@ -315,6 +335,11 @@ impl RunningServer {
     /// The rollouts, for in-process callers.
     pub fn rollouts(&self) -> &Arc<Rollouts> {
         &self.rollouts
+    }
+
+    /// The public key agents must be given to obey this server's commands.
+    pub fn server_public_key(&self) -> protocol::keys::PublicKey {
+        self.fleet.server_public_key()
     }
 
     /// The fleet, for in-process callers (the rollout engine, tests).

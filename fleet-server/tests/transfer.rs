@@ -4,6 +4,7 @@
 mod common;
 
 use common::{wait_for, Api, FakeDevice, Fixture};
+use protocol::command_auth::{self, Refusal};
 use protocol::link::{self, Action, Channel, ChunkRequest, Command, ModelSummary, LINK_SCHEMA};
 use serde_json::json;
 
@@ -64,7 +65,15 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     assert_eq!(s, 202, "{staged}");
     let command_id = staged["command_id"].as_str().unwrap().to_string();
     let p = dev.recv(Channel::Commands, 20);
-    let cmd: Command = link::decode(&p.payload).unwrap();
+    // Signed by the server key, addressed to dev-1 only, valid for a while.
+    let key = server.server_public_key();
+    let now = chrono::Utc::now();
+    let cmd: Command = command_auth::open(&p.payload, &key, "dev-1", now).unwrap();
+    assert_eq!(
+        command_auth::open(&p.payload, &key, "dev-2", now),
+        Err(Refusal::WrongDevice("dev-1".into()))
+    );
+    assert!(cmd.expires > now + chrono::Duration::minutes(30));
     assert_eq!(cmd.command_id, command_id);
     let Action::Stage { bundle } = cmd.action else {
         panic!("not a stage command: {:?}", cmd.action)
@@ -183,8 +192,10 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
         json!({"model": "digits_mlp", "version": "2.0.0"}),
     );
     assert_eq!(s, 202, "{r}");
-    let cmd: Command = link::decode(&dev.recv(Channel::Commands, 20).payload).unwrap();
-    assert!(matches!(cmd.action, Action::Revert { ref model, .. } if model == "digits_mlp"));
+    let payload = dev.recv(Channel::Commands, 20).payload;
+    let revert: Command = command_auth::open(&payload, &key, "dev-1", chrono::Utc::now()).unwrap();
+    assert!(matches!(revert.action, Action::Revert { ref model, .. } if model == "digits_mlp"));
+    assert!(revert.seq > cmd.seq, "sequence numbers grow");
 
     // Range downloads of the content (no token needed).
     let anon = api.with_token(None);

@@ -314,6 +314,12 @@ impl Keyring {
                 body.version, self.version
             )));
         }
+        Keyring::from_update_body(&body)
+    }
+
+    /// The keyring an update body describes (no signature checked: for a body stored after it
+    /// was checked).
+    pub fn from_update_body(body: &KeyringUpdate) -> Result<Keyring, KeyError> {
         let mut keys = Vec::new();
         for hexkey in &body.keys {
             keys.push(PublicKey::from_hex(hexkey)?);
@@ -329,6 +335,19 @@ impl Keyring {
         next.version = body.version;
         next.threshold = body.threshold;
         Ok(next)
+    }
+
+    /// This keyring as an update body (to store it).
+    pub fn to_update_body(&self) -> KeyringUpdate {
+        KeyringUpdate {
+            version: self.version,
+            threshold: self.threshold,
+            keys: self
+                .keys
+                .values()
+                .map(|k| hex::encode(k.0.as_bytes()))
+                .collect(),
+        }
     }
 }
 

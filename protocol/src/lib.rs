@@ -33,11 +33,15 @@
 //! - [`bundle`]: packing, signing, and the single-pass verifying reader.
 //! - [`tar`]: the canonical tar subset bundles are stored in.
 //! - [`keys`]: key ids, key files, keyrings and threshold-signed keyring updates.
+//! - [`keyring_chain`]: the keyring updates a fleet has accepted, as distributed to devices.
 //! - [`stats`]: histograms, PSI and moments shared by baselines, device windows and cohorts.
 //! - [`telemetry`]: the agent's telemetry records (metric windows and sampled requests).
 //! - [`link`]: MQTT topics and the messages between agents and the fleet server.
+//! - [`command_auth`]: commands signed by the fleet server's key (checked by every device).
 
 pub mod bundle;
+pub mod command_auth;
+pub mod keyring_chain;
 pub mod keys;
 pub mod link;
 pub mod manifest;

@@ -5,7 +5,7 @@
 //! | topic | direction | payload |
 //! |---|---|---|
 //! | `{p}/devices/{id}/status` | agent → all, retained, last will | [`DeviceStatus`] JSON |
-//! | `{p}/devices/{id}/commands` | server → agent | [`Command`] JSON |
+//! | `{p}/devices/{id}/commands` | server → agent | [`crate::command_auth::SignedCommand`] JSON |
 //! | `{p}/devices/{id}/events` | agent → server | [`DeviceEvent`] JSON |
 //! | `{p}/devices/{id}/telemetry` | agent → server and anyone | [`crate::telemetry::TelemetryRecord`] JSON |
 //! | `{p}/devices/{id}/transfer/req` | agent → server | [`ChunkRequest`] JSON |
@@ -172,6 +172,11 @@ impl Topics {
         format!("{}/devices/{}/{}", self.prefix, device_id, channel.suffix())
     }
 
+    /// `{p}/keyring`: the retained [`crate::keyring_chain::KeyringChain`] every device reads.
+    pub fn keyring(&self) -> String {
+        format!("{}/keyring", self.prefix)
+    }
+
     /// The filter matching a channel of every device (`{p}/devices/+/status`, …).
     pub fn every_device(&self, channel: Channel) -> String {
         self.device("+", channel)
@@ -265,7 +270,9 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> u32 {
     size.div_ceil(chunk_size.max(1) as u64) as u32
 }
 
-/// An order from the server to one device.
+/// An order from the server to one device. It travels signed by the server key, as the body
+/// of a [`crate::command_auth::SignedCommand`]; a device obeys it only for its own id, before
+/// `expires`, and once per `seq`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     pub schema: u32,
@@ -273,7 +280,14 @@ pub struct Command {
     pub command_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_id: Option<String>,
+    /// The device the command is for (a command copied to another device's topic is refused).
+    pub device_id: String,
+    /// Grows with every command the server signs (microseconds since the epoch, bumped past
+    /// the previous one); a device refuses a `seq` it has already accepted.
+    pub seq: u64,
     pub time: DateTime<Utc>,
+    /// After this instant (plus the clock slack) the device refuses the command.
+    pub expires: DateTime<Utc>,
     #[serde(flatten)]
     pub action: Action,
 }
@@ -466,7 +480,10 @@ mod tests {
             schema: LINK_SCHEMA,
             command_id: "c1".into(),
             rollout_id: Some("r1".into()),
+            device_id: "d1".into(),
+            seq: 1,
             time: Utc::now(),
+            expires: Utc::now(),
             action: Action::Revert {
                 model: "digits".into(),
                 version: Some("2.0.0".into()),

@@ -14,7 +14,7 @@ use agent::{Agent, AgentConfig};
 use fleet_server::{BrokerChoice, BrokerConnection, RunningServer, Server, ServerConfig};
 use modelfleet::api::ApiClient;
 use modelfleet::harness::wait_until;
-use protocol::keys::Keyring;
+use protocol::keys::{Keyring, PublicKey, SecretKey};
 use serde_json::{json, Value};
 
 pub fn models_dir() -> PathBuf {
@@ -36,6 +36,10 @@ pub struct World {
     pub api: String,
     /// Golden inputs stored in the bundles this world builds (default 16: small and quick).
     pub golden_max: usize,
+    /// The fleet server's command key file (made up front, so devices started before the
+    /// server know it) and its public half, which every device is given.
+    pub server_key_file: PathBuf,
+    pub server_key: PublicKey,
 }
 
 /// A device: an agent and its link to the broker.
@@ -59,7 +63,12 @@ impl World {
             .enable_all()
             .build()
             .unwrap();
+        let server_key = SecretKey::generate().unwrap();
+        let server_key_file = dir.path().join("keys/server.key");
+        std::fs::write(&server_key_file, server_key.to_file_text()).unwrap();
         World {
+            server_key_file,
+            server_key: server_key.public(),
             key: files.secret,
             keyring_file: files.public,
             keyring,
@@ -88,11 +97,24 @@ impl World {
     /// A bundle named `name` of the ONNX file `onnx`, with `name`'s reference golden set.
     pub fn bundle_of(&self, name: &str, onnx: &Path, version: &str) -> PathBuf {
         let out = self.path(&format!("{name}-{version}.mfb"));
+        self.build(name, onnx, version, &self.key, &out)
+    }
+
+    /// A bundle of reference model `model` at `version` signed by secret key file `key` only.
+    pub fn bundle_signed_by(&self, model: &str, version: &str, key: &Path) -> PathBuf {
+        let stem = key.file_stem().unwrap().to_string_lossy();
+        let out = self.path(&format!("{model}-{version}-{stem}.mfb"));
+        let onnx = models_dir().join(model).join(format!("{model}.onnx"));
+        self.build(model, &onnx, version, key, &out)
+    }
+
+    fn build(&self, name: &str, onnx: &Path, version: &str, key: &Path, out: &Path) -> PathBuf {
+        let out = out.to_path_buf();
         if out.exists() {
             return out;
         }
         let src = models_dir().join(name);
-        let mut opts = bundler::BuildOptions::new(onnx, name, version, 1, &self.key, &out);
+        let mut opts = bundler::BuildOptions::new(onnx, name, version, 1, key, &out);
         opts.golden_inputs = Some(src.join("test_input.npy"));
         if src.join("test_labels.npy").exists() {
             opts.golden_labels = Some(src.join("test_labels.npy"));
@@ -107,6 +129,7 @@ impl World {
     pub fn start_server(&mut self, broker: BrokerConnection) {
         let mut config = ServerConfig::new(self.path("server"), self.keyring.clone());
         config.broker = BrokerChoice::External(broker);
+        config.server_key = Some(self.server_key_file.clone());
         let server = self.rt.block_on(Server::start(config)).unwrap();
         if let Some(token) = server.admin_token() {
             self.token = token.to_string();
@@ -141,6 +164,7 @@ impl World {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>();
         link_config.tls = tls;
+        link_config.server_key = Some(self.server_key);
         link_config.backoff_max = Duration::from_secs(2);
         link_config.request_timeout = Duration::from_secs(3);
         // A small window keeps a 14 MB transfer slow enough to interrupt halfway.
@@ -191,6 +215,7 @@ impl World {
         link.backoff_max = Duration::from_secs(2);
         link.request_timeout = Duration::from_secs(3);
         config.link = Some(link);
+        config.server_key = Some(self.server_key);
         let fleet = {
             let _guard = self.rt.enter();
             agent::simulate::SimFleet::start(&config).unwrap()

@@ -33,7 +33,17 @@ counters! {
     connects_total: "counter", "Connections accepted by the broker (ConnAck).";
     connection_errors_total: "counter", "Connection attempts or sessions that failed.";
     commands_total: "counter", "Commands received.";
+    commands_refused_total: "counter", "Commands refused (every reason below, and malformed ones).";
+    commands_refused_unsigned_total: "counter", "Commands refused: no signature.";
+    commands_refused_unknown_key_total: "counter", "Commands refused: signed by a key other than the server key.";
+    commands_refused_bad_signature_total: "counter", "Commands refused: the signature does not verify.";
+    commands_refused_wrong_device_total: "counter", "Commands refused: addressed to another device.";
+    commands_refused_expired_total: "counter", "Commands refused: expired.";
+    commands_refused_replayed_total: "counter", "Commands refused: sequence number seen before (replay).";
+    commands_refused_no_server_key_total: "counter", "Commands refused: the agent has no server key to check them with.";
     malformed_messages_total: "counter", "Messages refused: bad JSON, unknown schema, oversize, bad chunk frame, invalid command.";
+    keyring_updates_total: "counter", "Keyring rotations accepted from the fleet's keyring chain.";
+    keyring_updates_refused_total: "counter", "Keyring chains refused (a step does not verify against the keyring before it).";
     unexpected_messages_total: "counter", "Messages on a topic the agent does not read.";
     chunks_received_total: "counter", "Chunks written to a partial bundle.";
     chunk_bytes_total: "counter", "Bytes of chunks written.";
@@ -62,6 +72,21 @@ impl LinkMetrics {
 
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of a command refusal reason (`protocol::command_auth::Refusal::reason`);
+    /// malformed commands count as malformed messages.
+    pub fn refused_counter(&self, reason: &str) -> &AtomicU64 {
+        match reason {
+            "unsigned" => &self.commands_refused_unsigned_total,
+            "unknown_key" => &self.commands_refused_unknown_key_total,
+            "bad_signature" => &self.commands_refused_bad_signature_total,
+            "wrong_device" => &self.commands_refused_wrong_device_total,
+            "expired" => &self.commands_refused_expired_total,
+            "replayed" => &self.commands_refused_replayed_total,
+            "no_server_key" => &self.commands_refused_no_server_key_total,
+            _ => &self.malformed_messages_total,
+        }
     }
 
     /// Current value of a counter (for tests and logs).

@@ -34,6 +34,8 @@
 //! # Modules
 //! - [`connect`]: broker URL, rustls configuration, MQTT options.
 //! - `session`: the task owning the session (commands, chunks, acks, pumps, goodbye).
+//! - [`command_check`]: commands obeyed only if signed by the server key, for this device,
+//!   unexpired and new ([`replay`]: the `seq` memory in `agent.redb`); refusals counted and recorded.
 //! - [`acks`]: packet id → published item, for QoS 1 acknowledgements.
 //! - [`transfer`]: bitmap, partial file, request window, checkpoints, the final hash + install.
 //! - [`http_fetch`]: the HTTP Range transport.
@@ -43,10 +45,12 @@
 
 pub mod acks;
 pub mod backoff;
+pub mod command_check;
 pub mod connect;
 pub mod event_pump;
 pub mod http_fetch;
 pub mod metrics;
+pub mod replay;
 mod session;
 pub mod status;
 pub mod telemetry_pump;
@@ -60,6 +64,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use protocol::keys::PublicKey;
 use protocol::link::{check_device_id, Topics, DEFAULT_CHUNK_SIZE, DEFAULT_PREFIX};
 
 use crate::agent::Agent;
@@ -126,6 +131,9 @@ pub struct LinkConfig {
     pub backoff_max: Duration,
     /// Telemetry records published and not yet acknowledged, at most (default 32).
     pub telemetry_window: usize,
+    /// The fleet server's public key: only commands it signed are obeyed. Without one, every
+    /// command is refused (`no_server_key`).
+    pub server_key: Option<PublicKey>,
 }
 
 impl LinkConfig {
@@ -144,6 +152,7 @@ impl LinkConfig {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             telemetry_window: 32,
+            server_key: None,
         }
     }
 }
@@ -178,6 +187,9 @@ impl Link {
         check_device_id(&config.device_id)?;
         let topics = Topics::new(&config.prefix)?;
         let options = connect::mqtt_options(&config, &topics)?;
+        if config.server_key.is_none() {
+            tracing::warn!(device = %config.device_id, "no server key: every command will be refused");
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| LinkError::NoRuntime)?;
         let connected = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

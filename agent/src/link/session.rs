@@ -23,10 +23,13 @@ use protocol::link::{
 };
 
 use crate::agent::Agent;
+use crate::keyring_store;
 use crate::store::{Event as AgentEvent, EventContext};
+use protocol::keyring_chain::KeyringChain;
 
 use super::acks::{AckTracker, Sent};
 use super::backoff::Backoff;
+use super::command_check::{self, CheckError, Refusals};
 use super::event_pump::EventPump;
 use super::http_fetch::{self, HttpFetchError};
 use super::metrics::LinkMetrics;
@@ -64,6 +67,8 @@ struct DeviceTopics {
     telemetry: String,
     request: String,
     chunk: String,
+    /// The fleet's retained keyring chain (not per device).
+    keyring: String,
 }
 
 impl DeviceTopics {
@@ -75,6 +80,7 @@ impl DeviceTopics {
             telemetry: topics.device(id, Channel::Telemetry),
             request: topics.device(id, Channel::TransferRequest),
             chunk: topics.device(id, Channel::TransferChunk),
+            keyring: topics.keyring(),
         }
     }
 }
@@ -103,6 +109,7 @@ pub(super) struct Session {
     done_tx: mpsc::UnboundedSender<String>,
     /// The models of the last status the broker took (None: publish again).
     reported: Option<Vec<ModelSummary>>,
+    refusals: Refusals,
 }
 
 type Polled = (EventLoop, Result<Event, ConnectionError>);
@@ -153,6 +160,7 @@ impl Session {
             busy: HashMap::new(),
             done_tx,
             reported: None,
+            refusals: Refusals::default(),
         })
     }
 
@@ -218,6 +226,8 @@ impl Session {
                     self.on_chunk(&p.payload);
                 } else if p.topic == self.topics.commands {
                     self.on_command(&p.payload);
+                } else if p.topic == self.topics.keyring {
+                    self.on_keyring(&p.payload);
                 } else {
                     LinkMetrics::inc(&self.metrics.unexpected_messages_total);
                     tracing::debug!(topic = %p.topic, "message on a topic the agent does not read");
@@ -244,7 +254,11 @@ impl Session {
         self.shared_connected.store(true, Ordering::Relaxed);
         self.metrics.connected.store(1, Ordering::Relaxed);
         LinkMetrics::inc(&self.metrics.connects_total);
-        for topic in [&self.topics.commands, &self.topics.chunk] {
+        for topic in [
+            &self.topics.commands,
+            &self.topics.chunk,
+            &self.topics.keyring,
+        ] {
             if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
                 tracing::warn!("cannot subscribe to {topic}: {e}");
             }
@@ -450,11 +464,20 @@ impl Session {
 
     fn on_command(&mut self, payload: &[u8]) {
         LinkMetrics::inc(&self.metrics.commands_total);
-        let command: Command = match link::decode(payload) {
+        let checked = command_check::check(
+            &self.agent,
+            self.config.server_key.as_ref(),
+            &self.config.device_id,
+            payload,
+        );
+        let command: Command = match checked {
             Ok(c) => c,
-            Err(e) => {
-                LinkMetrics::inc(&self.metrics.malformed_messages_total);
-                tracing::warn!(device = %self.config.device_id, "command refused: {e}");
+            Err(CheckError::Refused(refusal)) => {
+                self.refusals.refuse(&self.agent, &self.metrics, &refusal);
+                return;
+            }
+            Err(CheckError::Store(e)) => {
+                tracing::error!(device = %self.config.device_id, "command not obeyed: {e}");
                 return;
             }
         };
@@ -467,6 +490,36 @@ impl Session {
             Action::Stage { bundle } => self.stage(bundle, context),
             Action::Revert { model, version } => self.revert(model, version, context),
             Action::CancelTransfer { bundle_id } => self.cancel(&bundle_id, context),
+        }
+    }
+
+    /// The fleet's keyring chain (retained): rotations newer than the agent's keyring are
+    /// checked step by step and persisted; anything else changes nothing.
+    fn on_keyring(&mut self, payload: &[u8]) {
+        let chain: KeyringChain = match link::decode(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                LinkMetrics::inc(&self.metrics.malformed_messages_total);
+                tracing::warn!("keyring chain refused: {e}");
+                return;
+            }
+        };
+        match keyring_store::apply_chain(&self.agent, &chain) {
+            Ok(Some(version)) => {
+                LinkMetrics::inc(&self.metrics.keyring_updates_total);
+                tracing::info!(version, "keyring rotated");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                LinkMetrics::inc(&self.metrics.keyring_updates_refused_total);
+                tracing::warn!("keyring chain refused: {e}");
+                self.record(AgentEvent::new(
+                    "keyring_update_refused",
+                    None,
+                    None,
+                    json!({"reason": "does_not_verify", "error": e.to_string()}),
+                ));
+            }
         }
     }
 

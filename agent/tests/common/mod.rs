@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use engine::Tensor;
 
+pub mod mqtt;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_fleet-agent");
 
 pub fn models_dir() -> PathBuf {

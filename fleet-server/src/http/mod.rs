@@ -11,6 +11,7 @@ pub mod dashboard;
 mod devices;
 mod fleet_admin;
 pub mod guard;
+mod keyring;
 pub mod limit;
 mod rollouts;
 pub mod views;
@@ -71,7 +72,12 @@ impl From<FleetError> for ApiError {
             FleetError::BadRequest(_) | FleetError::Verify(_) => StatusCode::BAD_REQUEST,
             FleetError::Conflict(_) => StatusCode::CONFLICT,
             FleetError::Mqtt(_) => StatusCode::SERVICE_UNAVAILABLE,
-            FleetError::Store(_) | FleetError::Files(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FleetError::Keyring(crate::keyring::KeyringError::Refused(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            FleetError::Store(_) | FleetError::Files(_) | FleetError::Keyring(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -169,6 +175,8 @@ fn routes() -> Routes {
             o,
             post(rollouts::intervene),
         )
+        .add("get", "/api/v1/keyring", v, get(keyring::get_keyring))
+        .add("post", "/api/v1/keyring", a, post(keyring::update_keyring))
         .add("get", "/api/v1/tokens", a, get(fleet_admin::tokens))
         .add("post", "/api/v1/tokens", a, post(fleet_admin::create_token))
         .add(

@@ -1,0 +1,204 @@
+//! MQTT test infrastructure: rumqttd in this process, a raw recording client, and commands
+//! signed as the fleet server signs them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use protocol::command_auth::SignedCommand;
+use protocol::keys::SecretKey;
+use protocol::link::{
+    self, Action, Channel, Command, DeviceEvent, DeviceStatus, Topics, LINK_SCHEMA,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use super::free_port;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+// ---- infrastructure ----
+
+/// rumqttd on a free loopback port, in this process (it cannot bind port 0, and its `start`
+/// blocks: it runs on its own thread for the rest of the test process).
+pub fn start_broker_on(port: u16) {
+    start_broker_with(port, None)
+}
+
+/// `tls`: (server certificate, server key) PEM files.
+pub fn start_broker_with(port: u16, tls: Option<(&std::path::Path, &std::path::Path)>) {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+    let server = ServerSettings {
+        name: "v4".into(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        tls: tls.map(|(cert, key)| TlsConfig::Rustls {
+            capath: None,
+            certpath: cert.to_str().unwrap().into(),
+            keypath: key.to_str().unwrap().into(),
+        }),
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 2 << 20,
+            max_inflight_count: 200,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some([("1".to_string(), server)].into_iter().collect()),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(config);
+        let _ = broker.start();
+    });
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "broker did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn start_broker() -> String {
+    let port = free_port();
+    start_broker_on(port);
+    format!("mqtt://127.0.0.1:{port}")
+}
+
+pub fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Polls `check` every 50 ms until it returns Some, failing with `what` after the deadline.
+pub async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A raw MQTT client that records every message on the topics it subscribed to.
+pub struct Tap {
+    pub client: AsyncClient,
+    pub messages: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    pub connected: Arc<AtomicBool>,
+}
+
+impl Tap {
+    pub async fn new(broker: &str, id: &str, filters: &[String]) -> Tap {
+        let port = port_of(broker);
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        for f in filters {
+            client.subscribe(f.clone(), QoS::AtLeastOnce).await.unwrap();
+        }
+        let messages: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let connected = Arc::new(AtomicBool::new(false));
+        let (m, c) = (messages.clone(), connected.clone());
+        let need_suback = !filters.is_empty();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => m
+                        .lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec())),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => c.store(true, Ordering::SeqCst),
+                    Ok(Event::Incoming(Packet::ConnAck(_))) if !need_suback => {
+                        c.store(true, Ordering::SeqCst)
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        let tap = Tap {
+            client,
+            messages,
+            connected,
+        };
+        let c = tap.connected.clone();
+        wait_for("the tap's subscription", || {
+            c.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        tap
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    pub fn statuses(&self, device: &str) -> Vec<DeviceStatus> {
+        self.on(&topic(device, Channel::Status))
+            .iter()
+            .map(|p| link::decode(p).unwrap())
+            .collect()
+    }
+
+    pub fn events(&self, device: &str) -> Vec<DeviceEvent> {
+        self.on(&topic(device, Channel::Events))
+            .iter()
+            .map(|p| link::decode(p).unwrap())
+            .collect()
+    }
+}
+
+pub fn topic(device: &str, channel: Channel) -> String {
+    Topics::default().device(device, channel)
+}
+
+/// The fleet server's command key in these tests (one per test process).
+pub fn server_key() -> &'static SecretKey {
+    static KEY: OnceLock<SecretKey> = OnceLock::new();
+    KEY.get_or_init(|| SecretKey::generate().unwrap())
+}
+
+/// A command for `device` as the fleet server would publish it: signed by the server key,
+/// valid for an hour, with a fresh sequence number.
+pub fn signed_command(device: &str, id: &str, action: Action) -> Vec<u8> {
+    SignedCommand::sign(&command_for(device, id, action), server_key()).encode()
+}
+
+pub fn command_for(device: &str, id: &str, action: Action) -> Command {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let now = chrono::Utc::now();
+    Command {
+        schema: LINK_SCHEMA,
+        command_id: id.into(),
+        rollout_id: Some("r-1".into()),
+        device_id: device.into(),
+        seq: now.timestamp_micros() as u64 + SEQ.fetch_add(1, Ordering::SeqCst),
+        time: now,
+        expires: now + chrono::Duration::hours(1),
+        action,
+    }
+}
