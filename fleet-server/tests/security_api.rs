@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{wait_for, Api, FakeDevice, Fixture};
 use fleet_server::auth::{Role, TokenLine};
 use fleet_server::http::limit::AuthFailureLimit;
+use protocol::keys::{KeyringUpdate, SecretKey, SignedKeyringUpdate};
 use serde_json::{json, Value};
 
 const VIEWER: &str = "viewer-secret-0123456789";
@@ -252,6 +253,31 @@ fn every_mutation_is_in_the_audit_log_with_the_token_name() {
         "ci",
         "rollout_",
         &mut || operator.post_json(&format!("/api/v1/rollouts/{rid}/abort"), json!({})),
+    );
+    // A keyring rotation: the current bundle-signing key signs an update that adds a second key.
+    let (_, keyring) = viewer.get("/api/v1/keyring");
+    let signer = SecretKey::from_file_text(&std::fs::read_to_string(&fx.key).unwrap()).unwrap();
+    let added = SecretKey::generate().unwrap();
+    let hex_of = |k: &SecretKey| {
+        k.public()
+            .to_line()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let rotation = KeyringUpdate {
+        version: keyring["version"].as_u64().unwrap() + 1,
+        threshold: 1,
+        keys: vec![hex_of(&signer), hex_of(&added)],
+    };
+    let rotation = serde_json::to_value(SignedKeyringUpdate::sign(&rotation, &[&signer])).unwrap();
+    check(
+        "post",
+        "/api/v1/keyring",
+        "root",
+        "keyring_updated",
+        &mut || admin.post_json("/api/v1/keyring", rotation.clone()),
     );
     check(
         "post",

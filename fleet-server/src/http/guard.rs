@@ -134,6 +134,7 @@ pub async fn enforce(State(app): State<App>, mut req: Request, next: Next) -> Re
             .into_response();
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            drain(req).await;
             return with_headers(resp, is_api);
         }
         match authenticate(&app, req.headers(), need) {
@@ -153,11 +154,25 @@ pub async fn enforce(State(app): State<App>, mut req: Request, next: Next) -> Re
                     resp.headers_mut()
                         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 }
+                drain(req).await;
                 return with_headers(resp, is_api);
             }
         }
     }
     with_headers(next.run(req).await, is_api)
+}
+
+/// Most bytes of a refused request's body read and discarded before the refusal is sent.
+const DRAIN_LIMIT: usize = 64 << 20;
+/// Longest wait for them.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards what a refused client is still sending (bounded in bytes and time), so it
+/// reads the refusal: a socket closed with unread bytes is reset, and a client still uploading a
+/// bundle would see "broken pipe" instead of the 401/403/429 that says why.
+async fn drain(req: Request) {
+    let body = req.into_body();
+    let _ = tokio::time::timeout(DRAIN_TIME, axum::body::to_bytes(body, DRAIN_LIMIT)).await;
 }
 
 /// Headers on every response. The dashboard's own (a page CSP, `no-cache`) are kept; API
