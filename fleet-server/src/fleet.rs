@@ -336,6 +336,7 @@ impl Fleet {
             signed_by: verified.signed_by.iter().map(|k| k.to_string()).collect(),
             uploaded_at: Utc::now(),
             uploaded_by: actor.to_string(),
+            targets: m.targets.clone(),
         };
         let event = Event::new(
             "bundle_uploaded",
@@ -537,6 +538,7 @@ impl Fleet {
                 b.signed_by.join(", ")
             )));
         }
+        self.check_target(device_id, &b, rollout_id, actor)?;
         let base = self
             .http_base
             .read()
@@ -552,6 +554,47 @@ impl Fleet {
         };
         self.send_command(device_id, Action::Stage { bundle }, rollout_id, actor)
             .await
+    }
+
+    /// Refuses (409, with a `stage_refused` event) a bundle whose manifest lists targets that do
+    /// not include the one the device reports: it would refuse the bundle anyway, after fetching
+    /// it. A device that has not reported a target yet is not refused here (it checks itself).
+    fn check_target(
+        &self,
+        device_id: &str,
+        b: &BundleRecord,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<(), FleetError> {
+        if b.targets.is_empty() {
+            return Ok(());
+        }
+        let Some(target) = self.store.device(device_id)?.and_then(|d| d.target) else {
+            return Ok(());
+        };
+        if b.targets.contains(&target) {
+            return Ok(());
+        }
+        let why = format!(
+            "bundle {} ({} {}) is built for [{}]; device {device_id} reports target {target}",
+            b.id,
+            b.name,
+            b.version,
+            b.targets.join(", ")
+        );
+        let mut event = Event::new(
+            "stage_refused",
+            actor,
+            json!({"bundle_id": b.id, "reason": "target", "device_target": target,
+                   "bundle_targets": b.targets, "error": why}),
+        )
+        .device(device_id)
+        .model(&b.name, Some(&b.version));
+        if let Some(r) = rollout_id {
+            event.rollout_id = Some(r.to_string());
+        }
+        self.store.append(vec![event])?;
+        Err(FleetError::Conflict(why))
     }
 
     /// Tells a device to go back to the previous version of `model` (only if `version`, when

@@ -99,6 +99,9 @@ pub struct BundleRecord {
     pub signed_by: Vec<String>,
     pub uploaded_at: DateTime<Utc>,
     pub uploaded_by: String,
+    /// The manifest's `targets` (empty: any device).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
 }
 
 /// Something that happened: an audit record of a mutation (`actor` is a token name or

@@ -273,3 +273,80 @@ fn a_last_will_marks_the_device_offline_and_keeps_its_models() {
     drop(dev);
     fx.stop(server);
 }
+
+#[test]
+fn staging_refuses_a_bundle_built_for_another_target_with_a_clear_event() {
+    let fx = Fixture::new();
+    let server = fx.start(fx.config("server"));
+    let token = server.admin_token().unwrap().to_string();
+    let api = Api::new(&server, Some(&token));
+    // The fake device reports x86_64-unknown-linux-gnu.
+    let dev = FakeDevice::connect(server.broker_url(), "dev-x86");
+    dev.publish_status(&dev.status(&[], Some(vec![])));
+    wait_for(20, "device registered", || {
+        let (s, body) = api.get("/api/v1/devices/dev-x86");
+        (s == 200 && body["target"] == "x86_64-unknown-linux-gnu").then_some(())
+    });
+
+    let src = common::models_dir().join("digits_mlp");
+    let build_for = |triple: &str, version: &str| {
+        let out = fx.path(&format!("digits_mlp-{version}.mfb"));
+        let mut opts = bundler::BuildOptions::new(
+            src.join("digits_mlp.onnx"),
+            "digits_mlp",
+            version,
+            1,
+            &fx.key,
+            &out,
+        );
+        opts.golden_inputs = Some(src.join("test_input.npy"));
+        opts.golden_max = 4;
+        opts.latency_runs = 1;
+        opts.targets = vec![triple.to_string()];
+        bundler::build(&opts).unwrap();
+        std::fs::read(out).unwrap()
+    };
+    let (s, arm) = api.post_bytes(
+        "/api/v1/bundles",
+        &build_for("aarch64-unknown-linux-gnu", "1.0.0"),
+    );
+    assert_eq!(s, 201, "{arm}");
+    let (s, body) = api.post_json(
+        "/api/v1/devices/dev-x86/stage",
+        json!({"bundle_id": arm["id"]}),
+    );
+    assert_eq!(s, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("aarch64-unknown-linux-gnu") && error.contains("x86_64-unknown-linux-gnu"),
+        "{error}"
+    );
+    let (_, events) = api.get("/api/v1/events?device_id=dev-x86");
+    let refused: Vec<_> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "stage_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{events:#}");
+    assert_eq!(
+        refused[0]["detail"]["device_target"],
+        "x86_64-unknown-linux-gnu"
+    );
+    // Nothing was sent to the device.
+    assert!(dev
+        .rx
+        .recv_timeout(std::time::Duration::from_millis(300))
+        .is_err());
+
+    // A bundle for the device's target (or for any target) is staged.
+    let (_, x86) = api.post_bytes(
+        "/api/v1/bundles",
+        &build_for("x86_64-unknown-linux-gnu", "1.0.1"),
+    );
+    let (s, body) = api.post_json(
+        "/api/v1/devices/dev-x86/stage",
+        json!({"bundle_id": x86["id"]}),
+    );
+    assert!(s == 200 || s == 202, "{s} {body}");
+}
