@@ -288,23 +288,9 @@ fn staging_refuses_a_bundle_built_for_another_target_with_a_clear_event() {
         (s == 200 && body["target"] == "x86_64-unknown-linux-gnu").then_some(())
     });
 
-    let src = common::models_dir().join("digits_mlp");
     let build_for = |triple: &str, version: &str| {
-        let out = fx.path(&format!("digits_mlp-{version}.mfb"));
-        let mut opts = bundler::BuildOptions::new(
-            src.join("digits_mlp.onnx"),
-            "digits_mlp",
-            version,
-            1,
-            &fx.key,
-            &out,
-        );
-        opts.golden_inputs = Some(src.join("test_input.npy"));
-        opts.golden_max = 4;
-        opts.latency_runs = 1;
-        opts.targets = vec![triple.to_string()];
-        bundler::build(&opts).unwrap();
-        std::fs::read(out).unwrap()
+        let path = fx.bundle_with("digits_mlp", version, |o| o.targets = vec![triple.into()]);
+        std::fs::read(path).unwrap()
     };
     let (s, arm) = api.post_bytes(
         "/api/v1/bundles",

@@ -46,6 +46,16 @@ impl Fixture {
 
     /// A bundle of reference model `model` (digits_mlp unless said otherwise).
     pub fn bundle(&self, model: &str, version: &str) -> PathBuf {
+        self.bundle_with(model, version, |_| {})
+    }
+
+    /// [`Fixture::bundle`] with build options changed by `edit`.
+    pub fn bundle_with(
+        &self,
+        model: &str,
+        version: &str,
+        edit: impl FnOnce(&mut bundler::BuildOptions),
+    ) -> PathBuf {
         let src = models_dir().join(model);
         let out = self.path(&format!("{model}-{version}.mfb"));
         let mut opts = bundler::BuildOptions::new(
@@ -59,6 +69,7 @@ impl Fixture {
         opts.golden_inputs = Some(src.join("test_input.npy"));
         opts.golden_max = 8;
         opts.latency_runs = 1;
+        edit(&mut opts);
         bundler::build(&opts).unwrap();
         out
     }
