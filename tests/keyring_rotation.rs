@@ -26,17 +26,7 @@ fn update(
     let body = KeyringUpdate {
         version,
         threshold,
-        keys: keys
-            .iter()
-            .map(|k| {
-                k.public()
-                    .to_line()
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap()
-                    .to_string()
-            })
-            .collect(),
+        keys: keys.iter().map(|k| k.public().to_hex()).collect(),
     };
     serde_json::to_value(SignedKeyringUpdate::sign(&body, signers)).unwrap()
 }

@@ -5,31 +5,11 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{wait_for, Api, FakeDevice, Fixture};
-use fleet_server::auth::{Role, TokenLine};
+use common::{token_lines, wait_for, Api, FakeDevice, Fixture, ADMIN, OPERATOR, VIEWER};
 use fleet_server::broker::EmbeddedBroker;
 use fleet_server::{BrokerChoice, BrokerConnection};
 use protocol::link::{self, Channel};
 use serde_json::json;
-
-const VIEWER: &str = "viewer-secret-0123456789";
-const OPERATOR: &str = "operator-secret-0123456789";
-const ADMIN: &str = "admin-secret-0123456789abc";
-
-fn token_lines() -> Vec<TokenLine> {
-    [
-        ("ro", Role::Viewer, VIEWER),
-        ("ci", Role::Operator, OPERATOR),
-        ("root", Role::Admin, ADMIN),
-    ]
-    .into_iter()
-    .map(|(n, r, s)| TokenLine {
-        name: n.into(),
-        role: r,
-        secret: s.into(),
-    })
-    .collect()
-}
 
 #[test]
 fn roles_guard_the_api_and_errors_say_what_is_wrong() {

@@ -7,31 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{wait_for, Api, FakeDevice, Fixture};
-use fleet_server::auth::{Role, TokenLine};
+use common::{token_lines, wait_for, Api, FakeDevice, Fixture, ADMIN, OPERATOR, VIEWER};
 use fleet_server::http::limit::AuthFailureLimit;
 use protocol::keys::{KeyringUpdate, SecretKey, SignedKeyringUpdate};
 use serde_json::{json, Value};
 
-const VIEWER: &str = "viewer-secret-0123456789";
-const OPERATOR: &str = "operator-secret-0123456789";
-const ADMIN: &str = "admin-secret-0123456789abc";
 const WRONG: &str = "wrong-secret-0123456789";
-
-fn token_lines() -> Vec<TokenLine> {
-    [
-        ("ro", Role::Viewer, VIEWER),
-        ("ci", Role::Operator, OPERATOR),
-        ("root", Role::Admin, ADMIN),
-    ]
-    .into_iter()
-    .map(|(n, r, s)| TokenLine {
-        name: n.into(),
-        role: r,
-        secret: s.into(),
-    })
-    .collect()
-}
 
 /// One request; the status and the response headers (lowercase names). The body is not read,
 /// so the endless `/api/v1/stream` answers too.
@@ -258,18 +239,10 @@ fn every_mutation_is_in_the_audit_log_with_the_token_name() {
     let (_, keyring) = viewer.get("/api/v1/keyring");
     let signer = SecretKey::from_file_text(&std::fs::read_to_string(&fx.key).unwrap()).unwrap();
     let added = SecretKey::generate().unwrap();
-    let hex_of = |k: &SecretKey| {
-        k.public()
-            .to_line()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string()
-    };
     let rotation = KeyringUpdate {
         version: keyring["version"].as_u64().unwrap() + 1,
         threshold: 1,
-        keys: vec![hex_of(&signer), hex_of(&added)],
+        keys: vec![signer.public().to_hex(), added.public().to_hex()],
     };
     let rotation = serde_json::to_value(SignedKeyringUpdate::sign(&rotation, &[&signer])).unwrap();
     check(

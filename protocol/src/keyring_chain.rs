@@ -60,10 +60,7 @@ mod tests {
         KeyringUpdate {
             version,
             threshold,
-            keys: keys
-                .iter()
-                .map(|k| hex::encode(k.public().0.as_bytes()))
-                .collect(),
+            keys: keys.iter().map(|k| k.public().to_hex()).collect(),
         }
     }
 

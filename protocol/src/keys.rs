@@ -149,8 +149,13 @@ impl PublicKey {
     }
 
     /// One line of a `.pub` / keyring file.
+    /// The key's 32 bytes in hex: the form keyring updates list keys in.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.as_bytes())
+    }
+
     pub fn to_line(&self) -> String {
-        format!("ed25519 {} {}", hex::encode(self.0.as_bytes()), self.id())
+        format!("ed25519 {} {}", self.to_hex(), self.id())
     }
 
     pub fn from_hex(hexkey: &str) -> Result<PublicKey, KeyError> {
@@ -472,10 +477,7 @@ mod tests {
         KeyringUpdate {
             version,
             threshold,
-            keys: keys
-                .iter()
-                .map(|k| hex::encode(k.public().0.as_bytes()))
-                .collect(),
+            keys: keys.iter().map(|k| k.public().to_hex()).collect(),
         }
     }
 

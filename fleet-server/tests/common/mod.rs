@@ -17,6 +17,27 @@ pub fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models")
 }
 
+/// Secrets of the three tokens [`token_lines`] configures (names `ro`, `ci`, `root`).
+pub const VIEWER: &str = "viewer-secret-0123456789";
+pub const OPERATOR: &str = "operator-secret-0123456789";
+pub const ADMIN: &str = "admin-secret-0123456789abc";
+
+/// One token per role, as `--tokens FILE` would give them.
+pub fn token_lines() -> Vec<fleet_server::auth::TokenLine> {
+    [
+        ("ro", fleet_server::auth::Role::Viewer, VIEWER),
+        ("ci", fleet_server::auth::Role::Operator, OPERATOR),
+        ("root", fleet_server::auth::Role::Admin, ADMIN),
+    ]
+    .into_iter()
+    .map(|(n, r, s)| fleet_server::auth::TokenLine {
+        name: n.into(),
+        role: r,
+        secret: s.into(),
+    })
+    .collect()
+}
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub key: PathBuf,
