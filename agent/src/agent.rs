@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// engine per distinct model file instead of one per device). `None`: this agent loads its
     /// own, as a device does.
     pub share_models: Option<Arc<ModelCache>>,
+    /// Run inference on this pool, shared with the other agents given it (a simulated fleet:
+    /// one pool of `cores` threads instead of `workers` threads per device). `None`: this agent
+    /// starts its own pool of `workers` threads and `queue_limit` places.
+    pub share_pool: Option<Arc<InferencePool>>,
 }
 
 impl AgentConfig {
@@ -84,6 +88,7 @@ impl AgentConfig {
             sample_bytes_per_hour: 4 << 20,
             outbox: OutboxLimits::default(),
             share_models: None,
+            share_pool: None,
         }
     }
 }
@@ -168,7 +173,7 @@ pub struct Agent {
     store: Store,
     keyring: RwLock<Keyring>,
     pub registry: Registry,
-    pub pool: InferencePool,
+    pub pool: Arc<InferencePool>,
     /// One install or revert at a time.
     change: Mutex<()>,
     /// Models on trial, by name.
@@ -211,7 +216,8 @@ impl Agent {
             Some(rotated) if rotated.version > keyring.version => rotated,
             _ => keyring,
         };
-        let outbox = Outbox::open(&config.data_dir.join("outbox.redb"), config.outbox)?;
+        let outbox = Outbox::in_database(store.shared_database(), config.outbox)?;
+        outbox.adopt_legacy(&config.data_dir.join("outbox.redb"))?;
         let wake: Arc<health::Wake> = Arc::default();
         let health_options = HealthOptions {
             enabled: config.health_watch,
@@ -219,7 +225,10 @@ impl Agent {
             sample_rate: config.sample_rate,
             budget: Arc::new(SampleBudget::new(config.sample_bytes_per_hour)),
         };
-        let pool = InferencePool::new(config.workers, config.queue_limit);
+        let pool = match &config.share_pool {
+            Some(shared) => shared.clone(),
+            None => Arc::new(InferencePool::new(config.workers, config.queue_limit)),
+        };
         let agent = Agent {
             config,
             layout,

@@ -1,5 +1,11 @@
-//! The telemetry outbox: a bounded, durable queue of telemetry records (redb, its own file
-//! `outbox.redb` beside the agent database, so telemetry writes never contend with slot commits).
+//! The telemetry outbox: a bounded, durable queue of telemetry records, in two tables of the
+//! agent's database `agent.redb`. (Until the 10,000-device work it was a file of its own,
+//! `outbox.redb`; but every redb database costs ≈ 1 MB of memory from the moment it is open —
+//! its page allocator's bitmaps — which is a real share of a small device's budget and of a
+//! simulated fleet's. An agent that finds the old file moves its records over once:
+//! [`Outbox::adopt_legacy`].) Appends and acks are short write transactions; the install path's
+//! long steps (decompress, load, self-test) run outside any transaction, so slot commits wait
+//! for at most one telemetry commit.
 //!
 //! Records are appended in batches by the watch's telemetry tick and drained by the MQTT link
 //! (`crate::link`) with [`Outbox::peek_after`] then [`Outbox::ack`]: a record is gone only once acked, so
@@ -8,6 +14,7 @@
 //! counter that every window record reports (`outbox_dropped_total`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -51,21 +58,79 @@ impl Pending {
 }
 
 pub struct Outbox {
-    db: Database,
+    db: Arc<Database>,
     limits: OutboxLimits,
 }
 
 impl Outbox {
+    /// Opens the database file at `path` and the outbox in it: a stopped agent's `agent.redb`
+    /// (tools and tests reading what is waiting), or a file of its own.
     pub fn open(path: &Path, limits: OutboxLimits) -> Result<Outbox, StoreError> {
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
             other => StoreError::Db(other.to_string()),
         })?;
+        Outbox::in_database(Arc::new(db), limits)
+    }
+
+    /// The outbox in an open database (the agent's), creating its tables if needed.
+    pub fn in_database(db: Arc<Database>, limits: OutboxLimits) -> Result<Outbox, StoreError> {
         let tx = db.begin_write()?;
         tx.open_table(RECORDS)?;
         tx.open_table(META)?;
         tx.commit()?;
         Ok(Outbox { db, limits })
+    }
+
+    /// Moves the records of an outbox kept in a file of its own (`outbox.redb`, agents before
+    /// the outbox moved into `agent.redb`) to the end of this one, oldest first, adds its dropped
+    /// count, then deletes the file. The move is one transaction that also marks it done, so a
+    /// crash before the file is deleted does not move the records twice. Returns how many moved.
+    pub fn adopt_legacy(&self, path: &Path) -> Result<u64, StoreError> {
+        if !path.exists() {
+            return Ok(0);
+        }
+        let done_key = "legacy_outbox_adopted";
+        let adopted = self.meta(done_key)? > 0;
+        let mut moved = 0;
+        if !adopted {
+            let legacy = Outbox::open(path, self.limits)?;
+            let records = legacy.peek(usize::MAX)?;
+            let legacy_dropped = legacy.dropped()?;
+            drop(legacy);
+            let tx = self.db.begin_write()?;
+            {
+                let mut table = tx.open_table(RECORDS)?;
+                let mut meta = tx.open_table(META)?;
+                let get = |m: &redb::Table<&str, u64>, k: &str| -> Result<u64, StoreError> {
+                    Ok(m.get(k)?.map(|v| v.value()).unwrap_or(0))
+                };
+                let mut next = get(&meta, "next_id")?.max(1);
+                let mut bytes = get(&meta, "bytes")?;
+                for r in &records {
+                    table.insert(next, r.json.as_slice())?;
+                    bytes += r.json.len() as u64;
+                    next += 1;
+                }
+                let dropped = get(&meta, "dropped")? + legacy_dropped;
+                meta.insert("next_id", next)?;
+                meta.insert("bytes", bytes)?;
+                meta.insert("dropped", dropped)?;
+                meta.insert(done_key, 1)?;
+            }
+            tx.commit()?;
+            moved = records.len() as u64;
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| StoreError::Db(format!("cannot delete {}: {e}", path.display())))?;
+        Ok(moved)
+    }
+
+    fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let v = meta.get(key)?.map(|v| v.value()).unwrap_or(0);
+        Ok(v)
     }
 
     /// Appends `records` (one transaction); drops the oldest beyond the caps. Returns how many
@@ -171,10 +236,7 @@ impl Outbox {
 
     /// Records dropped at the cap since the outbox was created.
     pub fn dropped(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
-        let meta = tx.open_table(META)?;
-        let v = meta.get("dropped")?.map(|v| v.value()).unwrap_or(0);
-        Ok(v)
+        self.meta("dropped")
     }
 }
 
@@ -201,6 +263,44 @@ mod tests {
             TelemetryRecord::Sample(s) => s.request_id.unwrap(),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn adopts_a_legacy_outbox_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("outbox.redb");
+        let small = OutboxLimits {
+            max_records: 3,
+            max_bytes: 1 << 20,
+        };
+        {
+            let old = Outbox::open(&legacy, small).unwrap();
+            let batch: Vec<_> = (0..5).map(sample).collect();
+            assert_eq!(old.push(&batch).unwrap(), 2);
+        }
+        let outbox = Outbox::open(&dir.path().join("agent.redb"), OutboxLimits::default()).unwrap();
+        outbox.push(&[sample(9)]).unwrap();
+        assert_eq!(outbox.adopt_legacy(&legacy).unwrap(), 3);
+        assert!(!legacy.exists(), "the old file is deleted");
+        let ids: Vec<_> = outbox.peek(10).unwrap().iter().map(id_of).collect();
+        assert_eq!(
+            ids,
+            ["r9", "r2", "r3", "r4"],
+            "appended after what was there"
+        );
+        assert_eq!(
+            outbox.dropped().unwrap(),
+            2,
+            "its dropped count carries over"
+        );
+        // A crash after the move and before the delete leaves the file: nothing moves twice.
+        Outbox::open(&legacy, small)
+            .unwrap()
+            .push(&[sample(7)])
+            .unwrap();
+        assert_eq!(outbox.adopt_legacy(&legacy).unwrap(), 0);
+        assert!(!legacy.exists());
+        assert_eq!(outbox.len().unwrap(), 4);
     }
 
     #[test]

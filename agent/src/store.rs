@@ -11,6 +11,7 @@
 //! crash-safe, so after a power cut the record names either the old or the new slot, never a mix.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -113,7 +114,7 @@ impl EventContext {
 }
 
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     /// The newest event's `seq`, bumped after every commit that appends events.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -137,7 +138,7 @@ impl Store {
         tx.open_table(LINK_META)?;
         tx.commit()?;
         let store = Store {
-            db,
+            db: Arc::new(db),
             changes: tokio::sync::watch::Sender::new(0),
         };
         let last = store.recent_events(1)?.first().map(|e| e.seq).unwrap_or(0);
@@ -148,6 +149,12 @@ impl Store {
     /// The database, for modules that keep their own tables in it (the command replay memory).
     pub(crate) fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// The database, for modules that keep their own tables in it and outlive a borrow (the
+    /// telemetry outbox).
+    pub(crate) fn shared_database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     /// A receiver that sees the newest event `seq` change whenever events are appended.

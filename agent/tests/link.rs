@@ -706,7 +706,7 @@ async fn fleet_agent_simulate_runs_labelled_devices_on_the_broker() {
     assert_eq!(sites, ["berlin", "munich", "berlin"]);
     for (id, _) in &labels {
         assert!(
-            data.join(id).join("outbox.redb").exists(),
+            data.join(id).join("agent.redb").exists(),
             "{id} keeps its data on disk"
         );
     }

@@ -46,11 +46,8 @@ fn traffic(agent: &AgentProcess, prefix: &str, n: usize) {
 
 /// Reads the outbox of a stopped agent.
 fn outbox_records(fx: &Fixture) -> Vec<(u64, Value)> {
-    let outbox = Outbox::open(
-        &fx.path("data").join("outbox.redb"),
-        OutboxLimits::default(),
-    )
-    .expect("outbox opens once the agent is gone");
+    let outbox = Outbox::open(&fx.path("data").join("agent.redb"), OutboxLimits::default())
+        .expect("outbox opens once the agent is gone");
     outbox
         .peek(100_000)
         .unwrap()
