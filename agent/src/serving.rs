@@ -161,6 +161,7 @@ fn escape(s: &str) -> String {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A fixed set of inference threads behind a bounded queue.
+#[derive(Debug)]
 pub struct InferencePool {
     tx: SyncSender<Job>,
     pub workers: usize,

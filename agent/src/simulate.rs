@@ -15,12 +15,17 @@
 //! writes its own slot and runs the golden self-test on install, and keeps its own metrics,
 //! health figures and trials. Set `agent.share_models = None` to load a copy per device.
 //!
+//! Inference threads and request bodies are shared too: every device submits to one
+//! [`InferencePool`] of as many threads as the machine has cores (a device's own pool would be a
+//! thread per device), and devices whose golden inputs are the same bytes (by the payload's
+//! sha256) replay one shared set of request bodies instead of a JSON copy each.
+//!
 //! Labels: `--label site=berlin|munich` gives device `i` the `i mod 2`-th value, so one flag
 //! spreads a fleet over sites.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::keys::{Keyring, PublicKey};
@@ -28,7 +33,7 @@ use protocol::keys::{Keyring, PublicKey};
 use crate::agent::{Agent, AgentConfig, AgentError};
 use crate::link::{Link, LinkConfig, LinkError, LinkHandle, TlsFiles};
 use crate::model_cache::ModelCache;
-use crate::serving::ServingModel;
+use crate::serving::{InferencePool, ServingModel};
 
 /// Settings of a simulated fleet.
 #[derive(Debug, Clone)]
@@ -53,7 +58,13 @@ pub struct SimConfig {
     /// The fleet server's public key (overrides the link template's): commands are obeyed only
     /// if it signed them.
     pub server_key: Option<PublicKey>,
+    /// Request bodies by the sha256 of the golden payload they were made from, common to all
+    /// devices.
+    pub requests: RequestCache,
 }
+
+/// OIP request bodies made from a golden payload, by its sha256.
+pub type RequestCache = Arc<Mutex<HashMap<String, Arc<Vec<Vec<u8>>>>>>;
 
 impl SimConfig {
     pub fn new(
@@ -63,8 +74,13 @@ impl SimConfig {
         data_root: PathBuf,
     ) -> SimConfig {
         let mut agent = AgentConfig::new(&data_root);
-        agent.workers = 1;
-        agent.queue_limit = 16;
+        // One pool for the fleet: as many threads as cores, and room for a burst of every
+        // device's requests before new ones are dropped.
+        agent.queue_limit = (devices * 2).clamp(64, 65_536);
+        agent.share_pool = Some(Arc::new(InferencePool::new(
+            agent.workers,
+            agent.queue_limit,
+        )));
         agent.share_models = Some(Arc::new(ModelCache::new()));
         SimConfig {
             devices,
@@ -78,6 +94,7 @@ impl SimConfig {
             agent,
             link: None,
             server_key: None,
+            requests: RequestCache::default(),
         }
     }
 
@@ -161,7 +178,12 @@ impl SimFleet {
                 let period = Duration::from_secs_f64(1.0 / config.rps);
                 // Spread the devices' request times over one period.
                 let offset = period.mul_f64(i as f64 / config.devices.max(1) as f64);
-                tokio::spawn(traffic(agent.clone(), period, offset))
+                tokio::spawn(traffic(
+                    agent.clone(),
+                    config.requests.clone(),
+                    period,
+                    offset,
+                ))
             });
             devices.push(SimDevice {
                 id,
@@ -212,7 +234,7 @@ impl Drop for SimFleet {
 /// the first version of a model it served, whatever version runs later (while the input
 /// signature stays the same). So a new version is judged on the same traffic as the old one —
 /// as on a real device, where a model update does not change what the camera sees.
-async fn traffic(agent: Arc<Agent>, period: Duration, offset: Duration) {
+async fn traffic(agent: Arc<Agent>, cache: RequestCache, period: Duration, offset: Duration) {
     tokio::time::sleep(offset).await;
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -227,7 +249,7 @@ async fn traffic(agent: Arc<Agent>, period: Duration, offset: Duration) {
             let requests = match inputs.get(&model.name) {
                 Some((sig, r)) if *sig == signature && !r.is_empty() => r.clone(),
                 _ => {
-                    let r = Arc::new(golden_requests(&agent, &model).unwrap_or_default());
+                    let r = shared_golden_requests(&cache, &agent, &model);
                     inputs.insert(model.name.clone(), (signature, r.clone()));
                     r
                 }
@@ -235,14 +257,39 @@ async fn traffic(agent: Arc<Agent>, period: Duration, offset: Duration) {
             if requests.is_empty() {
                 continue;
             }
-            let body = requests[turn % requests.len()].clone();
+            let row = turn % requests.len();
             let m = model.clone();
             // A full queue is what a real device under load sees too: the request is dropped.
             let _ = agent
                 .pool
-                .submit(move || crate::http::serve_request(&m, &body, None).is_ok());
+                .submit(move || crate::http::serve_request(&m, &requests[row], None).is_ok());
         }
     }
+}
+
+/// The request bodies of `model`'s golden inputs, made once per distinct golden payload.
+fn shared_golden_requests(
+    cache: &RequestCache,
+    agent: &Agent,
+    model: &ServingModel,
+) -> Arc<Vec<Vec<u8>>> {
+    let key = model
+        .manifest
+        .payload(&model.manifest.golden.file)
+        .map(|p| p.sha256.clone());
+    if let Some(hit) = key
+        .as_ref()
+        .and_then(|k| cache.lock().ok()?.get(k).cloned())
+    {
+        return hit;
+    }
+    let made = Arc::new(golden_requests(agent, model).unwrap_or_default());
+    if let (Some(k), Ok(mut c)) = (key, cache.lock()) {
+        if !made.is_empty() {
+            c.insert(k, made.clone());
+        }
+    }
+    made
 }
 
 /// One OIP JSON request per golden input row of the model's active slot.

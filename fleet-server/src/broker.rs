@@ -28,8 +28,9 @@ pub fn max_packet() -> usize {
     max_frame_len(MAX_CHUNK_SIZE) + 64 * 1024
 }
 
-/// Connections the broker accepts.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections the broker accepts: a 10,000-device fleet plus servers and tools. rumqttd
+/// preallocates its connection tables at this size (a few hundred bytes per place).
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
