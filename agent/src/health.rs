@@ -26,7 +26,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use engine::{Tensor, TensorData};
-use protocol::manifest::{Baseline, HealthPolicy, Manifest, OutputStatistic, ScoreKind, Task};
+use protocol::manifest::{
+    Baseline, HealthPolicy, Manifest, OutputStatistic, ScoreKind, Task, TelemetrySamples,
+};
 use protocol::stats::{psi, Histogram};
 
 /// Latency histogram: log10 of microseconds over [0, 7] (1 µs … 10 s), 140 bins (≈ 5.9 % wide).
@@ -403,6 +405,8 @@ pub struct Health {
     model: String,
     version: String,
     options: HealthOptions,
+    /// The bundle's `telemetry_samples`: what a sampled record of this version may carry.
+    sampling: TelemetrySamples,
     samples: Mutex<Vec<SampleRecord>>,
     over_budget: AtomicU64,
     window_start: Mutex<DateTime<Utc>>,
@@ -486,6 +490,7 @@ impl Health {
             model: manifest.name.clone(),
             version: manifest.version.to_string(),
             options: options.clone(),
+            sampling: manifest.telemetry_samples,
             input_names: manifest.inputs.iter().map(|s| s.name.clone()).collect(),
             output_names: manifest.outputs.iter().map(|s| s.name.clone()).collect(),
             samples: Mutex::new(Vec::new()),
@@ -623,27 +628,44 @@ impl Health {
                 w.notify();
             }
         }
-        if self.options.sample_rate > 0.0 && uniform() < self.options.sample_rate {
+        // `none`: the bundle forbids sampled requests; nothing is drawn, nothing is counted
+        // over budget.
+        if self.sampling != TelemetrySamples::None
+            && self.options.sample_rate > 0.0
+            && uniform() < self.options.sample_rate
+        {
             self.sample(id, inputs, outputs, latency);
         }
         non_finite
     }
 
     fn sample(&self, id: Option<&str>, inputs: &[Tensor], outputs: &[Tensor], latency: Duration) {
-        // ~12 bytes per value in JSON plus the envelope.
-        let values: usize = inputs.iter().chain(outputs).map(Tensor::len).sum();
-        if !self.options.budget.take(values as u64 * 12 + 256) {
+        let hashed = match self.sampling {
+            TelemetrySamples::Full => false,
+            TelemetrySamples::Hashed => true,
+            TelemetrySamples::None => return,
+        };
+        // JSON size: ~12 bytes per value, or a 64-digit hash and its key per tensor; plus the
+        // envelope.
+        let bytes: usize = inputs
+            .iter()
+            .chain(outputs)
+            .map(|t| if hashed { 96 } else { t.len() * 12 })
+            .sum();
+        if !self.options.budget.take(bytes as u64 + 256) {
             self.over_budget.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let tensors = |specs: &[(String, &Tensor)]| {
             specs
                 .iter()
-                .map(|(name, t)| SampleTensor {
-                    name: name.clone(),
-                    datatype: t.dtype().oip_name().to_string(),
-                    shape: t.shape.clone(),
-                    data: tensor_values(t),
+                .map(|(name, t)| {
+                    let (datatype, shape) = (t.dtype().oip_name(), t.shape.clone());
+                    if hashed {
+                        SampleTensor::hashed(name.clone(), datatype, shape, &t.to_le_bytes())
+                    } else {
+                        SampleTensor::with_values(name.clone(), datatype, shape, tensor_values(t))
+                    }
                 })
                 .collect()
         };

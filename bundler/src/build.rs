@@ -21,7 +21,7 @@ use protocol::bundle::{
 use protocol::keys::{KeyId, Keyring};
 use protocol::manifest::{
     Baseline, HealthPolicy, LatencyBaseline, Manifest, PayloadEntry, Quantization, Task,
-    FORMAT_VERSION,
+    TelemetrySamples, FORMAT_VERSION,
 };
 use serde::Serialize;
 
@@ -82,6 +82,8 @@ pub struct BuildOptions {
     /// Default 10.
     pub zstd_level: i32,
     pub health_policy: HealthPolicy,
+    /// What sampled-request telemetry may carry (`--telemetry-samples`). Default full.
+    pub telemetry_samples: TelemetrySamples,
     /// Timed batch-1 runs for the reference latency. Default 30.
     pub latency_runs: usize,
     /// Draw progress bars on stderr. Default false (the CLI sets it when stdout is a terminal).
@@ -119,6 +121,7 @@ impl BuildOptions {
             golden_rtol: 1e-3,
             zstd_level: 10,
             health_policy: HealthPolicy::default(),
+            telemetry_samples: TelemetrySamples::Full,
             latency_runs: 30,
             progress: false,
         }
@@ -547,6 +550,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         golden,
         baseline,
         health_policy: opts.health_policy.clone(),
+        telemetry_samples: opts.telemetry_samples,
         delta_base: None,
         payloads: vec![],
     };

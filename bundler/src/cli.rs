@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use protocol::manifest::HealthPolicy;
+use protocol::manifest::{HealthPolicy, TelemetrySamples};
 
 use crate::baseline::TaskKind;
 use crate::build::{BuildOptions, Expiry};
@@ -163,6 +163,12 @@ pub struct BuildArgs {
     pub latency_runs: usize,
     #[command(flatten)]
     pub health: HealthArgs,
+    /// What the device's sampled-request telemetry may carry for this model: full (input and
+    /// output values), hashed (sha256 of each tensor instead of its values) or none (no sampled
+    /// requests; aggregate figures only). Use hashed or none when inputs can be personal data.
+    #[arg(long, value_name = "MODE", default_value_t = TelemetrySamples::Full,
+          value_parser = parse_telemetry_samples)]
+    pub telemetry_samples: TelemetrySamples,
     /// Print the build report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -206,6 +212,10 @@ pub struct InspectArgs {
     pub bundle: PathBuf,
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_telemetry_samples(s: &str) -> Result<TelemetrySamples, String> {
+    s.parse()
 }
 
 fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
@@ -264,6 +274,7 @@ impl BuildArgs {
             max_prediction_psi: h.max_prediction_psi,
             ..HealthPolicy::default()
         };
+        o.telemetry_samples = self.telemetry_samples;
         o.progress = progress;
         o
     }

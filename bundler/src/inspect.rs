@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 use protocol::bundle::{read_head, BundleError, Limits};
 use protocol::keys::KeyId;
 use protocol::manifest::{
-    Baseline, GoldenTensor, HealthPolicy, Manifest, PayloadEntry, Quantization, Task, TensorSpec,
+    Baseline, GoldenTensor, HealthPolicy, Manifest, PayloadEntry, Quantization, Task,
+    TelemetrySamples, TensorSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -51,6 +52,8 @@ pub struct InspectReport {
     pub accuracy: Option<f64>,
     pub baseline: Baseline,
     pub health_policy: HealthPolicy,
+    /// What sampled-request telemetry may carry (`full` when the manifest leaves it out).
+    pub telemetry_samples: TelemetrySamples,
     pub delta_base: Option<String>,
 }
 
@@ -112,6 +115,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         accuracy: m.baseline.accuracy,
         baseline: m.baseline,
         health_policy: m.health_policy,
+        telemetry_samples: m.telemetry_samples,
         delta_base: m.delta_base,
     })
 }
@@ -163,6 +167,14 @@ impl InspectReport {
             self.targets.join(", ")
         };
         let _ = writeln!(s, "targets          {targets}");
+        let samples = match self.telemetry_samples {
+            TelemetrySamples::Full => "full (sampled requests carry input and output values)",
+            TelemetrySamples::Hashed => {
+                "hashed (sampled requests carry a sha256 per tensor, no values)"
+            }
+            TelemetrySamples::None => "none (no sampled requests; aggregate figures only)",
+        };
+        let _ = writeln!(s, "telemetry        {samples}");
         let _ = writeln!(s, "quantization     {}", self.quantization.mode());
         if let Some(r) = self.quantization.record() {
             let _ = writeln!(

@@ -51,6 +51,8 @@ fn digits_cnn() -> &'static Built {
             &"30days",
             &"--latency-runs",
             &"10",
+            &"--telemetry-samples",
+            &"hashed",
             &"--json",
         ]);
         assert!(o.status.success(), "build failed: {}", stderr(&o));
@@ -139,11 +141,17 @@ fn digits_cnn_bundle_reports_accuracy_and_verifies() {
     assert!(v["expires_at"].is_string());
     assert_eq!(v["expired"], false);
     assert_eq!(v["payloads"].as_array().unwrap().len(), 2);
+    assert_eq!(v["telemetry_samples"], "hashed");
 
     let text = bundler(&[&"inspect", &b.bundle]);
     assert!(text.status.success());
     assert!(
         stdout(&text).contains("accuracy 0.9889"),
+        "{}",
+        stdout(&text)
+    );
+    assert!(
+        stdout(&text).contains("telemetry        hashed (sampled requests carry a sha256"),
         "{}",
         stdout(&text)
     );
@@ -342,6 +350,11 @@ fn build_refuses_bad_flags() {
         &["--exclude-node 'nope'", "no node of that name"],
     );
     refused(&[&"--name", &"../evil"], &cnn, &["'../evil'"]);
+    refused(
+        &[&"--telemetry-samples", &"anonymised"],
+        &cnn,
+        &["'anonymised'", "full, hashed, none"],
+    );
 }
 
 #[test]
@@ -437,6 +450,7 @@ fn mobilenetish_builds_with_its_test_inputs() {
     assert_eq!(v["task"]["classes"], 1000);
     assert_eq!(v["golden"]["count"], 4);
     assert!(v["accuracy"].is_null());
+    assert_eq!(v["telemetry_samples"], "full", "the default");
     assert!(v["payload_bytes"].as_u64().unwrap() > 13_900_000);
     let o = bundler(&[&"verify", &bundle, &"--keyring", &dir.path().join("ci.pub")]);
     assert!(o.status.success(), "{}", stderr(&o));

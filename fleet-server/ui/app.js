@@ -608,8 +608,22 @@ async function devicesPage(root, _id, query) {
   };
 }
 
+// A sampled tensor: name, type and shape, plus the start of its sha256 when the bundle's
+// telemetry_samples mode is "hashed" (no values are sent then).
+function tensorLabel(x) {
+  const head = `${x.name} ${x.datatype}[${x.shape.join("×")}]`;
+  return x.sha256 ? `${head} sha256 ${x.sha256.slice(0, 12)}…` : head;
+}
+
+function sampleInputs(sample) {
+  const hashed = sample.inputs.some((x) => x.sha256);
+  const text = sample.inputs.map(tensorLabel).join(", ");
+  return hashed ? h("span", { class: "mono", title: sample.inputs.map((x) => `${x.name} sha256 ${x.sha256}`).join("\n"), text }) : text;
+}
+
 function topClass(sample) {
   const out = sample.outputs && sample.outputs[0];
+  if (out && out.sha256) return "hashed";
   if (!out || !out.data || !out.data.length) return "–";
   let best = 0;
   for (let i = 1; i < out.data.length; i++) if ((out.data[i] ?? -Infinity) > (out.data[best] ?? -Infinity)) best = i;
@@ -659,7 +673,7 @@ async function devicePage(root, id) {
         const ser = (get) => versions.map((v, j) => ({ name: v, cls: cls[j % 3], points: windows.filter((w) => w.version === v).map((w) => [new Date(w.end).getTime(), get(w)]) }));
         const p95 = (w) => w.latency.p95_ms;
         const samples = tele[i].samples.slice().reverse().map((s) =>
-          h("tr", {}, td(when(s.time)), td(s.version), tdn(fmt(s.latency_ms)), td(s.request_id || "–"), td(s.inputs.map((x) => `${x.name} ${x.datatype}[${x.shape.join("×")}]`).join(", ")), td(topClass(s))),
+          h("tr", {}, td(when(s.time)), td(s.version), tdn(fmt(s.latency_ms)), td(s.request_id || "–"), td(sampleInputs(s)), td(topClass(s))),
         );
         return h(
           "section",

@@ -399,6 +399,67 @@ pub struct HealthPolicy {
     pub max_prediction_psi: Option<f64>,
 }
 
+/// What the device may report of the requests it samples for telemetry (manifest field
+/// `telemetry_samples`). A model that sees personal data (faces, voices, health readings, …)
+/// should not have its requests copied off the device. The mode covers a sampled request's
+/// inputs **and** outputs: outputs of such a model can be personal too (an autoencoder's output
+/// is its input, an embedding identifies a person, a class can be a diagnosis).
+///
+/// Aggregate figures (window records: counts, latency, confidence and class histograms,
+/// output statistics, input drift) are sent in every mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TelemetrySamples {
+    /// Sampled requests carry their input and output values (the behaviour of bundles made
+    /// before this field existed, hence the default).
+    #[default]
+    Full,
+    /// Sampled requests carry, per tensor, name, datatype, shape and the sha256 of its
+    /// little-endian row-major bytes instead of the values: equal tensors can be matched up,
+    /// their content is not revealed (unless it is guessable: see `docs/security.md`).
+    Hashed,
+    /// No sampled requests at all; only aggregate figures leave the device.
+    None,
+}
+
+impl TelemetrySamples {
+    pub const ALL: [TelemetrySamples; 3] = [
+        TelemetrySamples::Full,
+        TelemetrySamples::Hashed,
+        TelemetrySamples::None,
+    ];
+
+    /// The mode as written in the manifest (`full`, `hashed`, `none`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TelemetrySamples::Full => "full",
+            TelemetrySamples::Hashed => "hashed",
+            TelemetrySamples::None => "none",
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        *self == TelemetrySamples::Full
+    }
+}
+
+impl std::fmt::Display for TelemetrySamples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TelemetrySamples {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TelemetrySamples, String> {
+        TelemetrySamples::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not a telemetry sample mode (full, hashed, none)"))
+    }
+}
+
 /// The signed description of a bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +485,12 @@ pub struct Manifest {
     pub baseline: Baseline,
     #[serde(default)]
     pub health_policy: HealthPolicy,
+    /// What sampled-request telemetry may carry for this model. Left out when `full` (the
+    /// default), so manifests signed before the field existed re-serialise to the same bytes;
+    /// an agent that predates the field refuses a manifest that sets it (unknown field), so a
+    /// restriction is never silently ignored.
+    #[serde(default, skip_serializing_if = "TelemetrySamples::is_full")]
+    pub telemetry_samples: TelemetrySamples,
     /// sha256 of the bundle this one patches (delta bundles; not produced yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_base: Option<String>,

@@ -3,7 +3,8 @@
 //! Two kinds, both JSON, both published on `{prefix}/devices/{id}/telemetry` and held in the
 //! agent's durable outbox until then: a [`WindowRecord`] per model version per window (counts,
 //! latency, confidence or output statistic, input drift, trial state) and a [`SampleRecord`] for a
-//! sampled request (its inputs, outputs and latency, for replay and debugging).
+//! sampled request (its inputs, outputs and latency, for replay and debugging). What a sample may
+//! carry is the bundle's choice (`Manifest::telemetry_samples`): values, hashes, or no samples.
 //!
 //! The JSON Schema is `docs/telemetry.schema.json`, the field guide `docs/telemetry.md`. Changes
 //! are additive; `schema` is bumped on anything else.
@@ -121,12 +122,54 @@ pub struct SampleRecord {
     pub outputs: Vec<SampleTensor>,
 }
 
-/// A tensor of a sampled request. Non-finite values are written as `null`.
+/// A tensor of a sampled request: its values (`data`), or, when the bundle's
+/// [`TelemetrySamples`](crate::manifest::TelemetrySamples) mode is `hashed`, the sha256 of its
+/// bytes instead (`sha256`). Exactly one of the two is present.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleTensor {
     pub name: String,
     /// OIP datatype name (`FP32`, `INT64`, …).
     pub datatype: String,
     pub shape: Vec<usize>,
-    pub data: Vec<Option<f64>>,
+    /// Row-major values; `None` (JSON `null`) for NaN or an infinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Vec<Option<f64>>>,
+    /// Lowercase hex sha256 of the tensor's elements as little-endian bytes of `datatype`, in
+    /// row-major order (the OIP binary tensor layout), without shape or name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl SampleTensor {
+    /// A tensor reported with its values.
+    pub fn with_values(
+        name: String,
+        datatype: &str,
+        shape: Vec<usize>,
+        data: Vec<Option<f64>>,
+    ) -> SampleTensor {
+        SampleTensor {
+            name,
+            datatype: datatype.to_string(),
+            shape,
+            data: Some(data),
+            sha256: None,
+        }
+    }
+
+    /// A tensor reported by the sha256 of `le_bytes` (its elements, little-endian, row-major).
+    pub fn hashed(
+        name: String,
+        datatype: &str,
+        shape: Vec<usize>,
+        le_bytes: &[u8],
+    ) -> SampleTensor {
+        SampleTensor {
+            name,
+            datatype: datatype.to_string(),
+            shape,
+            data: None,
+            sha256: Some(crate::link::sha256_hex(le_bytes)),
+        }
+    }
 }

@@ -51,6 +51,7 @@ pub fn sample_manifest() -> Manifest {
             },
         },
         health_policy: HealthPolicy::default(),
+        telemetry_samples: TelemetrySamples::Full,
         delta_base: None,
         payloads: vec![],
     }
