@@ -4,7 +4,8 @@
 //!
 //! `tests/data/pre-telemetry-samples.mfb` was written (and signed with the key whose public half is
 //! `tests/data/pre-telemetry-samples.pub`) by the code before `Manifest::telemetry_samples` existed,
-//! with `write_pre_telemetry_samples_fixture` below.
+//! with `protocol/examples/write_compat_fixture.rs` (`cargo run --example write_compat_fixture`,
+//! meaningful only on a commit that predates the fields the fixture stands for).
 
 use std::path::{Path, PathBuf};
 
@@ -17,32 +18,6 @@ fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
-}
-
-/// Regenerates the fixture. Only meaningful on a commit that predates the fields the fixture
-/// stands for; kept to show how it was made.
-#[test]
-#[ignore = "writes tests/data; run by hand on old code only"]
-fn write_pre_telemetry_samples_fixture() {
-    let key = SecretKey::generate().unwrap();
-    let payloads = vec![
-        compress_payload("model.onnx", b"not a real model", 3, |_, _| {}).unwrap(),
-        compress_payload("golden.bin", &[1, 2, 3, 4], 3, |_, _| {}).unwrap(),
-    ];
-    let mut m = sample_manifest();
-    // Optional fields filled in too, so their old forms are covered.
-    m.expires_at = chrono::DateTime::from_timestamp(4_000_000_000, 0);
-    m.inputs[0].range = Some([-1.5, 2.25]);
-    m.health_policy.min_requests = Some(50);
-    m.health_policy.max_error_rate = Some(0.02);
-    let mut out = Vec::new();
-    write_bundle(&mut out, &mut m, &payloads, &[&key]).unwrap();
-    std::fs::write(data("pre-telemetry-samples.mfb"), out).unwrap();
-    std::fs::write(
-        data("pre-telemetry-samples.pub"),
-        Keyring::new([key.public()]).to_file_text(),
-    )
-    .unwrap();
 }
 
 fn verify(bytes: &[u8], keyring: &Keyring) -> Result<VerifiedBundle, BundleError> {
