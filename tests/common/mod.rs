@@ -514,21 +514,14 @@ impl AgentProcess {
             .cloned()
     }
 
-    /// A sample's value on `/metrics` (first line starting with `name ` or `name{`).
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        let text = ureq::get(&format!("{}/metrics", self.url))
+    /// The `/metrics` page.
+    pub fn metrics_text(&self) -> Option<String> {
+        ureq::get(&format!("{}/metrics", self.url))
             .timeout(Duration::from_secs(30))
             .call()
             .ok()?
             .into_string()
-            .ok()?;
-        text.lines()
-            .find(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+            .ok()
     }
 
     /// `POST {url}{path}` with `body`: the status and the JSON answer, whatever the status.
