@@ -1,7 +1,7 @@
 //! Issue 10, the faults of a device, each asserting that nothing is lost. Real `fleet-agent run`
 //! processes (killed with SIGKILL), a real broker process and a fleet server in this process.
 //!
-//! - `killed_during_transfer_install_activation_and_trial`: v2 of a 13 MB model staged over a
+//! - `killed_during_transfer_install_activation_and_trial`: v2 of a 15 MB model staged over a
 //!   serving v1; the agent is killed again and again — at seeded moments of the chunked transfer,
 //!   of the install, at its named crash points (`MODELFLEET_CRASH_AT`) and during the trial — and
 //!   after every restart serves a verified model, resumes the transfer from what was durably on
@@ -215,13 +215,16 @@ fn killed_during_transfer_install_activation_and_trial() {
     let mut rng = Rng(seed);
 
     let mut world = World::new();
+    // 16 KiB chunks: about 920 of them, so that the transfer outlasts several restarts (each
+    // restart's check lets chunks in).
+    world.chunk_size = 16 << 10;
     let broker = BrokerProcess::embedded(embedded_broker_exe()).unwrap();
     world.start_server(BrokerConnection::plain(&broker.url()));
     let model = "mobilenetish";
     let v1 = world.bundle(model, "1.0.0");
     let v2 = world.bundle(model, "2.0.0");
     let v2_bytes = std::fs::read(&v2).unwrap();
-    let total_chunks = (v2_bytes.len() as u64).div_ceil(protocol::link::DEFAULT_CHUNK_SIZE as u64);
+    let total_chunks = (v2_bytes.len() as u64).div_ceil(world.chunk_size as u64);
     eprintln!("v2: {} bytes, {total_chunks} chunks", v2_bytes.len());
     let data = world.path("device");
     let offline = world.spawn_agent(&AgentOptions {
@@ -242,7 +245,7 @@ fn killed_during_transfer_install_activation_and_trial() {
 
     // The schedule: kills during the transfer, then at each named step of the install between
     // random kills of it, the crash right after the activation commit, kills during the trial.
-    let mut plan: Vec<Kill> = (0..5).map(|_| Kill::Transfer(rng.range(4, 24))).collect();
+    let mut plan: Vec<Kill> = (0..6).map(|_| Kill::Transfer(rng.range(8, 64))).collect();
     plan.extend([
         Kill::At("verified"),
         Kill::Restart,
@@ -757,6 +760,12 @@ fn a_device_offline_for_months_catches_up() {
         "months-old",
     );
     let v2_bytes = std::fs::read(&v2).unwrap();
+    // The server would not take it now (uploads are verified with no slack).
+    let (status, body) = world.post("/api/v1/bundles", &v2_bytes);
+    assert!(
+        status >= 400 && body.to_string().contains("expired"),
+        "{status} {body}"
+    );
     {
         let keyring = world.keyring.clone();
         let device = agent::Agent::open(agent::AgentConfig::new(&data), keyring).unwrap();

@@ -40,6 +40,8 @@ pub struct World {
     /// server know it) and its public half, which every device is given.
     pub server_key_file: PathBuf,
     pub server_key: PublicKey,
+    /// The chunk size the server's stage commands name (default 64 KiB).
+    pub chunk_size: u32,
 }
 
 /// A device: an agent and its link to the broker.
@@ -78,6 +80,7 @@ impl World {
             token: String::new(),
             api: String::new(),
             golden_max: 16,
+            chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
         }
     }
 
@@ -130,6 +133,7 @@ impl World {
         let mut config = ServerConfig::new(self.path("server"), self.keyring.clone());
         config.broker = BrokerChoice::External(broker);
         config.server_key = Some(self.server_key_file.clone());
+        config.chunk_size = self.chunk_size;
         let server = self.rt.block_on(Server::start(config)).unwrap();
         if let Some(token) = server.admin_token() {
             self.token = token.to_string();
@@ -277,7 +281,8 @@ impl World {
     /// Waits until the API shows `id` with `model` active at `version`.
     pub fn wait_for_version(&self, id: &str, model: &str, version: &str, timeout: Duration) {
         wait_until(&format!("{id} to run {model} {version}"), timeout, || {
-            let d = self.get(&format!("/api/v1/devices/{id}"));
+            // Not found yet: the device has not registered.
+            let d = self.client().get(&format!("/api/v1/devices/{id}")).ok()?;
             d["models"]
                 .as_array()?
                 .iter()
