@@ -366,11 +366,18 @@ impl Agent {
         context: &EventContext,
     ) -> Result<Installed, InstallError> {
         let _one_at_a_time = self.change.lock().expect("install lock");
-        let staging = self.layout.staging_dir()?;
-        let result = self.install_staged(bundle, &staging, context);
-        if staging.exists() {
-            let _ = fs::remove_dir_all(&staging);
-        }
+        let result = self
+            .layout
+            .staging_dir()
+            .map_err(InstallError::from)
+            .and_then(|staging| {
+                let result = self.install_staged(bundle, &staging, context);
+                if staging.exists() {
+                    let _ = fs::remove_dir_all(&staging);
+                }
+                result
+            })
+            .map_err(InstallError::classify_no_space);
         if let Err(e) = &result {
             let (model, version) = peek_name_version(bundle);
             let _ = self.store.append(&[Event::new(

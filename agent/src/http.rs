@@ -303,6 +303,7 @@ async fn install(State(app): State<App>, body: Bytes) -> Response {
                 crate::install::InstallError::Io(_) | crate::install::InstallError::Store(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
+                crate::install::InstallError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             let mut r = error(status, &e);

@@ -48,6 +48,10 @@ pub enum InstallError {
     Schema(String),
     #[error("bundle rejected: golden self-test failed: {0}")]
     Golden(String),
+    #[error(
+        "install failed: no space left in the data directory ({0}); the serving model is unchanged"
+    )]
+    NoSpace(std::io::Error),
     #[error("install failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("install failed: {0}")]
@@ -70,7 +74,30 @@ impl InstallError {
             InstallError::Load(_) => "load",
             InstallError::Schema(_) => "schema",
             InstallError::Golden(_) => "golden_self_test",
+            InstallError::NoSpace(_) => "no_space",
             InstallError::Io(_) | InstallError::Store(_) => "io",
+        }
+    }
+}
+
+impl InstallError {
+    /// A full disk (or quota) wherever it struck — unpacking a payload, writing the manifest,
+    /// renaming the slot — becomes [`InstallError::NoSpace`]: the device, not the bundle, is
+    /// at fault, and the refusal says so.
+    pub fn classify_no_space(self) -> InstallError {
+        fn full(e: &std::io::Error) -> bool {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        }
+        match self {
+            InstallError::Io(e) if full(&e) => InstallError::NoSpace(e),
+            InstallError::Bundle(BundleError::Sink { source, .. }) if full(&source) => {
+                InstallError::NoSpace(source)
+            }
+            InstallError::Bundle(BundleError::Io(e)) if full(&e) => InstallError::NoSpace(e),
+            other => other,
         }
     }
 }

@@ -13,8 +13,7 @@ use protocol::bundle::BundleError;
 use protocol::command_auth::SignedCommand;
 use protocol::keys::{KeyId, Keyring, PublicKey, SecretKey, SignedKeyringUpdate};
 use protocol::link::{
-    self, Action, BundleRef, Channel, Command, ModelSummary, Topics, DEFAULT_CHUNK_SIZE,
-    LINK_SCHEMA,
+    self, Action, BundleRef, Channel, Command, ModelSummary, Topics, LINK_SCHEMA,
 };
 use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
@@ -171,6 +170,8 @@ pub struct Fleet {
     command_seq: AtomicU64,
     /// How long a command stays valid.
     command_ttl: chrono::Duration,
+    /// The chunk size stage commands name.
+    pub(crate) chunk_size: u32,
 }
 
 impl Fleet {
@@ -183,6 +184,7 @@ impl Fleet {
         file_tokens: Vec<(String, Role, String)>,
         server_key: SecretKey,
         command_ttl: chrono::Duration,
+        chunk_size: u32,
     ) -> Result<Fleet, FleetError> {
         let fleet = Fleet {
             store,
@@ -202,6 +204,7 @@ impl Fleet {
             server_key,
             command_seq: AtomicU64::new(0),
             command_ttl,
+            chunk_size,
         };
         fleet.reload_tokens()?;
         Ok(fleet)
@@ -550,7 +553,7 @@ impl Fleet {
             name: b.name,
             version: b.version,
             size: b.size,
-            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_size: self.chunk_size,
         };
         self.send_command(device_id, Action::Stage { bundle }, rollout_id, actor)
             .await

@@ -127,6 +127,10 @@ struct RunArgs {
     /// Seconds a command stays valid; devices refuse it afterwards.
     #[arg(long, default_value_t = protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64)]
     command_ttl: u64,
+    /// Bytes per chunk of a bundle sent over MQTT (at most 1 MiB; keep it under the broker's
+    /// message size limit)
+    #[arg(long, default_value_t = protocol::link::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
 }
 
 fn init_tracing() {
@@ -248,6 +252,7 @@ async fn run(args: RunArgs) -> Result<()> {
     config.client_id = args.client_id;
     config.server_key = args.server_key;
     config.command_ttl = std::time::Duration::from_secs(args.command_ttl.max(1));
+    config.chunk_size = args.chunk_size;
     let server = Server::start(config).await.context("starting the server")?;
     if let Some(token) = server.admin_token() {
         say(&format!("admin token: {token}"));

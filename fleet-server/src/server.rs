@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub server_key: Option<PathBuf>,
     /// How long a command stays valid (default 1 hour): a device that receives it later refuses it.
     pub command_ttl: Duration,
+    /// The chunk size stage commands name (default 64 KiB, at most
+    /// [`protocol::link::MAX_CHUNK_SIZE`]): smaller for brokers with a smaller message cap.
+    pub chunk_size: u32,
 }
 
 impl ServerConfig {
@@ -89,6 +92,7 @@ impl ServerConfig {
             command_ttl: Duration::from_secs(
                 protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64,
             ),
+            chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
         }
     }
 }
@@ -119,6 +123,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     ServerKey(#[from] ServerKeyError),
+    #[error("chunk size {0}: use 1 to {max} bytes", max = protocol::link::MAX_CHUNK_SIZE)]
+    ChunkSize(u32),
     #[error(transparent)]
     Rotation(#[from] KeyringError),
     #[error("cannot read keyring {path}: {reason}")]
@@ -145,6 +151,9 @@ impl Server {
     /// Starts the server and returns once HTTP is listening and the MQTT subscriptions are
     /// acknowledged (or `wait_for_broker` passed).
     pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+        if config.chunk_size == 0 || config.chunk_size > protocol::link::MAX_CHUNK_SIZE {
+            return Err(ServerError::ChunkSize(config.chunk_size));
+        }
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
             path: data_dir.display().to_string(),
@@ -192,6 +201,7 @@ impl Server {
             file_tokens,
             server_key,
             chrono::Duration::from_std(config.command_ttl).unwrap_or(chrono::Duration::MAX),
+            config.chunk_size,
         )?);
         let admin_token = if config.tokens.is_none() && fleet.store.tokens()?.is_empty() {
             Some(fleet.create_token("admin", Role::Admin, "server")?)

@@ -228,6 +228,35 @@ mod tests {
         assert_eq!(t.keys(), 3);
     }
 
+    /// Window timestamps are the device's clock (docs/faults.md, "Clock skew"): a device whose
+    /// clock runs a day or more behind has its windows dropped on arrival as too old, and behind
+    /// by less they fall before a bake that began meanwhile; a clock ahead is kept.
+    #[test]
+    fn window_times_are_the_device_clock() {
+        let t = Telemetry::default();
+        let now = Utc::now();
+        let bake_started = now - Duration::minutes(5);
+        t.record(
+            "behind-2d",
+            TelemetryRecord::Window(window("2.0.0", 10, 0, 1.0, now - Duration::days(2))),
+        );
+        t.record(
+            "behind-1h",
+            TelemetryRecord::Window(window("2.0.0", 10, 0, 1.0, now - Duration::hours(1))),
+        );
+        t.record(
+            "ahead-1h",
+            TelemetryRecord::Window(window("2.0.0", 10, 0, 1.0, now + Duration::hours(1))),
+        );
+        assert!(t.windows("behind-2d", None, None).is_empty(), "dropped");
+        assert_eq!(t.windows("behind-1h", None, None).len(), 1, "kept");
+        assert!(
+            t.windows("behind-1h", None, Some(bake_started)).is_empty(),
+            "not counted in a bake that began after its (device) end time"
+        );
+        assert_eq!(t.windows("ahead-1h", None, Some(bake_started)).len(), 1);
+    }
+
     #[test]
     fn retention_caps_windows_per_key() {
         let t = Telemetry::new(Retention {

@@ -40,6 +40,8 @@ pub struct World {
     /// server know it) and its public half, which every device is given.
     pub server_key_file: PathBuf,
     pub server_key: PublicKey,
+    /// The chunk size the server's stage commands name (default 64 KiB).
+    pub chunk_size: u32,
 }
 
 /// A device: an agent and its link to the broker.
@@ -78,6 +80,7 @@ impl World {
             token: String::new(),
             api: String::new(),
             golden_max: 16,
+            chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
         }
     }
 
@@ -130,6 +133,7 @@ impl World {
         let mut config = ServerConfig::new(self.path("server"), self.keyring.clone());
         config.broker = BrokerChoice::External(broker);
         config.server_key = Some(self.server_key_file.clone());
+        config.chunk_size = self.chunk_size;
         let server = self.rt.block_on(Server::start(config)).unwrap();
         if let Some(token) = server.admin_token() {
             self.token = token.to_string();
@@ -283,7 +287,8 @@ impl World {
     /// Waits until the API shows `id` with `model` active at `version`.
     pub fn wait_for_version(&self, id: &str, model: &str, version: &str, timeout: Duration) {
         wait_until(&format!("{id} to run {model} {version}"), timeout, || {
-            let d = self.get(&format!("/api/v1/devices/{id}"));
+            // Not found yet: the device has not registered.
+            let d = self.client().get(&format!("/api/v1/devices/{id}")).ok()?;
             d["models"]
                 .as_array()?
                 .iter()
@@ -323,5 +328,235 @@ pub fn traffic(device: &Device, model: &str, n: usize) {
         agent::http::serve_request(&serving, body.to_string().as_bytes(), None)
             .map_err(|(s, e)| format!("{s}: {e}"))
             .unwrap();
+    }
+}
+
+/// Rewrites a bundle with other `created_at` / `expires_at` (same payloads, re-signed by this
+/// world's key): a bundle built at another time than now, which the bundler cannot make (it
+/// refuses an expiry in the past). Returns the new file, `{stem}-{tag}.mfb`.
+pub fn redate_bundle(
+    world: &World,
+    bundle: &Path,
+    created_at: chrono::DateTime<chrono::Utc>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    tag: &str,
+) -> PathBuf {
+    use protocol::bundle::{
+        compress_payload, read_bundle, write_bundle, MemorySink, VerifyOptions,
+    };
+    let mut sink = MemorySink::default();
+    let verified = read_bundle(
+        std::fs::File::open(bundle).unwrap(),
+        &VerifyOptions::new(&world.keyring),
+        &mut sink,
+    )
+    .unwrap();
+    let mut manifest = verified.manifest;
+    manifest.created_at = created_at;
+    manifest.expires_at = expires_at;
+    // Payloads in the manifest's order, so the tar layout stays canonical.
+    let payloads: Vec<_> = manifest
+        .payloads
+        .iter()
+        .map(|p| {
+            let name = p.file.strip_suffix(".zst").unwrap();
+            compress_payload(name, &sink.0[name], 3, |_, _| {}).unwrap()
+        })
+        .collect();
+    let key = bundler::load_secret_key(&world.key).unwrap();
+    let mut bytes = Vec::new();
+    write_bundle(&mut bytes, &mut manifest, &payloads, &[&key]).unwrap();
+    let stem = bundle.file_stem().unwrap().to_string_lossy();
+    let out = world.path(&format!("{stem}-{tag}.mfb"));
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+/// The `fleet-agent` binary of this build: `target/<profile>/fleet-agent`, beside the
+/// `embedded-broker` of this package. Cargo builds it for `cargo test --workspace` (the agent
+/// package's tests need it); run alone, this suite needs an agent test selected too
+/// (`cargo test --workspace --test agent_faults --test crash`). A binary older than the agent's
+/// sources would test old code, so that is refused.
+pub fn agent_exe() -> PathBuf {
+    let exe = embedded_broker_exe().with_file_name("fleet-agent");
+    let built = std::fs::metadata(&exe)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: build it with `cargo test --workspace` (or add `--test crash`)",
+                exe.display()
+            )
+        });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["agent/src", "agent/src/link", "protocol/src", "engine/src"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            let changed = e.metadata().and_then(|m| m.modified()).unwrap();
+            assert!(
+                changed <= built,
+                "{} is older than {}: rebuild it (`cargo test --workspace --test crash` builds it)",
+                exe.display(),
+                e.path().display()
+            );
+        }
+    }
+    exe
+}
+
+/// A real `fleet-agent run` child process on a free loopback port. Dropping it kills it
+/// (SIGKILL), as does [`AgentProcess::kill`].
+pub struct AgentProcess {
+    child: std::process::Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+/// How to start an [`AgentProcess`].
+pub struct AgentOptions<'a> {
+    pub data_dir: &'a Path,
+    /// `(device id, broker URL)`; `None`: the agent serves offline.
+    pub link: Option<(&'a str, &'a str)>,
+    /// The `agent.toml` given with `--config` (data dir, keyring, listen and link come as flags).
+    pub config: &'a str,
+    /// Extra environment (e.g. `MODELFLEET_CRASH_AT`).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl World {
+    /// The server's public command key as a `server.pub` file (devices get it as `--server-key`).
+    pub fn server_pub_file(&self) -> PathBuf {
+        let path = self.path("keys/server.pub");
+        if !path.exists() {
+            std::fs::write(&path, format!("{}\n", self.server_key.to_line())).unwrap();
+        }
+        path
+    }
+
+    /// Starts `fleet-agent run` and waits until its HTTP API answers. Its standard error goes to
+    /// a log file in the world's directory (named in [`AgentProcess::log`]).
+    pub fn spawn_agent(&self, opts: &AgentOptions<'_>) -> AgentProcess {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = modelfleet::harness::free_port();
+        let config = self.path(&format!("agent-{n}.toml"));
+        std::fs::write(&config, opts.config).unwrap();
+        let log = self.path(&format!("agent-{n}.log"));
+        let mut cmd = std::process::Command::new(agent_exe());
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(opts.data_dir)
+            .arg("--keyring")
+            .arg(&self.keyring_file)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--config")
+            .arg(&config)
+            .args(["--workers", "1"]);
+        if let Some((id, broker)) = opts.link {
+            cmd.args(["--broker", broker, "--device-id", id])
+                .arg("--server-key")
+                .arg(self.server_pub_file());
+        }
+        for (k, v) in opts.env {
+            cmd.env(k, v);
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("fleet-agent starts");
+        let mut agent = AgentProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        wait_until("the agent's HTTP API", Duration::from_secs(120), || {
+            if let Some(status) = agent.exited() {
+                panic!(
+                    "the agent exited ({status}) at start:\n{}",
+                    agent.log_text()
+                );
+            }
+            ureq::get(&format!("{}/v2/health/live", agent.url))
+                .call()
+                .ok()
+                .map(|_| ())
+        })
+        .unwrap();
+        agent
+    }
+}
+
+impl AgentProcess {
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The exit status, if the process has ended (e.g. at a `MODELFLEET_CRASH_AT` point).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET {url}{path}` as JSON; `None` if it fails.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        ureq::get(&format!("{}{path}", self.url))
+            .timeout(Duration::from_secs(30))
+            .call()
+            .ok()?
+            .into_json()
+            .ok()
+    }
+
+    /// `/admin/v1/status`'s entry for `model` (active, previous, state, …).
+    pub fn model_status(&self, model: &str) -> Option<Value> {
+        let status = self.get("/admin/v1/status")?;
+        status["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["name"] == model)
+            .cloned()
+    }
+
+    /// The `/metrics` page.
+    pub fn metrics_text(&self) -> Option<String> {
+        ureq::get(&format!("{}/metrics", self.url))
+            .timeout(Duration::from_secs(30))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()
+    }
+
+    /// `POST {url}{path}` with `body`: the status and the JSON answer, whatever the status.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let r = ureq::post(&format!("{}{path}", self.url))
+            .timeout(Duration::from_secs(300))
+            .set("Content-Type", content_type)
+            .send_bytes(body);
+        match r {
+            Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    /// Every event in the agent's log (`/admin/v1/events`).
+    pub fn events(&self) -> Vec<Value> {
+        let v = self.get("/admin/v1/events?limit=1000").expect("events");
+        v["events"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -97,7 +97,7 @@ impl Rollouts {
             name: bundle.name.clone(),
             version: bundle.version.clone(),
             size: bundle.size,
-            chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
+            chunk_size: self.fleet.chunk_size,
             http_url: None,
         };
         let rollout = Rollout::new(id, spec, bundle_ref, actor.to_string(), Utc::now());
