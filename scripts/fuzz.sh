@@ -86,6 +86,8 @@ extra_seeds=""
 if printf '%s\n' "${targets[@]}" | grep -qx bundle_reader; then
     extra_seeds="$(real_bundle_seeds)"
 fi
+# The fuzz crate builds into fuzz/target, whatever the workspace's target directory is.
+unset CARGO_TARGET_DIR
 
 run_one() {
     local t="$1"

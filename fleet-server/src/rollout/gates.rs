@@ -200,7 +200,8 @@ pub fn judge(canary: &CohortFigures, control: Option<&CohortFigures>, gates: &Ga
         ),
         count_gate("reverts", canary.reverts, gates.max_reverts),
     ];
-    let enough = |f: &CohortFigures| f.requests >= gates.min_requests_per_cohort;
+    // At least one request even when a spec sets the minimum to 0: the comparison divides by it.
+    let enough = |f: &CohortFigures| f.requests >= gates.min_requests_per_cohort.max(1);
     match control {
         Some(control) if enough(canary) && enough(control) => {
             results.extend(compare(canary, control, gates))
@@ -540,5 +541,18 @@ mod tests {
         let j = judge(&canary, Some(&control), &Gates::default());
         assert_eq!(j.verdict, Verdict::Fail, "{}", j.summary());
         judge(&canary, Some(&canary), &Gates::default());
+    }
+
+    /// Found while writing the telemetry fuzz target: a spec with `min_requests_per_cohort: 0`
+    /// (which `validate` lets through) made `judge` panic on two cohorts without requests.
+    #[test]
+    fn a_zero_request_minimum_does_not_compare_empty_cohorts() {
+        let gates = Gates {
+            min_requests_per_cohort: 0,
+            ..Gates::default()
+        };
+        let empty = CohortFigures::default();
+        let j = judge(&empty, Some(&empty), &gates);
+        assert_eq!(j.verdict, Verdict::Inconclusive, "{}", j.summary());
     }
 }
