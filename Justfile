@@ -20,10 +20,10 @@ bench:
     target/release/examples/bundle_bench
     target/release/examples/serve_bench
 
-# Fuzz the bundle reader and the manifest parser for a fixed budget (needs nightly + cargo-fuzz).
-fuzz seconds="300":
-    cd fuzz && cargo +nightly fuzz run bundle_reader corpus/bundle_reader -- -max_total_time={{seconds}}
-    cd fuzz && cargo +nightly fuzz run manifest_parser corpus/manifest_parser -- -max_total_time={{seconds}}
+# Every fuzz target (bundle reader, manifest, MQTT payloads of both sides, OIP requests) for a
+# fixed budget each; prints executions per target (needs nightly + cargo-fuzz; fuzz/README.md).
+fuzz seconds="60" *targets="":
+    scripts/fuzz.sh {{seconds}} {{targets}}
 
 # Release agents for the ARM targets (linkers and qemu runners come from .cargo/config.toml;
 # needs gcc-aarch64-linux-gnu / gcc-arm-linux-gnueabihf and `rustup target add`, see docs/targets.md).

@@ -166,19 +166,25 @@ impl Fleet {
     }
 
     fn on_telemetry(&self, device: &str, payload: &[u8]) -> Result<(), IngestError> {
-        if payload.len() > MAX_TELEMETRY_MESSAGE {
-            return Err(IngestError::TelemetryTooLarge(payload.len()));
-        }
-        let record: TelemetryRecord =
-            serde_json::from_slice(payload).map_err(IngestError::Telemetry)?;
-        let schema = match &record {
-            TelemetryRecord::Window(w) => w.schema,
-            TelemetryRecord::Sample(s) => s.schema,
-        };
-        if schema != TELEMETRY_SCHEMA {
-            return Err(IngestError::TelemetrySchema(schema));
-        }
+        let record = decode_telemetry(payload)?;
         self.telemetry.record(device, record);
         Ok(())
     }
+}
+
+/// Parses a telemetry message, refusing oversize input and unknown schemas.
+pub fn decode_telemetry(payload: &[u8]) -> Result<TelemetryRecord, IngestError> {
+    if payload.len() > MAX_TELEMETRY_MESSAGE {
+        return Err(IngestError::TelemetryTooLarge(payload.len()));
+    }
+    let record: TelemetryRecord =
+        serde_json::from_slice(payload).map_err(IngestError::Telemetry)?;
+    let schema = match &record {
+        TelemetryRecord::Window(w) => w.schema,
+        TelemetryRecord::Sample(s) => s.schema,
+    };
+    if schema != TELEMETRY_SCHEMA {
+        return Err(IngestError::TelemetrySchema(schema));
+    }
+    Ok(record)
 }

@@ -1,34 +1,20 @@
-//! Arbitrary bytes into the verifying bundle reader, with a fixed keyring.
+//! Arbitrary bytes into the verifying bundle reader, with a keyring that trusts the fuzz key.
 //!
 //! The reader must never panic, never allocate beyond the declared and limited sizes, and
-//! accept nothing but an intact bundle signed by the fixed key. The seed corpus
+//! accept nothing but an intact bundle signed by the fuzz key. The seed corpus
 //! (`corpus/bundle_reader/`) holds a tiny valid bundle signed by that key, written by the
-//! bundler test `fuzz_seed` — without it the fuzzer could not get past the signature check.
+//! bundler test `fuzz_seed` (and `scripts/fuzz.sh` adds real model bundles signed by it) —
+//! without them the fuzzer could not get past the signature check.
 #![no_main]
 
-use std::sync::OnceLock;
-
+use fuzz_support::{fuzz_now, keyring};
 use libfuzzer_sys::fuzz_target;
 use protocol::bundle::{read_bundle, DiscardSink, Limits, VerifyOptions};
-use protocol::keys::{Keyring, SecretKey};
-
-/// The fuzzing key. Public on purpose: it signs nothing but the seed corpus.
-/// Keep in sync with `bundler/tests/fuzz_seed.rs`.
-const FUZZ_SECRET_KEY: &str =
-    "ed25519-secret 6d6f64656c666c6565742066757a7a696e67206b6579206e6f74207365637265";
-
-fn keyring() -> &'static Keyring {
-    static KEYRING: OnceLock<Keyring> = OnceLock::new();
-    KEYRING.get_or_init(|| {
-        let key = SecretKey::from_file_text(FUZZ_SECRET_KEY).expect("fuzz key parses");
-        Keyring::new([key.public()])
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut opts = VerifyOptions::new(keyring());
     // A fixed clock keeps runs reproducible; the seed never expires.
-    opts.now = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("valid time");
+    opts.now = fuzz_now();
     opts.limits = Limits {
         max_manifest_bytes: 1 << 20,
         max_signature_bytes: 16 << 10,

@@ -66,8 +66,9 @@ impl Histogram {
         self.counts[i] += 1;
     }
 
+    /// All counts (saturating: a histogram received from a device may hold any counts).
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        saturating_sum(&self.counts)
     }
 
     /// Adds the counts of `other`; fails when the bins differ.
@@ -76,7 +77,7 @@ impl Histogram {
             return Err(BinsDiffer);
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         Ok(())
     }
@@ -118,12 +119,18 @@ impl Histogram {
 #[error("histograms have different bins")]
 pub struct BinsDiffer;
 
+/// The sum of `counts`, saturating at `u64::MAX`: counts that come from devices (telemetry
+/// windows) may be anything, and a sum must neither panic (debug) nor wrap (release).
+pub fn saturating_sum(counts: &[u64]) -> u64 {
+    counts.iter().fold(0, |a, &c| a.saturating_add(c))
+}
+
 /// Population stability index between an expected and an actual distribution given as counts over
 /// the same categories. Each proportion is floored at `1e-4` so empty bins do not give infinity.
 /// Rules of thumb: < 0.1 no shift, 0.1–0.25 moderate, > 0.25 large.
 pub fn psi(expected: &[u64], actual: &[u64]) -> f64 {
-    let te: u64 = expected.iter().sum();
-    let ta: u64 = actual.iter().sum();
+    let te = saturating_sum(expected);
+    let ta = saturating_sum(actual);
     if te == 0 || ta == 0 || expected.len() != actual.len() {
         return 0.0;
     }
@@ -348,5 +355,23 @@ mod tests {
         assert_eq!(m.mean, 5.0);
         assert_eq!(m.std(), 2.0);
         assert_eq!((m.min, m.max), (2.0, 9.0));
+    }
+
+    /// Device-sent counts near `u64::MAX` (fuzzing, `fuzz/fuzz_targets/telemetry.rs`): sums
+    /// saturate instead of panicking (debug) or wrapping (release).
+    #[test]
+    fn sums_of_huge_counts_saturate() {
+        let max = u64::MAX;
+        assert_eq!(saturating_sum(&[max, 1, max]), max);
+        let mut h = Histogram {
+            lo: 0.0,
+            hi: 1.0,
+            counts: vec![max, max, 0],
+        };
+        assert_eq!(h.total(), max);
+        h.merge(&h.clone()).unwrap();
+        assert_eq!(h.counts, vec![max, max, 0]);
+        assert!(h.quantile(0.5).is_some());
+        assert!(psi(&[max, max], &[1, max]).is_finite());
     }
 }

@@ -1,6 +1,28 @@
 //! Small valid values for tests and examples of the crates that build on the protocol.
 
+use chrono::{DateTime, Utc};
+
+use crate::keys::SecretKey;
 use crate::manifest::*;
+
+/// The key that signs the fuzz seed corpora (`fuzz/corpus/`) and that the fuzz targets trust:
+/// without a trusted signature the fuzzer could not get past the signature checks. Public on
+/// purpose: it signs nothing else and no keyring outside tests lists it.
+pub const FUZZ_SECRET_KEY: &str =
+    "ed25519-secret 6d6f64656c666c6565742066757a7a696e67206b6579206e6f74207365637265";
+
+/// The device id of the fuzz targets and their seeds.
+pub const FUZZ_DEVICE: &str = "fuzz-device";
+
+/// [`FUZZ_SECRET_KEY`], parsed.
+pub fn fuzz_key() -> SecretKey {
+    SecretKey::from_file_text(FUZZ_SECRET_KEY).expect("the fuzz key parses")
+}
+
+/// The fixed clock of the fuzz targets and their seeds (2027-01-15), so runs are reproducible.
+pub fn fuzz_now() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).expect("valid time")
+}
 
 /// A minimal valid manifest for a one-input, ten-class model with payloads `model.onnx` and
 /// `golden.bin` (their entries are filled in by `write_bundle`).

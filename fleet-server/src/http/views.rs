@@ -28,6 +28,7 @@ use crate::fleet::FleetError;
 use crate::rollout::engine::{DeviceState, Rollout};
 use crate::rollout::gates::CohortFigures;
 use crate::store::{BundleRecord, EventFilter};
+use protocol::stats::saturating_sum;
 
 /// `GET /api/v1/whoami`: the token's name and role (the dashboard hides actions from viewers).
 pub async fn whoami(Extension(caller): Extension<Caller>) -> ApiResult<Json<Value>> {
@@ -186,7 +187,7 @@ fn class_psi(canary: &CohortFigures, control: &CohortFigures) -> Option<f64> {
         v
     };
     let (a, b) = (pad(&control.class_counts), pad(&canary.class_counts));
-    (a.iter().sum::<u64>() > 0 && b.iter().sum::<u64>() > 0).then(|| protocol::stats::psi(&a, &b))
+    (saturating_sum(&a) > 0 && saturating_sum(&b) > 0).then(|| protocol::stats::psi(&a, &b))
 }
 
 /// The series of one rollout at `now`.

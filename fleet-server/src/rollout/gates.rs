@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use protocol::stats::{proportion_excess, psi, Histogram};
+use protocol::stats::{proportion_excess, psi, saturating_sum, Histogram};
 use protocol::telemetry::WindowRecord;
 
 /// Thresholds of the gates. Every field has a default, so `{}` is a valid value.
@@ -97,10 +97,13 @@ pub struct CohortFigures {
 }
 
 impl CohortFigures {
-    /// Adds one device's telemetry window.
+    /// Adds one device's telemetry window. Every count in it is the device's word, so sums
+    /// saturate rather than overflow (a debug build would panic, a release build wrap).
     pub fn add_window(&mut self, w: &WindowRecord) {
-        self.requests += w.requests;
-        self.errors += w.errors + w.non_finite;
+        self.requests = self.requests.saturating_add(w.requests);
+        self.errors = self
+            .errors
+            .saturating_add(w.errors.saturating_add(w.non_finite));
         match &mut self.latency_log10_us {
             Some(h) if h.same_bins(&w.latency.log10_us) => {
                 let _ = h.merge(&w.latency.log10_us);
@@ -109,16 +112,16 @@ impl CohortFigures {
             None => self.latency_log10_us = Some(w.latency.log10_us.clone()),
         }
         if let Some(c) = &w.classification {
-            let answered = c.class_counts.iter().sum::<u64>();
+            let answered = saturating_sum(&c.class_counts);
             if let Some(mean) = c.mean_confidence {
                 self.confidence_sum += mean * answered as f64;
-                self.confidence_requests += answered;
+                self.confidence_requests = self.confidence_requests.saturating_add(answered);
             }
             if self.class_counts.len() < c.class_counts.len() {
                 self.class_counts.resize(c.class_counts.len(), 0);
             }
             for (sum, n) in self.class_counts.iter_mut().zip(&c.class_counts) {
-                *sum += n;
+                *sum = sum.saturating_add(*n);
             }
         }
     }
@@ -197,7 +200,8 @@ pub fn judge(canary: &CohortFigures, control: Option<&CohortFigures>, gates: &Ga
         ),
         count_gate("reverts", canary.reverts, gates.max_reverts),
     ];
-    let enough = |f: &CohortFigures| f.requests >= gates.min_requests_per_cohort;
+    // At least one request even when a spec sets the minimum to 0: the comparison divides by it.
+    let enough = |f: &CohortFigures| f.requests >= gates.min_requests_per_cohort.max(1);
     match control {
         Some(control) if enough(canary) && enough(control) => {
             results.extend(compare(canary, control, gates))
@@ -506,5 +510,49 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("max_p95_latency_ratio"));
+    }
+
+    /// Fuzzing finding (`fuzz/fuzz_targets/telemetry.rs`): a device's window with counts near
+    /// `u64::MAX`, added to a cohort twice, overflowed `requests` (a panic in debug builds, a
+    /// wrapped count that could pass a failing canary in release builds).
+    #[test]
+    fn windows_with_huge_counts_saturate_instead_of_overflowing() {
+        let max = u64::MAX;
+        let payload = format!(
+            r#"{{"type":"window","schema":1,"model":"m","version":"1","start":"2027-01-15T08:00:00Z",
+            "end":"2027-01-15T08:00:10Z","state":"trial","requests":{max},"errors":{max},
+            "non_finite":{max},"latency":{{"log10_us":{{"lo":1.0,"hi":6.0,"counts":[0,{max},{max}]}},
+            "mean_ms":null,"p50_ms":null,"p95_ms":null,"p99_ms":null}},
+            "classification":{{"class_counts":[{max},{max}],"confidence":{{"lo":0.0,"hi":1.0,
+            "counts":[0,{max},0]}},"mean_confidence":0.9,"prediction_psi_baseline":null}},
+            "input_psi":{{}},"samples_over_budget":0,"outbox_dropped_total":0}}"#
+        );
+        let record = crate::ingest::decode_telemetry(payload.as_bytes()).unwrap();
+        let protocol::telemetry::TelemetryRecord::Window(w) = record else {
+            panic!("a window")
+        };
+        let mut canary = CohortFigures::default();
+        canary.add_window(&w);
+        canary.add_window(&w);
+        assert_eq!((canary.requests, canary.errors), (max, max));
+        assert_eq!(canary.class_counts, vec![max, max]);
+        assert_eq!(canary.latency_log10_us.as_ref().unwrap().total(), max);
+        let control = cohort(1000, 0, 2.0, 0.9, &[500, 500]);
+        let j = judge(&canary, Some(&control), &Gates::default());
+        assert_eq!(j.verdict, Verdict::Fail, "{}", j.summary());
+        judge(&canary, Some(&canary), &Gates::default());
+    }
+
+    /// Found while writing the telemetry fuzz target: a spec with `min_requests_per_cohort: 0`
+    /// (which `validate` lets through) made `judge` panic on two cohorts without requests.
+    #[test]
+    fn a_zero_request_minimum_does_not_compare_empty_cohorts() {
+        let gates = Gates {
+            min_requests_per_cohort: 0,
+            ..Gates::default()
+        };
+        let empty = CohortFigures::default();
+        let j = judge(&empty, Some(&empty), &gates);
+        assert_eq!(j.verdict, Verdict::Inconclusive, "{}", j.summary());
     }
 }
