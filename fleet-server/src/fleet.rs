@@ -145,6 +145,14 @@ impl DeviceQuery {
 
 /// The server's state: store, bundle files, telemetry, metrics, and the MQTT client that
 /// carries commands and chunks.
+/// A command checked and numbered, with its `command_sent` event, waiting for
+/// [`Fleet::send_prepared`].
+#[derive(Debug)]
+pub struct PreparedCommand {
+    command: Command,
+    event: Event,
+}
+
 pub struct Fleet {
     pub store: Store,
     pub files: BundleFiles,
@@ -468,6 +476,21 @@ impl Fleet {
         rollout_id: Option<&str>,
         actor: &str,
     ) -> Result<String, FleetError> {
+        let prepared = self.prepare_command(device_id, action, rollout_id, actor)?;
+        self.send_prepared(vec![prepared])
+            .await?
+            .pop()
+            .expect("one result per command")
+    }
+
+    /// Numbers and describes a command to a known device, without recording or sending it.
+    fn prepare_command(
+        &self,
+        device_id: &str,
+        action: Action,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<PreparedCommand, FleetError> {
         if self.store.device(device_id)?.is_none() {
             return Err(FleetError::NotFound {
                 what: "device",
@@ -500,24 +523,42 @@ impl Fleet {
         if let Some(m) = &model {
             event = event.model(m, version.as_deref());
         }
-        // Recorded before it is sent: an audit log may name a command a device never got, but
-        // never miss one it got.
-        self.store.append(vec![event])?;
-        let publish = self.mqtt.publish(
-            self.topics.device(device_id, Channel::Commands),
-            QoS::AtLeastOnce,
-            false,
-            SignedCommand::sign(&command, &self.server_key).encode(),
-        );
-        // The request queue only fills when the broker has been unreachable for a while.
-        tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
-            .await
-            .map_err(|_| {
-                FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
-            })?
-            .map_err(|e| FleetError::Mqtt(e.to_string()))?;
-        self.metrics.commands_sent.fetch_add(1, Relaxed);
-        Ok(command.command_id)
+        Ok(PreparedCommand { command, event })
+    }
+
+    /// Records the `command_sent` events of `commands` in one transaction, then publishes each
+    /// with QoS 1: a rollout stage of 10,000 devices is one commit, not 10,000. Returns each
+    /// command's id or why it did not go out, in order; `Err` if nothing could be recorded.
+    pub async fn send_prepared(
+        &self,
+        commands: Vec<PreparedCommand>,
+    ) -> Result<Vec<Result<String, FleetError>>, FleetError> {
+        // Recorded before they are sent: an audit log may name a command a device never got,
+        // but never miss one it got.
+        let (commands, events): (Vec<Command>, Vec<Event>) =
+            commands.into_iter().map(|p| (p.command, p.event)).unzip();
+        self.store.append(events)?;
+        let mut results = Vec::with_capacity(commands.len());
+        for command in commands {
+            let publish = self.mqtt.publish(
+                self.topics.device(&command.device_id, Channel::Commands),
+                QoS::AtLeastOnce,
+                false,
+                SignedCommand::sign(&command, &self.server_key).encode(),
+            );
+            // The request queue only fills when the broker has been unreachable for a while.
+            let sent = tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
+                .await
+                .map_err(|_| {
+                    FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
+                })
+                .and_then(|r| r.map_err(|e| FleetError::Mqtt(e.to_string())));
+            results.push(sent.map(|()| {
+                self.metrics.commands_sent.fetch_add(1, Relaxed);
+                command.command_id
+            }));
+        }
+        Ok(results)
     }
 
     /// Tells a device to fetch, install and activate bundle `bundle_id`.
@@ -528,6 +569,22 @@ impl Fleet {
         rollout_id: Option<&str>,
         actor: &str,
     ) -> Result<String, FleetError> {
+        let prepared = self.prepare_stage(device_id, bundle_id, rollout_id, actor)?;
+        self.send_prepared(vec![prepared])
+            .await?
+            .pop()
+            .expect("one result per command")
+    }
+
+    /// The checks of [`Fleet::stage`] and its command, not yet recorded or sent
+    /// ([`Fleet::send_prepared`]).
+    pub fn prepare_stage(
+        &self,
+        device_id: &str,
+        bundle_id: &str,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<PreparedCommand, FleetError> {
         let b = self.bundle(bundle_id)?;
         let keyring = self.keyring.current();
         let trusted = b.signed_by.iter().any(|id| {
@@ -555,8 +612,7 @@ impl Fleet {
             size: b.size,
             chunk_size: self.chunk_size,
         };
-        self.send_command(device_id, Action::Stage { bundle }, rollout_id, actor)
-            .await
+        self.prepare_command(device_id, Action::Stage { bundle }, rollout_id, actor)
     }
 
     /// Refuses (409, with a `stage_refused` event) a bundle whose manifest lists targets that do
@@ -610,12 +666,27 @@ impl Fleet {
         rollout_id: Option<&str>,
         actor: &str,
     ) -> Result<String, FleetError> {
+        let prepared = self.prepare_revert(device_id, model, version, rollout_id, actor)?;
+        self.send_prepared(vec![prepared])
+            .await?
+            .pop()
+            .expect("one result per command")
+    }
+
+    /// The command of [`Fleet::revert`], not yet recorded or sent ([`Fleet::send_prepared`]).
+    pub fn prepare_revert(
+        &self,
+        device_id: &str,
+        model: &str,
+        version: Option<&str>,
+        rollout_id: Option<&str>,
+        actor: &str,
+    ) -> Result<PreparedCommand, FleetError> {
         let action = Action::Revert {
             model: model.to_string(),
             version: version.map(str::to_string),
         };
-        self.send_command(device_id, action, rollout_id, actor)
-            .await
+        self.prepare_command(device_id, action, rollout_id, actor)
     }
 
     // ---- keyring ----

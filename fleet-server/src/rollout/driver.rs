@@ -167,9 +167,7 @@ impl Rollouts {
             let snapshot = r.clone();
             let orders = engine::step(&mut r, &obs);
             let actor = format!("rollout:{}", r.id);
-            for order in orders {
-                self.carry_out(&mut r, &order, &actor).await;
-            }
+            self.carry_out(&mut r, &orders, &actor).await;
             if r != snapshot {
                 let events = decision_events(&r, before, &actor);
                 self.fleet.store.put_rollout(&r, events)?;
@@ -192,28 +190,62 @@ impl Rollouts {
         })
     }
 
-    async fn carry_out(&self, r: &mut Rollout, order: &Order, actor: &str) {
-        let result = match order {
-            Order::Stage { device_id } => self
-                .fleet
-                .stage(device_id, &r.bundle.bundle_id, Some(&r.id), actor)
-                .await
-                .map(|command_id| {
+    /// Sends the orders of one step: their `command_sent` events in one commit, then the
+    /// commands.
+    async fn carry_out(&self, r: &mut Rollout, orders: &[Order], actor: &str) {
+        let mut ready = Vec::with_capacity(orders.len());
+        let mut commands = Vec::with_capacity(orders.len());
+        for order in orders {
+            let prepared = match order {
+                Order::Stage { device_id } => {
+                    self.fleet
+                        .prepare_stage(device_id, &r.bundle.bundle_id, Some(&r.id), actor)
+                }
+                Order::Revert { device_id } => self.fleet.prepare_revert(
+                    device_id,
+                    r.model(),
+                    Some(r.version()),
+                    Some(&r.id),
+                    actor,
+                ),
+            };
+            match prepared {
+                Ok(p) => {
+                    ready.push(order);
+                    commands.push(p);
+                }
+                Err(e) => Self::order_failed(r, order, &e),
+            }
+        }
+        if commands.is_empty() {
+            return;
+        }
+        let results = match self.fleet.send_prepared(commands).await {
+            Ok(results) => results,
+            Err(e) => {
+                for order in ready {
+                    Self::order_failed(r, order, &e);
+                }
+                return;
+            }
+        };
+        for (order, result) in ready.into_iter().zip(results) {
+            match (order, result) {
+                (Order::Stage { device_id }, Ok(command_id)) => {
                     if let Some(p) = r.devices.get_mut(device_id) {
                         p.command_id = Some(command_id);
                     }
-                }),
-            Order::Revert { device_id } => self
-                .fleet
-                .revert(device_id, r.model(), Some(r.version()), Some(&r.id), actor)
-                .await
-                .map(|_| ()),
-        };
-        if let Err(e) = result {
-            // The engine re-issues what matters: a revert is repeated, a stage that never
-            // went out leaves the device `staged` until `install_timeout_seconds` fails it.
-            tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
+                }
+                (Order::Revert { .. }, Ok(_)) => {}
+                (order, Err(e)) => Self::order_failed(r, order, &e),
+            }
         }
+    }
+
+    /// The engine re-issues what matters: a revert is repeated, a stage that never went out
+    /// leaves the device `staged` until `install_timeout_seconds` fails it.
+    fn order_failed(r: &Rollout, order: &Order, e: &FleetError) {
+        tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
     }
 
     fn devices(&self) -> Result<Vec<DeviceView>, FleetError> {
