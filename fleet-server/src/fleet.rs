@@ -477,10 +477,7 @@ impl Fleet {
         actor: &str,
     ) -> Result<String, FleetError> {
         let prepared = self.prepare_command(device_id, action, rollout_id, actor)?;
-        self.send_prepared(vec![prepared])
-            .await?
-            .pop()
-            .expect("one result per command")
+        self.send_one(prepared).await
     }
 
     /// Numbers and describes a command to a known device, without recording or sending it.
@@ -524,6 +521,13 @@ impl Fleet {
             event = event.model(m, version.as_deref());
         }
         Ok(PreparedCommand { command, event })
+    }
+
+    async fn send_one(&self, prepared: PreparedCommand) -> Result<String, FleetError> {
+        self.send_prepared(vec![prepared])
+            .await?
+            .pop()
+            .expect("one result per command")
     }
 
     /// Records the `command_sent` events of `commands` in one transaction, then publishes each
@@ -570,10 +574,7 @@ impl Fleet {
         actor: &str,
     ) -> Result<String, FleetError> {
         let prepared = self.prepare_stage(device_id, bundle_id, rollout_id, actor)?;
-        self.send_prepared(vec![prepared])
-            .await?
-            .pop()
-            .expect("one result per command")
+        self.send_one(prepared).await
     }
 
     /// The checks of [`Fleet::stage`] and its command, not yet recorded or sent
@@ -667,10 +668,7 @@ impl Fleet {
         actor: &str,
     ) -> Result<String, FleetError> {
         let prepared = self.prepare_revert(device_id, model, version, rollout_id, actor)?;
-        self.send_prepared(vec![prepared])
-            .await?
-            .pop()
-            .expect("one result per command")
+        self.send_one(prepared).await
     }
 
     /// The command of [`Fleet::revert`], not yet recorded or sent ([`Fleet::send_prepared`]).
