@@ -227,19 +227,8 @@ fn killed_during_transfer_install_activation_and_trial() {
     let total_chunks = (v2_bytes.len() as u64).div_ceil(world.chunk_size as u64);
     eprintln!("v2: {} bytes, {total_chunks} chunks", v2_bytes.len());
     let data = world.path("device");
-    let offline = world.spawn_agent(&AgentOptions {
-        data_dir: &data,
-        link: None,
-        config: AGENT_TOML,
-        env: &[],
-    });
-    let (status, body) = offline.post(
-        "/admin/v1/bundles",
-        "application/octet-stream",
-        &std::fs::read(&v1).unwrap(),
-    );
+    let (status, body) = install(&offline_agent(&world, &data, AGENT_TOML), &v1);
     assert_eq!(status, 201, "{body}");
-    drop(offline);
     let v2_id = world.upload(&v2);
     let probes = Probe::all(model);
 
@@ -526,19 +515,8 @@ fn disk_full_during_install_is_refused_and_the_old_model_keeps_serving() {
     let data = world.path("device");
     let disk = Tmpfs::mount(&data, 160 << 20);
 
-    let offline = world.spawn_agent(&AgentOptions {
-        data_dir: &data,
-        link: None,
-        config: AGENT_TOML,
-        env: &[],
-    });
-    let (status, body) = offline.post(
-        "/admin/v1/bundles",
-        "application/octet-stream",
-        &std::fs::read(&v1).unwrap(),
-    );
+    let (status, body) = install(&offline_agent(&world, &data, AGENT_TOML), &v1);
     assert_eq!(status, 201, "{body}");
-    drop(offline);
     let slot_bytes: u64 = std::fs::read_dir(data.join("slots").join(model))
         .unwrap()
         .flat_map(|slot| std::fs::read_dir(slot.unwrap().path()).unwrap())

@@ -102,19 +102,9 @@ impl Outbox {
             {
                 let mut table = tx.open_table(RECORDS)?;
                 let mut meta = tx.open_table(META)?;
-                let get = |m: &redb::Table<&str, u64>, k: &str| -> Result<u64, StoreError> {
-                    Ok(m.get(k)?.map(|v| v.value()).unwrap_or(0))
-                };
-                let mut next = get(&meta, "next_id")?.max(1);
-                let mut bytes = get(&meta, "bytes")?;
-                for r in &records {
-                    table.insert(next, r.json.as_slice())?;
-                    bytes += r.json.len() as u64;
-                    next += 1;
-                }
-                let dropped = get(&meta, "dropped")? + legacy_dropped;
-                meta.insert("next_id", next)?;
-                meta.insert("bytes", bytes)?;
+                let json: Vec<Vec<u8>> = records.iter().map(|r| r.json.clone()).collect();
+                append(&mut table, &mut meta, &json)?;
+                let dropped = meta_value(&meta, "dropped")? + legacy_dropped;
                 meta.insert("dropped", dropped)?;
                 meta.insert(done_key, 1)?;
             }
@@ -128,9 +118,7 @@ impl Outbox {
 
     fn meta(&self, key: &str) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
-        let meta = tx.open_table(META)?;
-        let v = meta.get(key)?.map(|v| v.value()).unwrap_or(0);
-        Ok(v)
+        meta_value(&tx.open_table(META)?, key)
     }
 
     /// Appends `records` (one transaction); drops the oldest beyond the caps. Returns how many
@@ -144,17 +132,11 @@ impl Outbox {
         {
             let mut table = tx.open_table(RECORDS)?;
             let mut meta = tx.open_table(META)?;
-            let get = |m: &redb::Table<&str, u64>, k: &str| -> Result<u64, StoreError> {
-                Ok(m.get(k)?.map(|v| v.value()).unwrap_or(0))
-            };
-            let mut next = get(&meta, "next_id")?.max(1);
-            let mut bytes = get(&meta, "bytes")?;
-            for r in records {
-                let json = serde_json::to_vec(r).expect("telemetry serialises");
-                bytes += json.len() as u64;
-                table.insert(next, json.as_slice())?;
-                next += 1;
-            }
+            let json: Vec<Vec<u8>> = records
+                .iter()
+                .map(|r| serde_json::to_vec(r).expect("telemetry serialises"))
+                .collect();
+            let mut bytes = append(&mut table, &mut meta, &json)?;
             let mut count = table.len()?;
             let mut gone = 0;
             while count > self.limits.max_records || bytes > self.limits.max_bytes {
@@ -166,8 +148,7 @@ impl Outbox {
                 gone += 1;
             }
             dropped = gone;
-            let total = get(&meta, "dropped")? + gone;
-            meta.insert("next_id", next)?;
+            let total = meta_value(&meta, "dropped")? + gone;
             meta.insert("bytes", bytes)?;
             meta.insert("dropped", total)?;
         }
@@ -212,7 +193,7 @@ impl Outbox {
         {
             let mut table = tx.open_table(RECORDS)?;
             let mut meta = tx.open_table(META)?;
-            let mut bytes = meta.get("bytes")?.map(|v| v.value()).unwrap_or(0);
+            let mut bytes = meta_value(&meta, "bytes")?;
             for id in ids {
                 if let Some(v) = table.remove(id)? {
                     bytes = bytes.saturating_sub(v.value().len() as u64);
@@ -238,6 +219,29 @@ impl Outbox {
     pub fn dropped(&self) -> Result<u64, StoreError> {
         self.meta("dropped")
     }
+}
+
+/// Appends `records` (JSON) at the next ids; stores the new `next_id` and `bytes` and returns
+/// the bytes now held.
+fn append(
+    table: &mut redb::Table<u64, &[u8]>,
+    meta: &mut redb::Table<&str, u64>,
+    records: &[Vec<u8>],
+) -> Result<u64, StoreError> {
+    let mut next = meta_value(meta, "next_id")?.max(1);
+    let mut bytes = meta_value(meta, "bytes")?;
+    for json in records {
+        table.insert(next, json.as_slice())?;
+        bytes += json.len() as u64;
+        next += 1;
+    }
+    meta.insert("next_id", next)?;
+    meta.insert("bytes", bytes)?;
+    Ok(bytes)
+}
+
+fn meta_value(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
+    Ok(meta.get(key)?.map(|v| v.value()).unwrap_or(0))
 }
 
 #[cfg(test)]
