@@ -648,10 +648,12 @@ fn role_sim(args: &[String]) -> Result<()> {
     config.id_prefix = prefix.clone();
     config.rps = rps.parse()?;
     config.agent.telemetry_window = Duration::from_secs(telemetry.parse()?);
-    // Every simulated device has its own watch thread; at the default 100 ms tick, thousands of
-    // them waking ten times a second saturate two cores (load above 1,000 at 7,500 devices).
-    // Trials are judged once a second instead.
+    // Thousands of devices each looking at their trials and their link ten times a second (the
+    // defaults) saturate two cores (load above 1,000 at 7,500 devices): once a second here.
     config.agent.watch_tick = Duration::from_secs(1);
+    let mut link = agent::link::LinkConfig::new(broker.as_str(), "");
+    link.tick = Duration::from_secs(1);
+    config.link = Some(link);
     config.server_key = Some(server_key);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

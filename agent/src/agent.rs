@@ -65,6 +65,9 @@ pub struct AgentConfig {
     /// one pool of `cores` threads instead of `workers` threads per device). `None`: this agent
     /// starts its own pool of `workers` threads and `queue_limit` places.
     pub share_pool: Option<Arc<InferencePool>>,
+    /// Wake this shared watch on a failed request (a simulated fleet: one watch thread for every
+    /// device, [`crate::watch::spawn_shared`]). `None`: this agent has its own.
+    pub share_wake: Option<Arc<health::Wake>>,
 }
 
 impl AgentConfig {
@@ -89,6 +92,7 @@ impl AgentConfig {
             outbox: OutboxLimits::default(),
             share_models: None,
             share_pool: None,
+            share_wake: None,
         }
     }
 }
@@ -218,7 +222,7 @@ impl Agent {
         };
         let outbox = Outbox::in_database(store.shared_database(), config.outbox)?;
         outbox.adopt_legacy(&config.data_dir.join("outbox.redb"))?;
-        let wake: Arc<health::Wake> = Arc::default();
+        let wake: Arc<health::Wake> = config.share_wake.clone().unwrap_or_default();
         let health_options = HealthOptions {
             enabled: config.health_watch,
             wake: Some(wake.clone()),

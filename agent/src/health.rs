@@ -302,7 +302,7 @@ fn id_hash(id: &str) -> u64 {
 }
 
 /// Wakes the watch before its tick: a failed request is evidence worth judging at once.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Wake {
     pending: Mutex<bool>,
     cv: Condvar,

@@ -82,6 +82,7 @@ impl SimConfig {
             agent.queue_limit,
         )));
         agent.share_models = Some(Arc::new(ModelCache::new()));
+        agent.share_wake = Some(Arc::default());
         SimConfig {
             devices,
             broker_url: broker_url.to_string(),
@@ -157,7 +158,6 @@ impl SimFleet {
                 }
             })?;
             let agent = Arc::new(agent);
-            crate::watch::spawn(&agent);
             let mut link_config = config
                 .link
                 .clone()
@@ -192,6 +192,8 @@ impl SimFleet {
                 traffic,
             });
         }
+        let agents: Vec<Arc<Agent>> = devices.iter().map(|d| d.agent.clone()).collect();
+        crate::watch::spawn_shared(&agents);
         Ok(SimFleet { devices })
     }
 

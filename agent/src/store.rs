@@ -25,6 +25,9 @@ const LINK_META: TableDefinition<&str, u64> = TableDefinition::new("link_meta");
 
 /// Events kept; older ones are pruned on append.
 pub const MAX_EVENTS: u64 = 10_000;
+/// Memory redb may keep of the database's pages (its default is 1 GiB): a device's database is
+/// small except for the telemetry outbox, which is written once and read once.
+pub const DB_CACHE_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -121,15 +124,18 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
-            redb::DatabaseError::Storage(redb::StorageError::Io(io))
-                if io.kind() == std::io::ErrorKind::WouldBlock =>
-            {
-                StoreError::Locked
-            }
-            other => StoreError::Db(other.to_string()),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(DB_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+                redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    StoreError::Locked
+                }
+                other => StoreError::Db(other.to_string()),
+            })?;
         let tx = db.begin_write()?;
         tx.open_table(MODELS)?;
         tx.open_table(FLOORS)?;

@@ -38,8 +38,6 @@ use super::telemetry_pump::TelemetryPump;
 use super::transfer::{self, ChunkError, Transfer, TransferRecord, CHECKPOINT_CHUNKS};
 use super::{LinkConfig, LinkError, TransferMode};
 
-/// How often timeouts, checkpoints and the outbox are looked at.
-const TICK: Duration = Duration::from_millis(100);
 /// Events published and not yet acknowledged, at most.
 const EVENT_WINDOW: usize = 16;
 /// A transfer's chunks written but not yet checkpointed are made durable after this long.
@@ -182,7 +180,7 @@ impl Session {
             .take()
             .expect("the event loop is there at start");
         let mut polling: Polling = Box::pin(poll(eventloop, Duration::ZERO));
-        let mut tick = tokio::time::interval(TICK);
+        let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

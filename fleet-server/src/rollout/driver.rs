@@ -18,10 +18,21 @@ use protocol::link::BundleRef;
 use super::engine::{self, DeviceView, EventView, Observation, Order, Rollout, RolloutState};
 use super::spec::RolloutSpec;
 use crate::fleet::{Fleet, FleetError};
-use crate::store::{Event, EventFilter};
+use crate::store::Event;
 
-/// Device events scanned per tick for a rollout's failure signals.
-const EVENT_SCAN: usize = 20_000;
+/// Events read from the log per batch when a rollout's event feed catches up.
+const FEED_BATCH: usize = 10_000;
+
+/// A rollout's failure events, read from the event log incrementally: the first tick that sees
+/// the rollout (after its creation or a server restart) scans the log back to the rollout's
+/// `rollout_created` event; every later tick reads only the events stored since. So a tick costs
+/// the events of one tick, not a rescan of the whole rollout's events (tens of thousands with
+/// ten thousand devices), and no failure is missed however many events the fleet produces.
+struct EventFeed {
+    /// The newest event sequence number read.
+    after: u64,
+    events: Vec<EventView>,
+}
 
 /// What a person can do to a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +63,7 @@ impl std::str::FromStr for Intervention {
 pub struct Rollouts {
     fleet: Arc<Fleet>,
     tick: tokio::sync::Mutex<()>,
+    feeds: std::sync::Mutex<HashMap<String, EventFeed>>,
 }
 
 impl Rollouts {
@@ -59,6 +71,7 @@ impl Rollouts {
         Rollouts {
             fleet,
             tick: tokio::sync::Mutex::new(()),
+            feeds: Default::default(),
         }
     }
 
@@ -155,6 +168,7 @@ impl Rollouts {
     pub async fn tick(&self) -> Result<(), FleetError> {
         let _guard = self.tick.lock().await;
         let devices = self.devices()?;
+        let mut stepped = Vec::new();
         for mut r in self.fleet.store.rollouts()? {
             if !matches!(
                 r.state,
@@ -162,6 +176,7 @@ impl Rollouts {
             ) {
                 continue;
             }
+            stepped.push(r.id.clone());
             let obs = self.observe(&r, &devices)?;
             let before = r.decisions.len();
             let snapshot = r.clone();
@@ -173,6 +188,10 @@ impl Rollouts {
                 self.fleet.store.put_rollout(&r, events)?;
             }
         }
+        self.feeds
+            .lock()
+            .expect("feeds lock")
+            .retain(|id, _| stepped.contains(id));
         Ok(())
     }
 
@@ -264,37 +283,7 @@ impl Rollouts {
     }
 
     fn observe(&self, r: &Rollout, devices: &[DeviceView]) -> Result<Observation, FleetError> {
-        let events = self
-            .fleet
-            .store
-            .events(&EventFilter::default(), EVENT_SCAN)?
-            .into_iter()
-            .take_while(|e| e.time >= r.created_at)
-            .filter(|e| e.device_id.is_some() && e.model.as_deref() == Some(r.model()))
-            .filter(|e| !e.actor.starts_with("rollout:") && e.kind != "command_sent")
-            .map(|e| {
-                let text = |key: &str| {
-                    e.detail
-                        .get(key)
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                };
-                // A `reverted` event names the version now active; the one left is `detail.from`.
-                let version = if e.kind == "reverted" {
-                    text("from")
-                } else {
-                    e.version.clone()
-                };
-                EventView {
-                    device_id: e.device_id.clone().unwrap_or_default(),
-                    time: e.time,
-                    reason: text("reason").unwrap_or_else(|| e.detail.to_string()),
-                    kind: e.kind.clone(),
-                    model: e.model.clone(),
-                    version,
-                }
-            })
-            .collect();
+        let events = self.failure_events(r)?;
         let mut windows = HashMap::new();
         if let Some(since) = r.bake_started_at {
             for d in devices
@@ -317,6 +306,75 @@ impl Rollouts {
             windows,
         })
     }
+}
+
+impl Rollouts {
+    /// The failure events of `r`'s model since `r` was created (see [`EventFeed`]).
+    fn failure_events(&self, r: &Rollout) -> Result<Vec<EventView>, FleetError> {
+        let mut feeds = self.feeds.lock().expect("feeds lock");
+        let feed = match feeds.entry(r.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let mut newest = None;
+                let back = self.fleet.store.events_back_while(|e| {
+                    newest.get_or_insert(e.seq);
+                    !(e.kind == "rollout_created" && e.rollout_id.as_deref() == Some(&r.id))
+                })?;
+                v.insert(EventFeed {
+                    after: newest.unwrap_or(0),
+                    events: back
+                        .iter()
+                        .rev()
+                        .filter_map(|e| failure_view(r, e))
+                        .collect(),
+                })
+            }
+        };
+        loop {
+            let batch = self.fleet.store.events_after(feed.after, FEED_BATCH)?;
+            let Some(last) = batch.last() else {
+                break;
+            };
+            feed.after = last.seq;
+            feed.events
+                .extend(batch.iter().filter_map(|e| failure_view(r, e)));
+            if batch.len() < FEED_BATCH {
+                break;
+            }
+        }
+        Ok(feed.events.clone())
+    }
+}
+
+/// What the engine sees of `e`, if it is a device's failure event for `r`'s model.
+fn failure_view(r: &Rollout, e: &Event) -> Option<EventView> {
+    let device_id = e.device_id.clone()?;
+    if e.model.as_deref() != Some(r.model())
+        || e.actor.starts_with("rollout:")
+        || !engine::FAILURE_KINDS.contains(&e.kind.as_str())
+    {
+        return None;
+    }
+    let text = |key: &str| {
+        e.detail
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    // A `reverted` event names the version now active; the one left is `detail.from`.
+    let version = if e.kind == "reverted" {
+        text("from")
+    } else {
+        e.version.clone()
+    };
+    Some(EventView {
+        device_id,
+        time: e.time,
+        reason: text("reason").unwrap_or_else(|| e.detail.to_string()),
+        kind: e.kind.clone(),
+        model: e.model.clone(),
+        version,
+    })
 }
 
 /// One event per decision taken since `before`.

@@ -146,7 +146,7 @@ pub struct EventView {
 pub struct Observation {
     pub now: DateTime<Utc>,
     pub devices: Vec<DeviceView>,
-    /// Events of the rollout's model since the rollout was created.
+    /// Failure events ([`FAILURE_KINDS`]) of the rollout's model since the rollout was created.
     pub events: Vec<EventView>,
     /// Telemetry windows of the rollout's model, by device, since the current bake began.
     pub windows: HashMap<String, Vec<WindowRecord>>,
@@ -285,6 +285,9 @@ pub fn step(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     }
 }
 
+/// The device events that fail a staged device (the only events a rollout reads).
+pub const FAILURE_KINDS: [&str; 4] = ["rejected", "transfer_failed", "load_failed", "reverted"];
+
 /// Updates each staged device's state from its reported models and its events.
 fn track_devices(r: &mut Rollout, obs: &Observation) {
     let model = r.bundle.name.clone();
@@ -302,10 +305,7 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
             e.device_id == *id
                 && e.time >= p.since
                 && e.version.as_deref() == Some(version.as_str())
-                && matches!(
-                    e.kind.as_str(),
-                    "rejected" | "transfer_failed" | "load_failed" | "reverted"
-                )
+                && FAILURE_KINDS.contains(&e.kind.as_str())
         });
         match p.state {
             DeviceState::Staged => {
