@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent::link::transfer::{Bitmap, TransferRecord, CHECKPOINT_CHUNKS};
-use common::{embedded_broker_exe, models_dir, redate_bundle, AgentOptions, AgentProcess, World};
+use common::{
+    embedded_broker_exe, fault_seed, models_dir, redate_bundle, AgentOptions, AgentProcess, Rng,
+    World,
+};
 use fleet_server::BrokerConnection;
 use modelfleet::harness::{wait_until, BrokerProcess};
 use serde_json::{json, Value};
@@ -37,25 +40,6 @@ trial_max_prediction_psi = 1000.0
 trial_max_output_shift = 1000.0
 telemetry_window_seconds = 1
 ";
-
-/// A small LCG: reproducible delays without a dependency. The seed is printed; set
-/// `MODELFLEET_FAULT_SEED` to replay another.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// One row of a model's test inputs and the expected output, as an OIP JSON request.
 struct Probe {
@@ -207,12 +191,7 @@ enum Kill {
 #[test]
 fn killed_during_transfer_install_activation_and_trial() {
     let started = Instant::now();
-    let seed: u64 = std::env::var("MODELFLEET_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x0f1e_e710);
-    eprintln!("kill -9 schedule seed: {seed} (MODELFLEET_FAULT_SEED to replay another)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(fault_seed(0x0f1e_e710));
 
     let mut world = World::new();
     // 16 KiB chunks: about 920 of them, so that the transfer outlasts several restarts (each

@@ -211,6 +211,16 @@ impl SimFleet {
         }
     }
 
+    /// Stops every device's traffic; the agents and their links keep running, so the last
+    /// telemetry windows still go out.
+    pub fn stop_traffic(&mut self) {
+        for d in &mut self.devices {
+            if let Some(t) = d.traffic.take() {
+                t.abort();
+            }
+        }
+    }
+
     /// How many devices are connected to the broker right now.
     pub fn connected(&self) -> usize {
         self.devices

@@ -203,6 +203,20 @@ impl World {
         rps: f64,
         sites: &[&str],
     ) -> agent::simulate::SimFleet {
+        self.start_sim_fleet_with(broker_url, devices, rps, sites, devices, |_| {})
+    }
+
+    /// [`World::start_sim_fleet`] with the settings changed by `tweak` (id prefix, outbox caps,
+    /// …), waiting until the server lists `online_total` devices online (other fleets included).
+    pub fn start_sim_fleet_with(
+        &self,
+        broker_url: &str,
+        devices: usize,
+        rps: f64,
+        sites: &[&str],
+        online_total: usize,
+        tweak: impl FnOnce(&mut agent::simulate::SimConfig),
+    ) -> agent::simulate::SimFleet {
         let mut config = agent::simulate::SimConfig::new(
             devices,
             broker_url,
@@ -226,6 +240,7 @@ impl World {
         link.request_timeout = Duration::from_secs(3);
         config.link = Some(link);
         config.server_key = Some(self.server_key);
+        tweak(&mut config);
         let fleet = {
             let _guard = self.rt.enter();
             agent::simulate::SimFleet::start(&config).unwrap()
@@ -235,7 +250,7 @@ impl World {
             Duration::from_secs(180),
             || {
                 let online = self.get("/api/v1/devices?online=true&limit=1");
-                (online["total"] == devices).then_some(())
+                (online["total"] == online_total).then_some(())
             },
         )
         .unwrap();
@@ -311,6 +326,35 @@ impl Drop for World {
     }
 }
 
+/// A small LCG: reproducible fault schedules without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// The seed of a fault schedule: `MODELFLEET_FAULT_SEED` if set, else `default`; printed, so a
+/// failing run can be replayed.
+pub fn fault_seed(default: u64) -> u64 {
+    let seed = std::env::var("MODELFLEET_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("fault schedule seed: {seed} (MODELFLEET_FAULT_SEED=N replays another)");
+    seed
+}
+
 /// Runs `n` inference requests on the device's active `model` with the model's test inputs.
 pub fn traffic(device: &Device, model: &str, n: usize) {
     let inputs = engine::npy::read_npy(models_dir().join(model).join("test_input.npy")).unwrap();
@@ -378,22 +422,43 @@ pub fn redate_bundle(
 /// (`cargo test --workspace --test agent_faults --test crash`). A binary older than the agent's
 /// sources would test old code, so that is refused.
 pub fn agent_exe() -> PathBuf {
-    let exe = embedded_broker_exe().with_file_name("fleet-agent");
+    fresh_exe(
+        "fleet-agent",
+        &["agent/src", "agent/src/link", "protocol/src", "engine/src"],
+        "`cargo test --workspace --test crash` builds it",
+    )
+}
+
+/// The `fleet-server` binary of this build, beside `fleet-agent` (see [`agent_exe`]): built by
+/// `cargo test --workspace`, or alone by `cargo build -p modelfleet-fleet-server --bin
+/// fleet-server`. Refused if older than the server's sources.
+pub fn server_exe() -> PathBuf {
+    fresh_exe(
+        "fleet-server",
+        &[
+            "fleet-server/src",
+            "fleet-server/src/http",
+            "fleet-server/src/rollout",
+            "protocol/src",
+        ],
+        "`cargo build -p modelfleet-fleet-server --bin fleet-server` builds it",
+    )
+}
+
+/// `name` in the directory of this package's binaries, checked to be newer than every file
+/// in `sources` (directories of the workspace).
+fn fresh_exe(name: &str, sources: &[&str], how: &str) -> PathBuf {
+    let exe = embedded_broker_exe().with_file_name(name);
     let built = std::fs::metadata(&exe)
         .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} is missing: build it with `cargo test --workspace` (or add `--test crash`)",
-                exe.display()
-            )
-        });
+        .unwrap_or_else(|_| panic!("{} is missing: {how}", exe.display()));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in ["agent/src", "agent/src/link", "protocol/src", "engine/src"] {
+    for dir in sources {
         for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
             let changed = e.metadata().and_then(|m| m.modified()).unwrap();
             assert!(
                 changed <= built,
-                "{} is older than {}: rebuild it (`cargo test --workspace --test crash` builds it)",
+                "{} is older than {}: rebuild it ({how})",
                 exe.display(),
                 e.path().display()
             );
@@ -556,6 +621,130 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real `fleet-server run` child process on a loopback port that stays the same across
+/// restarts, with its data in the world's `server/` directory (the one [`World::start_server`]
+/// uses), so it can be killed and started again on the same state. Dropping it kills it
+/// (SIGKILL), as does [`ServerProcess::kill`].
+pub struct ServerProcess {
+    args: Vec<std::ffi::OsString>,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The standard error of the current (or last) start.
+    pub log: PathBuf,
+    /// How many times it was started.
+    pub starts: usize,
+}
+
+impl World {
+    /// Starts `fleet-server run` on the external broker at `broker_url`, with this world's
+    /// keyring, command key and chunk size and an admin token given in a token file (a restarted
+    /// server knows it too), and waits until it answers. The world's API helpers (`get`,
+    /// `client`, `wait_for_rollout`, …) talk to it from then on. `env`: extra environment of
+    /// this start (e.g. `MODELFLEET_CRASH_AT`).
+    pub fn spawn_server(&mut self, broker_url: &str, env: &[(&str, &str)]) -> ServerProcess {
+        assert!(self.server.is_none(), "an in-process server is running");
+        let port = modelfleet::harness::free_port();
+        let token = "test-admin-0123456789abcdef".to_string();
+        let tokens = self.path("server-tokens");
+        std::fs::write(&tokens, format!("admin admin {token}\n")).unwrap();
+        let args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--data-dir".into(),
+            self.path("server").into(),
+            "--keyring".into(),
+            self.keyring_file.clone().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--broker".into(),
+            broker_url.into(),
+            "--server-key".into(),
+            self.server_key_file.clone().into(),
+            "--tokens".into(),
+            tokens.into(),
+            "--chunk-size".into(),
+            self.chunk_size.to_string().into(),
+        ];
+        let mut server = ServerProcess {
+            args,
+            dir: self.dir.path().to_path_buf(),
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            log: PathBuf::new(),
+            starts: 0,
+        };
+        server.start(env);
+        self.api = server.url.clone();
+        self.token = token;
+        server
+    }
+}
+
+impl ServerProcess {
+    /// Starts the server (again, on the same port and data) and waits until `/healthz` answers.
+    /// Panics, with its log, if it exits first.
+    pub fn start(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "the server is running");
+        self.starts += 1;
+        self.log = self.dir.join(format!("server-{}.log", self.starts));
+        let mut cmd = std::process::Command::new(server_exe());
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("fleet-server starts"));
+        wait_until("the fleet server's API", Duration::from_secs(120), || {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "the fleet server exited ({status}) at start:\n{}",
+                    self.log_text()
+                );
+            }
+            ureq::get(&format!("{}/healthz", self.url))
+                .timeout(Duration::from_secs(5))
+                .call()
+                .ok()
+                .map(|_| ())
+        })
+        .unwrap();
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The exit status, if the process has ended (e.g. at a `MODELFLEET_CRASH_AT` point); the
+    /// process is then reaped and [`ServerProcess::start`] may be called again.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
     }

@@ -167,13 +167,14 @@ impl Session {
         self.done_tx = done_tx;
         let mut changes = self.agent.subscribe_events();
         self.resume_stored_transfers();
-        let seed = self
-            .config
-            .device_id
-            .bytes()
-            .fold(chrono::Utc::now().timestamp_micros() as u64, |h, b| {
-                h.wrapping_mul(31).wrapping_add(b as u64)
-            });
+        let seed = {
+            // Devices of one process or one moment differ at least by the process's random key.
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            self.config.device_id.hash(&mut h);
+            chrono::Utc::now().timestamp_micros().hash(&mut h);
+            h.finish()
+        };
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max, seed);
         let eventloop = self
             .eventloop
