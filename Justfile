@@ -41,8 +41,11 @@ cross-armv7 features="":
 device-x86_64 features="":
     cargo build --profile device -p modelfleet-agent --bin fleet-agent --no-default-features --features "{{features}}"
 
-# Footprint table of BENCHMARKS.md: stripped sizes per target and the agent's PSS (digits_cnn,
-# idle and at 50 req/s).
-footprint window="120":
-    cargo build --release -p modelfleet-agent -p modelfleet-bundler --bins
-    python3 scripts/footprint.py --agent target/release/fleet-agent --bundler target/release/bundler --window {{window}}
+# Footprint table of BENCHMARKS.md: the agent's PSS (digits_cnn, idle and at 50 req/s), as a
+# device runs it (`device` profile, no `multithread`); `just footprint 120 release` for the
+# default build.
+footprint window="120" profile="device":
+    cargo build --release -p modelfleet-bundler --bin bundler
+    cargo build --profile {{profile}} -p modelfleet-agent --bin fleet-agent {{ if profile == "device" { "--no-default-features" } else { "" } }}
+    ls -l target/{{profile}}/fleet-agent
+    python3 scripts/footprint.py --agent target/{{profile}}/fleet-agent --bundler target/release/bundler --window {{window}}
