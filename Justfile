@@ -25,16 +25,27 @@ bench:
 fuzz seconds="60" *targets="":
     scripts/fuzz.sh {{seconds}} {{targets}}
 
-# Release agents for the ARM targets (linkers and qemu runners come from .cargo/config.toml;
+# Device agents for the ARM targets (linkers and qemu runners come from .cargo/config.toml;
 # needs gcc-aarch64-linux-gnu / gcc-arm-linux-gnueabihf and `rustup target add`, see docs/targets.md).
-cross-aarch64:
-    cargo build --release -p modelfleet-agent --bin fleet-agent --target aarch64-unknown-linux-gnu
+# The `device` profile (fat LTO, one codegen unit, stripped, panic = "abort") without the
+# `multithread` feature, as targets/*.toml say (`cargo_profile`, `cargo_features`); the binary is
+# target/<triple>/device/fleet-agent. A profile with engine_threads > 1 (jetson-aarch64):
+# `just cross-aarch64 multithread`.
+cross-aarch64 features="":
+    cargo build --profile device -p modelfleet-agent --bin fleet-agent --target aarch64-unknown-linux-gnu --no-default-features --features "{{features}}"
 
-cross-armv7:
-    cargo build --release -p modelfleet-agent --bin fleet-agent --target armv7-unknown-linux-gnueabihf
+cross-armv7 features="":
+    cargo build --profile device -p modelfleet-agent --bin fleet-agent --target armv7-unknown-linux-gnueabihf --no-default-features --features "{{features}}"
 
-# Footprint table of BENCHMARKS.md: stripped sizes per target and the agent's PSS (digits_cnn,
-# idle and at 50 req/s).
-footprint window="120":
-    cargo build --release -p modelfleet-agent -p modelfleet-bundler --bins
-    python3 scripts/footprint.py --agent target/release/fleet-agent --bundler target/release/bundler --window {{window}}
+# The same device build for x86_64 boxes (targets/x86_64-generic.toml).
+device-x86_64 features="":
+    cargo build --profile device -p modelfleet-agent --bin fleet-agent --no-default-features --features "{{features}}"
+
+# Footprint table of BENCHMARKS.md: the agent's PSS (digits_cnn, idle and at 50 req/s), as a
+# device runs it (`device` profile, no `multithread`); `just footprint 120 release` for the
+# default build.
+footprint window="120" profile="device":
+    cargo build --release -p modelfleet-bundler --bin bundler
+    cargo build --profile {{profile}} -p modelfleet-agent --bin fleet-agent {{ if profile == "device" { "--no-default-features" } else { "" } }}
+    ls -l target/{{profile}}/fleet-agent
+    python3 scripts/footprint.py --agent target/{{profile}}/fleet-agent --bundler target/release/bundler --window {{window}}

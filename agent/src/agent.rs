@@ -106,6 +106,10 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A setting this build cannot honour (such as `engine_threads > 1` without the
+    /// `multithread` feature).
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("no model named '{0}' is installed")]
     NoSuchModel(String),
     #[error("'{0}' has no previous version to revert to")]
@@ -210,6 +214,13 @@ impl Agent {
     /// `keyring` is the provisioned one (`--keyring`); a keyring accepted later through a
     /// rotation ([`crate::keyring_store`]) and stored in the database supersedes it when newer.
     pub fn open(config: AgentConfig, keyring: Keyring) -> Result<Agent, AgentError> {
+        // Refused before any model loads: a load failing on the options would look like a broken
+        // slot and make the agent fall back to the previous version.
+        if config.engine_threads > 1 && !engine::MULTITHREAD {
+            return Err(AgentError::Config(engine::threads_unsupported(
+                config.engine_threads,
+            )));
+        }
         let layout = Layout::new(&config.data_dir);
         layout.prepare().map_err(|source| AgentError::DataDir {
             path: config.data_dir.clone(),

@@ -123,7 +123,8 @@ struct RunArgs {
     /// Concurrent inference requests [default: CPU count]
     #[arg(long)]
     workers: Option<usize>,
-    /// Intra-op threads per inference [default: 1]
+    /// Intra-op threads per inference [default: 1; more needs a build with the `multithread`
+    /// feature]
     #[arg(long)]
     engine_threads: Option<usize>,
     /// Inference backend [default: tract, the only one this build has]
@@ -378,6 +379,12 @@ fn serve(args: RunArgs) -> Result<()> {
     }
     if let Some(t) = args.engine_threads.or(file.engine_threads) {
         config.engine_threads = t.max(1);
+        if t > 1 && !engine::MULTITHREAD {
+            bail!(
+                "engine_threads = {t} (--engine-threads or the config file): {}",
+                engine::threads_unsupported(t)
+            );
+        }
     }
     if let Some(name) = args.backend.or(file.backend) {
         config.backend = agent::backend::by_name(&name)?;

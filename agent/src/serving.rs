@@ -7,7 +7,7 @@
 //!
 //! Inference runs on a fixed pool of worker threads fed by a bounded queue, never on the async
 //! threads. When the queue is full a request is refused at once (HTTP 503) instead of queueing
-//! without bound.
+//! without bound. A job that panics fails its request, not the worker.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,7 +188,17 @@ impl InferencePool {
                         Err(_) => return,
                     };
                     match job {
-                        Ok(job) => job(),
+                        // A panicking job fails its own request (its result sender is dropped:
+                        // HTTP 500) and this worker takes the next one; without the catch the
+                        // thread would end and the pool shrink for good. In a `panic = "abort"`
+                        // build (the device profile) a panic ends the process instead, and
+                        // systemd restarts the agent (BENCHMARKS.md, "Agent footprint").
+                        Ok(job) => {
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err()
+                            {
+                                tracing::error!("an inference job panicked; its request failed");
+                            }
+                        }
                         Err(_) => return,
                     }
                 })
@@ -245,6 +255,19 @@ mod tests {
         for (i, q) in queued.into_iter().enumerate() {
             assert_eq!(rt.block_on(q).unwrap(), i);
         }
+    }
+
+    #[test]
+    fn a_panicking_job_fails_its_request_and_the_worker_goes_on() {
+        let pool = InferencePool::new(1, 4);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let panicked = pool.submit(|| -> u32 { panic!("job panics") }).unwrap();
+        assert!(rt.block_on(panicked).is_err());
+        // The single worker is still there.
+        let next = pool.submit(|| 7).unwrap();
+        assert_eq!(rt.block_on(next).unwrap(), 7);
     }
 
     #[test]

@@ -40,7 +40,12 @@ mod spec;
 pub mod tensor;
 
 pub use error::EngineError;
-pub use model::{EngineOptions, Model};
+pub use model::{threads_unsupported, EngineOptions, Model};
+
+/// Whether this build can run one inference on several threads (`EngineOptions::threads > 1`):
+/// the `multithread` feature, on by default, off in device builds (it links rayon; see
+/// BENCHMARKS.md, "Agent footprint").
+pub const MULTITHREAD: bool = cfg!(feature = "multithread");
 pub use tensor::{Tensor, TensorData};
 
 /// Internals for the engine's own examples (profiling); not part of the API.

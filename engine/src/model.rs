@@ -17,7 +17,8 @@ use crate::tensor::Tensor;
 pub struct EngineOptions {
     /// Threads one inference may use for its matrix products. `1` (the default) runs each
     /// request on the calling thread only, which is what a server already running requests
-    /// side by side wants.
+    /// side by side wants. More than 1 needs the `multithread` feature ([`crate::MULTITHREAD`]);
+    /// without it [`Model::load`] refuses the options rather than run on one thread.
     pub threads: usize,
     /// Directory where a preprocessed copy of the model may be cached to speed up later
     /// loads of the same file. `None`: no cache is read or written.
@@ -64,6 +65,9 @@ impl Model {
             path: onnx_path.to_owned(),
             reason,
         };
+        if opts.threads > 1 && !crate::MULTITHREAD {
+            return Err(load_err(threads_unsupported(opts.threads)));
+        }
         let (typed, names, from_cache) = crate::cache::load_decluttered(onnx_path, opts)?;
         let signature = Signature::of(&typed, &names, onnx_path)?;
 
@@ -147,6 +151,16 @@ fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
     model.into_optimized()
 }
 
+/// Why `threads` cannot be honoured by a build without the `multithread` feature.
+pub fn threads_unsupported(threads: usize) -> String {
+    format!(
+        "{threads} engine threads asked for, but this build of the engine has no multithreaded \
+         executor (built without the `multithread` feature, as device builds are); \
+         use 1 thread, or rebuild with `--features multithread`"
+    )
+}
+
+#[cfg(feature = "multithread")]
 fn run_options(threads: usize) -> RunOptions {
     let mut options = RunOptions::default();
     if threads > 1 {
@@ -156,6 +170,12 @@ fn run_options(threads: usize) -> RunOptions {
         ));
     }
     options
+}
+
+#[cfg(not(feature = "multithread"))]
+fn run_options(_threads: usize) -> RunOptions {
+    // `Model::load` refused threads > 1 already.
+    RunOptions::default()
 }
 
 #[allow(dead_code)]

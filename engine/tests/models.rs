@@ -231,6 +231,22 @@ fn concurrent_runs_are_correct() {
     }
 }
 
+#[cfg(not(feature = "multithread"))]
+#[test]
+fn more_than_one_thread_is_refused_without_the_multithread_feature() {
+    let opts = EngineOptions {
+        threads: 2,
+        ..EngineOptions::default()
+    };
+    let err = Model::load(&dir("digits_mlp").join("digits_mlp.onnx"), &opts).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("2 engine threads") && msg.contains("multithread"),
+        "{msg}"
+    );
+}
+
+#[cfg(feature = "multithread")]
 #[test]
 fn multithreaded_matmul_gives_the_same_answers() {
     let opts = EngineOptions {
