@@ -138,6 +138,9 @@ pub struct SimDevice {
     traffic: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Devices judged and flushed by one health-watch thread.
+const WATCH_GROUP: usize = 50;
+
 /// A running simulated fleet. Dropping it stops every device without a goodbye.
 pub struct SimFleet {
     pub devices: Vec<SimDevice>,
@@ -192,8 +195,12 @@ impl SimFleet {
                 traffic,
             });
         }
+        // One watch thread per group of devices: closing a telemetry window is a durable
+        // commit, and one thread doing them for thousands of devices falls behind.
         let agents: Vec<Arc<Agent>> = devices.iter().map(|d| d.agent.clone()).collect();
-        crate::watch::spawn_shared(&agents);
+        for group in agents.chunks(WATCH_GROUP) {
+            crate::watch::spawn_shared(group);
+        }
         Ok(SimFleet { devices })
     }
 

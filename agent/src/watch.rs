@@ -10,11 +10,13 @@
 //! errors or emits NaN is judged on the request that shows it. A revert — which loads and
 //! self-tests the previous slot — never runs on an inference worker.
 //!
-//! A device runs one watch for its one agent ([`spawn`]). A simulated fleet runs one watch for
-//! all its agents ([`spawn_shared`]): ten thousand threads waking every tick would cost the
-//! simulator more than the devices it simulates. Its agents share one [`Wake`]
-//! (`AgentConfig::share_wake`), so a failure on any of them wakes the one thread, and their
-//! telemetry windows are spread over the window length instead of all closing on the same tick.
+//! A device runs one watch for its one agent ([`spawn`]). A simulated fleet runs one watch per
+//! group of 50 agents ([`spawn_shared`]): ten thousand threads waking every tick would cost the
+//! simulator more than the devices it simulates, and one thread closing every device's telemetry
+//! window (a durable commit each) falls behind. Its agents share one [`Wake`]
+//! (`AgentConfig::share_wake`), so a failure wakes one of the groups' threads (the others judge
+//! it on their next tick), and a group's telemetry windows are spread over the window length
+//! instead of all closing on the same tick.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
