@@ -1,7 +1,7 @@
 //! The agent core: installed models, what is served, and the operations on them (install,
 //! revert, status), independent of how they are invoked (HTTP admin API, CLI, MQTT later).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -194,6 +194,9 @@ pub struct Agent {
     pub outbox: Outbox,
     /// Counters of the MQTT link (zero while the agent runs offline), shown on `/metrics`.
     pub link_metrics: Arc<crate::link::LinkMetrics>,
+    /// Telemetry window records written to the outbox since start, by (model, version): what a
+    /// receiver should have once the outbox is drained (`/metrics`, fault tests).
+    windows_written: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// A model version on trial: what it is compared with and by which policy.
@@ -258,6 +261,7 @@ impl Agent {
             health_options,
             outbox,
             link_metrics: Arc::default(),
+            windows_written: Mutex::default(),
         };
         agent.load_installed()?;
         Ok(agent)
@@ -541,6 +545,10 @@ impl Agent {
         // Swap first, then take the replaced model's figures: they are final once it is out.
         let trial_of = on_trial.then(|| model.slot.clone());
         let replaced = self.registry.swap_in(Arc::new(model));
+        self.flush_replaced(
+            replaced.as_deref(),
+            old.as_ref().map_or(ModelState::Committed, |r| r.state),
+        );
         if let Some(slot) = trial_of {
             let reference = replaced
                 .filter(|r| Some(&r.slot) == record.previous.as_ref())
@@ -642,7 +650,8 @@ impl Agent {
         )
         .with_context(context);
         self.store.commit_model(name, &record, 0, &[event])?;
-        self.registry.swap_in(Arc::new(model));
+        let replaced = self.registry.swap_in(Arc::new(model));
+        self.flush_replaced(replaced.as_deref(), rec.state);
         let _ = fs::remove_dir_all(self.layout.slot(name, &rec.active.dir));
         Ok(self.model_status(name, &record))
     }
@@ -858,74 +867,54 @@ impl Agent {
     /// requests, plus its sampled records, appended to the outbox in one transaction.
     /// The watch thread calls this every `telemetry_window`. Returns how many records it wrote.
     pub fn flush_telemetry(&self) -> Result<usize, AgentError> {
-        use protocol::telemetry::*;
         let states: HashMap<String, ModelRecord> = self.store.models()?.into_iter().collect();
         let dropped = self.outbox.dropped()?;
         let mut records = Vec::new();
         for m in self.registry.all() {
-            let (start, w) = m.health.take_window();
-            let (samples, over_budget) = m.health.take_samples();
-            if w.requests > 0 || over_budget > 0 {
-                let state = match states.get(&m.name) {
-                    Some(r) if r.active == m.slot => r.state,
-                    _ => ModelState::Committed,
-                };
-                let b = &m.manifest.baseline;
-                let classification = (!w.classes.is_empty()).then(|| ClassificationWindow {
-                    class_counts: w.classes.clone(),
-                    confidence: w.confidence.clone(),
-                    mean_confidence: w.mean_confidence(),
-                    prediction_psi_baseline: b.classification.as_ref().filter(|_| w.rows > 0).map(
-                        |c| {
-                            protocol::stats::psi_of_fractions(
-                                c.class_distribution.iter().copied(),
-                                w.classes.iter().map(|&n| n as f64 / w.rows as f64),
-                            )
-                        },
-                    ),
-                });
-                let regression = b.regression.as_ref().map(|_| RegressionWindow {
-                    statistic: w.statistic.clone(),
-                    mean: w.statistic_mean_std().map(|s| s.0),
-                    std: w.statistic_mean_std().map(|s| s.1),
-                });
-                records.push(TelemetryRecord::Window(WindowRecord {
-                    schema: TELEMETRY_SCHEMA,
-                    model: m.name.clone(),
-                    version: m.version().to_string(),
-                    start,
-                    end: Utc::now(),
-                    state: serde_json::to_value(state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    requests: w.requests,
-                    errors: w.errors,
-                    non_finite: w.non_finite,
-                    latency: LatencyWindow {
-                        log10_us: w.latency.clone(),
-                        mean_ms: (w.requests > 0)
-                            .then(|| w.latency_sum_us / w.requests as f64 / 1e3),
-                        p50_ms: w.latency_ms(0.5),
-                        p95_ms: w.latency_ms(0.95),
-                        p99_ms: w.latency_ms(0.99),
-                    },
-                    classification,
-                    regression,
-                    input_psi: health::input_psi(&w, b).into_iter().collect(),
-                    feedback: (w.labelled > 0).then(|| FeedbackWindow {
-                        labelled: w.labelled,
-                        correct: w.correct,
-                        accuracy: w.accuracy(),
-                    }),
-                    samples_over_budget: over_budget,
-                    outbox_dropped_total: dropped,
-                }));
-            }
-            records.extend(samples.into_iter().map(TelemetryRecord::Sample));
+            let state = match states.get(&m.name) {
+                Some(r) if r.active == m.slot => r.state,
+                _ => ModelState::Committed,
+            };
+            records.extend(telemetry_of(&m, state, dropped));
         }
-        self.outbox.push(&records)?;
+        self.push_telemetry(&records)?;
         Ok(records.len())
+    }
+
+    /// Appends records to the outbox and counts the windows among them.
+    fn push_telemetry(
+        &self,
+        records: &[protocol::telemetry::TelemetryRecord],
+    ) -> Result<(), StoreError> {
+        self.outbox.push(records)?;
+        let mut written = self.windows_written.lock().expect("windows lock");
+        for r in records {
+            if let protocol::telemetry::TelemetryRecord::Window(w) = r {
+                *written
+                    .entry((w.model.clone(), w.version.clone()))
+                    .or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Telemetry window records written to the outbox since start, by (model, version).
+    pub fn windows_written(&self) -> BTreeMap<(String, String), u64> {
+        self.windows_written.lock().expect("windows lock").clone()
+    }
+
+    /// Closes the telemetry window of a model just swapped out (it was in `state`): its last
+    /// figures — for a reverted trial, the very evidence of the regression — are reported now,
+    /// not dropped with it. (A request still finishing on it after this is not counted.)
+    fn flush_replaced(&self, replaced: Option<&ServingModel>, state: ModelState) {
+        let Some(m) = replaced else { return };
+        let records = self
+            .outbox
+            .dropped()
+            .map(|dropped| telemetry_of(m, state, dropped));
+        if let Err(e) = records.and_then(|r| self.push_telemetry(&r)) {
+            tracing::error!(model = %m.name, "telemetry of the replaced version lost: {e}");
+        }
     }
 
     /// Label feedback: ground truth for earlier requests (by OIP request id) of `name`.
@@ -941,6 +930,71 @@ impl Agent {
             .ok_or_else(|| AgentError::NoSuchModel(name.into()))?;
         Ok(model.health.feedback(labels))
     }
+}
+
+/// The telemetry of `m` since its last window: the window record (if it served anything or
+/// dropped samples) and the sampled requests.
+fn telemetry_of(
+    m: &ServingModel,
+    state: ModelState,
+    dropped: u64,
+) -> Vec<protocol::telemetry::TelemetryRecord> {
+    use protocol::telemetry::*;
+    let mut records = Vec::new();
+    let (start, w) = m.health.take_window();
+    let (samples, over_budget) = m.health.take_samples();
+    if w.requests > 0 || over_budget > 0 {
+        let b = &m.manifest.baseline;
+        let classification = (!w.classes.is_empty()).then(|| ClassificationWindow {
+            class_counts: w.classes.clone(),
+            confidence: w.confidence.clone(),
+            mean_confidence: w.mean_confidence(),
+            prediction_psi_baseline: b.classification.as_ref().filter(|_| w.rows > 0).map(|c| {
+                protocol::stats::psi_of_fractions(
+                    c.class_distribution.iter().copied(),
+                    w.classes.iter().map(|&n| n as f64 / w.rows as f64),
+                )
+            }),
+        });
+        let regression = b.regression.as_ref().map(|_| RegressionWindow {
+            statistic: w.statistic.clone(),
+            mean: w.statistic_mean_std().map(|s| s.0),
+            std: w.statistic_mean_std().map(|s| s.1),
+        });
+        records.push(TelemetryRecord::Window(WindowRecord {
+            schema: TELEMETRY_SCHEMA,
+            model: m.name.clone(),
+            version: m.version().to_string(),
+            start,
+            end: Utc::now(),
+            state: serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            requests: w.requests,
+            errors: w.errors,
+            non_finite: w.non_finite,
+            latency: LatencyWindow {
+                log10_us: w.latency.clone(),
+                mean_ms: (w.requests > 0).then(|| w.latency_sum_us / w.requests as f64 / 1e3),
+                p50_ms: w.latency_ms(0.5),
+                p95_ms: w.latency_ms(0.95),
+                p99_ms: w.latency_ms(0.99),
+            },
+            classification,
+            regression,
+            input_psi: health::input_psi(&w, b).into_iter().collect(),
+            feedback: (w.labelled > 0).then(|| FeedbackWindow {
+                labelled: w.labelled,
+                correct: w.correct,
+                accuracy: w.accuracy(),
+            }),
+            samples_over_budget: over_budget,
+            outbox_dropped_total: dropped,
+        }));
+    }
+    records.extend(samples.into_iter().map(TelemetryRecord::Sample));
+    records
 }
 
 /// Best-effort name and version of a bundle for a `rejected` event (the bundle may be garbage).

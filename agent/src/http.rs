@@ -261,6 +261,12 @@ async fn metrics(State(app): State<App>) -> Response {
         m.metrics.render(&m.name, m.version(), &mut out);
     }
     app.agent.link_metrics.render(&mut out);
+    out.push_str("# TYPE modelfleet_agent_telemetry_windows_total counter\n");
+    for ((model, version), n) in app.agent.windows_written() {
+        out.push_str(&format!(
+            "modelfleet_agent_telemetry_windows_total{{model=\"{model}\",version=\"{version}\"}} {n}\n"
+        ));
+    }
     out.push_str("# TYPE modelfleet_agent_models_loaded gauge\n");
     out.push_str(&format!(
         "modelfleet_agent_models_loaded {}\n",

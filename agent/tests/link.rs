@@ -644,6 +644,73 @@ async fn telemetry_waits_in_the_outbox_while_offline_and_leaves_it_once_acknowle
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_telemetry_wait_for_the_servers_presence() {
+    // A broker the fleet server has not (re)subscribed to yet, as after a broker restart: what
+    // a device published now would be acknowledged and dropped.
+    let fx = Fixture::new();
+    let agent = open_agent(&fx, "data");
+    let port = free_port();
+    start_bare_broker(port, None);
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    let (telemetry, events) = (
+        topic("dev-p", Channel::Telemetry),
+        topic("dev-p", Channel::Events),
+    );
+    let observer = Tap::new(&broker, "observer-p", &[telemetry.clone(), events.clone()]).await;
+    let n = 20;
+    agent
+        .outbox
+        .push(&(0..n).map(sample).collect::<Vec<_>>())
+        .unwrap();
+    agent
+        .record(&[agent::store::Event::new(
+            "note",
+            None,
+            None,
+            serde_json::json!({"what": "recorded before the server was there"}),
+        )])
+        .unwrap();
+    let link = Link::start(agent.clone(), link_config(&broker, "dev-p")).unwrap();
+    connected(&link).await;
+    let m = agent.link_metrics.clone();
+    wait_for("the link to wait for the server", || {
+        (LinkMetrics::get(&m.awaiting_server) == 1).then_some(())
+    })
+    .await;
+    // An offline presence (the server stopped) holds them too.
+    tokio::task::spawn_blocking(move || announce_server(port, false))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(observer.on(&telemetry).is_empty(), "telemetry went out");
+    assert!(observer.on(&events).is_empty(), "events went out");
+    assert_eq!(agent.outbox.len().unwrap(), n as u64);
+    assert_eq!(LinkMetrics::get(&m.telemetry_published_total), 0);
+    assert_eq!(LinkMetrics::get(&m.events_published_total), 0);
+    assert_eq!(LinkMetrics::get(&m.awaiting_server), 1);
+
+    // The server is back: everything goes out, nothing lost.
+    tokio::task::spawn_blocking(move || announce_server(port, true))
+        .await
+        .unwrap();
+    wait_for("the outbox drained", || {
+        agent.outbox.is_empty().unwrap().then_some(())
+    })
+    .await;
+    wait_for("every record and the event at the subscriber", || {
+        let notes = observer
+            .on(&events)
+            .iter()
+            .filter(|p| link::decode::<protocol::link::DeviceEvent>(p).unwrap().kind == "note")
+            .count();
+        (observer.on(&telemetry).len() >= n && notes == 1).then_some(())
+    })
+    .await;
+    assert_eq!(LinkMetrics::get(&m.awaiting_server), 0);
+    link.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_will_marks_a_device_offline_when_the_link_dies() {
     let broker = start_broker();
     let fx = Fixture::new();

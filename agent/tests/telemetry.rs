@@ -175,6 +175,47 @@ fn windows_and_samples_accumulate_across_a_restart_and_match_the_schema() {
 
 /// sha256 (lowercase hex) of f32 values as little-endian bytes: how `hashed` mode identifies a
 /// tensor. Computed here independently of the agent's code.
+#[test]
+fn the_last_window_of_a_replaced_version_is_reported() {
+    // Windows of an hour: the health watch never closes one during this test, so whatever
+    // window v1 reports is the one its replacement closed.
+    let fx = Fixture::new();
+    let config = fx.path("agent.toml");
+    std::fs::write(&config, "[health]\ntelemetry_window_seconds = 3600\n").unwrap();
+    let agent = AgentProcess::start(
+        &fx,
+        &fx.path("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let install = |version: &str| {
+        let bundle = fx.bundle("digits_mlp", version, 1);
+        ureq::post(&format!("{}/admin/v1/bundles", agent.url))
+            .send_bytes(&std::fs::read(bundle).unwrap())
+            .unwrap();
+    };
+    install("1.0.0");
+    traffic(&agent, "a", 30);
+    install("2.0.0");
+    traffic(&agent, "b", 5);
+    drop(agent);
+
+    let records = outbox_records(&fx);
+    assert_valid(&records);
+    let windows: Vec<&Value> = records
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r["type"] == "window")
+        .collect();
+    let v1: Vec<&&Value> = windows.iter().filter(|w| w["version"] == "1.0.0").collect();
+    assert_eq!(v1.len(), 1, "v1's last window, once: {windows:?}");
+    assert_eq!(v1[0]["requests"], 30, "{}", v1[0]);
+    assert_eq!(v1[0]["model"], "digits_mlp");
+    assert!(
+        windows.iter().all(|w| w["version"] != "2.0.0"),
+        "v2's window is still open: {windows:?}"
+    );
+}
+
 fn sha256_f32(values: impl IntoIterator<Item = f32>) -> String {
     let bytes: Vec<u8> = values.into_iter().flat_map(f32::to_le_bytes).collect();
     hex::encode(Sha256::digest(bytes))

@@ -13,7 +13,7 @@ use protocol::bundle::BundleError;
 use protocol::command_auth::SignedCommand;
 use protocol::keys::{KeyId, Keyring, PublicKey, SecretKey, SignedKeyringUpdate};
 use protocol::link::{
-    self, Action, BundleRef, Channel, Command, ModelSummary, Topics, LINK_SCHEMA,
+    self, Action, BundleRef, Channel, Command, ModelSummary, ServerPresence, Topics, LINK_SCHEMA,
 };
 use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
@@ -143,8 +143,6 @@ impl DeviceQuery {
     }
 }
 
-/// The server's state: store, bundle files, telemetry, metrics, and the MQTT client that
-/// carries commands and chunks.
 /// A command checked and numbered, with its `command_sent` event, waiting for
 /// [`Fleet::send_prepared`].
 #[derive(Debug)]
@@ -153,6 +151,17 @@ pub struct PreparedCommand {
     event: Event,
 }
 
+/// A command signed for its device: what is published, and re-published unchanged (same id,
+/// same `seq`: a device that already obeyed it refuses the copy as a replay).
+#[derive(Debug, Clone)]
+pub struct SealedCommand {
+    pub command_id: String,
+    pub device_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// The server's state: store, bundle files, telemetry, metrics, and the MQTT client that
+/// carries commands and chunks.
 pub struct Fleet {
     pub store: Store,
     pub files: BundleFiles,
@@ -539,30 +548,46 @@ impl Fleet {
     ) -> Result<Vec<Result<String, FleetError>>, FleetError> {
         // Recorded before they are sent: an audit log may name a command a device never got,
         // but never miss one it got.
-        let (commands, events): (Vec<Command>, Vec<Event>) =
-            commands.into_iter().map(|p| (p.command, p.event)).unzip();
+        let (commands, events): (Vec<SealedCommand>, Vec<Event>) =
+            commands.into_iter().map(|p| self.seal(p)).unzip();
         self.store.append(events)?;
         let mut results = Vec::with_capacity(commands.len());
         for command in commands {
-            let publish = self.mqtt.publish(
-                self.topics.device(&command.device_id, Channel::Commands),
-                QoS::AtLeastOnce,
-                false,
-                SignedCommand::sign(&command, &self.server_key).encode(),
-            );
-            // The request queue only fills when the broker has been unreachable for a while.
-            let sent = tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
-                .await
-                .map_err(|_| {
-                    FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
-                })
-                .and_then(|r| r.map_err(|e| FleetError::Mqtt(e.to_string())));
-            results.push(sent.map(|()| {
-                self.metrics.commands_sent.fetch_add(1, Relaxed);
-                command.command_id
-            }));
+            let sent = self.publish_command(&command).await;
+            results.push(sent.map(|()| command.command_id));
         }
         Ok(results)
+    }
+
+    /// Signs a prepared command: the payload to publish (and to re-publish unchanged) and its
+    /// `command_sent` event, to be stored before the command goes out.
+    pub fn seal(&self, prepared: PreparedCommand) -> (SealedCommand, Event) {
+        let PreparedCommand { command, event } = prepared;
+        let sealed = SealedCommand {
+            payload: SignedCommand::sign(&command, &self.server_key).encode(),
+            command_id: command.command_id,
+            device_id: command.device_id,
+        };
+        (sealed, event)
+    }
+
+    /// Publishes a sealed command to its device's command topic with QoS 1.
+    pub async fn publish_command(&self, command: &SealedCommand) -> Result<(), FleetError> {
+        let publish = self.mqtt.publish(
+            self.topics.device(&command.device_id, Channel::Commands),
+            QoS::AtLeastOnce,
+            false,
+            command.payload.clone(),
+        );
+        // The request queue only fills when the broker has been unreachable for a while.
+        tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
+            .await
+            .map_err(|_| {
+                FleetError::Mqtt("the MQTT request queue is full (broker unreachable?)".into())
+            })?
+            .map_err(|e| FleetError::Mqtt(e.to_string()))?;
+        self.metrics.commands_sent.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     /// Tells a device to fetch, install and activate bundle `bundle_id`.
@@ -720,12 +745,20 @@ impl Fleet {
         if chain.updates.is_empty() {
             return Ok(());
         }
-        let publish = self.mqtt.publish(
-            self.topics.keyring(),
-            QoS::AtLeastOnce,
-            true,
-            link::encode(&chain),
-        );
+        self.publish_retained(self.topics.keyring(), link::encode(&chain))
+            .await
+    }
+
+    /// Publishes the server's presence, retained on `{p}/server` (see
+    /// `protocol::link::ServerPresence`): `online` once the subscriptions are acknowledged,
+    /// offline when the server stops.
+    pub(crate) async fn publish_presence(&self, online: bool) -> Result<(), FleetError> {
+        let presence = link::encode(&ServerPresence::new(online));
+        self.publish_retained(self.topics.server(), presence).await
+    }
+
+    async fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<(), FleetError> {
+        let publish = self.mqtt.publish(topic, QoS::AtLeastOnce, true, payload);
         tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish)
             .await
             .map_err(|_| {

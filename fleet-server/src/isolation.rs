@@ -99,6 +99,8 @@ pub fn mosquitto_acl(
     }
     // The fleet's keyring updates (retained, signed by a threshold of keys): read only.
     let _ = writeln!(w, "pattern read {}", topics.keyring());
+    // The server's presence (retained): devices hold events and telemetry until it is online.
+    let _ = writeln!(w, "pattern read {}", topics.server());
     Ok(out)
 }
 
@@ -120,12 +122,13 @@ mod tests {
             "pattern read modelfleet/v1/devices/%u/commands",
             "pattern read modelfleet/v1/devices/%u/transfer/chunk",
             "pattern read modelfleet/v1/keyring",
+            "pattern read modelfleet/v1/server",
         ] {
             assert!(acl.lines().any(|l| l == line), "{line} missing:\n{acl}");
         }
         assert_eq!(
             acl.matches("pattern ").count(),
-            7,
+            8,
             "nothing else for devices"
         );
         assert!(mosquitto_acl(&t, &["a b".into()], &[]).is_err());

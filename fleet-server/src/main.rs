@@ -127,6 +127,10 @@ struct RunArgs {
     /// Seconds a command stays valid; devices refuse it afterwards.
     #[arg(long, default_value_t = protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64)]
     command_ttl: u64,
+    /// Seconds a running rollout waits for a staged device to answer its stage command before
+    /// publishing the same signed command again.
+    #[arg(long, default_value_t = fleet_server::rollout::driver::DEFAULT_STAGE_RESEND_AFTER.as_secs())]
+    stage_resend_after: u64,
     /// Bytes per chunk of a bundle sent over MQTT (at most 1 MiB; keep it under the broker's
     /// message size limit)
     #[arg(long, default_value_t = protocol::link::DEFAULT_CHUNK_SIZE)]
@@ -252,6 +256,7 @@ async fn run(args: RunArgs) -> Result<()> {
     config.client_id = args.client_id;
     config.server_key = args.server_key;
     config.command_ttl = std::time::Duration::from_secs(args.command_ttl.max(1));
+    config.stage_resend_after = std::time::Duration::from_secs(args.stage_resend_after.max(1));
     config.chunk_size = args.chunk_size;
     let server = Server::start(config).await.context("starting the server")?;
     if let Some(token) = server.admin_token() {

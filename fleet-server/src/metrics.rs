@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Chunk requests dropped because the serving queue was full.
     pub chunk_requests_dropped: AtomicU64,
     pub commands_sent: AtomicU64,
+    /// Stage commands published again, unchanged, because their device had not answered.
+    pub commands_resent: AtomicU64,
     pub mqtt_connects: AtomicU64,
     pub mqtt_connection_errors: AtomicU64,
     pub store_errors: AtomicU64,
@@ -188,6 +190,12 @@ impl Metrics {
             "counter",
             "Commands published to devices.",
             &[("", l(&self.commands_sent))],
+        );
+        metric(
+            "fleet_commands_resent_total",
+            "counter",
+            "Rollout stage commands published again unchanged (no answer from the device yet).",
+            &[("", l(&self.commands_resent))],
         );
         metric(
             "fleet_mqtt_connects_total",

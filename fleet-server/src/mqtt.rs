@@ -6,6 +6,12 @@
 //! event loop is polled by one task; after an error it sleeps (exponential backoff from 100 ms
 //! to 10 s, ±50 % jitter) and polls again, which reconnects. Every ConnAck resubscribes.
 //!
+//! Every SubAck is followed by the server's retained presence (`{p}/server`, `online: true`):
+//! devices hold events and telemetry until they see it, so nothing they publish falls into a
+//! broker that lost the server's subscriptions (a restart without persistence). A clean stop
+//! publishes `online: false`, and so does the last will (unless the server shares its
+//! subscriptions with others, `--shared-subscription`: one leaving says nothing of the rest).
+//!
 //! Incoming messages never block that task on slow work: status, events and telemetry go to an
 //! ingest thread (it writes the store); chunk requests go to a bounded queue served by async
 //! workers (dropped and counted when full — the agent asks again).
@@ -255,6 +261,14 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 fleet.mqtt_subscribed.store(true, Relaxed);
+                // Devices hold events and telemetry until they see this (after a broker restart
+                // the subscriptions were gone until now).
+                let fleet = fleet.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.publish_presence(true).await {
+                        tracing::warn!(error = %e, "cannot publish the server's presence");
+                    }
+                });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 dispatch(&fleet, &ingest_tx, &chunk_tx, &p.topic, p.payload).await;
@@ -272,6 +286,19 @@ pub async fn run(
                 }
             }
         }
+    }
+    if fleet.mqtt_connected.load(Relaxed) {
+        // Devices hold what they would publish until a server is back; the last will says the
+        // same when the server dies instead.
+        let _ = tokio::time::timeout(Duration::from_secs(1), fleet.publish_presence(false)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Incoming(Packet::PubAck(_))) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     fleet.mqtt_connected.store(false, Relaxed);
     let _ = client.try_disconnect();

@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub wait_for_broker: Duration,
     /// How often the rollout engine looks at the fleet (default 1 s).
     pub rollout_tick: Duration,
+    /// How long a running rollout waits for a staged device to answer its stage command before
+    /// publishing the same command again (default 30 s; see `rollout::driver`).
+    pub stage_resend_after: Duration,
     /// Failed authentications per client address before the API answers 429.
     pub auth_failure_limit: AuthFailureLimit,
     /// The secret key commands are signed with; default `DATA_DIR/server.key`, generated on the
@@ -87,6 +90,7 @@ impl ServerConfig {
             client_id: None,
             wait_for_broker: Duration::from_secs(10),
             rollout_tick: Duration::from_secs(1),
+            stage_resend_after: crate::rollout::driver::DEFAULT_STAGE_RESEND_AFTER,
             auth_failure_limit: AuthFailureLimit::default(),
             server_key: None,
             command_ttl: Duration::from_secs(
@@ -180,7 +184,15 @@ impl Server {
             .client_id
             .clone()
             .unwrap_or_else(|| default_client_id(data_dir));
-        let opts = mqtt::options(&connection, &client_id)?;
+        let mut opts = mqtt::options(&connection, &client_id)?;
+        if config.shared_subscription.is_none() {
+            opts.set_last_will(rumqttc::LastWill::new(
+                topics.server(),
+                protocol::link::encode(&protocol::link::ServerPresence::new(false)),
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ));
+        }
         let (client, mut eventloop) =
             rumqttc::AsyncClient::new(opts.clone(), opts.request_channel_capacity());
         // Acknowledgements and error frames are small writes a device waits on: no Nagle delay.
@@ -239,7 +251,7 @@ impl Server {
             filters,
             stop_rx.clone(),
         ));
-        let rollouts = Arc::new(Rollouts::new(fleet.clone()));
+        let rollouts = Arc::new(Rollouts::new(fleet.clone(), config.stage_resend_after));
         let rollout_task = rollouts.clone().spawn(config.rollout_tick);
         let router = crate::http::router_until(
             fleet.clone(),

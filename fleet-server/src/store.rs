@@ -34,6 +34,10 @@ pub(crate) const DEVICE_EVENT_KEYS: TableDefinition<(&str, u64), u64> =
     TableDefinition::new("device_event_keys");
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 pub(crate) const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Stage commands a rollout sent that no device has settled yet: command id → the signed
+/// command as published, so a re-send is the same command (same id, same `seq`).
+pub(crate) const PENDING_COMMANDS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("pending_commands");
 
 /// Events kept; the oldest are pruned (with their dedupe keys) beyond this.
 pub const MAX_EVENTS: u64 = 1_000_000;
@@ -216,6 +220,7 @@ impl Store {
         tx.open_table(DEVICE_EVENT_KEYS)?;
         tx.open_table(TOKENS)?;
         tx.open_table(ROLLOUTS)?;
+        tx.open_table(PENDING_COMMANDS)?;
         tx.commit()?;
         Ok(Store { db })
     }
@@ -283,12 +288,44 @@ impl Store {
 
     /// Stores a rollout together with the events describing what changed.
     pub fn put_rollout(&self, rollout: &Rollout, events: Vec<Event>) -> Result<(), StoreError> {
+        self.put_rollout_with_commands(rollout, events, &[], &[])
+    }
+
+    /// Stores a rollout, its events, the stage commands it is about to send (`sent`: command
+    /// id and signed payload) and forgets the ones that are settled, in one commit.
+    pub fn put_rollout_with_commands(
+        &self,
+        rollout: &Rollout,
+        events: Vec<Event>,
+        sent: &[(String, Vec<u8>)],
+        settled: &[String],
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.open_table(ROLLOUTS)?
                 .insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            let mut pending = tx.open_table(PENDING_COMMANDS)?;
+            for (id, payload) in sent {
+                pending.insert(id.as_str(), payload.as_slice())?;
+            }
+            for id in settled {
+                pending.remove(id.as_str())?;
+            }
             Ok(((), events))
         })?;
         Ok(())
+    }
+
+    /// The signed payload of a stage command still pending (see [`PENDING_COMMANDS`]).
+    pub fn pending_command(&self, command_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(PENDING_COMMANDS)?;
+        Ok(table.get(command_id)?.map(|v| v.value().to_vec()))
+    }
+
+    /// How many stage commands are pending (metrics, tests).
+    pub fn pending_command_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PENDING_COMMANDS)?.len()?)
     }
 
     // ---- bundles ----

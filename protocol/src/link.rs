@@ -177,6 +177,11 @@ impl Topics {
         format!("{}/keyring", self.prefix)
     }
 
+    /// `{p}/server`: the fleet server's retained [`ServerPresence`].
+    pub fn server(&self) -> String {
+        format!("{}/server", self.prefix)
+    }
+
     /// The filter matching a channel of every device (`{p}/devices/+/status`, …).
     pub fn every_device(&self, channel: Channel) -> String {
         self.device("+", channel)
@@ -225,6 +230,29 @@ pub struct DeviceStatus {
     /// Absent in a last will: the models are unknown then, not gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<ModelSummary>>,
+}
+
+/// The fleet server's presence, retained on `{p}/server`. The server publishes `online: true`
+/// each time its subscriptions are acknowledged (so after every reconnect, and after a broker
+/// restart that lost them), and `online: false` when it stops or (as its last will) when its
+/// connection drops. An agent publishes events and telemetry only while the newest presence it
+/// received on its current connection says `online: true`: until then the broker would
+/// acknowledge and drop what nobody subscribes to, and the agent would delete it from its outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerPresence {
+    pub schema: u32,
+    pub online: bool,
+    pub time: DateTime<Utc>,
+}
+
+impl ServerPresence {
+    pub fn new(online: bool) -> ServerPresence {
+        ServerPresence {
+            schema: LINK_SCHEMA,
+            online,
+            time: Utc::now(),
+        }
+    }
 }
 
 impl DeviceStatus {
@@ -383,7 +411,13 @@ pub trait HasSchema {
 macro_rules! has_schema {
     ($($t:ty),*) => {$(impl HasSchema for $t { fn schema(&self) -> u32 { self.schema } })*};
 }
-has_schema!(DeviceStatus, Command, DeviceEvent, ChunkRequest);
+has_schema!(
+    DeviceStatus,
+    Command,
+    DeviceEvent,
+    ChunkRequest,
+    ServerPresence
+);
 
 /// sha256 of bytes, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

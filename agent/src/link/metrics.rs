@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($($field:ident: $kind:literal, $help:literal;)*) => {
-        /// Link counters (all monotonic except `connected`).
+        /// Link counters (all monotonic except the gauges `connected` and `awaiting_server`).
         #[derive(Debug, Default)]
         pub struct LinkMetrics {
             $(#[doc = $help] pub $field: AtomicU64,)*
@@ -30,6 +30,7 @@ macro_rules! counters {
 
 counters! {
     connected: "gauge", "1 while connected to the broker.";
+    awaiting_server: "gauge", "1 while connected but holding events and telemetry: no online presence of the fleet server seen on this connection.";
     connects_total: "counter", "Connections accepted by the broker (ConnAck).";
     connection_errors_total: "counter", "Connection attempts or sessions that failed.";
     commands_total: "counter", "Commands received.";

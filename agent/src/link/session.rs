@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use protocol::link::{
-    self, Action, BundleRef, Channel, ChunkRequest, Command, DeviceEvent, ModelSummary, Topics,
-    LINK_SCHEMA, MAX_CHUNK_SIZE,
+    self, Action, BundleRef, Channel, ChunkRequest, Command, DeviceEvent, ModelSummary,
+    ServerPresence, Topics, LINK_SCHEMA, MAX_CHUNK_SIZE,
 };
 
 use crate::agent::Agent;
@@ -67,6 +67,8 @@ struct DeviceTopics {
     chunk: String,
     /// The fleet's retained keyring chain (not per device).
     keyring: String,
+    /// The fleet server's retained presence (not per device).
+    server: String,
 }
 
 impl DeviceTopics {
@@ -79,6 +81,7 @@ impl DeviceTopics {
             request: topics.device(id, Channel::TransferRequest),
             chunk: topics.device(id, Channel::TransferChunk),
             keyring: topics.keyring(),
+            server: topics.server(),
         }
     }
 }
@@ -92,6 +95,9 @@ pub(super) struct Session {
     metrics: Arc<LinkMetrics>,
     shared_connected: Arc<AtomicBool>,
     connected: bool,
+    /// The newest server presence of this connection said online: events and telemetry go out
+    /// only then (`protocol::link::ServerPresence`).
+    server_online: bool,
     /// A clean shutdown is under way: only the goodbye is published.
     closing: bool,
     goodbye_acked: bool,
@@ -149,6 +155,7 @@ impl Session {
             eventloop: Some(eventloop),
             shared_connected,
             connected: false,
+            server_online: false,
             closing: false,
             goodbye_acked: false,
             tracker: AckTracker::default(),
@@ -227,6 +234,8 @@ impl Session {
                     self.on_command(&p.payload);
                 } else if p.topic == self.topics.keyring {
                     self.on_keyring(&p.payload);
+                } else if p.topic == self.topics.server {
+                    self.on_server_presence(&p.payload);
                 } else {
                     LinkMetrics::inc(&self.metrics.unexpected_messages_total);
                     tracing::debug!(topic = %p.topic, "message on a topic the agent does not read");
@@ -250,6 +259,7 @@ impl Session {
         tracing::info!(device = %self.config.device_id, broker = %self.config.broker_url,
                        session_present, "connected");
         self.connected = true;
+        self.set_server_online(false);
         self.shared_connected.store(true, Ordering::Relaxed);
         self.metrics.connected.store(1, Ordering::Relaxed);
         LinkMetrics::inc(&self.metrics.connects_total);
@@ -257,6 +267,7 @@ impl Session {
             &self.topics.commands,
             &self.topics.chunk,
             &self.topics.keyring,
+            &self.topics.server,
         ] {
             if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
                 tracing::warn!("cannot subscribe to {topic}: {e}");
@@ -280,6 +291,7 @@ impl Session {
         }
         LinkMetrics::inc(&self.metrics.connection_errors_total);
         self.connected = false;
+        self.set_server_online(false);
         self.shared_connected.store(false, Ordering::Relaxed);
         self.metrics.connected.store(0, Ordering::Relaxed);
         // What rumqttc read before the error (acks, chunks) still counts.
@@ -398,7 +410,7 @@ impl Session {
     }
 
     fn pump_events(&mut self) {
-        if !self.connected || self.closing {
+        if !self.connected || !self.server_online || self.closing {
             return;
         }
         let room = self.events.room(EVENT_WINDOW);
@@ -436,7 +448,7 @@ impl Session {
     }
 
     fn pump_telemetry(&mut self) {
-        if !self.connected || self.closing {
+        if !self.connected || !self.server_online || self.closing {
             return;
         }
         let records = match self
@@ -520,6 +532,33 @@ impl Session {
                 ));
             }
         }
+    }
+
+    /// The server's retained presence: events and telemetry are held while it is offline (or
+    /// not yet seen on this connection).
+    fn on_server_presence(&mut self, payload: &[u8]) {
+        let presence: ServerPresence = match link::decode(payload) {
+            Ok(p) => p,
+            Err(e) => {
+                LinkMetrics::inc(&self.metrics.malformed_messages_total);
+                tracing::warn!("server presence refused: {e}");
+                return;
+            }
+        };
+        tracing::info!(device = %self.config.device_id, online = presence.online, "server presence");
+        self.set_server_online(presence.online);
+        if presence.online {
+            self.pump_events();
+            self.pump_telemetry();
+        }
+    }
+
+    fn set_server_online(&mut self, online: bool) {
+        self.server_online = online;
+        let awaiting = self.connected && !online;
+        self.metrics
+            .awaiting_server
+            .store(u64::from(awaiting), Ordering::Relaxed);
     }
 
     fn record(&self, event: AgentEvent) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use protocol::command_auth::SignedCommand;
 use protocol::keys::SecretKey;
 use protocol::link::{
-    self, Action, Channel, Command, DeviceEvent, DeviceStatus, Topics, LINK_SCHEMA,
+    self, Action, Channel, Command, DeviceEvent, DeviceStatus, ServerPresence, Topics, LINK_SCHEMA,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -19,13 +19,48 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 // ---- infrastructure ----
 
 /// rumqttd on a free loopback port, in this process (it cannot bind port 0, and its `start`
-/// blocks: it runs on its own thread for the rest of the test process).
+/// blocks: it runs on its own thread for the rest of the test process), with the fleet server's
+/// online presence retained on it ([`announce_server`]).
 pub fn start_broker_on(port: u16) {
     start_broker_with(port, None)
 }
 
 /// `tls`: (server certificate, server key) PEM files.
 pub fn start_broker_with(port: u16, tls: Option<(&std::path::Path, &std::path::Path)>) {
+    start_bare_broker(port, tls);
+    if tls.is_none() {
+        announce_server(port, true);
+    }
+}
+
+/// Plays the part of the fleet server that agents wait for before they publish events and
+/// telemetry: its presence, retained on `{p}/server` of the plain broker on `port`.
+pub fn announce_server(port: u16, online: bool) {
+    std::thread::spawn(move || {
+        let options = MqttOptions::new(format!("presence-{port}"), "127.0.0.1", port);
+        let (client, mut connection) = rumqttc::Client::new(options, 10);
+        client
+            .publish(
+                Topics::default().server(),
+                QoS::AtLeastOnce,
+                true,
+                link::encode(&ServerPresence::new(online)),
+            )
+            .unwrap();
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("cannot announce the server: {e}"),
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// rumqttd without the server's presence (see [`start_broker_with`]).
+pub fn start_bare_broker(port: u16, tls: Option<(&std::path::Path, &std::path::Path)>) {
     use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
     let server = ServerSettings {
         name: "v4".into(),

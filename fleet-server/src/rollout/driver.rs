@@ -1,24 +1,42 @@
 //! Runs rollouts: creates and stores them, feeds the [`engine`](super::engine) an observation of
 //! the fleet every tick, carries out its orders over MQTT and stores the result.
 //!
-//! One tick at a time (a mutex), so a rollout is never stepped twice at once. Each step's
-//! rollout and the events describing its new decisions are committed in one transaction, after
-//! the orders went out: a crash between the two re-sends at most the orders of one tick, and
-//! devices take a repeated `stage` of a bundle they already run as a no-op.
+//! One tick at a time (a mutex), so a rollout is never stepped twice at once. Each step is
+//! committed *before* its orders go out, in one transaction: the rollout (which devices were
+//! staged, with which command), the events of its decisions, the `command_sent` events and the
+//! signed stage commands themselves ([`Store::put_rollout_with_commands`]). Then the commands are
+//! published. So a crash at any point either loses the whole step (it is taken again, maybe
+//! differently, and nothing of it reached a device) or keeps it whole; no device is ever staged
+//! by two different commands of one rollout.
+//!
+//! A stage command can still be lost after that commit: a crash before it is published, a
+//! broker restart that drops queued messages. So while a rollout runs, a staged device whose
+//! command no device event has answered yet (see [`EventFeed`]) gets the *same* signed command
+//! again, at the first tick after a server start and then every `stage_resend_after`. A device
+//! that had it already refuses the copy as a replay (same `seq`); one that had not obeys it.
+//!
+//! [`Store::put_rollout_with_commands`]: crate::store::Store::put_rollout_with_commands
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::json;
 
 use protocol::link::BundleRef;
 
-use super::engine::{self, DeviceView, EventView, Observation, Order, Rollout, RolloutState};
+use super::engine::{
+    self, DeviceState, DeviceView, EventView, Observation, Order, Rollout, RolloutState,
+};
 use super::spec::RolloutSpec;
-use crate::fleet::{Fleet, FleetError};
+use crate::fleet::{Fleet, FleetError, SealedCommand};
 use crate::store::Event;
+
+/// How long a running rollout waits for a staged device to answer its stage command before
+/// publishing the command again (the default of `--stage-resend-after`).
+pub const DEFAULT_STAGE_RESEND_AFTER: Duration = Duration::from_secs(30);
 
 /// Events read from the log per batch when a rollout's event feed catches up.
 const FEED_BATCH: usize = 10_000;
@@ -28,10 +46,27 @@ const FEED_BATCH: usize = 10_000;
 /// `rollout_created` event; every later tick reads only the events stored since. So a tick costs
 /// the events of one tick, not a rescan of the whole rollout's events (tens of thousands with
 /// ten thousand devices), and no failure is missed however many events the fleet produces.
+///
+/// The feed also collects the stage commands of the rollout that devices have answered (any
+/// device event naming the command): those are never re-sent.
 struct EventFeed {
     /// The newest event sequence number read.
     after: u64,
     events: Vec<EventView>,
+    answered: HashSet<String>,
+}
+
+impl EventFeed {
+    fn read(&mut self, r: &Rollout, e: &Event) {
+        if let Some(view) = failure_view(r, e) {
+            self.events.push(view);
+        }
+        if let (Some(command), true) = (&e.command_id, e.actor.starts_with("device:")) {
+            if e.rollout_id.as_deref() == Some(&r.id) {
+                self.answered.insert(command.clone());
+            }
+        }
+    }
 }
 
 /// What a person can do to a rollout.
@@ -64,14 +99,21 @@ pub struct Rollouts {
     fleet: Arc<Fleet>,
     tick: tokio::sync::Mutex<()>,
     feeds: std::sync::Mutex<HashMap<String, EventFeed>>,
+    /// When this process last published each pending stage command.
+    published: std::sync::Mutex<HashMap<String, Instant>>,
+    stage_resend_after: Duration,
 }
 
 impl Rollouts {
-    pub fn new(fleet: Arc<Fleet>) -> Rollouts {
+    /// Rollouts of `fleet`; a staged device that has not answered its stage command gets it
+    /// again every `stage_resend_after`.
+    pub fn new(fleet: Arc<Fleet>, stage_resend_after: Duration) -> Rollouts {
         Rollouts {
             fleet,
             tick: tokio::sync::Mutex::new(()),
             feeds: Default::default(),
+            published: Default::default(),
+            stage_resend_after,
         }
     }
 
@@ -150,6 +192,7 @@ impl Rollouts {
     ) -> Result<Rollout, FleetError> {
         let _guard = self.tick.lock().await;
         let mut r = self.get(id)?;
+        let snapshot = r.clone();
         let now = Utc::now();
         let before = r.decisions.len();
         let result = match what {
@@ -160,7 +203,11 @@ impl Rollouts {
         };
         result.map_err(FleetError::Conflict)?;
         let events = decision_events(&r, before, actor);
-        self.fleet.store.put_rollout(&r, events)?;
+        let settled = settled_commands(&snapshot, &r);
+        self.fleet
+            .store
+            .put_rollout_with_commands(&r, events, &[], &settled)?;
+        self.forget_published(&settled);
         Ok(r)
     }
 
@@ -182,11 +229,28 @@ impl Rollouts {
             let snapshot = r.clone();
             let orders = engine::step(&mut r, &obs);
             let actor = format!("rollout:{}", r.id);
-            self.carry_out(&mut r, &orders, &actor).await;
-            if r != snapshot {
-                let events = decision_events(&r, before, &actor);
-                self.fleet.store.put_rollout(&r, events)?;
+            let sealed = self.seal_orders(&mut r, &orders, &actor);
+            let settled = settled_commands(&snapshot, &r);
+            if r != snapshot || !sealed.is_empty() {
+                let mut events = decision_events(&r, before, &actor);
+                let mut pending = Vec::new();
+                for (command, event, is_stage) in &sealed {
+                    events.push(event.clone());
+                    if *is_stage {
+                        pending.push((command.command_id.clone(), command.payload.clone()));
+                    }
+                }
+                self.fleet
+                    .store
+                    .put_rollout_with_commands(&r, events, &pending, &settled)?;
             }
+            crash_point("rollout_orders_recorded");
+            self.forget_published(&settled);
+            for (command, _, is_stage) in &sealed {
+                self.publish(&r, command, *is_stage).await;
+            }
+            crash_point("rollout_orders_sent");
+            self.resend_unanswered(&r).await?;
         }
         self.feeds
             .lock()
@@ -209,11 +273,15 @@ impl Rollouts {
         })
     }
 
-    /// Sends the orders of one step: their `command_sent` events in one commit, then the
-    /// commands.
-    async fn carry_out(&self, r: &mut Rollout, orders: &[Order], actor: &str) {
-        let mut ready = Vec::with_capacity(orders.len());
-        let mut commands = Vec::with_capacity(orders.len());
+    /// Prepares and signs the orders of one step; a stage command's id goes into the device's
+    /// progress. Returns each command, its `command_sent` event, and whether it is a stage.
+    fn seal_orders(
+        &self,
+        r: &mut Rollout,
+        orders: &[Order],
+        actor: &str,
+    ) -> Vec<(SealedCommand, Event, bool)> {
+        let mut sealed = Vec::with_capacity(orders.len());
         for order in orders {
             let prepared = match order {
                 Order::Stage { device_id } => {
@@ -230,39 +298,99 @@ impl Rollouts {
             };
             match prepared {
                 Ok(p) => {
-                    ready.push(order);
-                    commands.push(p);
+                    let (command, event) = self.fleet.seal(p);
+                    let is_stage = matches!(order, Order::Stage { .. });
+                    if let Order::Stage { device_id } = order {
+                        if let Some(p) = r.devices.get_mut(device_id) {
+                            p.command_id = Some(command.command_id.clone());
+                        }
+                    }
+                    sealed.push((command, event, is_stage));
                 }
                 Err(e) => Self::order_failed(r, order, &e),
             }
         }
-        if commands.is_empty() {
+        sealed
+    }
+
+    /// Publishes a command of `r`; a stage command that does not go out is re-sent later.
+    async fn publish(&self, r: &Rollout, command: &SealedCommand, is_stage: bool) {
+        if let Err(e) = self.fleet.publish_command(command).await {
+            tracing::warn!(
+                "rollout {}: command {} to {} not published: {e}",
+                r.id,
+                command.command_id,
+                command.device_id
+            );
             return;
         }
-        let results = match self.fleet.send_prepared(commands).await {
-            Ok(results) => results,
-            Err(e) => {
-                for order in ready {
-                    Self::order_failed(r, order, &e);
-                }
-                return;
-            }
-        };
-        for (order, result) in ready.into_iter().zip(results) {
-            match (order, result) {
-                (Order::Stage { device_id }, Ok(command_id)) => {
-                    if let Some(p) = r.devices.get_mut(device_id) {
-                        p.command_id = Some(command_id);
-                    }
-                }
-                (Order::Revert { .. }, Ok(_)) => {}
-                (order, Err(e)) => Self::order_failed(r, order, &e),
-            }
+        if is_stage {
+            self.published
+                .lock()
+                .expect("published lock")
+                .insert(command.command_id.clone(), Instant::now());
         }
     }
 
-    /// The engine re-issues what matters: a revert is repeated, a stage that never went out
-    /// leaves the device `staged` until `install_timeout_seconds` fails it.
+    /// Publishes again, unchanged, the stage commands of `r` that no device event has answered
+    /// and that this process has not published within `stage_resend_after` (all of them, the
+    /// first tick after a start).
+    async fn resend_unanswered(&self, r: &Rollout) -> Result<(), FleetError> {
+        if r.state != RolloutState::Running {
+            return Ok(());
+        }
+        let due: Vec<(String, String)> = {
+            let feeds = self.feeds.lock().expect("feeds lock");
+            let published = self.published.lock().expect("published lock");
+            let answered = feeds.get(&r.id).map(|f| &f.answered);
+            r.devices
+                .iter()
+                .filter(|(_, p)| p.state == DeviceState::Staged)
+                .filter_map(|(device, p)| Some((device, p.command_id.as_ref()?)))
+                .filter(|(_, command)| !answered.is_some_and(|a| a.contains(*command)))
+                .filter(|(_, command)| {
+                    published
+                        .get(*command)
+                        .is_none_or(|t| t.elapsed() >= self.stage_resend_after)
+                })
+                .map(|(device, command)| (device.clone(), command.clone()))
+                .collect()
+        };
+        for (device_id, command_id) in due {
+            // None: staged by a server version that did not keep its commands.
+            let Some(payload) = self.fleet.store.pending_command(&command_id)? else {
+                continue;
+            };
+            let command = SealedCommand {
+                command_id,
+                device_id,
+                payload,
+            };
+            tracing::info!(
+                "rollout {}: stage command {} to {} again (no answer yet)",
+                r.id,
+                command.command_id,
+                command.device_id
+            );
+            self.publish(r, &command, true).await;
+            self.fleet.metrics.commands_resent.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn forget_published(&self, commands: &[String]) {
+        if commands.is_empty() {
+            return;
+        }
+        let mut published = self.published.lock().expect("published lock");
+        for c in commands {
+            published.remove(c);
+        }
+    }
+
+    /// The engine re-issues what matters: a revert is repeated; a stage that could not even be
+    /// prepared (an unknown device, a bundle no longer trusted) leaves the device `staged` until
+    /// `install_timeout_seconds` fails it.
     fn order_failed(r: &Rollout, order: &Order, e: &FleetError) {
         tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
     }
@@ -320,14 +448,15 @@ impl Rollouts {
                     newest.get_or_insert(e.seq);
                     !(e.kind == "rollout_created" && e.rollout_id.as_deref() == Some(&r.id))
                 })?;
-                v.insert(EventFeed {
+                let mut feed = EventFeed {
                     after: newest.unwrap_or(0),
-                    events: back
-                        .iter()
-                        .rev()
-                        .filter_map(|e| failure_view(r, e))
-                        .collect(),
-                })
+                    events: Vec::new(),
+                    answered: HashSet::new(),
+                };
+                for e in back.iter().rev() {
+                    feed.read(r, e);
+                }
+                v.insert(feed)
             }
         };
         loop {
@@ -336,8 +465,9 @@ impl Rollouts {
                 break;
             };
             feed.after = last.seq;
-            feed.events
-                .extend(batch.iter().filter_map(|e| failure_view(r, e)));
+            for e in &batch {
+                feed.read(r, e);
+            }
             if batch.len() < FEED_BATCH {
                 break;
             }
@@ -375,6 +505,41 @@ fn failure_view(r: &Rollout, e: &Event) -> Option<EventView> {
         model: e.model.clone(),
         version,
     })
+}
+
+/// The pending stage commands of `before` that `after` no longer waits on: the device left
+/// `staged` (installed, failed, timed out) or the rollout stopped running (a paused one keeps
+/// them for its resume).
+fn settled_commands(before: &Rollout, after: &Rollout) -> Vec<String> {
+    let waiting = matches!(after.state, RolloutState::Running | RolloutState::Paused);
+    before
+        .devices
+        .iter()
+        .filter(|(_, p)| p.state == DeviceState::Staged)
+        .filter_map(|(device, p)| {
+            let command = p.command_id.as_ref()?;
+            let still = waiting
+                && after.devices.get(device).is_some_and(|q| {
+                    q.state == DeviceState::Staged && q.command_id.as_ref() == Some(command)
+                });
+            (!still).then(|| command.clone())
+        })
+        .collect()
+}
+
+/// Ends the process at a named point of a rollout step when `MODELFLEET_CRASH_AT` names it
+/// (`rollout_orders_recorded`: committed, nothing published; `rollout_orders_sent`: published).
+/// For the crash tests (`tests/fleet_faults.rs`); costs one cached lookup otherwise.
+fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("MODELFLEET_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("MODELFLEET_CRASH_AT={name}: aborting");
+        std::process::abort();
+    }
 }
 
 /// One event per decision taken since `before`.

@@ -1,0 +1,142 @@
+//! A rollout's stage commands across fleet-server crashes (issue 10), on both brokers.
+//!
+//! The server (a real `fleet-server` process) is made to abort at each of the two points of a
+//! rollout step (`MODELFLEET_CRASH_AT`):
+//! - `rollout_orders_recorded`: the step, its decisions, its `command_sent` events and the signed
+//!   stage commands are committed, nothing is published yet;
+//! - `rollout_orders_sent`: the commands were handed to the MQTT client (which may or may not
+//!   have written them to the broker before the process died).
+//!
+//! Started again on the same data, the server must finish the rollout with every device staged
+//! by exactly one command: the one it recorded, published again unchanged if no device event
+//! answered it. Each device installs the version exactly once.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{embedded_broker_exe, World};
+use modelfleet::harness::{wait_until, BrokerProcess};
+use serde_json::{json, Value};
+
+const DEVICES: usize = 4;
+const MODEL: &str = "digits_cnn";
+const LONG: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Copy)]
+enum Broker {
+    Embedded,
+    Mosquitto,
+}
+
+fn a_crash_in_a_rollout_step_stages_each_device_once(broker: Broker, crash_at: &str) {
+    let mut world = World::new();
+    let broker = match broker {
+        Broker::Embedded => BrokerProcess::embedded(embedded_broker_exe()),
+        Broker::Mosquitto => BrokerProcess::mosquitto(&world.path("mosquitto"), None, false),
+    }
+    .unwrap();
+    let mut server = world.spawn_server(&broker.url(), &[]);
+    let _fleet = world.start_sim_fleet(&broker.url(), DEVICES, 0.0, &["berlin"]);
+    let bundle = world.upload(&world.bundle(MODEL, "1.0.0"));
+
+    // The next start aborts at `crash_at` in the first rollout step that has orders.
+    server.kill();
+    server.start(&[("MODELFLEET_CRASH_AT", crash_at)]);
+    let id = world
+        .client()
+        .create_rollout(&json!({"bundle_id": bundle, "stages": [{"percent": 100}]}))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until(
+        &format!("the server to abort at {crash_at}"),
+        Duration::from_secs(60),
+        || server.exited().map(|_| ()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", server.log_text()));
+    assert!(
+        server
+            .log_text()
+            .contains(&format!("MODELFLEET_CRASH_AT={crash_at}")),
+        "the server did not stop at {crash_at}:\n{}",
+        server.log_text()
+    );
+
+    server.start(&[]);
+    let r = world.wait_for_rollout(&id, &["succeeded", "failed", "rolled_back", "paused"], LONG);
+    assert_eq!(r["state"], "succeeded", "{r:#}\n{}", server.log_text());
+
+    let events = world.get(&format!("/api/v1/events?rollout_id={id}&limit=1000"));
+    let events = events["events"].as_array().unwrap();
+    let mut commands: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut installs: BTreeMap<String, usize> = BTreeMap::new();
+    for e in events {
+        let device = e["device_id"].as_str().unwrap_or_default().to_string();
+        if e["kind"] == "command_sent" && e["detail"]["type"] == "stage" {
+            commands
+                .entry(device)
+                .or_default()
+                .insert(e["command_id"].as_str().unwrap().to_string());
+        } else if e["kind"] == "installed" && e["version"] == "1.0.0" {
+            *installs.entry(device).or_default() += 1;
+        }
+    }
+    assert_eq!(commands.len(), DEVICES, "every device staged: {commands:?}");
+    assert!(
+        commands.values().all(|c| c.len() == 1),
+        "one stage command per device, across the crash: {commands:?}"
+    );
+    assert_eq!(
+        installs.len(),
+        DEVICES,
+        "every device installed: {installs:?}"
+    );
+    assert!(
+        installs.values().all(|n| *n == 1),
+        "one install per device: {installs:?}"
+    );
+    // Each device's one command is the one its rollout entry names (the recorded one).
+    for (device, progress) in r["devices"].as_object().unwrap() {
+        let named: &Value = &progress["command_id"];
+        assert!(
+            commands[device].contains(named.as_str().unwrap()),
+            "{device}: rollout names {named}, sent {:?}",
+            commands[device]
+        );
+    }
+    if crash_at == "rollout_orders_recorded" {
+        // Nothing went out before the crash: every command reached its device by a re-send.
+        let metrics = ureq::get(&format!("{}/metrics", server.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let resent: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("fleet_commands_resent_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no fleet_commands_resent_total in\n{metrics}"));
+        assert!(resent >= DEVICES as u64, "resent {resent}:\n{metrics}");
+    }
+}
+
+fn crash_after_recording(broker: Broker) {
+    a_crash_in_a_rollout_step_stages_each_device_once(broker, "rollout_orders_recorded");
+}
+
+fn crash_after_sending(broker: Broker) {
+    a_crash_in_a_rollout_step_stages_each_device_once(broker, "rollout_orders_sent");
+}
+
+macro_rules! on_both_brokers {
+    ($($scenario:ident),*) => {
+        mod embedded {
+            $(#[test] fn $scenario() { super::$scenario(super::Broker::Embedded) })*
+        }
+        mod mosquitto {
+            $(#[test] fn $scenario() { super::$scenario(super::Broker::Mosquitto) })*
+        }
+    };
+}
+
+on_both_brokers!(crash_after_recording, crash_after_sending);
