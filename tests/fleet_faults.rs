@@ -140,11 +140,12 @@ fn the_broker_goes_down_mid_rollout(broker: Broker) {
             .then_some(())
     })
     .unwrap();
+    let mut missing = Vec::new();
     wait_until(
         "every window at the server",
         Duration::from_secs(30),
         || {
-            let mut missing = Vec::new();
+            missing.clear();
             for d in &fleet.devices {
                 let at_server = server_windows(&world, &d.id);
                 for ((m, v), wrote) in d.agent.windows_written() {
@@ -154,15 +155,10 @@ fn the_broker_goes_down_mid_rollout(broker: Broker) {
                     }
                 }
             }
-            if missing.is_empty() {
-                Some(())
-            } else {
-                println!("not yet: {missing:?}");
-                None
-            }
+            missing.is_empty().then_some(())
         },
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {missing:#?}"));
     let total: u64 = fleet
         .devices
         .iter()
@@ -178,7 +174,6 @@ fn the_broker_goes_down_mid_rollout(broker: Broker) {
 
 fn the_server_is_killed_mid_rollout(broker: Broker) {
     let seed = fault_seed(0x5eed_0010);
-    println!("MODELFLEET_FAULT_SEED={seed}");
     let mut rng = Rng(seed);
     let mut world = World::new();
     world.golden_max = 1000;
