@@ -153,7 +153,9 @@ pub enum BuildError {
     },
     #[error(
         "golden outputs are not reproducible within the tolerance: output '{output}' of sample \
-         {sample} is {got} when run alone, {want} in a batch (atol {atol}, rtol {rtol}); \
+         {sample} is {got} at another batch size, {want} in the evaluation batch (atol {atol}, \
+         rtol {rtol}; it needs atol {needed_atol}): the runtime's results depend on the batch \
+         size, so a device's self-test would depend on it too; if the difference is acceptable, \
          raise --golden-atol / --golden-rtol"
     )]
     GoldenUnstable {
@@ -163,6 +165,7 @@ pub enum BuildError {
         want: String,
         atol: f32,
         rtol: f32,
+        needed_atol: f32,
     },
     #[error("cannot use task '{requested}': {reason}")]
     Task {

@@ -234,3 +234,35 @@ fn quantized_outputs_are_reproducible_by_a_fresh_engine() {
         .iter()
         .all(|v| v.is_finite()));
 }
+
+#[test]
+fn int8_mobilenetish_ships_only_if_its_golden_outputs_hold_at_every_batch_size() {
+    // tract 0.23.9's int8 kernels give batch-size-dependent results on this model (logits
+    // differ by more than 1.0 between a batch of 4 and one sample): the bundler must refuse it,
+    // naming the output, and write nothing — or, on a runtime that does not, ship a bundle whose
+    // self-test passes the way a device runs it (all golden samples in one batch). The gate is
+    // opened: the model's weights are random, so its quantized logits are noise.
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), "mobilenetish", "m.mfb", QuantizeMode::Int8);
+    o.calibration = Some(model_path("mobilenetish", "test_input.npy"));
+    o.quality_gate = Gate {
+        max_accuracy_drop: 100.0,
+        min_snr_db: -1000.0,
+    };
+    match bundler::build(&o) {
+        Ok(r) => {
+            assert!(r.golden_atol_needed <= o.golden_atol, "{r:?}");
+            let (m, _) = install_like_a_device(dir.path(), &r.output);
+            assert_eq!(m.quantization.mode(), "int8");
+        }
+        Err(e @ BuildError::GoldenUnstable { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("output 'logits'") && msg.contains("batch size"),
+                "{msg}"
+            );
+            assert!(!o.output.exists(), "a refused bundle was written");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
