@@ -19,28 +19,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use agent::simulate::SimFleet;
-use common::{embedded_broker_exe, fault_seed, Rng, World};
+use common::{fault_seed, Broker, Rng, World};
 use fleet_server::BrokerConnection;
-use modelfleet::harness::{wait_until, BrokerProcess};
+use modelfleet::harness::wait_until;
 use serde_json::{json, Value};
 
 const DEVICES: usize = 12;
 const MODEL: &str = "digits_cnn";
 const LONG: Duration = Duration::from_secs(240);
-
-#[derive(Clone, Copy)]
-enum Broker {
-    Embedded,
-    Mosquitto,
-}
-
-fn start_broker(world: &World, broker: Broker) -> BrokerProcess {
-    match broker {
-        Broker::Embedded => BrokerProcess::embedded(embedded_broker_exe()),
-        Broker::Mosquitto => BrokerProcess::mosquitto(&world.path("mosquitto"), None, false),
-    }
-    .unwrap()
-}
 
 fn create(world: &World, spec: Value) -> String {
     world
@@ -88,7 +74,7 @@ fn wait_until_staging(world: &World, id: &str) {
 fn the_broker_goes_down_mid_rollout(broker: Broker) {
     let mut world = World::new();
     world.golden_max = 1000;
-    let mut broker = start_broker(&world, broker);
+    let mut broker = broker.start(&world);
     world.start_server(BrokerConnection::plain(&broker.url()));
     let mut fleet = world.start_sim_fleet(&broker.url(), DEVICES, 20.0, &["berlin"]);
     roll_out_v1(&world);
@@ -122,7 +108,7 @@ fn the_broker_goes_down_mid_rollout(broker: Broker) {
 
     let r = world.wait_for_rollout(&id, &["succeeded", "failed", "rolled_back", "paused"], LONG);
     assert_eq!(r["state"], "succeeded", "{r:#}");
-    let versions = versions(&world);
+    let versions = world.versions(MODEL);
     assert!(
         versions.len() == DEVICES && versions.values().all(|v| v == "2.0.0"),
         "{versions:?}"
@@ -177,7 +163,7 @@ fn the_server_is_killed_mid_rollout(broker: Broker) {
     let mut rng = Rng(seed);
     let mut world = World::new();
     world.golden_max = 1000;
-    let broker = start_broker(&world, broker);
+    let broker = broker.start(&world);
     let mut server = world.spawn_server(&broker.url(), &[]);
     let fleet = world.start_sim_fleet(&broker.url(), DEVICES, 20.0, &["berlin"]);
     roll_out_v1(&world);
@@ -198,30 +184,10 @@ fn the_server_is_killed_mid_rollout(broker: Broker) {
 
     let r = world.wait_for_rollout(&id, &["succeeded", "failed", "rolled_back", "paused"], LONG);
     assert_eq!(r["state"], "succeeded", "{r:#}\n{}", server.log_text());
-    let events = world.get(&format!("/api/v1/events?rollout_id={id}&limit=5000"));
-    let mut commands: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut installs: BTreeMap<String, usize> = BTreeMap::new();
-    for e in events["events"].as_array().unwrap() {
-        let device = e["device_id"].as_str().unwrap_or_default().to_string();
-        if e["kind"] == "command_sent" && e["detail"]["type"] == "stage" {
-            commands
-                .entry(device)
-                .or_default()
-                .insert(e["command_id"].as_str().unwrap().to_string());
-        } else if e["kind"] == "installed" && e["version"] == "2.0.0" {
-            *installs.entry(device).or_default() += 1;
-        }
-    }
-    assert_eq!(commands.len(), DEVICES, "{commands:?}");
-    assert!(
-        commands.values().all(|c| c.len() == 1),
-        "one stage command per device across the kills: {commands:?}"
-    );
-    assert!(
-        installs.len() == DEVICES && installs.values().all(|n| *n == 1),
-        "one install per device: {installs:?}"
-    );
-    let versions = versions(&world);
+    world
+        .rollout_record(&id, "2.0.0")
+        .assert_each_device_staged_once_and_installed_once(DEVICES);
+    let versions = world.versions(MODEL);
     assert!(versions.values().all(|v| v == "2.0.0"), "{versions:?}");
     world.rt.block_on(fleet.shutdown());
 }
@@ -252,38 +218,7 @@ fn server_windows(world: &World, device: &str) -> BTreeMap<(String, String), u64
     out
 }
 
-/// The active version of the model on each device that has it.
-fn versions(world: &World) -> BTreeMap<String, String> {
-    let list = world.get("/api/v1/devices?limit=1000");
-    list["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|d| {
-            let m = d["models"]
-                .as_array()?
-                .iter()
-                .find(|m| m["name"] == MODEL)?;
-            Some((
-                d["id"].as_str()?.to_string(),
-                m["active"].as_str()?.to_string(),
-            ))
-        })
-        .collect()
-}
-
-macro_rules! on_both_brokers {
-    ($($scenario:ident),*) => {
-        mod embedded {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Embedded) })*
-        }
-        mod mosquitto {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Mosquitto) })*
-        }
-    };
-}
-
-on_both_brokers!(
+common::on_both_brokers!(
     the_broker_goes_down_mid_rollout,
     the_server_is_killed_mid_rollout
 );

@@ -13,30 +13,19 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{embedded_broker_exe, World};
-use modelfleet::harness::{wait_until, BrokerProcess};
+use common::{Broker, World};
+use modelfleet::harness::wait_until;
 use serde_json::{json, Value};
 
 const DEVICES: usize = 4;
 const MODEL: &str = "digits_cnn";
 const LONG: Duration = Duration::from_secs(180);
 
-#[derive(Clone, Copy)]
-enum Broker {
-    Embedded,
-    Mosquitto,
-}
-
 fn a_crash_in_a_rollout_step_stages_each_device_once(broker: Broker, crash_at: &str) {
     let mut world = World::new();
-    let broker = match broker {
-        Broker::Embedded => BrokerProcess::embedded(embedded_broker_exe()),
-        Broker::Mosquitto => BrokerProcess::mosquitto(&world.path("mosquitto"), None, false),
-    }
-    .unwrap();
+    let broker = broker.start(&world);
     let mut server = world.spawn_server(&broker.url(), &[]);
     let _fleet = world.start_sim_fleet(&broker.url(), DEVICES, 0.0, &["berlin"]);
     let bundle = world.upload(&world.bundle(MODEL, "1.0.0"));
@@ -72,35 +61,9 @@ fn a_crash_in_a_rollout_step_stages_each_device_once(broker: Broker, crash_at: &
     let r = world.wait_for_rollout(&id, &["succeeded", "failed", "rolled_back", "paused"], LONG);
     assert_eq!(r["state"], "succeeded", "{r:#}\n{}", server.log_text());
 
-    let events = world.get(&format!("/api/v1/events?rollout_id={id}&limit=1000"));
-    let events = events["events"].as_array().unwrap();
-    let mut commands: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut installs: BTreeMap<String, usize> = BTreeMap::new();
-    for e in events {
-        let device = e["device_id"].as_str().unwrap_or_default().to_string();
-        if e["kind"] == "command_sent" && e["detail"]["type"] == "stage" {
-            commands
-                .entry(device)
-                .or_default()
-                .insert(e["command_id"].as_str().unwrap().to_string());
-        } else if e["kind"] == "installed" && e["version"] == "1.0.0" {
-            *installs.entry(device).or_default() += 1;
-        }
-    }
-    assert_eq!(commands.len(), DEVICES, "every device staged: {commands:?}");
-    assert!(
-        commands.values().all(|c| c.len() == 1),
-        "one stage command per device, across the crash: {commands:?}"
-    );
-    assert_eq!(
-        installs.len(),
-        DEVICES,
-        "every device installed: {installs:?}"
-    );
-    assert!(
-        installs.values().all(|n| *n == 1),
-        "one install per device: {installs:?}"
-    );
+    let record = world.rollout_record(&id, "1.0.0");
+    record.assert_each_device_staged_once_and_installed_once(DEVICES);
+    let commands = &record.stage_commands;
     // Each device's one command is the one its rollout entry names (the recorded one).
     for (device, progress) in r["devices"].as_object().unwrap() {
         let named: &Value = &progress["command_id"];
@@ -134,15 +97,4 @@ fn crash_after_sending(broker: Broker) {
     a_crash_in_a_rollout_step_stages_each_device_once(broker, "rollout_orders_sent");
 }
 
-macro_rules! on_both_brokers {
-    ($($scenario:ident),*) => {
-        mod embedded {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Embedded) })*
-        }
-        mod mosquitto {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Mosquitto) })*
-        }
-    };
-}
-
-on_both_brokers!(crash_after_recording, crash_after_sending);
+common::on_both_brokers!(crash_after_recording, crash_after_sending);

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use agent::simulate::SimFleet;
-use common::{embedded_broker_exe, models_dir, World};
+use common::{models_dir, Broker, World};
 use fleet_server::BrokerConnection;
 use modelfleet::harness::{wait_until, BrokerProcess};
 use serde_json::{json, Value};
@@ -28,12 +28,6 @@ use serde_json::{json, Value};
 const LONG: Duration = Duration::from_secs(180);
 const DEVICES: usize = 10;
 const MODEL: &str = "digits_cnn";
-
-#[derive(Clone, Copy)]
-enum Broker {
-    Embedded,
-    Mosquitto,
-}
 
 /// A fleet server, a broker and a simulated fleet running `digits_cnn` 1.0.0.
 struct Rig {
@@ -49,11 +43,7 @@ impl Rig {
         // Traffic is drawn from the golden set: all 450 reference digits, so that live class
         // frequencies match the bundle's baseline as real traffic would.
         world.golden_max = 1000;
-        let broker = match broker {
-            Broker::Embedded => BrokerProcess::embedded(embedded_broker_exe()),
-            Broker::Mosquitto => BrokerProcess::mosquitto(&world.path("mosquitto"), None, false),
-        }
-        .unwrap();
+        let broker = broker.start(&world);
         world.start_server(BrokerConnection::plain(&broker.url()));
 
         let fleet = world.start_sim_fleet(&broker.url(), DEVICES, rps, &["berlin"]);
@@ -125,22 +115,7 @@ impl Rig {
 
     /// The active version of `digits_cnn` on each device that has it.
     fn versions(&self) -> BTreeMap<String, String> {
-        let list = self.world.get("/api/v1/devices?limit=1000");
-        list["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|d| {
-                let m = d["models"]
-                    .as_array()?
-                    .iter()
-                    .find(|m| m["name"] == MODEL)?;
-                Some((
-                    d["id"].as_str()?.to_string(),
-                    m["active"].as_str()?.to_string(),
-                ))
-            })
-            .collect()
+        self.world.versions(MODEL)
     }
 
     /// Every `reverted` event, with its evidence (for failure messages).
@@ -368,35 +343,14 @@ fn a_restarted_server_resumes_the_rollout(broker: Broker) {
         actions(&r)
     );
     // No device was staged twice.
-    let events = rig
-        .world
-        .get(&format!("/api/v1/events?rollout_id={id}&limit=1000"));
-    let mut staged: BTreeMap<String, usize> = BTreeMap::new();
-    for e in events["events"].as_array().unwrap() {
-        if e["kind"] == "command_sent" && e["detail"]["type"] == "stage" {
-            *staged
-                .entry(e["device_id"].as_str().unwrap().to_string())
-                .or_default() += 1;
-        }
-    }
+    let staged = rig.world.rollout_record(&id, "2.0.0").stage_commands;
     assert_eq!(staged.len(), DEVICES, "{staged:?}");
-    assert!(staged.values().all(|n| *n == 1), "{staged:?}");
+    assert!(staged.values().all(|c| c.len() == 1), "{staged:?}");
     let versions = rig.versions();
     assert!(versions.values().all(|v| v == "2.0.0"), "{versions:?}");
 }
 
-macro_rules! on_both_brokers {
-    ($($scenario:ident),*) => {
-        mod embedded {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Embedded) })*
-        }
-        mod mosquitto {
-            $(#[test] fn $scenario() { super::$scenario(super::Broker::Mosquitto) })*
-        }
-    };
-}
-
-on_both_brokers!(
+common::on_both_brokers!(
     healthy_v2_is_promoted_through_every_stage,
     regressed_v2_stops_at_the_first_stage_and_rolls_back,
     a_stage_without_traffic_keeps_baking_then_pauses,

@@ -320,6 +320,113 @@ impl World {
     }
 }
 
+/// The brokers the broker suites run on: the embedded rumqttd (as its own process) and
+/// Mosquitto, both on a free loopback port, restartable.
+#[derive(Debug, Clone, Copy)]
+pub enum Broker {
+    Embedded,
+    Mosquitto,
+}
+
+impl Broker {
+    /// Starts this broker (Mosquitto's files in the world's `mosquitto/`).
+    pub fn start(self, world: &World) -> modelfleet::harness::BrokerProcess {
+        use modelfleet::harness::BrokerProcess;
+        match self {
+            Broker::Embedded => BrokerProcess::embedded(embedded_broker_exe()),
+            Broker::Mosquitto => BrokerProcess::mosquitto(&world.path("mosquitto"), None, false),
+        }
+        .unwrap()
+    }
+}
+
+/// `on_both_brokers!(scenario, …)`: a test `embedded::scenario` and `mosquitto::scenario` for
+/// each `fn scenario(broker: Broker)` of the test file.
+#[allow(unused_macros)]
+macro_rules! on_both_brokers {
+    ($($scenario:ident),*) => {
+        mod embedded {
+            $(#[test] fn $scenario() { super::$scenario($crate::common::Broker::Embedded) })*
+        }
+        mod mosquitto {
+            $(#[test] fn $scenario() { super::$scenario($crate::common::Broker::Mosquitto) })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_brokers;
+
+/// What a rollout did to each device, from the server's event log.
+#[derive(Debug, Default)]
+pub struct RolloutRecord {
+    /// Device id → the ids of the stage commands the rollout sent it.
+    pub stage_commands: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Device id → how many `installed` events of the rollout's version it reported.
+    pub installs: BTreeMap<String, usize>,
+}
+
+impl RolloutRecord {
+    /// Every one of `devices` devices was staged by exactly one command and installed once.
+    pub fn assert_each_device_staged_once_and_installed_once(&self, devices: usize) {
+        let (commands, installs) = (&self.stage_commands, &self.installs);
+        assert_eq!(commands.len(), devices, "every device staged: {commands:?}");
+        assert!(
+            commands.values().all(|c| c.len() == 1),
+            "one stage command per device: {commands:?}"
+        );
+        assert_eq!(
+            installs.len(),
+            devices,
+            "every device installed: {installs:?}"
+        );
+        assert!(
+            installs.values().all(|n| *n == 1),
+            "one install per device: {installs:?}"
+        );
+    }
+}
+
+impl World {
+    /// The active version of `model` on each device that has it (the server's device list).
+    pub fn versions(&self, model: &str) -> BTreeMap<String, String> {
+        let list = self.get("/api/v1/devices?limit=1000");
+        list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|d| {
+                let m = d["models"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["name"] == model)?;
+                Some((
+                    d["id"].as_str()?.to_string(),
+                    m["active"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The stage commands rollout `id` sent and the installs of `version` it caused, per device.
+    pub fn rollout_record(&self, id: &str, version: &str) -> RolloutRecord {
+        let events = self.get(&format!("/api/v1/events?rollout_id={id}&limit=10000"));
+        let mut record = RolloutRecord::default();
+        for e in events["events"].as_array().unwrap() {
+            let device = e["device_id"].as_str().unwrap_or_default().to_string();
+            if e["kind"] == "command_sent" && e["detail"]["type"] == "stage" {
+                record
+                    .stage_commands
+                    .entry(device)
+                    .or_default()
+                    .insert(e["command_id"].as_str().unwrap().to_string());
+            } else if e["kind"] == "installed" && e["version"] == version {
+                *record.installs.entry(device).or_default() += 1;
+            }
+        }
+        record
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         self.stop_server();
