@@ -48,22 +48,29 @@ impl Histogram {
         self.counts.len().saturating_sub(2)
     }
 
-    /// Index into `counts` where `value` falls.
+    /// Index into `counts` where `value` falls. A histogram read from elsewhere (a manifest, a
+    /// telemetry record) may have fewer than the 3 counts [`Histogram::new`] makes: then the
+    /// index is clamped to the last count (and is 0 for no counts; [`Histogram::add`] then
+    /// counts nothing).
     pub fn bin_of(&self, value: f64) -> usize {
         let bins = self.bins();
-        if value < self.lo {
+        let last = self.counts.len().saturating_sub(1);
+        let i = if value < self.lo {
             0
-        } else if value >= self.hi || value.is_nan() {
+        } else if value >= self.hi || value.is_nan() || bins == 0 {
             bins + 1
         } else {
             let i = ((value - self.lo) / (self.hi - self.lo) * bins as f64) as usize;
             1 + i.min(bins - 1)
-        }
+        };
+        i.min(last)
     }
 
     pub fn add(&mut self, value: f64) {
         let i = self.bin_of(value);
-        self.counts[i] += 1;
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
     }
 
     /// All counts (saturating: a histogram received from a device may hold any counts).
@@ -268,6 +275,34 @@ impl Moments {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_with_too_few_counts_takes_values_without_panicking() {
+        for counts in [vec![], vec![0], vec![0, 0]] {
+            let mut h = Histogram {
+                lo: 0.0,
+                hi: 1.0,
+                counts: counts.clone(),
+            };
+            for v in [-1.0, 0.0, 0.5, 1.0, 2.0, f64::NAN, f64::INFINITY] {
+                h.add(v);
+            }
+            assert_eq!(h.counts.len(), counts.len());
+            assert_eq!(h.total(), if counts.is_empty() { 0 } else { 7 });
+        }
+        // With degenerate bounds read from elsewhere (lo == hi, NaN) nothing panics either.
+        for (lo, hi) in [(1.0, 1.0), (f64::NAN, f64::NAN), (2.0, 1.0)] {
+            let mut h = Histogram {
+                lo,
+                hi,
+                counts: vec![0; 5],
+            };
+            for v in [-1.0, 1.0, 1.5, f64::NAN] {
+                h.add(v);
+            }
+            assert_eq!(h.total(), 4);
+        }
+    }
 
     #[test]
     fn histogram_bins_edges_and_outliers() {
