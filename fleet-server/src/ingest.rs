@@ -167,7 +167,9 @@ impl Fleet {
 
     fn on_telemetry(&self, device: &str, payload: &[u8]) -> Result<(), IngestError> {
         let record = decode_telemetry(payload)?;
-        self.telemetry.record(device, record);
+        if !self.telemetry.record(device, record) {
+            self.metrics.duplicate_windows.fetch_add(1, Relaxed);
+        }
         Ok(())
     }
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub malformed_telemetry: AtomicU64,
     pub malformed_chunk_requests: AtomicU64,
     pub duplicate_events: AtomicU64,
+    /// Telemetry windows received again (kept once).
+    pub duplicate_windows: AtomicU64,
     pub chunks_served: AtomicU64,
     pub chunk_bytes_served: AtomicU64,
     pub chunk_errors_sent: AtomicU64,
@@ -160,6 +162,12 @@ impl Metrics {
             "counter",
             "Device events received again (same device and seq) and not stored twice.",
             &[("", l(&self.duplicate_events))],
+        );
+        metric(
+            "fleet_telemetry_windows_duplicate_total",
+            "counter",
+            "Telemetry windows received again (same device, model, version and start); kept once.",
+            &[("", l(&self.duplicate_windows))],
         );
         metric(
             "fleet_chunks_served_total",

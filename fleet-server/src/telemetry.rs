@@ -60,8 +60,10 @@ impl Telemetry {
         }
     }
 
-    /// Keeps a record from `device`.
-    pub fn record(&self, device: &str, record: TelemetryRecord) {
+    /// Keeps a record from `device`. Returns false for a window already kept (same model,
+    /// version and `start`): QoS 1 delivers again what a device re-sends after a reconnect, and
+    /// a window counted twice would count its requests and errors twice in the rollout gates.
+    pub fn record(&self, device: &str, record: TelemetryRecord) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match record {
             TelemetryRecord::Window(w) => {
@@ -71,6 +73,10 @@ impl Telemetry {
                     version: w.version.clone(),
                 };
                 let q = inner.windows.entry(key).or_default();
+                // Newest first: a re-sent window is among the last few received.
+                if q.iter().rev().any(|kept| kept.start == w.start) {
+                    return false;
+                }
                 q.push_back(w);
                 let horizon = Utc::now() - self.retention.max_age;
                 while q.len() > self.retention.max_windows
@@ -90,6 +96,7 @@ impl Telemetry {
                 }
             }
         }
+        true
     }
 
     /// The windows of `device` (optionally only of `model`) ending after `since`, oldest first.
@@ -263,10 +270,11 @@ mod tests {
             max_windows: 3,
             ..Retention::default()
         });
+        let now = Utc::now();
         for i in 0..10 {
             t.record(
                 "a",
-                TelemetryRecord::Window(window("1", i, 0, 10.0, Utc::now())),
+                TelemetryRecord::Window(window("1", i, 0, 10.0, now + Duration::seconds(i as i64))),
             );
         }
         let kept = t.windows("a", None, None);
@@ -274,5 +282,22 @@ mod tests {
             kept.iter().map(|w| w.requests).collect::<Vec<_>>(),
             vec![7, 8, 9]
         );
+    }
+
+    #[test]
+    fn a_window_received_again_is_kept_once() {
+        let t = Telemetry::default();
+        let now = Utc::now();
+        let first = window("1", 10, 1, 10.0, now);
+        let next = window("1", 20, 0, 10.0, now + Duration::seconds(10));
+        assert!(t.record("a", TelemetryRecord::Window(first.clone())));
+        assert!(t.record("a", TelemetryRecord::Window(next)));
+        // Re-sent after a reconnect, behind a newer one: not counted again.
+        assert!(!t.record("a", TelemetryRecord::Window(first.clone())));
+        let kept = t.windows("a", None, None);
+        assert_eq!(kept.iter().map(|w| w.requests).sum::<u64>(), 30);
+        // The same start on another device or version is another window.
+        assert!(t.record("b", TelemetryRecord::Window(first.clone())));
+        assert!(t.record("a", TelemetryRecord::Window(window("2", 5, 0, 10.0, now))));
     }
 }
