@@ -256,7 +256,7 @@ impl Server {
                 None
             }
             BulkPlan::Main(OnMain::NoBulkIdentity) => {
-                tracing::warn!("mutual TLS without --bulk-client-cert/--bulk-client-key: chunk frames go on the main MQTT connection at QoS 1 (slower transfers; a bulk connection needs a certificate identity of its own, see docs/protocol.md)");
+                tracing::warn!("mutual TLS without --bulk-client-cert/--bulk-client-key: chunk frames go on the main MQTT connection at QoS 1, where they queue in front of chunk requests (a bulk connection needs a certificate identity of its own, see docs/protocol.md)");
                 None
             }
         };
