@@ -126,6 +126,7 @@ struct RunArgs {
         conflicts_with = "no_bulk_connection"
     )]
     bulk_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of the bulk connection's certificate.
     #[arg(long, requires = "bulk_client_cert")]
     bulk_client_key: Option<PathBuf>,
     #[arg(long, default_value = protocol::link::DEFAULT_PREFIX)]
