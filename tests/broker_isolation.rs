@@ -1,8 +1,9 @@
 //! Issue 11 on Mosquitto: device identity by mutual TLS with certificates from the fleet CA
 //! (`fleet_server::pki`), and isolation between devices by the generated ACL
 //! (`fleet_server::isolation`). A real fleet server and a real agent work through the
-//! confined broker; a device's certificate cannot publish as another device nor read its
-//! commands; no certificate, or one from another CA, is refused.
+//! confined broker, the server's chunk frames on its bulk connection with an identity of its
+//! own; a device's certificate cannot publish as another device nor read its commands; the bulk
+//! identity can only write chunk frames; no certificate, or one from another CA, is refused.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use agent::link::TlsFiles;
 use common::World;
+use fleet_server::bulk::BULK_IDENTITY;
 use fleet_server::isolation::{mosquitto_acl, SERVER_IDENTITY};
 use fleet_server::pki::{issue_device_cert, issue_identity_cert, issue_server_cert, Issued};
 use fleet_server::BrokerConnection;
@@ -33,7 +35,13 @@ fn confined_mosquitto(world: &World, ca: &Path) -> BrokerProcess {
     )
     .unwrap();
     let acl = pki.join("acl");
-    let text = mosquitto_acl(&Topics::default(), &[SERVER_IDENTITY.to_string()], &[]).unwrap();
+    let text = mosquitto_acl(
+        &Topics::default(),
+        &[SERVER_IDENTITY.to_string()],
+        &[BULK_IDENTITY.to_string()],
+        &[],
+    )
+    .unwrap();
     std::fs::write(&acl, text).unwrap();
     let conf = format!(
         "allow_anonymous false\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
@@ -120,6 +128,7 @@ fn device_certificates_and_the_acl_confine_each_device_to_its_own_topics() {
     let ca: PathBuf = world.path("fleet-ca");
     let certs = world.path("certs");
     let server_cert = issue_identity_cert(&ca, SERVER_IDENTITY, &certs).unwrap();
+    let bulk_cert = issue_identity_cert(&ca, BULK_IDENTITY, &certs).unwrap();
     let dev_a = issue_device_cert(&ca, "dev-a", &certs).unwrap();
     let dev_b = issue_device_cert(&ca, "dev-b", &certs).unwrap();
     let rogue = issue_device_cert(&world.path("rogue-ca"), "dev-c", &world.path("rogue")).unwrap();
@@ -127,7 +136,10 @@ fn device_certificates_and_the_acl_confine_each_device_to_its_own_topics() {
     let url = broker.url();
     let ca_pem = server_cert.ca.clone();
 
-    // The fleet server and a real agent, each with its certificate, work as usual.
+    // The fleet server and a real agent, each with its certificate, work as usual; the server's
+    // chunk frames take its bulk connection, which has a certificate of its own.
+    world.bulk.client_cert = Some(bulk_cert.cert.clone());
+    world.bulk.client_key = Some(bulk_cert.key.clone());
     world.start_server(BrokerConnection {
         url: url.clone(),
         ca_file: Some(ca_pem.clone()),
@@ -145,12 +157,29 @@ fn device_certificates_and_the_acl_confine_each_device_to_its_own_topics() {
         (d["online"] == true).then_some(())
     })
     .unwrap();
+    let fleet = world.server.as_ref().unwrap().fleet().clone();
+    wait_until("the bulk connection up", LONG, || {
+        fleet.bulk.is_connected().then_some(())
+    })
+    .unwrap();
     let bundle = world.bundle("digits_mlp", "1.0.0");
     let id = world.upload(&bundle);
     let (s, body) = world.post_json("/api/v1/devices/dev-a/stage", json!({ "bundle_id": id }));
     assert_eq!(s, 202, "{body}");
     world.wait_for_version("dev-a", "digits_mlp", "1.0.0", LONG);
     assert!(device.link.as_ref().unwrap().is_connected());
+    let metrics = fleet.render_metrics();
+    let chunks = std::fs::metadata(&bundle)
+        .unwrap()
+        .len()
+        .div_ceil(world.chunk_size as u64);
+    assert!(
+        metrics.contains(&format!(
+            "fleet_chunk_frames_sent_total{{connection=\"bulk\"}} {chunks}\n"
+        )) && metrics.contains("fleet_chunk_frames_sent_total{connection=\"main\"} 0\n")
+            && metrics.contains("fleet_mqtt_bulk_connected 1\n"),
+        "every chunk frame took the bulk connection:\n{metrics}"
+    );
 
     // dev-b's certificate: it cannot read dev-a's commands, nor anything else of the fleet but
     // the fleet-wide retained topics (Mosquitto's acl_file grants the subscription and filters
@@ -249,4 +278,60 @@ fn device_certificates_and_the_acl_confine_each_device_to_its_own_topics() {
     assert_eq!(all["total"], 2, "{all}");
     drop(device);
     world.stop_server();
+
+    // The bulk identity (its server stopped, so nobody takes its client id back): chunk frames
+    // to any device get through, nothing else does, and it reads nothing.
+    let watcher = Raw::connect(&url, &ca_pem, Some(&server_cert), SERVER_IDENTITY);
+    watcher.connected().expect("the server's certificate");
+    let (events_a, chunk_a) = (
+        topics.device("dev-a", Channel::Events),
+        topics.device("dev-a", Channel::TransferChunk),
+    );
+    for filter in [&events_a, &chunk_a] {
+        watcher.client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        watcher
+            .next(20, |p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .unwrap();
+    }
+    let bulk = Raw::connect(&url, &ca_pem, Some(&bulk_cert), BULK_IDENTITY);
+    bulk.connected().expect("the bulk certificate is accepted");
+    bulk.client
+        .subscribe("modelfleet/v1/#", QoS::AtLeastOnce)
+        .unwrap();
+    bulk.next(20, |p| matches!(p, Packet::SubAck(_)).then_some(()))
+        .unwrap();
+    bulk.client
+        .publish(&events_a, QoS::AtLeastOnce, false, event.to_string())
+        .unwrap();
+    bulk.client
+        .publish(&chunk_a, QoS::AtMostOnce, false, b"a chunk frame".to_vec())
+        .unwrap();
+    let delivered = watcher
+        .next(20, |p| match p {
+            Packet::Publish(p) => Some(p.topic.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        delivered, chunk_a,
+        "the chunk frame, not the event published before it"
+    );
+    watcher
+        .client
+        .publish(
+            topics.device("dev-a", Channel::Commands),
+            QoS::AtLeastOnce,
+            false,
+            b"{}".to_vec(),
+        )
+        .unwrap();
+    let read = bulk.next(3, |p| match p {
+        Packet::Publish(p) => Some(p.topic.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        read,
+        Err("timed out".to_string()),
+        "the bulk identity read a message"
+    );
 }

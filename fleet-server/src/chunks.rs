@@ -1,5 +1,6 @@
 //! Chunk serving: answers a device's [`ChunkRequest`] with one frame per chunk on its
-//! `transfer/chunk` topic, QoS 1.
+//! `transfer/chunk` topic: on the bulk connection at QoS 0 while it is up, else on the main
+//! connection at QoS 1 ([`crate::bulk`]).
 //!
 //! A request is served up to [`max_chunks_per_request`] chunks (the caps of `protocol::link`,
 //! which the agent also honours when it asks); requests for an unknown bundle, from an unknown
@@ -8,11 +9,10 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use protocol::link::{chunk_count, max_chunks_per_request, Channel, ChunkRequest, MAX_CHUNK_SIZE};
-use rumqttc::QoS;
-
+use crate::bulk::Route;
 use crate::bundles::error_frame;
 use crate::fleet::Fleet;
+use protocol::link::{chunk_count, max_chunks_per_request, Channel, ChunkRequest, MAX_CHUNK_SIZE};
 
 impl Fleet {
     /// Serves one chunk request from `device`.
@@ -30,10 +30,27 @@ impl Fleet {
             }
             Err((why, total)) => refuse(why, total),
         };
-        let _ = self
-            .mqtt
-            .publish(topic, QoS::AtLeastOnce, false, frame)
-            .await;
+        let _ = self.publish_frame(device, &topic, frame).await;
+    }
+
+    /// Publishes one frame (bulk connection or main, see [`crate::bulk::BulkLink::publish`]),
+    /// counted by the connection it took; false if it could not be queued.
+    async fn publish_frame(&self, device: &str, topic: &str, frame: Vec<u8>) -> bool {
+        match self.bulk.publish(&self.mqtt, topic, frame).await {
+            Ok(Route::Bulk) => {
+                self.metrics.chunk_frames_bulk.fetch_add(1, Relaxed);
+                true
+            }
+            Ok(Route::Main) => {
+                self.metrics.chunk_frames_main.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                self.metrics.chunk_frames_unsent.fetch_add(1, Relaxed);
+                tracing::warn!(device, error = %e, "cannot queue chunk for the broker");
+                false
+            }
+        }
     }
 
     /// The bundle size and the number of chunks to serve, or why not (and the chunk total).
@@ -96,12 +113,7 @@ impl Fleet {
                 }
             };
             let bytes = frame.len() as u64;
-            if let Err(e) = self
-                .mqtt
-                .publish(topic, QoS::AtLeastOnce, false, frame)
-                .await
-            {
-                tracing::warn!(device, error = %e, "cannot queue chunk for the broker");
+            if !self.publish_frame(device, topic, frame).await {
                 break;
             }
             served += 1;

@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::{self, Caller, Role, TokenIndex};
+use crate::bulk::BulkLink;
 use crate::bundles::{BundleFileError, BundleFiles};
 use crate::keyring::{FleetKeyring, KeyringError};
 use crate::metrics::{Gauges, Metrics};
@@ -171,6 +172,8 @@ pub struct Fleet {
     pub metrics: Metrics,
     pub topics: Topics,
     pub(crate) mqtt: AsyncClient,
+    /// The publish-only connection chunk frames take when there is one ([`crate::bulk`]).
+    pub bulk: BulkLink,
     pub(crate) mqtt_connected: AtomicBool,
     pub(crate) mqtt_subscribed: AtomicBool,
     tokens: RwLock<TokenIndex>,
@@ -211,6 +214,7 @@ impl Fleet {
             metrics: Metrics::default(),
             topics,
             mqtt,
+            bulk: BulkLink::default(),
             mqtt_connected: AtomicBool::new(false),
             mqtt_subscribed: AtomicBool::new(false),
             tokens: RwLock::default(),
@@ -781,6 +785,7 @@ impl Fleet {
             bundles: self.store.bundles().map(|b| b.len() as u64).unwrap_or(0),
             events: self.store.event_count().unwrap_or(0),
             mqtt_connected: self.mqtt_connected(),
+            bulk_connected: self.bulk.is_connected(),
             telemetry_keys: self.telemetry.keys() as u64,
         };
         self.metrics.render(&g)

@@ -8,7 +8,8 @@
 //! the fleet CA whose CN is the device id (`require_certificate true` +
 //! `use_identity_as_username true`, see [`crate::pki`]) or a `password_file` entry. With
 //! `use_username_as_clientid true` the client id is forced to the same name, so a device cannot
-//! take over another's session either. The server's identities get the whole prefix. See
+//! take over another's session either. The server's identities get the whole prefix; the
+//! identities of its bulk connections ([`crate::bulk`]) may only write chunk frames. See
 //! `docs/security.md`.
 //!
 //! With the embedded rumqttd broker the server cannot do the same: rumqttd 0.20 hands a
@@ -54,18 +55,21 @@ fn acl_safe(s: &str, max: usize) -> bool {
             .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '%' | '#' | '+'))
 }
 
-/// The Mosquitto ACL: `servers` read and write everything under the prefix, `telemetry_readers`
-/// read every device's telemetry, and every other user is a device confined to its own topics.
+/// The Mosquitto ACL: `servers` read and write everything under the prefix, `bulk` (the
+/// servers' bulk connections, [`crate::bulk`]) only write chunk frames to every device,
+/// `telemetry_readers` read every device's telemetry, and every other user is a device confined
+/// to its own topics.
 pub fn mosquitto_acl(
     topics: &Topics,
     servers: &[String],
+    bulk: &[String],
     telemetry_readers: &[String],
 ) -> Result<String, AclError> {
     let p = topics.prefix();
     if p.contains('%') || p.chars().any(char::is_whitespace) {
         return Err(AclError::Prefix(p.to_string()));
     }
-    for who in servers.iter().chain(telemetry_readers) {
+    for who in servers.iter().chain(bulk).chain(telemetry_readers) {
         if !acl_safe(who, 128) {
             return Err(AclError::Identity(who.clone()));
         }
@@ -82,6 +86,13 @@ pub fn mosquitto_acl(
     );
     for s in servers {
         let _ = writeln!(w, "\n# fleet server\nuser {s}\ntopic readwrite {p}/#");
+    }
+    for b in bulk {
+        let _ = writeln!(
+            w,
+            "\n# fleet server's bulk connection: chunk frames only\nuser {b}\ntopic write {}",
+            topics.every_device(Channel::TransferChunk)
+        );
     }
     for r in telemetry_readers {
         let _ = writeln!(
@@ -111,8 +122,19 @@ mod tests {
     #[test]
     fn the_acl_confines_devices_to_their_own_topics() {
         let t = Topics::default();
-        let acl = mosquitto_acl(&t, &[SERVER_IDENTITY.into()], &["grafana".into()]).unwrap();
+        let acl = mosquitto_acl(
+            &t,
+            &[SERVER_IDENTITY.into()],
+            &[crate::bulk::BULK_IDENTITY.into()],
+            &["grafana".into()],
+        )
+        .unwrap();
         assert!(acl.contains("user fleet-server@fleet\ntopic readwrite modelfleet/v1/#\n"));
+        // The bulk connection writes chunk frames to any device and may do nothing else.
+        assert!(acl.contains(
+            "user fleet-server-bulk@fleet\ntopic write modelfleet/v1/devices/+/transfer/chunk\n\n"
+        ));
+        assert_eq!(acl.matches("topic write").count(), 1, "{acl}");
         assert!(acl.contains("user grafana\ntopic read modelfleet/v1/devices/+/telemetry\n"));
         for line in [
             "pattern write modelfleet/v1/devices/%u/status",
@@ -131,8 +153,10 @@ mod tests {
             8,
             "nothing else for devices"
         );
-        assert!(mosquitto_acl(&t, &["a b".into()], &[]).is_err());
-        assert!(mosquitto_acl(&t, &[], &["x%".into()]).is_err());
+        assert!(mosquitto_acl(&t, &["a b".into()], &[], &[]).is_err());
+        assert!(mosquitto_acl(&t, &[], &["b+".into()], &[]).is_err());
+        assert!(mosquitto_acl(&t, &[], &[], &["x%".into()]).is_err());
         assert!(protocol::link::check_device_id(SERVER_IDENTITY).is_err());
+        assert!(protocol::link::check_device_id(crate::bulk::BULK_IDENTITY).is_err());
     }
 }

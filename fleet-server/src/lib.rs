@@ -16,7 +16,8 @@
 //! server answers one verified frame per chunk. The server keeps one persistent MQTT session
 //! (clean session off, a client id derived from its data directory) so what devices publish
 //! while it restarts is delivered when it returns; it reconnects with jittered exponential
-//! backoff and resubscribes on every connection.
+//! backoff and resubscribes on every connection. Chunk frames leave on a second, publish-only
+//! connection at QoS 0 ([`bulk`]), so they do not queue in front of incoming chunk requests.
 //!
 //! The broker is either the **embedded** rumqttd ([`broker::EmbeddedBroker`], zero set-up,
 //! in memory) or any **external** broker by URL (`mqtt://` or `mqtts://` with a CA file and an
@@ -80,6 +81,7 @@
 //! - [`store`]: redb tables and records. [`bundles`]: bundle files and chunk frames.
 //! - [`ingest`]: status, events and telemetry from devices. [`chunks`]: chunk serving.
 //! - [`mqtt`]: connection options (TLS), the event loop, subscriptions, dispatch.
+//!   [`bulk`]: the publish-only connection chunk frames take (QoS 0).
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`telemetry`]: in-memory windows and cohort figures. [`metrics`]: counters and exposition.
 //! - [`auth`]: token files, roles, hashing. [`http`]: the axum router and handlers.
@@ -89,6 +91,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod bulk;
 pub mod bundles;
 pub mod chunks;
 pub mod fleet;
@@ -105,6 +108,7 @@ pub mod server_key;
 pub mod store;
 pub mod telemetry;
 
+pub use bulk::BulkSettings;
 pub use fleet::{DeviceQuery, DeviceView, Fleet, FleetError};
 pub use mqtt::BrokerConnection;
 pub use server::{load_keyring, BrokerChoice, RunningServer, Server, ServerConfig, ServerError};

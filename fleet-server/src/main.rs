@@ -43,6 +43,10 @@ enum Command {
         /// Username (certificate CN) of a fleet server: reads and writes every device topic.
         #[arg(long = "server-identity", default_values_t = [fleet_server::isolation::SERVER_IDENTITY.to_string()])]
         servers: Vec<String>,
+        /// Username (certificate CN) of a fleet server's bulk connection: may only publish chunk
+        /// frames, on every device's transfer/chunk topic (repeatable; one per server).
+        #[arg(long = "bulk-identity", default_values_t = [fleet_server::bulk::BULK_IDENTITY.to_string()])]
+        bulk: Vec<String>,
         /// Username allowed to read every device's telemetry (repeatable).
         #[arg(long = "telemetry-reader")]
         readers: Vec<String>,
@@ -109,6 +113,22 @@ struct RunArgs {
     client_cert: Option<PathBuf>,
     #[arg(long, requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// Keep chunk frames on the main MQTT connection (QoS 1) instead of a second,
+    /// publish-only connection (client id CLIENT_ID-bulk, QoS 0).
+    #[arg(long)]
+    no_bulk_connection: bool,
+    /// Client certificate (PEM) of the bulk connection under mutual TLS: an identity of its own
+    /// (e.g. fleet-server-bulk@fleet). Without it, under mutual TLS, chunk frames stay on the
+    /// main connection.
+    #[arg(
+        long,
+        requires = "bulk_client_key",
+        conflicts_with = "no_bulk_connection"
+    )]
+    bulk_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of the bulk connection's certificate.
+    #[arg(long, requires = "bulk_client_cert")]
+    bulk_client_key: Option<PathBuf>,
     #[arg(long, default_value = protocol::link::DEFAULT_PREFIX)]
     topic_prefix: String,
     /// Token file: lines `NAME ROLE SECRET` (role viewer|operator|admin).
@@ -174,11 +194,12 @@ fn main() -> Result<()> {
         Command::MosquittoAcl {
             topic_prefix,
             servers,
+            bulk,
             readers,
             out,
         } => {
             let topics = protocol::link::Topics::new(&topic_prefix)?;
-            let acl = fleet_server::isolation::mosquitto_acl(&topics, &servers, &readers)?;
+            let acl = fleet_server::isolation::mosquitto_acl(&topics, &servers, &bulk, &readers)?;
             match out {
                 None => print!("{acl}"),
                 Some(path) => {
@@ -243,8 +264,8 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, Some(addr)) => BrokerChoice::Embedded(addr),
         (None, None) => BrokerChoice::Embedded(SocketAddr::from(([127, 0, 0, 1], 1883))),
     };
-    if args.client_cert.is_some() && args.broker.is_none() {
-        bail!("--client-cert needs --broker mqtts://...");
+    if (args.client_cert.is_some() || args.bulk_client_cert.is_some()) && args.broker.is_none() {
+        bail!("--client-cert and --bulk-client-cert need --broker mqtts://...");
     }
     let mut config = ServerConfig::new(&args.data_dir, keyring);
     config.listen = args.listen;
@@ -258,6 +279,11 @@ async fn run(args: RunArgs) -> Result<()> {
     config.command_ttl = std::time::Duration::from_secs(args.command_ttl.max(1));
     config.stage_resend_after = std::time::Duration::from_secs(args.stage_resend_after.max(1));
     config.chunk_size = args.chunk_size;
+    config.bulk = fleet_server::BulkSettings {
+        enabled: !args.no_bulk_connection,
+        client_cert: args.bulk_client_cert,
+        client_key: args.bulk_client_key,
+    };
     let server = Server::start(config).await.context("starting the server")?;
     if let Some(token) = server.admin_token() {
         say(&format!("admin token: {token}"));

@@ -26,6 +26,16 @@ pub struct Metrics {
     pub chunk_errors_sent: AtomicU64,
     /// Chunk requests dropped because the serving queue was full.
     pub chunk_requests_dropped: AtomicU64,
+    /// Chunk frames (data and error frames) published on the bulk connection (QoS 0) ...
+    pub chunk_frames_bulk: AtomicU64,
+    /// ... and on the main connection (QoS 1: no bulk connection, or it was down).
+    pub chunk_frames_main: AtomicU64,
+    /// Chunk frames that could not be queued for the broker (the rest of that request is
+    /// dropped; the agent asks again).
+    pub chunk_frames_unsent: AtomicU64,
+    /// The bulk connection's ConnAcks and errors.
+    pub bulk_connects: AtomicU64,
+    pub bulk_connection_errors: AtomicU64,
     pub commands_sent: AtomicU64,
     /// Stage commands published again, unchanged, because their device had not answered.
     pub commands_resent: AtomicU64,
@@ -46,6 +56,8 @@ pub struct Gauges {
     pub bundles: u64,
     pub events: u64,
     pub mqtt_connected: bool,
+    /// The bulk connection for chunk frames is up (false when there is none).
+    pub bulk_connected: bool,
     pub telemetry_keys: u64,
 }
 
@@ -192,6 +204,39 @@ impl Metrics {
             "counter",
             "Chunk requests dropped because the serving queue was full (the agent asks again).",
             &[("", l(&self.chunk_requests_dropped))],
+        );
+        metric(
+            "fleet_chunk_frames_sent_total",
+            "counter",
+            "Chunk frames published, by connection: bulk (QoS 0) or main (QoS 1).",
+            &[
+                ("connection=\"bulk\"", l(&self.chunk_frames_bulk)),
+                ("connection=\"main\"", l(&self.chunk_frames_main)),
+            ],
+        );
+        metric(
+            "fleet_chunk_frames_unsent_total",
+            "counter",
+            "Chunk frames that could not be queued for the broker (the agent asks again).",
+            &[("", l(&self.chunk_frames_unsent))],
+        );
+        metric(
+            "fleet_mqtt_bulk_connected",
+            "gauge",
+            "1 while the bulk connection for chunk frames is up (0 when down or not configured).",
+            &[("", g.bulk_connected as u64)],
+        );
+        metric(
+            "fleet_mqtt_bulk_connects_total",
+            "counter",
+            "Bulk connections made (ConnAck received).",
+            &[("", l(&self.bulk_connects))],
+        );
+        metric(
+            "fleet_mqtt_bulk_connection_errors_total",
+            "counter",
+            "Bulk connection errors (each followed by a backoff and a reconnect; frames take the main connection meanwhile).",
+            &[("", l(&self.bulk_connection_errors))],
         );
         metric(
             "fleet_commands_sent_total",

@@ -44,7 +44,7 @@ pub enum MqttError {
 }
 
 /// Where and how to connect.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConnection {
     /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
     pub url: String,

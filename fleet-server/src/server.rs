@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{Role, TokenLine};
 use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::bulk::{self, BulkError, BulkPlan, BulkSettings, OnMain};
 use crate::bundles::{BundleFileError, BundleFiles};
 use crate::fleet::{Fleet, FleetError};
 use crate::http::limit::AuthFailureLimit;
@@ -72,6 +73,9 @@ pub struct ServerConfig {
     /// The chunk size stage commands name (default 64 KiB, at most
     /// [`protocol::link::MAX_CHUNK_SIZE`]): smaller for brokers with a smaller message cap.
     pub chunk_size: u32,
+    /// The publish-only connection chunk frames take (default: on, client id
+    /// `{client_id}-bulk`; under mutual TLS only with its own certificate), see [`crate::bulk`].
+    pub bulk: BulkSettings,
 }
 
 impl ServerConfig {
@@ -97,6 +101,7 @@ impl ServerConfig {
                 protocol::command_auth::DEFAULT_COMMAND_TTL_SECONDS as u64,
             ),
             chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
+            bulk: BulkSettings::default(),
         }
     }
 }
@@ -118,6 +123,8 @@ pub enum ServerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Bulk(#[from] BulkError),
     #[error(transparent)]
     Topics(#[from] LinkError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -184,6 +191,7 @@ impl Server {
             .client_id
             .clone()
             .unwrap_or_else(|| default_client_id(data_dir));
+        let bulk_plan = bulk::plan(&connection, &config.bulk)?;
         let mut opts = mqtt::options(&connection, &client_id)?;
         if config.shared_subscription.is_none() {
             opts.set_last_will(rumqttc::LastWill::new(
@@ -243,6 +251,27 @@ impl Server {
         );
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let bulk_task = match bulk_plan {
+            BulkPlan::Connect(conn) => {
+                let opts = bulk::options(&conn, &client_id)?;
+                let (bulk_client, bulk_loop) =
+                    rumqttc::AsyncClient::new(opts.clone(), opts.request_channel_capacity());
+                fleet.bulk.set_client(bulk_client);
+                Some(tokio::spawn(bulk::run(
+                    fleet.clone(),
+                    bulk_loop,
+                    stop_rx.clone(),
+                )))
+            }
+            BulkPlan::Main(OnMain::Disabled) => {
+                tracing::info!("no bulk connection (--no-bulk-connection): chunk frames go on the main MQTT connection at QoS 1");
+                None
+            }
+            BulkPlan::Main(OnMain::NoBulkIdentity) => {
+                tracing::warn!("mutual TLS without --bulk-client-cert/--bulk-client-key: chunk frames go on the main MQTT connection at QoS 1, where they queue in front of chunk requests (a bulk connection needs a certificate identity of its own, see docs/protocol.md)");
+                None
+            }
+        };
         let filters = mqtt::subscriptions(&topics, config.shared_subscription.as_deref());
         let mqtt_task = tokio::spawn(mqtt::run(
             fleet.clone(),
@@ -289,7 +318,10 @@ impl Server {
             stop: stop_tx,
             rollouts,
             rollout_task,
-            tasks: vec![mqtt_task, http_task],
+            tasks: [mqtt_task, http_task]
+                .into_iter()
+                .chain(bulk_task)
+                .collect(),
         })
     }
 }

@@ -86,6 +86,11 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     assert!(other.rx.try_recv().is_err(), "dev-2 got nothing");
 
     // Fetch every chunk, 16 at a time (plus an oversize request the server caps), reassemble.
+    // The frames come on the server's bulk connection (QoS 0) once it is up (rumqttd delivers
+    // them at the subscription's QoS, 1, so only the metrics tell the connections apart).
+    wait_for(20, "the bulk connection", || {
+        (api.metric("fleet_mqtt_bulk_connected") == 1).then_some(())
+    });
     let total = bundle.chunks();
     assert!(total > 1, "the test bundle spans several chunks");
     let mut chunks: Vec<Option<Vec<u8>>> = vec![None; total as usize];
@@ -136,6 +141,14 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
         assert!(h.error.is_some() && b.is_empty(), "{h:?}");
     }
     assert!(api.metric("fleet_chunk_errors_total") >= 2);
+    assert_eq!(
+        (
+            api.metric("fleet_chunk_frames_sent_total{connection=\"bulk\"}"),
+            api.metric("fleet_chunk_frames_sent_total{connection=\"main\"}")
+        ),
+        (total as u64 + 2, 0),
+        "every frame, error frames too, on the bulk connection"
+    );
     wait_for(20, "chunks counted", || {
         (api.metric("fleet_chunks_served_total") >= total as u64).then_some(())
     });
@@ -232,6 +245,49 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
     assert!(e["error"].as_str().unwrap().contains("bundle"));
 
     drop((dev, other));
+    fx.stop(server);
+}
+
+#[test]
+fn without_the_bulk_connection_chunk_frames_take_the_main_one() {
+    let fx = Fixture::new();
+    let mut config = fx.config("server");
+    config.bulk.enabled = false;
+    let server = fx.start(config);
+    let api = Api::new(&server, server.admin_token());
+    let dev = FakeDevice::connect(server.broker_url(), "dev-m");
+    dev.publish_status(&dev.status(&[], Some(vec![])));
+    wait_for(20, "device registered", || {
+        (api.get("/api/v1/devices/dev-m").0 == 200).then_some(())
+    });
+    let bytes = std::fs::read(fx.bundle("digits_mlp", "1.0.0")).unwrap();
+    let (s, up) = api.post_bytes("/api/v1/bundles", &bytes);
+    assert_eq!(s, 201, "{up}");
+    let req = ChunkRequest {
+        schema: LINK_SCHEMA,
+        bundle_id: link::sha256_hex(&bytes),
+        chunk_size: 4096,
+        first: 0,
+        count: 3,
+    };
+    dev.publish(Channel::TransferRequest, link::encode(&req), false);
+    for index in 0..3 {
+        let p = dev.recv(Channel::TransferChunk, 20);
+        let (h, b) = link::decode_chunk(&p.payload).unwrap();
+        assert_eq!(
+            (h.index, b),
+            (index, &bytes[index as usize * 4096..][..4096])
+        );
+    }
+    assert_eq!(
+        (
+            api.metric("fleet_chunk_frames_sent_total{connection=\"main\"}"),
+            api.metric("fleet_chunk_frames_sent_total{connection=\"bulk\"}"),
+            api.metric("fleet_mqtt_bulk_connected"),
+        ),
+        (3, 0, 0)
+    );
+    drop(dev);
     fx.stop(server);
 }
 

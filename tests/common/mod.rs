@@ -42,6 +42,8 @@ pub struct World {
     pub server_key: PublicKey,
     /// The chunk size the server's stage commands name (default 64 KiB).
     pub chunk_size: u32,
+    /// The server's bulk connection for chunk frames (default: on, no certificate of its own).
+    pub bulk: fleet_server::BulkSettings,
 }
 
 /// A device: an agent and its link to the broker.
@@ -81,6 +83,7 @@ impl World {
             api: String::new(),
             golden_max: 16,
             chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
+            bulk: fleet_server::BulkSettings::default(),
         }
     }
 
@@ -134,6 +137,7 @@ impl World {
         config.broker = BrokerChoice::External(broker);
         config.server_key = Some(self.server_key_file.clone());
         config.chunk_size = self.chunk_size;
+        config.bulk = self.bulk.clone();
         let server = self.rt.block_on(Server::start(config)).unwrap();
         if let Some(token) = server.admin_token() {
             self.token = token.to_string();
