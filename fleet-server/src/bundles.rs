@@ -6,10 +6,7 @@
 //! deals with bytes.
 //!
 //! Chunk serving reads with positioned reads (`pread`) on files kept open in a small cache, so
-//! a transfer neither re-opens nor re-hashes the bundle per chunk. Each chunk's sha256 (which its
-//! frame carries) is computed once per bundle and chunk size and remembered: bundles never
-//! change (their name is their hash), and fanning one bundle out to many devices otherwise
-//! hashes it again for every device.
+//! a transfer neither re-opens nor re-hashes the bundle per chunk.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -24,9 +21,6 @@ use protocol::link::{chunk_count, encode_chunk, sha256_hex, ChunkHeader};
 
 /// Open files kept for chunk serving.
 const OPEN_FILES: usize = 32;
-/// Chunk hashes remembered (≈ 200 bytes each; 16,384 chunks of 64 KiB are 1 GiB of bundles).
-/// When full, all are forgotten and computed again as chunks are served.
-const CHUNK_HASHES: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleFileError {
@@ -40,8 +34,6 @@ pub enum BundleFileError {
 pub struct BundleFiles {
     dir: PathBuf,
     open: Mutex<HashMap<String, Arc<File>>>,
-    /// sha256 hex of chunk (bundle id, chunk size, index).
-    chunk_hashes: Mutex<HashMap<(String, u32, u32), String>>,
 }
 
 impl BundleFiles {
@@ -61,7 +53,6 @@ impl BundleFiles {
         Ok(BundleFiles {
             dir: dir.to_path_buf(),
             open: Mutex::new(HashMap::new()),
-            chunk_hashes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -161,37 +152,10 @@ impl BundleFiles {
             index,
             chunk_size,
             total: chunk_count(size, chunk_size),
-            sha256: self.chunk_hash(id, chunk_size, index, &bytes),
+            sha256: sha256_hex(&bytes),
             error: None,
         };
         Ok(encode_chunk(&header, &bytes))
-    }
-
-    /// The sha256 of a chunk, computed the first time it is served. (Should the file rot on
-    /// disk after that, frames keep the hash of what was there: devices refuse the rotten
-    /// chunk and ask again, and the transfer stalls until the file is restored, where without
-    /// the cache it would fail at the whole bundle's hash.)
-    fn chunk_hash(&self, id: &str, chunk_size: u32, index: u32, bytes: &[u8]) -> String {
-        let key = (id.to_string(), chunk_size, index);
-        if let Some(h) = self.hashes().get(&key) {
-            return h.clone();
-        }
-        let h = sha256_hex(bytes);
-        let mut hashes = self.hashes();
-        if hashes.len() >= CHUNK_HASHES {
-            hashes.clear();
-        }
-        hashes.insert(key, h.clone());
-        h
-    }
-
-    fn hashes(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32, u32), String>> {
-        self.chunk_hashes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Chunk hashes remembered (for tests and metrics).
-    pub fn chunk_hashes_cached(&self) -> usize {
-        self.hashes().len()
     }
 }
 
@@ -208,36 +172,4 @@ pub fn error_frame(bundle_id: &str, chunk_size: u32, index: u32, total: u32, why
         },
         &[],
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use protocol::link::decode_chunk;
-
-    #[test]
-    fn each_chunk_is_hashed_once_per_chunk_size_and_frames_stay_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = BundleFiles::open(dir.path()).unwrap();
-        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
-        let id = sha256_hex(&bytes);
-        fs::write(files.path(&id), &bytes).unwrap();
-        let size = bytes.len() as u64;
-        let first = files.chunk_frame(&id, size, 4096, 2).unwrap();
-        assert_eq!(files.chunk_hashes_cached(), 1);
-        assert_eq!(files.chunk_frame(&id, size, 4096, 2).unwrap(), first);
-        assert_eq!(
-            files.chunk_hashes_cached(),
-            1,
-            "served again from the cache"
-        );
-        let (header, chunk) = decode_chunk(&first).unwrap();
-        assert_eq!(chunk, &bytes[8192..]);
-        assert_eq!(header.sha256, sha256_hex(&bytes[8192..]));
-        // Another chunk size cuts other chunks.
-        let frame = files.chunk_frame(&id, size, 1000, 2).unwrap();
-        let (_, other) = decode_chunk(&frame).unwrap();
-        assert_eq!(other, &bytes[2000..3000]);
-        assert_eq!(files.chunk_hashes_cached(), 2);
-    }
 }
