@@ -42,7 +42,8 @@ pub(crate) fn read(path: &Path) -> Result<TypedModel, EngineError> {
         })
 }
 
-/// `model` as an NNEF tar archive.
+/// `model` as an NNEF tar archive (the conversion needs the ONNX front end to have a model).
+#[cfg(feature = "onnx")]
 pub(crate) fn write(model: &TypedModel) -> TractResult<Vec<u8>> {
     framework().write_to_tar(model, Vec::new())
 }
