@@ -183,8 +183,8 @@ impl InspectReport {
             "model            {} ({})",
             self.model_file,
             match self.model_format {
-                ModelFormat::Onnx => "ONNX: agents built with the `onnx` feature",
-                ModelFormat::Nnef => "NNEF: every agent that knows model_format",
+                ModelFormat::Onnx => "ONNX: agents built with the `onnx` feature only",
+                ModelFormat::Nnef => "NNEF: device and default builds of the agent",
             }
         );
         let _ = writeln!(s, "quantization     {}", self.quantization.mode());
