@@ -43,7 +43,10 @@ pub(crate) fn read(path: &Path) -> Result<TypedModel, EngineError> {
 }
 
 /// `model` as an NNEF tar archive (the conversion needs the ONNX front end to have a model).
+/// Deterministic: fixed tar timestamps (tract's default stamps the time of writing), so the same
+/// model always gives the same bytes — the bundle's model hash, which the simulated fleet's
+/// model cache keys on, names the model, not the build.
 #[cfg(feature = "onnx")]
 pub(crate) fn write(model: &TypedModel) -> TractResult<Vec<u8>> {
-    framework().write_to_tar(model, Vec::new())
+    framework().write_to_tar_with_config(model, Vec::new(), false, true)
 }

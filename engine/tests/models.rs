@@ -377,6 +377,17 @@ fn nnef_conversion_serves_the_same_model_bit_for_bit() {
 }
 
 #[test]
+fn nnef_conversion_is_deterministic() {
+    let path = dir("digits_cnn").join("digits_cnn.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    let (a, _) = engine::onnx_to_nnef(&path, &bytes).unwrap();
+    // Past a second boundary: tract's default writer would stamp another time.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (b, _) = engine::onnx_to_nnef(&path, &bytes).unwrap();
+    assert!(a == b, "the same model converts to the same bytes");
+}
+
+#[test]
 fn nnef_loads_refuse_wrong_names_and_damaged_archives() {
     let tmp = tempfile::tempdir().unwrap();
     let path = dir("digits_cnn").join("digits_cnn.onnx");
