@@ -11,9 +11,11 @@
 //! A second backend (for example onnxruntime with a CUDA or TensorRT execution provider on a
 //! Jetson, loaded dynamically with `dlopen` so the agent still starts where the library is
 //! missing) is one more `impl Backend` here and one more arm in [`by_name`]:
-//! - `load` reads the ONNX file, prepares it for the device and returns the model behind an
-//!   `Arc<dyn LoadedModel>` that is `Send + Sync` and runs with `&self` from the inference pool's
-//!   threads at once.
+//! - `load` reads the slot's model file in the format the manifest names ([`ModelFile`]: ONNX,
+//!   or the NNEF archive the bundler writes by default), prepares it for the device and returns
+//!   the model behind an `Arc<dyn LoadedModel>` that is `Send + Sync` and runs with `&self` from
+//!   the inference pool's threads at once. A format the backend cannot read is refused with an
+//!   error that says so (as [`Tract`] refuses ONNX in a build without the `onnx` feature).
 //! - `inputs`/`outputs` must report the ONNX signature as the bundler recorded it in the
 //!   manifest (the install path refuses a bundle whose manifest and loaded model disagree).
 //! - `run` validates inputs as [`engine::Model::run`] does and maps its failures to
@@ -30,8 +32,32 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use engine::{EngineError, EngineOptions, Tensor};
-use protocol::manifest::TensorSpec;
+use engine::{EngineError, EngineOptions, IoNames, Tensor};
+use protocol::manifest::{Manifest, ModelFormat, TensorSpec};
+
+/// A slot's model file and what the verified manifest says about it.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelFile<'a> {
+    pub path: &'a Path,
+    /// `manifest.model_format`.
+    pub format: ModelFormat,
+    /// `manifest.inputs` / `outputs`: the signature the bundler recorded, whose names an NNEF
+    /// archive does not keep.
+    pub inputs: &'a [TensorSpec],
+    pub outputs: &'a [TensorSpec],
+}
+
+impl<'a> ModelFile<'a> {
+    /// The model of `manifest`, stored at `path`.
+    pub fn of(manifest: &'a Manifest, path: &'a Path) -> ModelFile<'a> {
+        ModelFile {
+            path,
+            format: manifest.model_format,
+            inputs: &manifest.inputs,
+            outputs: &manifest.outputs,
+        }
+    }
+}
 
 /// A model loaded by a [`Backend`], ready to run from many threads at once.
 pub trait LoadedModel: Send + Sync {
@@ -48,10 +74,10 @@ pub trait LoadedModel: Send + Sync {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// The name `agent.toml` and the target profiles use.
     fn name(&self) -> &'static str;
-    /// Loads and prepares the ONNX file at `model_file`.
+    /// Loads and prepares `model`, in the format it names.
     fn load(
         &self,
-        model_file: &Path,
+        model: &ModelFile<'_>,
         opts: &EngineOptions,
     ) -> Result<Arc<dyn LoadedModel>, EngineError>;
 }
@@ -65,12 +91,24 @@ impl Backend for Tract {
         "tract"
     }
 
+    /// NNEF in every build; ONNX only with the `onnx` feature (on by default, off in device
+    /// builds), otherwise [`EngineError::FormatNotBuilt`].
     fn load(
         &self,
-        model_file: &Path,
+        model: &ModelFile<'_>,
         opts: &EngineOptions,
     ) -> Result<Arc<dyn LoadedModel>, EngineError> {
-        Ok(Arc::new(engine::Model::load(model_file, opts)?))
+        let names = |specs: &[TensorSpec]| specs.iter().map(|s| s.name.clone()).collect();
+        let names = IoNames {
+            inputs: names(model.inputs),
+            outputs: names(model.outputs),
+        };
+        Ok(Arc::new(engine::Model::load_as(
+            model.path,
+            model.format,
+            &names,
+            opts,
+        )?))
     }
 }
 

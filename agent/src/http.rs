@@ -93,7 +93,12 @@ fn metadata(m: &crate::serving::ServingModel) -> serde_json::Value {
             )
             .collect::<Vec<_>>()
     };
-    json!({"name": m.name, "versions": [m.version()], "platform": "tract_onnx",
+    // OIP's `platform` names the runtime and the model's format (as in `onnxruntime_onnx`).
+    let platform = match m.manifest.model_format {
+        protocol::manifest::ModelFormat::Onnx => "tract_onnx",
+        protocol::manifest::ModelFormat::Nnef => "tract_nnef",
+    };
+    json!({"name": m.name, "versions": [m.version()], "platform": platform,
            "inputs": specs(&m.manifest.inputs), "outputs": specs(&m.manifest.outputs)})
 }
 

@@ -23,7 +23,7 @@ use protocol::manifest::{Golden, Manifest};
 
 use engine::{EngineOptions, Tensor};
 
-use crate::backend::{Backend, LoadedModel};
+use crate::backend::{Backend, LoadedModel, ModelFile};
 
 use crate::model_cache::{ModelCache, ModelKey};
 
@@ -71,6 +71,9 @@ impl InstallError {
             InstallError::Bundle(_) => "invalid_bundle",
             InstallError::SecurityVersion { .. } => "security_version",
             InstallError::Target { .. } => "target",
+            // A device build (no ONNX front end) given an ONNX bundle: the bundle is fine, this
+            // agent cannot read its format (`bundler build --model-format nnef` can).
+            InstallError::Load(engine::EngineError::FormatNotBuilt { .. }) => "model_format",
             InstallError::Load(_) => "load",
             InstallError::Schema(_) => "schema",
             InstallError::Golden(_) => "golden_self_test",
@@ -172,7 +175,8 @@ pub fn load_slot(
         }
     }
     let started = Instant::now();
-    let load = || backend.load(&model_path, opts).map_err(InstallError::Load);
+    let model_file = ModelFile::of(manifest, &model_path);
+    let load = || backend.load(&model_file, opts).map_err(InstallError::Load);
     let model = match (shared, entry) {
         (Some(cache), Some(entry)) => {
             cache

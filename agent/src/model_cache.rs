@@ -150,8 +150,14 @@ mod tests {
     fn digits() -> Arc<dyn LoadedModel> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../examples/models/digits_mlp/digits_mlp.onnx");
+        let file = crate::backend::ModelFile {
+            path: &path,
+            format: protocol::manifest::ModelFormat::Onnx,
+            inputs: &[],
+            outputs: &[],
+        };
         crate::backend::Tract
-            .load(&path, &engine::EngineOptions::default())
+            .load(&file, &engine::EngineOptions::default())
             .unwrap()
     }
 

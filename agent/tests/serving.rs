@@ -66,6 +66,10 @@ fn install_run_and_reach_reference_accuracy_over_oip() {
         .into_json()
         .unwrap();
     assert_eq!(meta["versions"], serde_json::json!(["1.0.0"]));
+    assert_eq!(
+        meta["platform"], "tract_nnef",
+        "bundles carry NNEF by default"
+    );
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 1, 8, 8]));
     assert_eq!(
         ureq::get(&format!("{}/v2/health/ready", agent.url))

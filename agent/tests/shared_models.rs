@@ -131,7 +131,8 @@ fn agents_with_one_cache_share_an_engine_only_for_identical_model_bytes() {
         .unwrap();
     let broken = fx.path("broken-slot");
     std::fs::create_dir_all(&broken).unwrap();
-    for f in ["manifest.json", "model.onnx", "golden.bin"] {
+    let model_file = manifest_of(&slot_a).model_file;
+    for f in ["manifest.json", model_file.as_str(), "golden.bin"] {
         std::fs::copy(slot_a.join(f), broken.join(f)).unwrap();
     }
     let mut golden = std::fs::read(broken.join("golden.bin")).unwrap();

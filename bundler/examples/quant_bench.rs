@@ -194,6 +194,8 @@ fn main() {
             });
             o.latency_runs = 3;
             o.quantize = mode;
+            // This bench compares ONNX files (ours and onnxruntime's) run by tract: ship ONNX.
+            o.model_format = Some(protocol::manifest::ModelFormat::Onnx);
             o.quality_gate = Gate {
                 max_accuracy_drop: 100.0,
                 min_snr_db: -1000.0,

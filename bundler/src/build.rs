@@ -20,8 +20,8 @@ use protocol::bundle::{
 };
 use protocol::keys::{KeyId, Keyring};
 use protocol::manifest::{
-    Baseline, HealthPolicy, LatencyBaseline, Manifest, PayloadEntry, Quantization, Task,
-    TelemetrySamples, FORMAT_VERSION,
+    Baseline, HealthPolicy, LatencyBaseline, Manifest, ModelFormat, PayloadEntry, Quantization,
+    Task, TelemetrySamples, TensorSpec, FORMAT_VERSION,
 };
 use serde::Serialize;
 
@@ -32,7 +32,7 @@ use crate::keys::load_secret_key;
 use crate::progress::Progress;
 use crate::quality::Gate;
 use crate::quantize::{QuantizeMode, RangeMethod, Selection};
-use crate::{GOLDEN_FILE, MODEL_FILE};
+use crate::{GOLDEN_FILE, MODEL_FILE, NNEF_MODEL_FILE};
 
 /// When the bundle stops being accepted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -84,6 +84,14 @@ pub struct BuildOptions {
     pub health_policy: HealthPolicy,
     /// What sampled-request telemetry may carry (`--telemetry-samples`). Default full.
     pub telemetry_samples: TelemetrySamples,
+    /// Format of the model payload (`--model-format`). NNEF: the model as tract typed and
+    /// decluttered it, which agents without the ONNX front end (device builds) load; its golden
+    /// outputs, baseline and latency are the NNEF model's, checked against the ONNX model's
+    /// outputs within the golden tolerance. `None` (the default): NNEF for an unquantized
+    /// model, ONNX for a quantized one — tract 0.23.9 writes NNEF weights as f32 (an
+    /// `int8-weights` or `f16` model would lose most of its size gain) and cannot write static
+    /// `int8` at all ([`BuildOptions::resolved_model_format`]).
+    pub model_format: Option<ModelFormat>,
     /// Timed batch-1 runs for the reference latency. Default 30.
     pub latency_runs: usize,
     /// Draw progress bars on stderr. Default false (the CLI sets it when stdout is a terminal).
@@ -122,9 +130,19 @@ impl BuildOptions {
             zstd_level: 10,
             health_policy: HealthPolicy::default(),
             telemetry_samples: TelemetrySamples::Full,
+            model_format: None,
             latency_runs: 30,
             progress: false,
         }
+    }
+
+    /// The model format the bundle gets: `model_format`, or by default NNEF for an unquantized
+    /// model and ONNX for a quantized one (see [`BuildOptions::model_format`]).
+    pub fn resolved_model_format(&self) -> ModelFormat {
+        self.model_format.unwrap_or(match self.quantize {
+            QuantizeMode::None => ModelFormat::Nnef,
+            _ => ModelFormat::Onnx,
+        })
     }
 }
 
@@ -155,6 +173,8 @@ pub struct BuildReport {
     /// The absolute tolerance the golden samples needed at other batch sizes (at most
     /// `--golden-atol`, or the build fails).
     pub golden_atol_needed: f32,
+    /// The format of the model payload (see [`BuildOptions::resolved_model_format`]).
+    pub model_format: ModelFormat,
     pub payloads: Vec<PayloadEntry>,
     pub timings: BuildTimings,
 }
@@ -166,6 +186,9 @@ pub struct BuildTimings {
     pub evaluate_ms: f64,
     /// Rewriting, loading, evaluating and gating the quantized model (0 without `--quantize`).
     pub quantize_ms: f64,
+    /// Converting the model to NNEF, loading it back and re-evaluating the golden (and
+    /// calibration) inputs on it (0 with `--model-format onnx`).
+    pub convert_ms: f64,
     pub latency_ms: f64,
     pub compress_ms: f64,
     pub sign_write_ms: f64,
@@ -428,6 +451,60 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             timings.quantize_ms = ms(t);
             (q.model, q.bytes, q.golden_outputs, calibration_outputs)
         };
+    // 6c. The model format: from here on the model and its outputs are the NNEF model's when
+    // the bundle carries NNEF, so the golden outputs are computed by what the device loads.
+    let t = Instant::now();
+    let model_format = opts.resolved_model_format();
+    let (model, model_bytes, golden_outputs, calibration_outputs, model_file) = match model_format {
+        ModelFormat::Onnx => (
+            model,
+            model_bytes,
+            golden_outputs,
+            calibration_outputs,
+            MODEL_FILE,
+        ),
+        ModelFormat::Nnef => {
+            let (nnef_model, nnef_bytes) = to_nnef(&opts.model, &model_bytes)?;
+            let (golden_outputs, calibration_outputs) = {
+                let nnef_golden = golden::evaluate(
+                    &nnef_model,
+                    &golden_inputs,
+                    eval_batch,
+                    "golden inputs (NNEF model)",
+                    &progress,
+                )?;
+                same_outputs(
+                    &output_specs,
+                    &nnef_golden,
+                    &golden_outputs,
+                    opts.golden_atol,
+                    opts.golden_rtol,
+                )?;
+                let nnef_calibration = match &calibration {
+                    Some(c) => Some(golden::evaluate(
+                        &nnef_model,
+                        c,
+                        eval_batch,
+                        "calibration inputs (NNEF model)",
+                        &progress,
+                    )?),
+                    None => None,
+                };
+                (nnef_golden, nnef_calibration)
+            };
+            drop(model);
+            (
+                nnef_model,
+                nnef_bytes,
+                golden_outputs,
+                calibration_outputs,
+                NNEF_MODEL_FILE,
+            )
+        }
+    };
+    if model_format == ModelFormat::Nnef {
+        timings.convert_ms = ms(t);
+    }
     let (base_inputs, base_outputs, base_source) = match (&calibration, &calibration_outputs) {
         (Some(i), Some(o)) => (
             i,
@@ -544,7 +621,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
 
     let t = Instant::now();
     let mut payloads = Vec::new();
-    for (name, bytes) in [(MODEL_FILE, &model_bytes), (GOLDEN_FILE, &golden_bytes)] {
+    for (name, bytes) in [(model_file, &model_bytes), (GOLDEN_FILE, &golden_bytes)] {
         let bar = progress.bytes(bytes.len() as u64, &format!("compressing {name}"));
         let p = compress_payload(name, bytes, opts.zstd_level, |done, _| {
             bar.set_position(done)
@@ -568,7 +645,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         created_at,
         expires_at,
         targets: opts.targets.clone(),
-        model_file: MODEL_FILE.into(),
+        model_file: model_file.into(),
+        model_format,
         inputs,
         outputs,
         task: task.clone(),
@@ -638,9 +716,81 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         latency,
         quantization,
         golden_atol_needed: repro.needed_atol,
+        model_format,
         payloads: manifest.payloads,
         timings,
     })
+}
+
+/// The ONNX model in `onnx` (the float or quantized bytes the bundle would otherwise carry) as
+/// an NNEF archive, and that archive loaded back through the engine's NNEF path with the ONNX
+/// names, as a device loads it.
+fn to_nnef(path: &Path, onnx: &[u8]) -> Result<(Model, Vec<u8>), BuildError> {
+    let convert_err = |source| BuildError::Convert {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (archive, names) = engine::onnx_to_nnef(path, onnx).map_err(convert_err)?;
+    let file = tempfile::Builder::new()
+        .suffix(".nnef.tar")
+        .tempfile()
+        .map_err(|source| BuildError::Write {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    fs::write(file.path(), &archive).map_err(|source| BuildError::Write {
+        path: file.path().to_path_buf(),
+        source,
+    })?;
+    let model =
+        Model::load_nnef(file.path(), &names, &EngineOptions::default()).map_err(convert_err)?;
+    Ok((model, archive))
+}
+
+/// Checks the NNEF model's outputs against the ONNX model's on the same inputs, with the golden
+/// tolerance (they are bit-identical on every reference model; the tolerance is what a device
+/// would accept anyway).
+fn same_outputs(
+    specs: &[TensorSpec],
+    nnef: &[Tensor],
+    onnx: &[Tensor],
+    atol: f32,
+    rtol: f32,
+) -> Result<(), BuildError> {
+    for ((spec, got), want) in specs.iter().zip(nnef).zip(onnx) {
+        let per: usize = want.shape.iter().skip(1).product::<usize>().max(1);
+        let bad = if got.shape != want.shape {
+            Some((
+                0,
+                format!("shape {:?}", got.shape),
+                format!("shape {:?}", want.shape),
+            ))
+        } else {
+            match (got.as_f32(), want.as_f32()) {
+                (Some(g), Some(w)) => g
+                    .iter()
+                    .zip(w)
+                    .position(|(g, w)| {
+                        // NaN never matches.
+                        let within = (g - w).abs() <= atol + rtol * w.abs();
+                        !within
+                    })
+                    .map(|i| (i, g[i].to_string(), w[i].to_string())),
+                _ => (got.data != want.data).then(|| (0, "other values".into(), "-".into())),
+            }
+        };
+        if let Some((i, got, want)) = bad {
+            return Err(BuildError::ConvertMismatch {
+                output: spec.name.clone(),
+                sample: i / per,
+                got,
+                want,
+                atol,
+                rtol,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use protocol::manifest::{HealthPolicy, TelemetrySamples};
+use protocol::manifest::{HealthPolicy, ModelFormat, TelemetrySamples};
 
 use crate::baseline::TaskKind;
 use crate::build::{BuildOptions, Expiry};
@@ -169,6 +169,14 @@ pub struct BuildArgs {
     #[arg(long, value_name = "MODE", default_value_t = TelemetrySamples::Full,
           value_parser = parse_telemetry_samples)]
     pub telemetry_samples: TelemetrySamples,
+    /// Format of the model inside the bundle: nnef (the model typed and decluttered by tract,
+    /// checked against the ONNX model on the golden inputs; what device builds of the agent,
+    /// which have no ONNX parser, load) or onnx (the input file byte for byte; only agents built
+    /// with the `onnx` feature, and agents that predate NNEF bundles, load it). Default: nnef
+    /// without --quantize, onnx with it (tract's NNEF writer stores weights as f32 and cannot
+    /// write static int8).
+    #[arg(long, value_name = "FORMAT", value_parser = parse_model_format)]
+    pub model_format: Option<ModelFormat>,
     /// Print the build report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -215,6 +223,10 @@ pub struct InspectArgs {
 }
 
 fn parse_telemetry_samples(s: &str) -> Result<TelemetrySamples, String> {
+    s.parse()
+}
+
+fn parse_model_format(s: &str) -> Result<ModelFormat, String> {
     s.parse()
 }
 
@@ -275,6 +287,7 @@ impl BuildArgs {
             ..HealthPolicy::default()
         };
         o.telemetry_samples = self.telemetry_samples;
+        o.model_format = self.model_format;
         o.progress = progress;
         o
     }

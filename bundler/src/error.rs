@@ -167,6 +167,29 @@ pub enum BuildError {
         rtol: f32,
         needed_atol: f32,
     },
+    #[error(
+        "{} cannot be shipped as NNEF (--model-format nnef, the default); \
+         --model-format onnx ships the ONNX file instead, for agents built with the `onnx` feature",
+        path.display()
+    )]
+    Convert {
+        path: PathBuf,
+        #[source]
+        source: EngineError,
+    },
+    #[error(
+        "the NNEF model does not reproduce the ONNX model: output '{output}' of sample {sample} \
+         is {got} from NNEF, {want} from ONNX (atol {atol}, rtol {rtol}); \
+         --model-format onnx ships the ONNX file instead"
+    )]
+    ConvertMismatch {
+        output: String,
+        sample: usize,
+        got: String,
+        want: String,
+        atol: f32,
+        rtol: f32,
+    },
     #[error("cannot use task '{requested}': {reason}")]
     Task {
         requested: &'static str,

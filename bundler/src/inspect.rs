@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use protocol::bundle::{read_head, BundleError, Limits};
 use protocol::keys::KeyId;
 use protocol::manifest::{
-    Baseline, GoldenTensor, HealthPolicy, Manifest, PayloadEntry, Quantization, Task,
+    Baseline, GoldenTensor, HealthPolicy, Manifest, ModelFormat, PayloadEntry, Quantization, Task,
     TelemetrySamples, TensorSpec,
 };
 use serde::Serialize;
@@ -40,6 +40,8 @@ pub struct InspectReport {
     /// Key ids listed in `manifest.sig` (not verified: use `verify`).
     pub key_ids: Vec<KeyId>,
     pub model_file: String,
+    /// Format of `model_file` (`onnx` when the manifest leaves it out).
+    pub model_format: ModelFormat,
     pub payloads: Vec<PayloadEntry>,
     /// Sum of the decompressed payload sizes.
     pub payload_bytes: u64,
@@ -98,6 +100,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         targets: m.targets,
         key_ids: head.signatures.iter().map(|s| s.key_id).collect(),
         model_file: m.model_file,
+        model_format: m.model_format,
         payload_bytes: m.payloads.iter().map(|p| p.size).sum(),
         payloads: m.payloads,
         inputs: m.inputs,
@@ -175,6 +178,15 @@ impl InspectReport {
             TelemetrySamples::None => "none (no sampled requests; aggregate figures only)",
         };
         let _ = writeln!(s, "telemetry        {samples}");
+        let _ = writeln!(
+            s,
+            "model            {} ({})",
+            self.model_file,
+            match self.model_format {
+                ModelFormat::Onnx => "ONNX: agents built with the `onnx` feature only",
+                ModelFormat::Nnef => "NNEF: device and default builds of the agent",
+            }
+        );
         let _ = writeln!(s, "quantization     {}", self.quantization.mode());
         if let Some(r) = self.quantization.record() {
             let _ = writeln!(

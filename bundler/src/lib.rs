@@ -101,7 +101,11 @@ pub use quality::Gate;
 pub use quantize::{QuantizeMode, RangeMethod, Selection};
 pub use verify::{verify, verify_with, VerifyReport};
 
-/// Name of the model payload inside a bundle (stored compressed as `model.onnx.zst`).
+/// Name of the model payload of an ONNX bundle (`--model-format onnx`; stored compressed as
+/// `model.onnx.zst`).
 pub const MODEL_FILE: &str = "model.onnx";
+/// Name of the model payload of an NNEF bundle (`--model-format nnef`, the default; stored
+/// compressed as `model.nnef.tar.zst`).
+pub const NNEF_MODEL_FILE: &str = "model.nnef.tar";
 /// Name of the golden payload inside a bundle (stored compressed as `golden.bin.zst`).
 pub const GOLDEN_FILE: &str = "golden.bin";

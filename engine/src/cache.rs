@@ -17,11 +17,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
-use tract_onnx::WithOnnx;
 
 use crate::error::EngineError;
 use crate::model::EngineOptions;
-use crate::spec::{names_of, Names};
+use crate::spec::{names_of, IoNames as Names};
 
 /// Bump when what is cached, or how, changes.
 const CACHE_FORMAT: &str = "modelfleet-engine-nnef-1";
@@ -70,13 +69,9 @@ fn entry_for(dir: &Path, onnx: &[u8]) -> Entry {
     }
 }
 
-fn nnef() -> tract_nnef::internal::Nnef {
-    tract_nnef::nnef().with_onnx()
-}
-
 fn read_entry(entry: &Entry) -> Option<(TypedModel, Names)> {
     let names = parse_names(&std::fs::read_to_string(&entry.names).ok()?)?;
-    let model = nnef().model_for_path(&entry.tar).ok()?;
+    let model = crate::nnef::framework().model_for_path(&entry.tar).ok()?;
     (model.inputs.len() == names.inputs.len() && model.outputs.len() == names.outputs.len())
         .then_some((model, names))
 }
@@ -92,7 +87,7 @@ fn write_entry(entry: &Entry, model: &TypedModel, names: &Names) -> TractResult<
         .tar
         .with_extension(format!("tmp{}", std::process::id()));
     let file = std::fs::File::create(&tmp)?;
-    let result = nnef()
+    let result = crate::nnef::framework()
         .write_to_tar(model, std::io::BufWriter::new(file))
         .and_then(|w| w.into_inner().map_err(|e| e.into_error().into()))
         .and_then(|f| f.sync_all().map_err(Into::into))
@@ -148,7 +143,10 @@ fn from_onnx(path: &Path) -> Result<(TypedModel, Names), EngineError> {
     from_onnx_bytes(path, &bytes)
 }
 
-fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<(TypedModel, Names), EngineError> {
+pub(crate) fn from_onnx_bytes(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(TypedModel, Names), EngineError> {
     let load_err = |reason: String| EngineError::Load {
         path: path.to_owned(),
         reason,

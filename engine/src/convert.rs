@@ -1,6 +1,6 @@
 //! Copies between the engine's [`Tensor`] and tract's tensor type.
 
-use tract_onnx::prelude::{DatumType, Tensor as TractTensor};
+use tract_nnef::prelude::{DatumType, Tensor as TractTensor};
 
 use crate::error::EngineError;
 use crate::tensor::{Tensor, TensorData};

@@ -8,10 +8,10 @@
 //! row, which the compiler vectorises (AVX2 when the CPU has it). No fused multiply-add is used,
 //! so results are the same on every CPU.
 
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::internal::*;
+use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_nnef::tract_core::ops::nn::DataFormat;
 
 /// Depthwise convolution, NCHW or CHW, f32, dilation 1, kernel `[C, 1, kh, kw]` and bias `[C]`
 /// (or a single value) as second and third inputs.
@@ -327,8 +327,10 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "onnx")]
     #[test]
     fn installs_on_mobilenetish_only_where_it_applies() {
+        use tract_onnx::prelude::InferenceModelExt;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
         let load = |name: &str| {
             tract_onnx::onnx()

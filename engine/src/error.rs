@@ -3,7 +3,14 @@
 
 use std::path::PathBuf;
 
-use protocol::manifest::DType;
+use protocol::manifest::{DType, ModelFormat};
+
+fn format_name(format: ModelFormat) -> &'static str {
+    match format {
+        ModelFormat::Onnx => "ONNX",
+        ModelFormat::Nnef => "NNEF",
+    }
+}
 
 /// Everything [`crate::Model::load`] and [`crate::Model::run`] can fail with.
 #[derive(thiserror::Error, Debug)]
@@ -11,6 +18,23 @@ pub enum EngineError {
     /// The model file could not be read, parsed, typed or optimised.
     #[error("cannot load model {}: {reason}", path.display())]
     Load { path: PathBuf, reason: String },
+
+    /// The model file is in a format this build of the engine was built without (an ONNX model
+    /// on a build without the `onnx` feature: the agent's device build reads NNEF only).
+    #[error(
+        "cannot load model {}: it is {}, and this build cannot read {} models (built without \
+         the engine's `onnx` feature, as device builds are: they load NNEF only); rebuild the \
+         bundle with `bundler build --model-format nnef` (the default), or run an agent built \
+         with the `onnx` feature",
+        path.display(),
+        format_name(*format),
+        format_name(*format)
+    )]
+    FormatNotBuilt { path: PathBuf, format: ModelFormat },
+
+    /// The ONNX model could not be written as NNEF (an operator NNEF cannot express).
+    #[error("cannot convert model {} to NNEF: {reason}", path.display())]
+    Convert { path: PathBuf, reason: String },
 
     /// A model input or output has an element type modelfleet does not serve.
     #[error(

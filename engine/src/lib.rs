@@ -9,7 +9,8 @@
 //! engine with itself, not two runtimes that happen to agree most of the time.
 //!
 //! The engine wraps [tract](https://github.com/sonos/tract). [`Model::load`] parses the ONNX
-//! graph, reads its input and output signature ([`Model::inputs`], [`Model::outputs`]: names,
+//! graph ([`Model::load_nnef`] reads the NNEF archive [`onnx_to_nnef`] writes, which is what
+//! bundles carry for devices: see `nnef`), reads its input and output signature ([`Model::inputs`], [`Model::outputs`]: names,
 //! element types, shapes with free dimensions such as the batch size left open), declutters it,
 //! and builds two optimised plans: one with the batch dimension fixed to 1, the common case when
 //! serving single requests, where tract can specialise every kernel for known shapes; and one
@@ -21,26 +22,43 @@
 //!
 //! What the engine must not know: HTTP, the inference protocol, bundles, manifests beyond the
 //! [`TensorSpec`](protocol::manifest::TensorSpec) type, signatures, MQTT, telemetry, slots.
-//! It takes a path to an ONNX file and plain [`Tensor`]s and gives back plain [`Tensor`]s.
+//! It takes a path to a model file (ONNX or NNEF) and plain [`Tensor`]s and gives back plain
+//! [`Tensor`]s.
 //! Everything about where the file came from and where the answer goes belongs to its callers.
 //!
 //! Modules are small: [`tensor`] (the owned tensor type), [`npy`] (reading NumPy files of test
 //! vectors), `spec` (signature and validation), `convert` (tensor copies to and from tract),
-//! `runner` (plan + state pool), `cache` (loading, optionally from a cache of the decluttered
-//! model), `model` (the public entry point) and `error`.
+//! `runner` (plan + state pool), `cache` (loading ONNX, optionally from a cache of the
+//! decluttered model), `nnef` (reading and writing NNEF archives), `model` (the public entry
+//! point) and `error`.
+//!
+//! Features: `onnx` (default) is the ONNX front end (tract-onnx, tract-hir, protobuf); without it
+//! ([`ONNX`] is false) the engine reads NNEF only and refuses ONNX with
+//! [`EngineError::FormatNotBuilt`] — the agent's device build, which is what makes it small.
+//! `multithread` (default) allows more than one thread per inference.
 
+#[cfg(feature = "onnx")]
 mod cache;
 mod convert;
 mod depthwise;
 mod error;
 mod model;
+mod nnef;
 pub mod npy;
 mod runner;
 mod spec;
 pub mod tensor;
 
 pub use error::EngineError;
-pub use model::{threads_unsupported, EngineOptions, Model};
+#[cfg(feature = "onnx")]
+pub use model::onnx_to_nnef;
+pub use model::{can_load, threads_unsupported, EngineOptions, Model};
+pub use protocol::manifest::ModelFormat;
+pub use spec::IoNames;
+
+/// Whether this build can load ONNX files: the `onnx` feature, on by default, off in the agent's
+/// device builds (which load NNEF only; see [`Model::load_as`], BENCHMARKS.md "Agent footprint").
+pub const ONNX: bool = cfg!(feature = "onnx");
 
 /// Whether this build can run one inference on several threads (`EngineOptions::threads > 1`):
 /// the `multithread` feature, on by default, off in device builds (it links rayon; see

@@ -1,15 +1,15 @@
-//! [`Model`]: load an ONNX file once, run it many times from many threads.
+//! [`Model`]: load a model file (ONNX or NNEF) once, run it many times from many threads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use protocol::manifest::TensorSpec;
-use tract_onnx::prelude::*;
+use protocol::manifest::{ModelFormat, TensorSpec};
+use tract_nnef::prelude::*;
 
 use crate::convert;
 use crate::error::EngineError;
 use crate::runner::Runner;
-use crate::spec::Signature;
+use crate::spec::{IoNames, Signature};
 use crate::tensor::Tensor;
 
 /// How a [`Model`] is prepared.
@@ -60,16 +60,66 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Loads an ONNX model, checks that its inputs and outputs are of types modelfleet serves,
     /// and optimises it for inference.
+    ///
+    /// Needs the `onnx` feature ([`crate::ONNX`]); a build without it (the agent's device build)
+    /// refuses with [`EngineError::FormatNotBuilt`].
     pub fn load(onnx_path: &Path, opts: &EngineOptions) -> Result<Model, EngineError> {
+        check_threads(onnx_path, opts)?;
+        #[cfg(feature = "onnx")]
+        {
+            let (typed, names, from_cache) = crate::cache::load_decluttered(onnx_path, opts)?;
+            Model::prepare(typed, &names, onnx_path, opts, from_cache)
+        }
+        #[cfg(not(feature = "onnx"))]
+        Err(format_not_built(onnx_path, ModelFormat::Onnx))
+    }
+
+    /// Loads an NNEF archive (as [`onnx_to_nnef`] writes it) whose inputs and outputs are called
+    /// `names`, in order (NNEF does not keep ONNX names), and prepares it exactly as
+    /// [`Model::load`] prepares an ONNX model. Every build of the engine can do this.
+    pub fn load_nnef(
+        nnef_path: &Path,
+        names: &IoNames,
+        opts: &EngineOptions,
+    ) -> Result<Model, EngineError> {
+        check_threads(nnef_path, opts)?;
+        let typed = crate::nnef::read(nnef_path)?;
+        Model::prepare(typed, names, nnef_path, opts, false)
+    }
+
+    /// Loads a model file in `format`: [`Model::load_nnef`] with `names`, or [`Model::load`]
+    /// (an ONNX file names its own inputs and outputs; `names` is not used, so a caller that
+    /// has expectations compares them with [`Model::inputs`] and [`Model::outputs`], as the
+    /// agent's install does with the manifest). A format this build cannot read
+    /// ([`can_load`]) is refused with [`EngineError::FormatNotBuilt`] before the file is read.
+    pub fn load_as(
+        path: &Path,
+        format: ModelFormat,
+        names: &IoNames,
+        opts: &EngineOptions,
+    ) -> Result<Model, EngineError> {
+        if !can_load(format) {
+            return Err(format_not_built(path, format));
+        }
+        match format {
+            ModelFormat::Onnx => Model::load(path, opts),
+            ModelFormat::Nnef => Model::load_nnef(path, names, opts),
+        }
+    }
+
+    /// Signature check and the two optimised plans of a typed model.
+    fn prepare(
+        typed: TypedModel,
+        names: &IoNames,
+        path: &Path,
+        opts: &EngineOptions,
+        from_cache: bool,
+    ) -> Result<Model, EngineError> {
         let load_err = |reason: String| EngineError::Load {
-            path: onnx_path.to_owned(),
+            path: path.to_owned(),
             reason,
         };
-        if opts.threads > 1 && !crate::MULTITHREAD {
-            return Err(load_err(threads_unsupported(opts.threads)));
-        }
-        let (typed, names, from_cache) = crate::cache::load_decluttered(onnx_path, opts)?;
-        let signature = Signature::of(&typed, &names, onnx_path)?;
+        let signature = Signature::of(&typed, names, path)?;
 
         let run_options = run_options(opts.threads);
         let batch_one = match signature.batch_symbol(&typed) {
@@ -138,6 +188,55 @@ impl Model {
     }
 }
 
+/// Whether this build of the engine can load models in `format`: NNEF always, ONNX with the
+/// `onnx` feature ([`crate::ONNX`]).
+pub fn can_load(format: ModelFormat) -> bool {
+    format_supported(format, crate::ONNX)
+}
+
+fn format_supported(format: ModelFormat, onnx_built: bool) -> bool {
+    match format {
+        ModelFormat::Onnx => onnx_built,
+        ModelFormat::Nnef => true,
+    }
+}
+
+fn format_not_built(path: &Path, format: ModelFormat) -> EngineError {
+    EngineError::FormatNotBuilt {
+        path: path.to_owned(),
+        format,
+    }
+}
+
+fn check_threads(path: &Path, opts: &EngineOptions) -> Result<(), EngineError> {
+    if opts.threads > 1 && !crate::MULTITHREAD {
+        return Err(EngineError::Load {
+            path: path.to_owned(),
+            reason: threads_unsupported(opts.threads),
+        });
+    }
+    Ok(())
+}
+
+/// Converts the ONNX model in `onnx` (its bytes; `path` only names it in errors) into what a
+/// device loads: the model parsed, typed and decluttered exactly as [`Model::load`] does it,
+/// written as an NNEF archive (tar; [`Model::load_nnef`] reads it). Returns the archive and the
+/// ONNX input and output names, which the archive does not keep.
+///
+/// Whether the converted model computes what the ONNX one does is the caller's to check (the
+/// bundler evaluates both on the golden inputs): the conversion refuses only graphs NNEF cannot
+/// express.
+#[cfg(feature = "onnx")]
+pub fn onnx_to_nnef(path: &Path, onnx: &[u8]) -> Result<(Vec<u8>, IoNames), EngineError> {
+    let (typed, names) = crate::cache::from_onnx_bytes(path, onnx)?;
+    let convert_err = |e: TractError| EngineError::Convert {
+        path: path.to_owned(),
+        reason: format!("{e:#}"),
+    };
+    let archive = crate::nnef::write(&typed).map_err(convert_err)?;
+    Ok((archive, names))
+}
+
 /// Declutter, optionally swap in the engine's experimental depthwise kernel, then optimise.
 ///
 /// The depthwise kernel is off unless `MODELFLEET_ENGINE_DEPTHWISE=1`: measured in release
@@ -176,6 +275,29 @@ fn run_options(threads: usize) -> RunOptions {
 fn run_options(_threads: usize) -> RunOptions {
     // `Model::load` refused threads > 1 already.
     RunOptions::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nnef_loads_everywhere_and_onnx_only_with_the_front_end() {
+        assert!(format_supported(ModelFormat::Nnef, false));
+        assert!(format_supported(ModelFormat::Nnef, true));
+        assert!(!format_supported(ModelFormat::Onnx, false));
+        assert!(format_supported(ModelFormat::Onnx, true));
+        assert_eq!(can_load(ModelFormat::Onnx), cfg!(feature = "onnx"));
+    }
+
+    #[test]
+    fn an_unbuilt_format_is_refused_by_name() {
+        let e = format_not_built(Path::new("/slot/model.onnx"), ModelFormat::Onnx).to_string();
+        assert!(e.contains("/slot/model.onnx"), "{e}");
+        assert!(e.contains("ONNX"), "{e}");
+        assert!(e.contains("`onnx` feature"), "{e}");
+        assert!(e.contains("--model-format nnef"), "{e}");
+    }
 }
 
 #[allow(dead_code)]

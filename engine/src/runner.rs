@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 /// States kept for reuse. More concurrent calls than this still work; the extra states are
 /// dropped after use.

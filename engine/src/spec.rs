@@ -3,14 +3,15 @@
 use std::path::Path;
 
 use protocol::manifest::{DType, TensorSpec};
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 use crate::error::EngineError;
 use crate::tensor::Tensor;
 
-/// Names of the graph's inputs and outputs as the ONNX file spells them.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Names {
+/// Names of a model's inputs and outputs, in order: as the ONNX file spells them, or, for an
+/// NNEF archive (which does not keep them), as its caller records them (a bundle's manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IoNames {
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
 }
@@ -28,7 +29,7 @@ pub(crate) struct Signature {
 }
 
 impl Signature {
-    pub fn of(model: &TypedModel, names: &Names, path: &Path) -> Result<Signature, EngineError> {
+    pub fn of(model: &TypedModel, names: &IoNames, path: &Path) -> Result<Signature, EngineError> {
         let load_err = |reason: String| EngineError::Load {
             path: path.to_owned(),
             reason,
@@ -189,7 +190,8 @@ fn spec_of(
 }
 
 /// The input and output names of an ONNX graph as tract parsed it.
-pub(crate) fn names_of(model: &InferenceModel) -> TractResult<Names> {
+#[cfg(feature = "onnx")]
+pub(crate) fn names_of(model: &tract_onnx::prelude::InferenceModel) -> TractResult<IoNames> {
     let inputs = model
         .input_outlets()?
         .iter()
@@ -205,5 +207,5 @@ pub(crate) fn names_of(model: &InferenceModel) -> TractResult<Names> {
                 .unwrap_or_else(|| model.node(o.node).name.clone())
         })
         .collect();
-    Ok(Names { inputs, outputs })
+    Ok(IoNames { inputs, outputs })
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use engine::npy::read_npy;
-use engine::{EngineError, EngineOptions, Model, Tensor, TensorData};
+use engine::{EngineError, EngineOptions, IoNames, Model, ModelFormat, Tensor, TensorData};
 use protocol::manifest::DType;
 
 fn dir(model: &str) -> PathBuf {
@@ -326,4 +326,98 @@ fn cache_round_trip_gives_identical_outputs() {
     let m = Model::load(&path, &cached).unwrap();
     assert!(!m.loaded_from_cache());
     assert_eq!(m.outputs()[0].name, "probabilities");
+}
+
+/// What a device serves: the ONNX model converted to NNEF, loaded through the NNEF path only
+/// (the one a build without the `onnx` feature has), with the names the caller records.
+#[test]
+fn nnef_conversion_serves_the_same_model_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["digits_mlp", "digits_cnn", "vibration_ae", "mobilenetish"] {
+        let path = dir(name).join(format!("{name}.onnx"));
+        let onnx = Model::load(&path, &EngineOptions::default()).unwrap();
+        let (archive, names) = engine::onnx_to_nnef(&path, &std::fs::read(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            names.inputs,
+            onnx.inputs()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            names.outputs,
+            onnx.outputs()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+        );
+        let nnef_path = tmp.path().join(format!("{name}.nnef.tar"));
+        std::fs::write(&nnef_path, &archive).unwrap();
+        let nnef = Model::load_as(
+            &nnef_path,
+            ModelFormat::Nnef,
+            &names,
+            &EngineOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Same signature, free batch dimension included.
+        assert_eq!(nnef.inputs(), onnx.inputs(), "{name}");
+        assert_eq!(nnef.outputs(), onnx.outputs(), "{name}");
+        let input = read_npy(dir(name).join("test_input.npy")).unwrap();
+        for (from, to) in [(0, 1), (0, 3)] {
+            let x = [rows(&input, from, to)];
+            assert_eq!(
+                nnef.run(&x).unwrap(),
+                onnx.run(&x).unwrap(),
+                "{name} rows {from}..{to}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nnef_conversion_is_deterministic() {
+    let path = dir("digits_cnn").join("digits_cnn.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    let (a, _) = engine::onnx_to_nnef(&path, &bytes).unwrap();
+    // Past a second boundary: tract's default writer would stamp another time.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (b, _) = engine::onnx_to_nnef(&path, &bytes).unwrap();
+    assert!(a == b, "the same model converts to the same bytes");
+}
+
+#[test]
+fn nnef_loads_refuse_wrong_names_and_damaged_archives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = dir("digits_cnn").join("digits_cnn.onnx");
+    let (archive, names) = engine::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
+    let nnef_path = tmp.path().join("model.nnef.tar");
+    std::fs::write(&nnef_path, &archive).unwrap();
+    let opts = EngineOptions::default();
+
+    let two_inputs = IoNames {
+        inputs: vec!["a".into(), "b".into()],
+        outputs: names.outputs.clone(),
+    };
+    let e = Model::load_nnef(&nnef_path, &two_inputs, &opts).unwrap_err();
+    assert!(matches!(e, EngineError::Load { .. }), "{e}");
+    assert!(e.to_string().contains("model.nnef.tar"), "{e}");
+
+    // The names are the caller's: NNEF keeps none of its own.
+    let renamed = IoNames {
+        inputs: vec!["pixels".into()],
+        outputs: vec!["scores".into()],
+    };
+    let m = Model::load_nnef(&nnef_path, &renamed, &opts).unwrap();
+    assert_eq!(m.inputs()[0].name, "pixels");
+    assert_eq!(m.outputs()[0].name, "scores");
+
+    std::fs::write(&nnef_path, &archive[..archive.len() / 2]).unwrap();
+    let e = Model::load_nnef(&nnef_path, &names, &opts).unwrap_err();
+    assert!(e.to_string().contains("reading NNEF"), "{e}");
+
+    // An ONNX file is not an NNEF archive (and vice versa): a load in the wrong format fails.
+    let e = Model::load_as(&path, ModelFormat::Nnef, &names, &opts).unwrap_err();
+    assert!(e.to_string().contains("reading NNEF"), "{e}");
 }

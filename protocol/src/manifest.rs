@@ -460,6 +460,55 @@ impl std::str::FromStr for TelemetrySamples {
     }
 }
 
+/// The file format of a bundle's model payload (manifest field `model_format`).
+///
+/// `onnx`: the ONNX file given to `bundler build`, byte for byte (every bundle made before the
+/// field existed, hence the default). `nnef`: the model as tract's NNEF archive (an uncompressed
+/// tar of `graph.nnef` and tensor `.dat` files, with tract's `tract_core` / `tract_onnx`
+/// extensions where the graph needs them), written by the bundler from the ONNX model after
+/// typing and decluttering. NNEF does not keep ONNX tensor names: a reader takes the input and
+/// output names, in order, from the manifest's `inputs` and `outputs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFormat {
+    #[default]
+    Onnx,
+    Nnef,
+}
+
+impl ModelFormat {
+    pub const ALL: [ModelFormat; 2] = [ModelFormat::Onnx, ModelFormat::Nnef];
+
+    /// The format as written in the manifest (`onnx`, `nnef`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef",
+        }
+    }
+
+    pub fn is_onnx(&self) -> bool {
+        *self == ModelFormat::Onnx
+    }
+}
+
+impl std::fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ModelFormat, String> {
+        ModelFormat::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not a model format (onnx, nnef)"))
+    }
+}
+
 /// The signed description of a bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -475,8 +524,15 @@ pub struct Manifest {
     /// Rust target triples the bundle is meant for; empty means any target.
     #[serde(default)]
     pub targets: Vec<String>,
-    /// The model file among the payloads (decompressed name without `.zst`), e.g. `model.onnx`.
+    /// The model file among the payloads (decompressed name without `.zst`), e.g. `model.onnx`
+    /// or `model.nnef.tar`.
     pub model_file: String,
+    /// The format of `model_file`. Left out when `onnx` (the default), so manifests signed
+    /// before the field existed re-serialise to the same bytes; an agent that predates the
+    /// field refuses a manifest that sets it (unknown field) instead of feeding NNEF to an ONNX
+    /// parser.
+    #[serde(default, skip_serializing_if = "ModelFormat::is_onnx")]
+    pub model_format: ModelFormat,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub task: Task,

@@ -42,6 +42,7 @@ pub fn sample_manifest() -> Manifest {
         expires_at: None,
         targets: vec![],
         model_file: "model.onnx".into(),
+        model_format: ModelFormat::Onnx,
         inputs: vec![spec("input", vec![None, Some(4)])],
         outputs: vec![spec("probabilities", vec![None, Some(10)])],
         task: Task::Classification {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::bundle::*;
 use protocol::keys::{Keyring, SecretKey};
-use protocol::manifest::TelemetrySamples;
+use protocol::manifest::{ModelFormat, TelemetrySamples};
 use protocol::testing::sample_manifest;
 
 fn data(name: &str) -> PathBuf {
@@ -39,6 +39,11 @@ fn a_bundle_signed_before_telemetry_samples_still_verifies_and_reserialises_iden
     let text = String::from_utf8(v.manifest_bytes.clone()).unwrap();
     assert!(!text.contains("telemetry_samples"), "the fixture is old");
     assert_eq!(v.manifest.telemetry_samples, TelemetrySamples::Full);
+    assert!(
+        !text.contains("model_format"),
+        "the fixture predates model_format too"
+    );
+    assert_eq!(v.manifest.model_format, ModelFormat::Onnx);
     assert_eq!(
         serde_json::to_vec_pretty(&v.manifest).unwrap(),
         v.manifest_bytes,
@@ -71,4 +76,40 @@ fn telemetry_samples_is_signed_and_left_out_only_when_full() {
         .parse::<TelemetrySamples>()
         .unwrap_err()
         .contains("full, hashed, none"));
+}
+
+#[test]
+fn model_format_is_signed_and_left_out_only_when_onnx() {
+    let key = SecretKey::generate().unwrap();
+    let keyring = Keyring::new([key.public()]);
+    for format in ModelFormat::ALL {
+        let model_file = match format {
+            ModelFormat::Onnx => "model.onnx",
+            ModelFormat::Nnef => "model.nnef.tar",
+        };
+        let payloads = vec![
+            compress_payload(model_file, b"model", 3, |_, _| {}).unwrap(),
+            compress_payload("golden.bin", &[1, 2, 3, 4], 3, |_, _| {}).unwrap(),
+        ];
+        let mut m = sample_manifest();
+        m.model_file = model_file.into();
+        m.model_format = format;
+        let mut out = Vec::new();
+        let signed = write_bundle(&mut out, &mut m, &payloads, &[&key]).unwrap();
+        let v = verify(&out, &keyring).unwrap();
+        assert_eq!(v.manifest.model_format, format);
+        assert_eq!(v.manifest.model_file, model_file);
+        let text = String::from_utf8(signed).unwrap();
+        assert_eq!(
+            text.contains("\"model_format\": \"nnef\""),
+            format == ModelFormat::Nnef,
+            "{text}"
+        );
+        assert_eq!(text.contains("model_format"), !format.is_onnx());
+    }
+    assert_eq!("nnef".parse(), Ok(ModelFormat::Nnef));
+    assert!("tflite"
+        .parse::<ModelFormat>()
+        .unwrap_err()
+        .contains("onnx, nnef"));
 }
