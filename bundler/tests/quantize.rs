@@ -202,14 +202,17 @@ fn int8_static_digits_cnn_is_within_a_point_and_installs() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = options(dir.path(), "digits_cnn", "q.mfb", QuantizeMode::Int8);
     o.calibration_method = RangeMethod::MinMax;
-    // tract 0.23.9 cannot write a QDQ graph as NNEF (no serializer for QuantizeLinearU8): the
-    // default format refuses with a message that names the way out, and ONNX ships.
+    // tract 0.23.9 cannot write a QDQ graph as NNEF (no serializer for QuantizeLinearU8): asked
+    // for NNEF, the build refuses with a message that names the way out; by default a
+    // quantized model ships as ONNX.
+    o.model_format = Some(ModelFormat::Nnef);
     let err = bundler::build(&o).unwrap_err();
     assert!(matches!(err, BuildError::Convert { .. }), "{err:?}");
     assert!(err.to_string().contains("--model-format onnx"), "{err}");
     assert!(!o.output.exists());
-    o.model_format = Some(ModelFormat::Onnx);
+    o.model_format = None;
     let r = bundler::build(&o).unwrap();
+    assert_eq!(r.model_format, ModelFormat::Onnx);
     let Quantization::Int8(record) = &r.quantization else {
         panic!()
     };
