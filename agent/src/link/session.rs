@@ -44,6 +44,11 @@ const EVENT_WINDOW: usize = 16;
 const CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for the broker to take the goodbye status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long after connecting the link waits for the server's presence before it publishes
+/// events and telemetry anyway, when no presence message (online or offline) arrived at all: a
+/// broker that does not keep retained messages, or one restarted without persistence while the
+/// server stays away. An explicit offline presence is waited out however long it lasts.
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest bundle a stage command may name.
 const MAX_BUNDLE_SIZE: u64 = 1 << 34;
 
@@ -98,6 +103,8 @@ pub(super) struct Session {
     /// The newest server presence of this connection said online: events and telemetry go out
     /// only then (`protocol::link::ServerPresence`).
     server_online: bool,
+    /// When this connection was made, while no presence message has arrived on it.
+    awaiting_presence_since: Option<Instant>,
     /// A clean shutdown is under way: only the goodbye is published.
     closing: bool,
     goodbye_acked: bool,
@@ -156,6 +163,7 @@ impl Session {
             shared_connected,
             connected: false,
             server_online: false,
+            awaiting_presence_since: None,
             closing: false,
             goodbye_acked: false,
             tracker: AckTracker::default(),
@@ -260,6 +268,16 @@ impl Session {
                        session_present, "connected");
         self.connected = true;
         self.set_server_online(false);
+        self.awaiting_presence_since = Some(Instant::now());
+        // Retained messages come with a new subscription; a broker that kept this session's
+        // subscription (rumqttd) does not send them again for a repeated SUBSCRIBE, so the
+        // presence topic is subscribed afresh.
+        if let Err(e) = self.client.try_unsubscribe(self.topics.server.clone()) {
+            tracing::warn!(
+                "cannot renew the subscription to {}: {e}",
+                self.topics.server
+            );
+        }
         self.shared_connected.store(true, Ordering::Relaxed);
         self.metrics.connected.store(1, Ordering::Relaxed);
         LinkMetrics::inc(&self.metrics.connects_total);
@@ -292,6 +310,7 @@ impl Session {
         LinkMetrics::inc(&self.metrics.connection_errors_total);
         self.connected = false;
         self.set_server_online(false);
+        self.awaiting_presence_since = None;
         self.shared_connected.store(false, Ordering::Relaxed);
         self.metrics.connected.store(0, Ordering::Relaxed);
         // What rumqttc read before the error (acks, chunks) still counts.
@@ -314,6 +333,15 @@ impl Session {
     }
 
     fn on_tick(&mut self) {
+        if let Some(since) = self.awaiting_presence_since {
+            if self.connected && since.elapsed() >= PRESENCE_TIMEOUT {
+                tracing::warn!(device = %self.config.device_id,
+                    "no presence of the fleet server within {PRESENCE_TIMEOUT:?} of connecting \
+                     (a broker without retained messages?): publishing events and telemetry anyway");
+                self.awaiting_presence_since = None;
+                self.set_server_online(true);
+            }
+        }
         self.pump_events();
         self.pump_telemetry();
         match self.telemetry.flush(&self.agent.outbox, true) {
@@ -546,6 +574,7 @@ impl Session {
             }
         };
         tracing::info!(device = %self.config.device_id, online = presence.online, "server presence");
+        self.awaiting_presence_since = None;
         self.set_server_online(presence.online);
         if presence.online {
             self.pump_events();
