@@ -25,7 +25,7 @@ fuzz="$root/fuzz"
 seconds="${1:-60}"
 shift || true
 all=(bundle_reader manifest_parser command_envelope command_body chunk_frame keyring_chain
-     keyring_update_body device_status device_event telemetry chunk_request oip_json oip_binary)
+     keyring_update_body server_presence device_status device_event telemetry chunk_request oip_json oip_binary)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 jobs="${FUZZ_JOBS:-1}"
