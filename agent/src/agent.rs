@@ -426,7 +426,7 @@ impl Agent {
         opts.expiry_slack =
             chrono::Duration::from_std(self.config.expiry_slack).unwrap_or(chrono::Duration::MAX);
         let verified = install::verify_into(bundle, staging, &opts)?;
-        crash_point("verified");
+        protocol::testing::crash_point("verified");
         let m = &verified.manifest;
         install::check_policy(m, self.store.floor(&m.name)?, &self.config.target)?;
 
@@ -456,7 +456,7 @@ impl Agent {
             installed_at: Utc::now(),
         };
         let slot_path = self.layout.commit_staging(staging, &m.name, &slot.dir)?;
-        crash_point("slot_written");
+        protocol::testing::crash_point("slot_written");
         let loaded = install::load_slot(
             &slot_path,
             m,
@@ -472,7 +472,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        crash_point("self_tested");
+        protocol::testing::crash_point("self_tested");
 
         // A trial needs something to revert to and a watch to judge it.
         let on_trial = old.is_some() && self.config.health_watch;
@@ -532,7 +532,7 @@ impl Agent {
             .collect();
         self.store
             .commit_model(&m.name, &record, m.security_version, &events)?;
-        crash_point("activated");
+        protocol::testing::crash_point("activated");
         let model = ServingModel {
             name: m.name.clone(),
             manifest: m.clone(),
@@ -1011,18 +1011,5 @@ fn peek_name_version(bundle: &[u8]) -> (Option<String>, Option<String>) {
             )
         }
         None => (None, None),
-    }
-}
-
-/// Test hook for the crash-safety test: abort the process (as `kill -9` would) when the
-/// environment variable `MODELFLEET_CRASH_AT` names this point of the install path.
-fn crash_point(name: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT
-        .get_or_init(|| std::env::var("MODELFLEET_CRASH_AT").ok())
-        .as_deref()
-        == Some(name)
-    {
-        std::process::abort();
     }
 }

@@ -79,3 +79,18 @@ pub fn sample_manifest() -> Manifest {
         payloads: vec![],
     }
 }
+
+/// A crash test's hook in the programs: ends the process at once (`abort`, as `kill -9` would)
+/// when the environment variable `MODELFLEET_CRASH_AT` names `point` (`agent/tests/crash.rs`,
+/// `tests/agent_faults.rs`, `tests/rollout_commands.rs`). One cached lookup otherwise.
+pub fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("MODELFLEET_CRASH_AT").ok())
+        .as_deref()
+        == Some(point)
+    {
+        eprintln!("MODELFLEET_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}

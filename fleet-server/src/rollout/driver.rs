@@ -244,12 +244,12 @@ impl Rollouts {
                     .store
                     .put_rollout_with_commands(&r, events, &pending, &settled)?;
             }
-            crash_point("rollout_orders_recorded");
+            protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
             for (command, _, is_stage) in &sealed {
                 self.publish(&r, command, *is_stage).await;
             }
-            crash_point("rollout_orders_sent");
+            protocol::testing::crash_point("rollout_orders_sent");
             self.resend_unanswered(&r).await?;
         }
         self.feeds
@@ -525,21 +525,6 @@ fn settled_commands(before: &Rollout, after: &Rollout) -> Vec<String> {
             (!still).then(|| command.clone())
         })
         .collect()
-}
-
-/// Ends the process at a named point of a rollout step when `MODELFLEET_CRASH_AT` names it
-/// (`rollout_orders_recorded`: committed, nothing published; `rollout_orders_sent`: published).
-/// For the crash tests (`tests/fleet_faults.rs`); costs one cached lookup otherwise.
-fn crash_point(name: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT
-        .get_or_init(|| std::env::var("MODELFLEET_CRASH_AT").ok())
-        .as_deref()
-        == Some(name)
-    {
-        eprintln!("MODELFLEET_CRASH_AT={name}: aborting");
-        std::process::abort();
-    }
 }
 
 /// One event per decision taken since `before`.
