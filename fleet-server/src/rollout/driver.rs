@@ -247,7 +247,10 @@ impl Rollouts {
             protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
             for (command, _, is_stage) in &sealed {
-                self.publish(&r, command, *is_stage).await;
+                if !self.publish(&r, command, *is_stage).await {
+                    // Recorded: the stage commands go out as re-sends once the broker is back.
+                    break;
+                }
             }
             protocol::testing::crash_point("rollout_orders_sent");
             self.resend_unanswered(&r).await?;
@@ -313,8 +316,9 @@ impl Rollouts {
         sealed
     }
 
-    /// Publishes a command of `r`; a stage command that does not go out is re-sent later.
-    async fn publish(&self, r: &Rollout, command: &SealedCommand, is_stage: bool) {
+    /// Publishes a command of `r`; false if it did not go out (a stage command is re-sent
+    /// later).
+    async fn publish(&self, r: &Rollout, command: &SealedCommand, is_stage: bool) -> bool {
         if let Err(e) = self.fleet.publish_command(command).await {
             tracing::warn!(
                 "rollout {}: command {} to {} not published: {e}",
@@ -322,7 +326,7 @@ impl Rollouts {
                 command.command_id,
                 command.device_id
             );
-            return;
+            return false;
         }
         if is_stage {
             self.published
@@ -330,6 +334,7 @@ impl Rollouts {
                 .expect("published lock")
                 .insert(command.command_id.clone(), Instant::now());
         }
+        true
     }
 
     /// Publishes again, unchanged, the stage commands of `r` that no device event has answered
@@ -372,7 +377,11 @@ impl Rollouts {
                 command.command_id,
                 command.device_id
             );
-            self.publish(r, &command, true).await;
+            if !self.publish(r, &command, true).await {
+                // The broker is unreachable: the rest waits for a later tick rather than each
+                // waiting out the request queue's timeout in this one.
+                break;
+            }
             self.fleet.metrics.commands_resent.fetch_add(1, Relaxed);
         }
         Ok(())
