@@ -5,154 +5,18 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::link::transfer::{Bitmap, TransferRecord};
-use agent::link::{Link, LinkConfig, LinkHandle, LinkMetrics};
-use agent::{Agent, AgentConfig};
+use agent::link::{Link, LinkHandle, LinkMetrics};
+use agent::Agent;
 use common::mqtt::*;
 use common::*;
-use protocol::link::{
-    self, encode_chunk, sha256_hex, Action, BundleRef, Channel, ChunkHeader, ChunkRequest,
-    DeviceStatus,
-};
+use protocol::link::{self, encode_chunk, sha256_hex, Action, Channel, ChunkHeader, DeviceStatus};
 use protocol::telemetry::{SampleRecord, TelemetryRecord, TELEMETRY_SCHEMA};
 use rumqttc::QoS;
-
-/// The fleet server's side of transfers: answers chunk requests from a bundle file, counting
-/// every chunk asked for; can hold back chunks, corrupt chosen ones once, and send commands.
-struct FakeServer {
-    tap: Tap,
-    /// Chunks asked for, in order (an index appears once per request).
-    requested: Arc<Mutex<Vec<u32>>>,
-    /// Serve only chunks below this index (others are ignored, as if lost).
-    serve_below: Arc<AtomicU32>,
-    /// Chunks to corrupt the first time they are sent.
-    corrupt_once: Arc<Mutex<HashSet<u32>>>,
-}
-
-impl FakeServer {
-    async fn new(broker: &str, device: &str, bundle: Vec<u8>, chunk_size: u32) -> FakeServer {
-        let tap = Tap::new(
-            broker,
-            &format!("server-{device}"),
-            &[topic(device, Channel::TransferRequest)],
-        )
-        .await;
-        let server = FakeServer {
-            tap,
-            requested: Arc::default(),
-            serve_below: Arc::new(AtomicU32::new(u32::MAX)),
-            corrupt_once: Arc::default(),
-        };
-        let (client, messages) = (server.tap.client.clone(), server.tap.messages.clone());
-        let (requested, serve_below, corrupt) = (
-            server.requested.clone(),
-            server.serve_below.clone(),
-            server.corrupt_once.clone(),
-        );
-        let chunk_topic = topic(device, Channel::TransferChunk);
-        let id = sha256_hex(&bundle);
-        tokio::spawn(async move {
-            let mut seen = 0;
-            loop {
-                let batch: Vec<Vec<u8>> = {
-                    let m = messages.lock().unwrap();
-                    let new = m[seen..].iter().map(|(_, p)| p.clone()).collect();
-                    seen = m.len();
-                    new
-                };
-                for payload in batch {
-                    let req: ChunkRequest = link::decode(&payload).unwrap();
-                    assert_eq!(
-                        (req.bundle_id.as_str(), req.chunk_size),
-                        (id.as_str(), chunk_size)
-                    );
-                    let total = link::chunk_count(bundle.len() as u64, chunk_size);
-                    for index in req.first..req.first + req.count {
-                        requested.lock().unwrap().push(index);
-                        if index >= serve_below.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        let start = index as usize * chunk_size as usize;
-                        let bytes = &bundle[start..(start + chunk_size as usize).min(bundle.len())];
-                        let header = ChunkHeader {
-                            bundle_id: id.clone(),
-                            index,
-                            chunk_size,
-                            total,
-                            sha256: sha256_hex(bytes),
-                            error: None,
-                        };
-                        let mut frame = encode_chunk(&header, bytes);
-                        if corrupt.lock().unwrap().remove(&index) {
-                            let last = frame.len() - 1;
-                            frame[last] ^= 0xff;
-                        }
-                        client
-                            .publish(chunk_topic.clone(), QoS::AtLeastOnce, false, frame)
-                            .await
-                            .unwrap();
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        server
-    }
-
-    async fn command(&self, device: &str, id: &str, action: Action) {
-        self.tap
-            .client
-            .publish(
-                topic(device, Channel::Commands),
-                QoS::AtLeastOnce,
-                false,
-                signed_command(device, id, action),
-            )
-            .await
-            .unwrap();
-    }
-
-    fn requests_of(&self, index: u32) -> usize {
-        self.requested
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|&&i| i == index)
-            .count()
-    }
-}
-
-fn bundle_ref(bytes: &[u8], name: &str, version: &str, chunk_size: u32) -> BundleRef {
-    BundleRef {
-        bundle_id: sha256_hex(bytes),
-        name: name.into(),
-        version: version.into(),
-        size: bytes.len() as u64,
-        chunk_size,
-        http_url: None,
-    }
-}
-
-fn open_agent(fx: &Fixture, data: &str) -> Arc<Agent> {
-    let keyring =
-        protocol::keys::Keyring::from_file_text(&std::fs::read_to_string(&fx.keyring).unwrap())
-            .unwrap();
-    let mut config = AgentConfig::new(fx.path(data));
-    config.workers = 1;
-    Arc::new(Agent::open(config, keyring).unwrap())
-}
-
-fn link_config(broker: &str, device: &str) -> LinkConfig {
-    let mut c = LinkConfig::new(broker, device);
-    c.server_key = Some(server_key().public());
-    c.backoff_min = Duration::from_millis(100);
-    c.backoff_max = Duration::from_millis(500);
-    c
-}
 
 async fn connected(handle: &LinkHandle) {
     wait_for("the link to connect", || {

@@ -1,18 +1,22 @@
 //! MQTT test infrastructure: rumqttd in this process, a raw recording client, and commands
 //! signed as the fleet server signs them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use agent::link::LinkConfig;
+use agent::{Agent, AgentConfig};
 use protocol::command_auth::SignedCommand;
 use protocol::keys::SecretKey;
 use protocol::link::{
-    self, Action, Channel, Command, DeviceEvent, DeviceStatus, ServerPresence, Topics, LINK_SCHEMA,
+    self, encode_chunk, sha256_hex, Action, BundleRef, Channel, ChunkHeader, ChunkRequest, Command,
+    DeviceEvent, DeviceStatus, ServerPresence, Topics, LINK_SCHEMA,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use super::free_port;
+use super::{free_port, Fixture};
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -236,4 +240,157 @@ pub fn command_for(device: &str, id: &str, action: Action) -> Command {
         expires: now + chrono::Duration::hours(1),
         action,
     }
+}
+
+// ---- a fake fleet server and a device ----
+
+/// The fleet server's side of transfers: answers chunk requests from a bundle file, counting
+/// every chunk asked for; can hold back chunks, corrupt chosen ones once, and send commands.
+pub struct FakeServer {
+    pub tap: Tap,
+    /// Chunks asked for, in order (an index appears once per request).
+    pub requested: Arc<Mutex<Vec<u32>>>,
+    /// Serve only chunks below this index (others are ignored, as if lost).
+    pub serve_below: Arc<AtomicU32>,
+    /// Chunks to corrupt the first time they are sent.
+    pub corrupt_once: Arc<Mutex<HashSet<u32>>>,
+    /// Chunks not to send the first time they are asked for (lost on the way).
+    pub lose_once: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl FakeServer {
+    /// Frames published with QoS 1, as on the server's main connection.
+    pub async fn new(broker: &str, device: &str, bundle: Vec<u8>, chunk_size: u32) -> FakeServer {
+        FakeServer::with_qos(broker, device, bundle, chunk_size, QoS::AtLeastOnce).await
+    }
+
+    /// Frames published with `qos` (QoS 0: the server's bulk connection).
+    pub async fn with_qos(
+        broker: &str,
+        device: &str,
+        bundle: Vec<u8>,
+        chunk_size: u32,
+        qos: QoS,
+    ) -> FakeServer {
+        let tap = Tap::new(
+            broker,
+            &format!("server-{device}"),
+            &[topic(device, Channel::TransferRequest)],
+        )
+        .await;
+        let server = FakeServer {
+            tap,
+            requested: Arc::default(),
+            serve_below: Arc::new(AtomicU32::new(u32::MAX)),
+            corrupt_once: Arc::default(),
+            lose_once: Arc::default(),
+        };
+        let (client, messages) = (server.tap.client.clone(), server.tap.messages.clone());
+        let (requested, serve_below, corrupt, lose) = (
+            server.requested.clone(),
+            server.serve_below.clone(),
+            server.corrupt_once.clone(),
+            server.lose_once.clone(),
+        );
+        let chunk_topic = topic(device, Channel::TransferChunk);
+        let id = sha256_hex(&bundle);
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                let batch: Vec<Vec<u8>> = {
+                    let m = messages.lock().unwrap();
+                    let new = m[seen..].iter().map(|(_, p)| p.clone()).collect();
+                    seen = m.len();
+                    new
+                };
+                for payload in batch {
+                    let req: ChunkRequest = link::decode(&payload).unwrap();
+                    assert_eq!(
+                        (req.bundle_id.as_str(), req.chunk_size),
+                        (id.as_str(), chunk_size)
+                    );
+                    let total = link::chunk_count(bundle.len() as u64, chunk_size);
+                    for index in req.first..req.first + req.count {
+                        requested.lock().unwrap().push(index);
+                        if index >= serve_below.load(Ordering::SeqCst)
+                            || lose.lock().unwrap().remove(&index)
+                        {
+                            continue;
+                        }
+                        let start = index as usize * chunk_size as usize;
+                        let bytes = &bundle[start..(start + chunk_size as usize).min(bundle.len())];
+                        let header = ChunkHeader {
+                            bundle_id: id.clone(),
+                            index,
+                            chunk_size,
+                            total,
+                            sha256: sha256_hex(bytes),
+                            error: None,
+                        };
+                        let mut frame = encode_chunk(&header, bytes);
+                        if corrupt.lock().unwrap().remove(&index) {
+                            let last = frame.len() - 1;
+                            frame[last] ^= 0xff;
+                        }
+                        client
+                            .publish(chunk_topic.clone(), qos, false, frame)
+                            .await
+                            .unwrap();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        server
+    }
+
+    pub async fn command(&self, device: &str, id: &str, action: Action) {
+        self.tap
+            .client
+            .publish(
+                topic(device, Channel::Commands),
+                QoS::AtLeastOnce,
+                false,
+                signed_command(device, id, action),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub fn requests_of(&self, index: u32) -> usize {
+        self.requested
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&i| i == index)
+            .count()
+    }
+}
+
+pub fn bundle_ref(bytes: &[u8], name: &str, version: &str, chunk_size: u32) -> BundleRef {
+    BundleRef {
+        bundle_id: sha256_hex(bytes),
+        name: name.into(),
+        version: version.into(),
+        size: bytes.len() as u64,
+        chunk_size,
+        http_url: None,
+    }
+}
+
+pub fn open_agent(fx: &Fixture, data: &str) -> Arc<Agent> {
+    let keyring =
+        protocol::keys::Keyring::from_file_text(&std::fs::read_to_string(&fx.keyring).unwrap())
+            .unwrap();
+    let mut config = AgentConfig::new(fx.path(data));
+    config.workers = 1;
+    Arc::new(Agent::open(config, keyring).unwrap())
+}
+
+pub fn link_config(broker: &str, device: &str) -> LinkConfig {
+    let mut c = LinkConfig::new(broker, device);
+    c.server_key = Some(server_key().public());
+    c.backoff_min = Duration::from_millis(100);
+    c.backoff_max = Duration::from_millis(500);
+    c
 }
