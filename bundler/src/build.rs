@@ -758,31 +758,12 @@ fn same_outputs(
     rtol: f32,
 ) -> Result<(), BuildError> {
     for ((spec, got), want) in specs.iter().zip(nnef).zip(onnx) {
-        let per: usize = want.shape.iter().skip(1).product::<usize>().max(1);
-        let bad = if got.shape != want.shape {
-            Some((
-                0,
-                format!("shape {:?}", got.shape),
-                format!("shape {:?}", want.shape),
-            ))
-        } else {
-            match (got.as_f32(), want.as_f32()) {
-                (Some(g), Some(w)) => g
-                    .iter()
-                    .zip(w)
-                    .position(|(g, w)| {
-                        // NaN never matches.
-                        let within = (g - w).abs() <= atol + rtol * w.abs();
-                        !within
-                    })
-                    .map(|i| (i, g[i].to_string(), w[i].to_string())),
-                _ => (got.data != want.data).then(|| (0, "other values".into(), "-".into())),
-            }
-        };
-        if let Some((i, got, want)) = bad {
+        let (need, worst) = golden::needed_atol(want, got, rtol);
+        let bad = worst.filter(|_| need > atol);
+        if let Some((sample, got, want)) = bad {
             return Err(BuildError::ConvertMismatch {
                 output: spec.name.clone(),
-                sample: i / per,
+                sample,
                 got,
                 want,
                 atol,

@@ -230,35 +230,52 @@ pub(crate) fn reproducibility(
             source,
         })?;
         for ((spec, want), got) in output_specs.iter().zip(outputs).zip(&again) {
-            let want = slice_rows(want, start, end);
-            let per: usize = want.shape.iter().skip(1).product::<usize>().max(1);
-            match (want.as_f32(), got.as_f32()) {
-                (Some(w), Some(g)) => {
-                    for (i, (w, g)) in w.iter().zip(g).enumerate() {
-                        // NaN never matches.
-                        let need = if (g - w).is_nan() {
-                            f32::INFINITY
-                        } else {
-                            ((g - w).abs() - rtol * w.abs()).max(0.0)
-                        };
-                        if need > result.needed_atol {
-                            result.needed_atol = need;
-                            let sample = start + i / per;
-                            result.worst =
-                                Some((spec.name.clone(), sample, g.to_string(), w.to_string()));
-                        }
-                    }
-                }
-                _ if want.data != got.data => {
-                    result.needed_atol = f32::INFINITY;
-                    result.worst =
-                        Some((spec.name.clone(), start, "other values".into(), "-".into()));
-                }
-                _ => {}
+            let (need, worst) = needed_atol(&slice_rows(want, start, end), got, rtol);
+            if need > result.needed_atol {
+                result.needed_atol = need;
+                result.worst =
+                    worst.map(|(row, got, want)| (spec.name.clone(), start + row, got, want));
             }
         }
     }
     Ok(result)
+}
+
+/// The smallest `atol` with which every value of `got` is within `atol + rtol * |want|` of
+/// `want` (infinite for a NaN, a different shape or non-float values that differ), and the
+/// worst element: (sample row, got, want).
+pub(crate) fn needed_atol(
+    want: &Tensor,
+    got: &Tensor,
+    rtol: f32,
+) -> (f32, Option<(usize, String, String)>) {
+    let per: usize = want.shape.iter().skip(1).product::<usize>().max(1);
+    if got.shape != want.shape {
+        let shapes = (
+            format!("shape {:?}", got.shape),
+            format!("shape {:?}", want.shape),
+        );
+        return (f32::INFINITY, Some((0, shapes.0, shapes.1)));
+    }
+    match (want.as_f32(), got.as_f32()) {
+        (Some(w), Some(g)) => {
+            let mut worst = (0.0f32, None);
+            for (i, (w, g)) in w.iter().zip(g).enumerate() {
+                // NaN never matches.
+                let need = if (g - w).is_nan() {
+                    f32::INFINITY
+                } else {
+                    ((g - w).abs() - rtol * w.abs()).max(0.0)
+                };
+                if need > worst.0 {
+                    worst = (need, Some((i / per, g.to_string(), w.to_string())));
+                }
+            }
+            worst
+        }
+        _ if want.data != got.data => (f32::INFINITY, Some((0, "other values".into(), "-".into()))),
+        _ => (0.0, None),
+    }
 }
 
 /// The `golden.bin` bytes and its manifest description for the first `count` samples.
