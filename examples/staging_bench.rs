@@ -4,7 +4,12 @@
 //!
 //! ```text
 //! cargo run --release --example staging_bench -- [--devices 1,50] [--broker embedded,mosquitto]
+//!     [--window 32] [--repeat 1]
 //! ```
+//!
+//! `--repeat N` runs the plain loop and every staging configuration N times in turn on the same
+//! broker and server and ends each broker with the medians (the machine is shared and noisy:
+//! one run proves little).
 //!
 //! For each broker:
 //! 1. **plain publish loop**: one client publishes the bundle's bytes as 64 KiB QoS 1 messages,
@@ -39,6 +44,7 @@ fn main() -> Result<()> {
     let mut devices = vec![1usize, 50];
     let mut brokers = vec!["embedded".to_string(), "mosquitto".to_string()];
     let mut windows = vec![LinkConfig::new("", "").window];
+    let mut repeat = 1usize;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -57,8 +63,14 @@ fn main() -> Result<()> {
                     .map(|s| s.parse().context("--window takes numbers: 32,64"))
                     .collect::<Result<_>>()?
             }
+            "--repeat" => {
+                repeat = value
+                    .parse::<usize>()
+                    .context("--repeat takes a number")?
+                    .max(1)
+            }
             other => bail!(
-                "unknown flag {other}: use --devices 1,50 --broker embedded,mosquitto --window 32"
+                "unknown flag {other}: use --devices 1,50 --broker embedded,mosquitto --window 32 --repeat 1"
             ),
         }
         i += 2;
@@ -117,43 +129,88 @@ fn main() -> Result<()> {
         let broker_url = server.broker_url().to_string();
         let bundle_id = api.upload(&bundle)?;
 
-        let plain = rt.block_on(plain_publish_loop(&broker_url, &bundle))?;
-        println!(
-            "plain publish loop: {} bytes in {:.3} s = {:.1} MB/s",
-            bundle.len(),
-            plain.as_secs_f64(),
-            mb_per_s(bundle.len(), plain)
-        );
-
-        for (&n, &window) in devices
+        let configs: Vec<(usize, u32)> = devices
             .iter()
-            .flat_map(|n| windows.iter().map(move |w| (n, w)))
-        {
-            let run = stage_to(
-                &rt,
-                &api,
-                &broker_url,
-                &bundle_id,
-                &keyring,
-                server.server_public_key(),
-                n,
-                window,
-                &dir.join(format!("{broker_name}-{n}-w{window}")),
-            )?;
-            let bytes = bundle.len() * n;
+            .flat_map(|&n| windows.iter().map(move |&w| (n, w)))
+            .collect();
+        let mut plains = Vec::new();
+        // Per configuration: (transferred, its share of that round's plain loop in %, the
+        // chunk phase's share).
+        let mut results: Vec<Vec<(Duration, f64, f64)>> = vec![Vec::new(); configs.len()];
+        for round in 0..repeat {
+            if repeat > 1 {
+                println!("-- round {}", round + 1);
+            }
+            let plain = rt.block_on(plain_publish_loop(&broker_url, &bundle))?;
+            plains.push(plain);
             println!(
-                "staging to {n:>3} agent(s), window {window:>3}: all transferred in {:.3} s ({:.1} MB/s aggregate, {:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s",
-                run.transferred.as_secs_f64(),
-                mb_per_s(bytes, run.transferred),
-                100.0 * mb_per_s(bytes, run.transferred) / mb_per_s(bundle.len(), plain),
-                run.serving.as_secs_f64(),
-                run.first_transfer.as_secs_f64(),
+                "plain publish loop: {} bytes in {:.3} s = {:.1} MB/s",
+                bundle.len(),
+                plain.as_secs_f64(),
+                mb_per_s(bundle.len(), plain)
             );
+            for (c, &(n, window)) in configs.iter().enumerate() {
+                let run = stage_to(
+                    &rt,
+                    &api,
+                    &broker_url,
+                    &bundle_id,
+                    &keyring,
+                    server.server_public_key(),
+                    n,
+                    window,
+                    &dir.join(format!("{broker_name}-{n}-w{window}-r{round}")),
+                )?;
+                let bytes = bundle.len() * n;
+                let plain_rate = mb_per_s(bundle.len(), plain);
+                let share = 100.0 * mb_per_s(bytes, run.transferred) / plain_rate;
+                let chunk_share = 100.0 * mb_per_s(bundle.len(), run.chunk_phase) / plain_rate;
+                results[c].push((run.transferred, share, chunk_share));
+                println!(
+                    "staging to {n:>3} agent(s), window {window:>3}: all transferred in {:.3} s ({:.1} MB/s aggregate, {share:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s; slowest chunk phase {:.3} s ({chunk_share:.0} % of the plain loop per agent)",
+                    run.transferred.as_secs_f64(),
+                    mb_per_s(bytes, run.transferred),
+                    run.serving.as_secs_f64(),
+                    run.first_transfer.as_secs_f64(),
+                    run.chunk_phase.as_secs_f64(),
+                );
+            }
+        }
+        if repeat > 1 {
+            println!("-- medians of {repeat} rounds ({broker_name})");
+            println!("plain publish loop: {:.3} s", median(&plains).as_secs_f64());
+            for (c, &(n, window)) in configs.iter().enumerate() {
+                let times: Vec<Duration> = results[c].iter().map(|r| r.0).collect();
+                let sorted = |f: fn(&(Duration, f64, f64)) -> f64| {
+                    let mut v: Vec<f64> = results[c].iter().map(f).collect();
+                    v.sort_by(f64::total_cmp);
+                    v
+                };
+                let shares = sorted(|r| r.1);
+                let chunk_shares = sorted(|r| r.2);
+                println!(
+                    "staging to {n:>3} agent(s), window {window:>3}: transferred {:.3} s, {:.0} % of its round's plain loop (range {:.0}–{:.0} %); chunk phase {:.0} % per agent (range {:.0}–{:.0} %)",
+                    median(&times).as_secs_f64(),
+                    shares[shares.len() / 2],
+                    shares[0],
+                    shares[shares.len() - 1],
+                    chunk_shares[chunk_shares.len() / 2],
+                    chunk_shares[0],
+                    chunk_shares[chunk_shares.len() - 1],
+                );
+            }
         }
         rt.block_on(server.shutdown());
         drop(external);
     }
     Ok(())
+}
+
+/// The middle value (the upper one of an even count).
+fn median(values: &[Duration]) -> Duration {
+    let mut v = values.to_vec();
+    v.sort();
+    v[v.len() / 2]
 }
 
 fn mb_per_s(bytes: usize, t: Duration) -> f64 {
@@ -162,6 +219,8 @@ fn mb_per_s(bytes: usize, t: Duration) -> f64 {
 
 /// Publishes `payload` as 64 KiB QoS 1 messages from one client to another.
 async fn plain_publish_loop(broker_url: &str, payload: &[u8]) -> Result<Duration> {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     let port: u16 = broker_url
         .rsplit(':')
         .next()
@@ -175,7 +234,7 @@ async fn plain_publish_loop(broker_url: &str, payload: &[u8]) -> Result<Duration
     };
     let chunks: Vec<Vec<u8>> = payload.chunks(CHUNK).map(<[u8]>::to_vec).collect();
     let expected = chunks.len() as u64;
-    let (sub, mut sub_loop) = AsyncClient::new(options("bench-sub"), 100);
+    let (sub, mut sub_loop) = AsyncClient::new(options(&format!("bench-sub-{run}")), 100);
     sub.subscribe("bench/plain", QoS::AtLeastOnce).await?;
     let received = Arc::new(AtomicU64::new(0));
     let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
@@ -209,7 +268,7 @@ async fn plain_publish_loop(broker_url: &str, payload: &[u8]) -> Result<Duration
     tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
         .await
         .context("no SUBACK")??;
-    let (publisher, mut pub_loop) = AsyncClient::new(options("bench-pub"), 100);
+    let (publisher, mut pub_loop) = AsyncClient::new(options(&format!("bench-pub-{run}")), 100);
     tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
     let start = Instant::now();
     for c in chunks {
@@ -227,6 +286,9 @@ struct StagingRun {
     first_transfer: Duration,
     transferred: Duration,
     serving: Duration,
+    /// The slowest agent's chunk phase: its transfer created (command checked) → last chunk
+    /// written, from its `transfer_completed` event.
+    chunk_phase: Duration,
 }
 
 /// Starts `n` agents, stages the bundle to all of them, and times it.
@@ -307,10 +369,21 @@ fn stage_to(
                     l.shutdown().await;
                 }
             });
+            let mut chunk_phase = Duration::ZERO;
+            for (id, agent) in &agents {
+                let seconds = agent
+                    .events(0, 10_000)?
+                    .into_iter()
+                    .find(|e| e.kind == "transfer_completed")
+                    .and_then(|e| e.detail["seconds"].as_f64())
+                    .with_context(|| format!("{id} recorded no transfer_completed"))?;
+                chunk_phase = chunk_phase.max(Duration::from_secs_f64(seconds));
+            }
             return Ok(StagingRun {
                 first_transfer: first_transfer.unwrap_or(serving),
                 transferred: transferred.unwrap_or(serving),
                 serving,
+                chunk_phase,
             });
         }
         if Instant::now() > deadline {

@@ -194,14 +194,28 @@ impl Store {
         bundle_id: &str,
         record: &T,
     ) -> Result<(), StoreError> {
+        self.put_transfer_with_events(bundle_id, record, &[])?;
+        Ok(())
+    }
+
+    /// [`Store::put_transfer`] and [`Store::append`] in one durable commit (a new transfer and
+    /// its `transfer_started` event: one wait for the disk before the first chunk request).
+    pub fn put_transfer_with_events<T: Serialize>(
+        &self,
+        bundle_id: &str,
+        record: &T,
+        events: &[Event],
+    ) -> Result<Vec<Event>, StoreError> {
         let tx = self.db.begin_write()?;
         {
             let mut table = tx.open_table(TRANSFERS)?;
             let bytes = serde_json::to_vec(record).expect("transfer record serialises");
             table.insert(bundle_id, bytes.as_slice())?;
         }
+        let stored = append_events(&tx, events)?;
         tx.commit()?;
-        Ok(())
+        self.notify(&stored);
+        Ok(stored)
     }
 
     /// [`Store::put_transfer`] without waiting for the disk: a checkpoint's bitmap. Safe

@@ -157,6 +157,15 @@ async fn status_is_retained_and_a_staged_bundle_is_fetched_installed_and_reporte
     assert!(first("transfer_progress") < first("transfer_completed"));
     assert!(first("transfer_completed") < first("installed"));
     assert!(first("installed") < first("activated"));
+    let completed = events
+        .iter()
+        .find(|e| e.kind == "transfer_completed" && e.command_id.as_deref() == Some("c-stage"))
+        .unwrap();
+    assert_eq!(
+        completed.detail["hashed_while_receiving"], true,
+        "a transfer that saw every chunk arrive checks the hash it computed on the way: {:?}",
+        completed.detail
+    );
     assert!(events
         .iter()
         .filter(|e| e.command_id.is_some())
@@ -298,6 +307,78 @@ async fn a_transfer_resumes_after_a_crash_without_refetching_durable_chunks() {
         Some("c-1"),
         "the stored command ids survive the restart"
     );
+    let completed = events
+        .iter()
+        .find(|e| e.kind == "transfer_completed")
+        .unwrap();
+    assert_eq!(
+        completed.detail["hashed_while_receiving"], false,
+        "chunks from before the restart never went through the running hash: the file is hashed"
+    );
+    link.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_does_not_hash_to_the_bundle_id_is_refused_and_deleted() {
+    let broker = start_broker();
+    let fx = Fixture::new();
+    let v1 = std::fs::read(fx.bundle("digits_mlp", "1.0.0", 1)).unwrap();
+    let chunk_size = 4096;
+    let server = FakeServer::new(&broker, "dev-h", v1.clone(), chunk_size).await;
+    // Chunk 3 checks out against its own frame hash but is not the bundle's chunk 3.
+    server.tamper.lock().unwrap().insert(3);
+    let agent = open_agent(&fx, "data");
+    let link = Link::start(agent.clone(), link_config(&broker, "dev-h")).unwrap();
+    connected(&link).await;
+    server
+        .command(
+            "dev-h",
+            "c-h",
+            Action::Stage {
+                bundle: bundle_ref(&v1, "digits_mlp", "1.0.0", chunk_size),
+            },
+        )
+        .await;
+    let failed = wait_for("transfer_failed", || {
+        agent
+            .events(0, 1000)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "transfer_failed")
+    })
+    .await;
+    assert_eq!(
+        failed.detail["reason"], "bundle_hash_mismatch",
+        "{failed:?}"
+    );
+    assert_eq!(failed.command_id.as_deref(), Some("c-h"));
+    let events = agent.events(0, 1000).unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.kind.as_str(), "transfer_completed" | "installed")),
+        "{events:?}"
+    );
+    assert!(
+        agent.status().unwrap().models.is_empty(),
+        "nothing installed"
+    );
+    wait_for("the partial file and record deleted", || {
+        (agent
+            .layout()
+            .transfers()
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none()
+            && agent
+                .store()
+                .transfers::<TransferRecord>()
+                .unwrap()
+                .is_empty())
+        .then_some(())
+    })
+    .await;
     link.shutdown().await;
 }
 

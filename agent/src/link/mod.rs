@@ -27,7 +27,10 @@
 //!   received-chunk bitmap is kept in `agent.redb` (never ahead of what is fsynced), so a transfer
 //!   resumes after a broker outage, a restart or a power cut ([`transfer`]); or fetched over HTTP
 //!   with Range requests ([`http_fetch`]). The complete file must hash to the bundle id, then goes
-//!   through [`Agent::install_with`] on a blocking thread.
+//!   through [`Agent::install_with`] on a blocking thread. Over MQTT the session task only checks
+//!   and writes chunks; each transfer's disk work — checkpoint syncs, progress events, a running
+//!   hash of the chunks in order, then the hash check and install — runs on its own thread
+//!   ([`transfer_worker`]), so requests for the next chunks go out while the disk works.
 //! - Robustness: malformed messages, unknown transfers, bad chunks are logged and counted
 //!   ([`metrics`], on the agent's `/metrics`), never fatal.
 //!
@@ -38,6 +41,7 @@
 //!   unexpired and new ([`replay`]: the `seq` memory in `agent.redb`); refusals counted and recorded.
 //! - [`acks`]: packet id → published item, for QoS 1 acknowledgements.
 //! - [`transfer`]: bitmap, partial file, request window, checkpoints, the final hash + install.
+//! - [`transfer_worker`]: an MQTT transfer's disk thread (syncs, progress events, running hash, end).
 //! - [`http_fetch`]: the HTTP Range transport.
 //! - [`event_pump`], [`telemetry_pump`]: what to publish next and what was acknowledged.
 //! - [`status`]: the retained status message.
@@ -55,6 +59,7 @@ mod session;
 pub mod status;
 pub mod telemetry_pump;
 pub mod transfer;
+pub mod transfer_worker;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -36,6 +36,7 @@ use super::metrics::LinkMetrics;
 use super::status::device_status;
 use super::telemetry_pump::TelemetryPump;
 use super::transfer::{self, ChunkError, Transfer, TransferRecord, CHECKPOINT_CHUNKS};
+use super::transfer_worker::{TransferWorker, WorkerReport};
 use super::{LinkConfig, LinkError, TransferMode};
 
 /// Events published and not yet acknowledged, at most.
@@ -115,9 +116,12 @@ pub(super) struct Session {
     telemetry: TelemetryPump,
     /// MQTT transfers being fetched, by bundle id.
     fetching: BTreeMap<String, Transfer>,
+    /// The disk-side thread of each transfer in `fetching` (checkpoints, progress events,
+    /// running hash), by bundle id.
+    disk: HashMap<String, TransferWorker>,
     /// Bundle ids a blocking thread owns (HTTP download, install), with their cancel flags.
     busy: HashMap<String, Arc<AtomicBool>>,
-    done_tx: mpsc::UnboundedSender<String>,
+    reports: mpsc::UnboundedSender<WorkerReport>,
     /// The models of the last status the broker took (None: publish again).
     reported: Option<Vec<ModelSummary>>,
     refusals: Refusals,
@@ -151,7 +155,7 @@ impl Session {
         // Nagle's algorithm they can sit in the kernel until the broker's delayed ACK.
         eventloop.network_options.set_tcp_nodelay(true);
         let events = EventPump::open(agent.store())?;
-        let (done_tx, _) = mpsc::unbounded_channel();
+        let (reports, _) = mpsc::unbounded_channel();
         Ok(Session {
             metrics: agent.link_metrics.clone(),
             topics: DeviceTopics::new(&topics, &config.device_id),
@@ -170,16 +174,17 @@ impl Session {
             events,
             telemetry: TelemetryPump::default(),
             fetching: BTreeMap::new(),
+            disk: HashMap::new(),
             busy: HashMap::new(),
-            done_tx,
+            reports,
             reported: None,
             refusals: Refusals::default(),
         })
     }
 
     pub(super) async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        self.done_tx = done_tx;
+        let (reports, mut reports_rx) = mpsc::unbounded_channel();
+        self.reports = reports;
         let mut changes = self.agent.subscribe_events();
         self.resume_stored_transfers();
         let seed = {
@@ -223,9 +228,7 @@ impl Session {
                     self.latest_event = *changes.borrow_and_update();
                     self.on_agent_change();
                 }
-                Some(id) = done_rx.recv() => {
-                    self.busy.remove(&id);
-                }
+                Some(report) = reports_rx.recv() => self.on_worker_report(report),
                 _ = &mut stop => break,
             }
         }
@@ -237,7 +240,7 @@ impl Session {
             Event::Incoming(Packet::ConnAck(ack)) => self.on_connected(ack.session_present),
             Event::Incoming(Packet::Publish(p)) => {
                 if p.topic == self.topics.chunk {
-                    self.on_chunk(&p.payload);
+                    self.on_chunk(p.payload);
                 } else if p.topic == self.topics.commands {
                     self.on_command(&p.payload);
                 } else if p.topic == self.topics.keyring {
@@ -329,7 +332,7 @@ impl Session {
         for t in self.fetching.values_mut() {
             t.forget_requests();
         }
-        self.checkpoint_all();
+        self.checkpoint_all(false);
     }
 
     fn on_tick(&mut self) {
@@ -358,7 +361,7 @@ impl Session {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            self.checkpoint(&id);
+            self.checkpoint(&id, false);
         }
         let ids: Vec<String> = self.fetching.keys().cloned().collect();
         for id in ids {
@@ -651,7 +654,6 @@ impl Session {
         ) {
             Ok(t) => {
                 LinkMetrics::inc(&self.metrics.transfers_started_total);
-                self.record(t.started_event());
                 self.begin(t);
             }
             Err(e) => {
@@ -709,14 +711,44 @@ impl Session {
         }
     }
 
-    /// Fetches a transfer over MQTT (here) or HTTP (blocking thread), or installs it if complete.
+    /// Fetches a transfer over MQTT (here, with its disk worker) or HTTP (blocking thread), or
+    /// installs it if complete.
     fn begin(&mut self, t: Transfer) {
         if t.is_complete() || t.transport == TransferMode::Http {
             self.hand_off(t);
-        } else {
-            let id = t.id().to_string();
-            self.fetching.insert(id.clone(), t);
-            self.request_chunks(&id);
+            return;
+        }
+        let id = t.id().to_string();
+        let worker = t.file_handle().and_then(|file| {
+            TransferWorker::start(
+                self.agent.clone(),
+                &t.bundle,
+                t.path.clone(),
+                file,
+                t.received().count() == 0,
+                self.reports.clone(),
+            )
+        });
+        match worker {
+            Ok(worker) => {
+                self.disk.insert(id.clone(), worker);
+                self.fetching.insert(id.clone(), t);
+                self.request_chunks(&id);
+            }
+            Err(e) => self.fail(t, "disk_error", &e.to_string()),
+        }
+    }
+
+    fn on_worker_report(&mut self, report: WorkerReport) {
+        match report {
+            WorkerReport::DiskError { bundle_id, error } => {
+                if let Some(t) = self.fetching.remove(&bundle_id) {
+                    self.fail(t, "disk_error", &error);
+                }
+            }
+            WorkerReport::Done { bundle_id } => {
+                self.busy.remove(&bundle_id);
+            }
         }
     }
 
@@ -727,7 +759,7 @@ impl Session {
         let cancel = Arc::new(AtomicBool::new(false));
         self.busy.insert(id.clone(), cancel.clone());
         let agent = self.agent.clone();
-        let done = self.done_tx.clone();
+        let done = self.reports.clone();
         tokio::task::spawn_blocking(move || {
             if !t.is_complete() {
                 if let Err(e) = http_fetch::fetch(&agent, &mut t, &cancel) {
@@ -741,7 +773,7 @@ impl Session {
                     }
                     drop(t);
                     transfer::discard(&agent, &id);
-                    let _ = done.send(id);
+                    let _ = done.send(WorkerReport::Done { bundle_id: id });
                     return;
                 }
             }
@@ -752,8 +784,8 @@ impl Session {
                 t.elapsed(),
             );
             drop(t);
-            transfer::finish(&agent, &bundle, &context, &path, elapsed);
-            let _ = done.send(id);
+            transfer::finish(&agent, &bundle, &context, &path, elapsed, None);
+            let _ = done.send(WorkerReport::Done { bundle_id: id });
         });
     }
 
@@ -787,6 +819,7 @@ impl Session {
                 json!({"bundle_id": bundle_id,
                 "chunks_received": t.received().count(), "chunks": t.received().len()}),
             );
+            self.stop_worker(bundle_id);
             drop(t);
             transfer::discard(&self.agent, bundle_id);
             self.record(event.with_context(&context));
@@ -809,8 +842,8 @@ impl Session {
 
     // ---- chunks ----
 
-    fn on_chunk(&mut self, frame: &[u8]) {
-        let (header, bytes) = match link::decode_chunk(frame) {
+    fn on_chunk(&mut self, frame: bytes::Bytes) {
+        let (header, bytes) = match link::decode_chunk(&frame) {
             Ok(x) => x,
             Err(link::LinkError::ChunkHash {
                 bundle_id, index, ..
@@ -856,12 +889,17 @@ impl Session {
                 LinkMetrics::inc(&self.metrics.chunks_received_total);
                 LinkMetrics::add(&self.metrics.chunk_bytes_total, bytes.len() as u64);
                 let progress = t.progress_event();
-                let checkpoint = t.unsynced() >= CHECKPOINT_CHUNKS;
-                if let Some(event) = progress {
-                    self.record(event);
-                }
-                if checkpoint && !self.checkpoint(&id) {
-                    return;
+                let checkpoint = (t.unsynced() >= CHECKPOINT_CHUNKS)
+                    .then(|| t.take_checkpoint())
+                    .flatten();
+                if let Some(disk) = self.disk.get(&id) {
+                    disk.chunk(header.index, frame.slice_ref(bytes));
+                    if let Some(event) = progress {
+                        disk.record(event);
+                    }
+                    if let Some(record) = checkpoint {
+                        disk.checkpoint(record);
+                    }
                 }
             }
             Ok(false) => LinkMetrics::inc(&self.metrics.chunks_duplicate_total),
@@ -924,35 +962,53 @@ impl Session {
         }
     }
 
-    /// Checkpoints a transfer; on a disk error fails it. Returns whether it is still going.
-    fn checkpoint(&mut self, id: &str) -> bool {
-        let Some(t) = self.fetching.get_mut(id) else {
-            return false;
+    /// Queues a checkpoint of a transfer's chunks written since the last one on its disk
+    /// worker (a failure comes back as [`WorkerReport::DiskError`]); `wait`: return once done.
+    fn checkpoint(&mut self, id: &str, wait: bool) {
+        let (Some(t), Some(disk)) = (self.fetching.get_mut(id), self.disk.get(id)) else {
+            return;
         };
-        match t.checkpoint(&self.agent) {
-            Ok(()) => true,
-            Err(e) => {
-                let t = self.fetching.remove(id).expect("present above");
-                self.fail(t, "disk_error", &e.to_string());
-                false
+        if let Some(record) = t.take_checkpoint() {
+            if wait {
+                disk.checkpoint_and_wait(record);
+            } else {
+                disk.checkpoint(record);
             }
         }
     }
 
-    fn checkpoint_all(&mut self) {
+    fn checkpoint_all(&mut self, wait: bool) {
         let ids: Vec<String> = self.fetching.keys().cloned().collect();
         for id in ids {
-            self.checkpoint(&id);
+            self.checkpoint(&id, wait);
         }
     }
 
+    /// Every chunk is written: the disk worker makes them durable, then checks the hash and
+    /// installs.
     fn complete(&mut self, mut t: Transfer) {
-        if let Err(e) = t.checkpoint(&self.agent) {
-            self.fail(t, "disk_error", &e.to_string());
+        let id = t.id().to_string();
+        let Some(disk) = self.disk.remove(&id) else {
+            // Not reached (every transfer in `fetching` has its worker); kept safe anyway.
+            match t.checkpoint(&self.agent) {
+                Ok(()) => self.hand_off(t),
+                Err(e) => self.fail(t, "disk_error", &e.to_string()),
+            }
             return;
+        };
+        tracing::info!(bundle = %id, seconds = t.elapsed().as_secs_f64(), "all chunks received");
+        if let Some(record) = t.take_checkpoint() {
+            disk.checkpoint(record);
         }
-        tracing::info!(bundle = %t.id(), seconds = t.elapsed().as_secs_f64(), "all chunks received");
-        self.hand_off(t);
+        self.busy.insert(id, Arc::new(AtomicBool::new(false)));
+        disk.finish(t.bundle.clone(), t.context.clone(), t.elapsed());
+    }
+
+    /// Stops a transfer's disk worker, if it has one (nothing it had queued is written after).
+    fn stop_worker(&mut self, id: &str) {
+        if let Some(disk) = self.disk.remove(id) {
+            disk.stop();
+        }
     }
 
     fn fail(&mut self, t: Transfer, reason: &str, error: &str) {
@@ -962,6 +1018,7 @@ impl Session {
             "transfer_failed",
             json!({"bundle_id": id, "reason": reason, "error": error}),
         );
+        self.stop_worker(&id);
         drop(t);
         transfer::discard(&self.agent, &id);
         self.record(event);
@@ -972,7 +1029,7 @@ impl Session {
     /// The clean end: durable state first, then an offline status the broker acknowledged,
     /// then DISCONNECT (so the broker does not publish the last will).
     async fn goodbye(mut self, mut polling: Polling) {
-        self.checkpoint_all();
+        self.checkpoint_all(true);
         if let Err(e) = self.telemetry.flush(&self.agent.outbox, true) {
             tracing::error!("telemetry outbox: {e}");
         }

@@ -157,7 +157,8 @@ pub fn valid_bundle_id(id: &str) -> bool {
 }
 
 impl Transfer {
-    /// A new transfer (an empty partial file of the bundle's size), recorded in the store.
+    /// A new transfer (an empty partial file of the bundle's size), recorded in the store
+    /// together with its [`Transfer::started_event`].
     pub fn create(
         agent: &Agent,
         bundle: BundleRef,
@@ -174,9 +175,11 @@ impl Transfer {
             started_at: Utc::now(),
         };
         let t = Transfer::open(&path, record)?;
-        agent
-            .store()
-            .put_transfer(&t.bundle.bundle_id, &t.record())?;
+        agent.store().put_transfer_with_events(
+            &t.bundle.bundle_id,
+            &t.record(),
+            &[t.started_event()],
+        )?;
         Ok(t)
     }
 
@@ -296,23 +299,30 @@ impl Transfer {
         self.last_checkpoint.elapsed()
     }
 
-    /// Makes the written chunks durable, then records them in the bitmap of the store.
+    /// Makes the written chunks durable, then records them in the bitmap of the store (here;
+    /// the MQTT path does it on its [`super::transfer_worker`] with [`Transfer::take_checkpoint`]).
     pub fn checkpoint(&mut self, agent: &Agent) -> Result<(), super::LinkError> {
+        match self.take_checkpoint() {
+            Some(record) => persist_checkpoint(&self.file, &self.path, agent, &record),
+            None => Ok(()),
+        }
+    }
+
+    /// The record to store at a checkpoint, if chunks were written since the last one, and
+    /// counts them as checkpointed. The caller must sync the file before storing it
+    /// ([`persist_checkpoint`]): the record claims every chunk written so far.
+    pub fn take_checkpoint(&mut self) -> Option<TransferRecord> {
         self.last_checkpoint = Instant::now();
         if self.unsynced == 0 {
-            return Ok(());
+            return None;
         }
-        self.file
-            .sync_data()
-            .map_err(|source| super::LinkError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        agent
-            .store()
-            .put_transfer_checkpoint(self.id(), &self.record())?;
         self.unsynced = 0;
-        Ok(())
+        Some(self.record())
+    }
+
+    /// A second handle on the partial file (for the thread that syncs it).
+    pub fn file_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// A `transfer_progress` event each time another tenth of the chunks is in.
@@ -404,6 +414,23 @@ impl Transfer {
     }
 }
 
+/// A checkpoint: `file` synced to disk, then `record` (taken before the sync) stored.
+pub fn persist_checkpoint(
+    file: &File,
+    path: &Path,
+    agent: &Agent,
+    record: &TransferRecord,
+) -> Result<(), super::LinkError> {
+    file.sync_data().map_err(|source| super::LinkError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    agent
+        .store()
+        .put_transfer_checkpoint(&record.bundle.bundle_id, record)?;
+    Ok(())
+}
+
 fn tenths(count: u32, len: u32) -> u32 {
     if len == 0 {
         10
@@ -451,51 +478,66 @@ pub enum FinishError {
 /// id, record `transfer_completed`, run the install path (which records `installed`/`activated`
 /// or `rejected` with the reason, all attributed to the command), then delete the partial file
 /// and the record. A hash mismatch records `transfer_failed` and deletes both (a new `stage`
-/// fetches from scratch).
+/// fetches from scratch). `streamed_sha256` is the hash of the chunks as they were written, when
+/// the [`super::transfer_worker`] saw all of them: the file is then not hashed again, and is read
+/// (for the install) only after `transfer_completed`.
 pub fn finish(
     agent: &Agent,
     bundle: &BundleRef,
     context: &EventContext,
     path: &Path,
     elapsed: Duration,
+    streamed_sha256: Option<&str>,
 ) {
     let metrics = &agent.link_metrics;
     let event = |kind: &str, detail| {
         Event::new(kind, Some(&bundle.name), Some(&bundle.version), detail).with_context(context)
     };
-    let checked = fs::read(path)
-        .map_err(|source| FinishError::Read {
+    let read = || {
+        fs::read(path).map_err(|source| FinishError::Read {
             path: path.to_path_buf(),
             source,
         })
-        .and_then(|bytes| {
+    };
+    // With the running hash the file is read after `transfer_completed` (for the install);
+    // without it, read and hashed first.
+    let checked = match streamed_sha256 {
+        Some(hash) if hash == bundle.bundle_id => Ok(None),
+        Some(hash) => Err(FinishError::Hash {
+            expected: bundle.bundle_id.clone(),
+            actual: hash.to_string(),
+        }),
+        None => read().and_then(|bytes| {
             let actual = protocol::link::sha256_hex(&bytes);
             if actual == bundle.bundle_id {
-                Ok(bytes)
+                Ok(Some(bytes))
             } else {
                 Err(FinishError::Hash {
                     expected: bundle.bundle_id.clone(),
                     actual,
                 })
             }
-        });
-    match checked {
-        Ok(bytes) => {
-            super::metrics::LinkMetrics::inc(&metrics.transfers_completed_total);
-            let secs = elapsed.as_secs_f64();
-            let _ = agent.record(&[event(
-                "transfer_completed",
-                json!({"bundle_id": bundle.bundle_id, "bytes": bytes.len(), "seconds": secs,
-                       "bytes_per_second": bytes.len() as f64 / secs.max(1e-9)}),
-            )]);
-            match agent.install_with(&bytes, context) {
-                Ok(installed) => {
-                    tracing::info!(model = %installed.model, version = %installed.version,
-                    already_active = installed.already_active, "staged bundle installed")
-                }
-                Err(e) => tracing::warn!(bundle = %bundle.bundle_id, "staged bundle rejected: {e}"),
+        }),
+    };
+    let bytes = checked.and_then(|read_already| {
+        super::metrics::LinkMetrics::inc(&metrics.transfers_completed_total);
+        let secs = elapsed.as_secs_f64();
+        let _ = agent.record(&[event(
+            "transfer_completed",
+            json!({"bundle_id": bundle.bundle_id, "bytes": bundle.size, "seconds": secs,
+                   "bytes_per_second": bundle.size as f64 / secs.max(1e-9),
+                   "hashed_while_receiving": streamed_sha256.is_some()}),
+        )]);
+        read_already.map_or_else(read, Ok)
+    });
+    match bytes {
+        Ok(bytes) => match agent.install_with(&bytes, context) {
+            Ok(installed) => {
+                tracing::info!(model = %installed.model, version = %installed.version,
+                already_active = installed.already_active, "staged bundle installed")
             }
-        }
+            Err(e) => tracing::warn!(bundle = %bundle.bundle_id, "staged bundle rejected: {e}"),
+        },
         Err(e) => {
             super::metrics::LinkMetrics::inc(&metrics.transfers_failed_total);
             tracing::warn!(bundle = %bundle.bundle_id, "transfer failed: {e}");

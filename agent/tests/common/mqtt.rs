@@ -256,6 +256,9 @@ pub struct FakeServer {
     pub corrupt_once: Arc<Mutex<HashSet<u32>>>,
     /// Chunks not to send the first time they are asked for (lost on the way).
     pub lose_once: Arc<Mutex<HashSet<u32>>>,
+    /// Chunks sent with other bytes every time, each with the hash of what is sent: frames that
+    /// check out, of a file that is not the bundle the id names.
+    pub tamper: Arc<Mutex<HashSet<u32>>>,
 }
 
 impl FakeServer {
@@ -284,13 +287,15 @@ impl FakeServer {
             serve_below: Arc::new(AtomicU32::new(u32::MAX)),
             corrupt_once: Arc::default(),
             lose_once: Arc::default(),
+            tamper: Arc::default(),
         };
         let (client, messages) = (server.tap.client.clone(), server.tap.messages.clone());
-        let (requested, serve_below, corrupt, lose) = (
+        let (requested, serve_below, corrupt, lose, tamper) = (
             server.requested.clone(),
             server.serve_below.clone(),
             server.corrupt_once.clone(),
             server.lose_once.clone(),
+            server.tamper.clone(),
         );
         let chunk_topic = topic(device, Channel::TransferChunk);
         let id = sha256_hex(&bundle);
@@ -318,16 +323,20 @@ impl FakeServer {
                             continue;
                         }
                         let start = index as usize * chunk_size as usize;
-                        let bytes = &bundle[start..(start + chunk_size as usize).min(bundle.len())];
+                        let mut bytes =
+                            bundle[start..(start + chunk_size as usize).min(bundle.len())].to_vec();
+                        if tamper.lock().unwrap().contains(&index) {
+                            bytes[0] ^= 0x01;
+                        }
                         let header = ChunkHeader {
                             bundle_id: id.clone(),
                             index,
                             chunk_size,
                             total,
-                            sha256: sha256_hex(bytes),
+                            sha256: sha256_hex(&bytes),
                             error: None,
                         };
-                        let mut frame = encode_chunk(&header, bytes);
+                        let mut frame = encode_chunk(&header, &bytes);
                         if corrupt.lock().unwrap().remove(&index) {
                             let last = frame.len() - 1;
                             frame[last] ^= 0xff;
