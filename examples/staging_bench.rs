@@ -167,12 +167,13 @@ fn main() -> Result<()> {
                 let chunk_share = 100.0 * mb_per_s(bundle.len(), run.chunk_phase) / plain_rate;
                 results[c].push((run.transferred, share, chunk_share));
                 println!(
-                    "staging to {n:>3} agent(s), window {window:>3}: all transferred in {:.3} s ({:.1} MB/s aggregate, {share:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s; slowest chunk phase {:.3} s ({chunk_share:.0} % of the plain loop per agent)",
+                    "staging to {n:>3} agent(s), window {window:>3}: all transferred in {:.3} s ({:.1} MB/s aggregate, {share:.0} % of the plain loop), all serving in {:.3} s; first transfer {:.3} s; slowest chunk phase {:.3} s ({chunk_share:.0} % of the plain loop per agent); last transfer started {:.3} s after the first stage request",
                     run.transferred.as_secs_f64(),
                     mb_per_s(bytes, run.transferred),
                     run.serving.as_secs_f64(),
                     run.first_transfer.as_secs_f64(),
                     run.chunk_phase.as_secs_f64(),
+                    run.command_to_start.as_secs_f64(),
                 );
             }
         }
@@ -289,6 +290,9 @@ struct StagingRun {
     /// The slowest agent's chunk phase: its transfer created (command checked) → last chunk
     /// written, from its `transfer_completed` event.
     chunk_phase: Duration,
+    /// The latest `transfer_started` event's time after the first stage request was sent: the
+    /// command's way (API, signature, broker, the agent's checks and durable records).
+    command_to_start: Duration,
 }
 
 /// Starts `n` agents, stages the bundle to all of them, and times it.
@@ -335,6 +339,7 @@ fn stage_to(
         std::thread::sleep(Duration::from_millis(50));
     }
     let start = Instant::now();
+    let start_wall = chrono::Utc::now();
     for (id, _) in &agents {
         let (status, body) = api.post_json(
             &format!("/api/v1/devices/{id}/stage"),
@@ -370,20 +375,28 @@ fn stage_to(
                 }
             });
             let mut chunk_phase = Duration::ZERO;
+            let mut command_to_start = Duration::ZERO;
             for (id, agent) in &agents {
-                let seconds = agent
-                    .events(0, 10_000)?
-                    .into_iter()
+                let events = agent.events(0, 10_000)?;
+                let seconds = events
+                    .iter()
                     .find(|e| e.kind == "transfer_completed")
                     .and_then(|e| e.detail["seconds"].as_f64())
                     .with_context(|| format!("{id} recorded no transfer_completed"))?;
                 chunk_phase = chunk_phase.max(Duration::from_secs_f64(seconds));
+                let started = events
+                    .iter()
+                    .find(|e| e.kind == "transfer_started")
+                    .with_context(|| format!("{id} recorded no transfer_started"))?;
+                let after = (started.time - start_wall).to_std().unwrap_or_default();
+                command_to_start = command_to_start.max(after);
             }
             return Ok(StagingRun {
                 first_transfer: first_transfer.unwrap_or(serving),
                 transferred: transferred.unwrap_or(serving),
                 serving,
                 chunk_phase,
+                command_to_start,
             });
         }
         if Instant::now() > deadline {

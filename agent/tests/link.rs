@@ -270,9 +270,11 @@ async fn a_transfer_resumes_after_a_crash_without_refetching_durable_chunks() {
     let records: Vec<(String, TransferRecord)> = agent.store().transfers().unwrap();
     assert_eq!(records.len(), 1);
     let durable = Bitmap::from_hex(chunks, &records[0].1.received);
+    // A checkpoint is asked for after 16 chunks, and after 16 more once the disk has begun the
+    // previous one (a slow disk gets fewer, larger checkpoints): at least the first is durable.
     assert!(
-        durable.count() >= 32,
-        "checkpointed every 16 chunks: {}",
+        durable.count() >= 16,
+        "checkpointed after 16 chunks: {}",
         durable.count()
     );
     assert!(durable.count() <= held_back);

@@ -888,17 +888,15 @@ impl Session {
             Ok(true) => {
                 LinkMetrics::inc(&self.metrics.chunks_received_total);
                 LinkMetrics::add(&self.metrics.chunk_bytes_total, bytes.len() as u64);
-                let progress = t.progress_event();
-                let checkpoint = (t.unsynced() >= CHECKPOINT_CHUNKS)
-                    .then(|| t.take_checkpoint())
-                    .flatten();
                 if let Some(disk) = self.disk.get(&id) {
                     disk.chunk(header.index, frame.slice_ref(bytes));
-                    if let Some(event) = progress {
-                        disk.record(event);
+                    if let Some(event) = t.progress_event() {
+                        disk.progress(event);
                     }
-                    if let Some(record) = checkpoint {
-                        disk.checkpoint(record);
+                    if t.unsynced() >= CHECKPOINT_CHUNKS && !disk.sync_queued() {
+                        if let Some(record) = t.take_checkpoint() {
+                            disk.checkpoint(record);
+                        }
                     }
                 }
             }
@@ -963,15 +961,18 @@ impl Session {
     }
 
     /// Queues a checkpoint of a transfer's chunks written since the last one on its disk
-    /// worker (a failure comes back as [`WorkerReport::DiskError`]); `wait`: return once done.
+    /// worker, unless one is queued already (a failure comes back as
+    /// [`WorkerReport::DiskError`]); `wait`: queue it in any case and return once done.
     fn checkpoint(&mut self, id: &str, wait: bool) {
         let (Some(t), Some(disk)) = (self.fetching.get_mut(id), self.disk.get(id)) else {
             return;
         };
-        if let Some(record) = t.take_checkpoint() {
-            if wait {
+        if wait {
+            if let Some(record) = t.take_checkpoint() {
                 disk.checkpoint_and_wait(record);
-            } else {
+            }
+        } else if !disk.sync_queued() {
+            if let Some(record) = t.take_checkpoint() {
                 disk.checkpoint(record);
             }
         }

@@ -2,9 +2,10 @@
 //! what happens when the last chunk is in (hash check, install).
 //!
 //! Durability: a chunk is written at `index * chunk_size` in `tmp/transfers/<bundle_id>.part`
-//! and marked in the in-memory bitmap; every [`CHECKPOINT_CHUNKS`] chunks (and when the transfer
-//! completes, pauses or the link stops) [`Transfer::checkpoint`] fsyncs the file and only then
-//! writes the bitmap to the `transfers` table of `agent.redb`. So the stored bitmap never claims a
+//! and marked in the in-memory bitmap; every [`CHECKPOINT_CHUNKS`] chunks or more (more when the
+//! disk is slower than the network, see [`super::transfer_worker`]), and when the transfer
+//! completes, pauses or the link stops, a checkpoint ([`persist_checkpoint`]) fsyncs the file
+//! and only then writes the bitmap to the `transfers` table of `agent.redb`. So the stored bitmap never claims a
 //! chunk that is not durably on disk; after a power cut at worst the chunks since the last
 //! checkpoint are fetched again. The bitmap's own commit does not wait for the disk
 //! ([`crate::store::Store::put_transfer_checkpoint`]): losing it only loses claims. The record also keeps the [`BundleRef`] and the command and

@@ -14,6 +14,12 @@
 //!   and [`transfer::finish`] hashes the file as before;
 //! - **the end**: the last checkpoint, then [`transfer::finish`] (hash check, install).
 //!
+//! The disk sets the pace of the syncs and progress events, not the network: while a checkpoint
+//! is queued and not yet begun the session asks for no other ([`TransferWorker::sync_queued`];
+//! the next one covers every chunk written meanwhile), and a progress event not yet recorded is
+//! replaced by a newer one instead of queueing behind it. So a slow disk means fewer, larger
+//! syncs, and the queue never holds work the last item makes moot.
+//!
 //! Jobs run in the order they were sent. A failed checkpoint is reported to the session (which
 //! fails the transfer) and every later job is skipped; if the transfer's end was already handed
 //! over, the worker records the failure itself.
@@ -29,7 +35,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -67,7 +73,8 @@ enum Job {
         record: TransferRecord,
         done: Option<mpsc::Sender<()>>,
     },
-    Record(Event),
+    /// Record the event in the progress slot, if it is still there.
+    Progress,
     Finish {
         bundle: BundleRef,
         context: EventContext,
@@ -82,6 +89,10 @@ pub struct TransferWorker {
     stopped: Arc<AtomicBool>,
     /// Set by the session when a chunk could not be queued: the running hash has a hole.
     hash_hole: Arc<AtomicBool>,
+    /// A checkpoint is queued and its sync has not begun.
+    sync_queued: Arc<AtomicBool>,
+    /// The newest progress event not yet recorded.
+    progress: Arc<Mutex<Option<Event>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -99,6 +110,8 @@ impl TransferWorker {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let stopped = Arc::new(AtomicBool::new(false));
         let hash_hole = Arc::new(AtomicBool::new(false));
+        let sync_queued = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Mutex::new(None));
         let state = Worker {
             agent,
             bundle_id: bundle.bundle_id.clone(),
@@ -109,6 +122,8 @@ impl TransferWorker {
             failed: None,
             stopped: stopped.clone(),
             hash_hole: hash_hole.clone(),
+            sync_queued: sync_queued.clone(),
+            progress: progress.clone(),
             reports,
         };
         let thread = std::thread::Builder::new()
@@ -118,6 +133,8 @@ impl TransferWorker {
             jobs: Some(tx),
             stopped,
             hash_hole,
+            sync_queued,
+            progress,
             thread: Some(thread),
         })
     }
@@ -135,8 +152,14 @@ impl TransferWorker {
         }
     }
 
+    /// A checkpoint is queued and has not begun: a new one now would only queue behind it.
+    pub fn sync_queued(&self) -> bool {
+        self.sync_queued.load(Ordering::Relaxed)
+    }
+
     /// Sync the file, then store `record` (the bitmap as of now).
     pub fn checkpoint(&self, record: TransferRecord) {
+        self.sync_queued.store(true, Ordering::Relaxed);
         self.send(Job::Checkpoint { record, done: None });
     }
 
@@ -150,9 +173,18 @@ impl TransferWorker {
         let _ = wait.recv();
     }
 
-    /// Records an event of the transfer (in order with its checkpoints).
-    pub fn record(&self, event: Event) {
-        self.send(Job::Record(event));
+    /// Records a progress event of the transfer, unless a newer one replaces it before the
+    /// worker gets to it.
+    pub fn progress(&self, event: Event) {
+        let was_empty = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(event)
+            .is_none();
+        if was_empty {
+            self.send(Job::Progress);
+        }
     }
 
     /// Hands the transfer's end over (after the checkpoints queued before it): hash check,
@@ -206,6 +238,8 @@ struct Worker {
     failed: Option<String>,
     stopped: Arc<AtomicBool>,
     hash_hole: Arc<AtomicBool>,
+    sync_queued: Arc<AtomicBool>,
+    progress: Arc<Mutex<Option<Event>>>,
     reports: UnboundedSender<WorkerReport>,
 }
 
@@ -218,6 +252,8 @@ impl Worker {
             match job {
                 Job::Chunk(index, bytes) => self.hash_chunk(index, bytes),
                 Job::Checkpoint { record, done } => {
+                    // From here on a new checkpoint covers what this one's sync may not.
+                    self.sync_queued.store(false, Ordering::Relaxed);
                     if self.failed.is_none() {
                         self.checkpoint(&record);
                     }
@@ -225,8 +261,13 @@ impl Worker {
                         let _ = done.send(());
                     }
                 }
-                Job::Record(event) => {
-                    if self.failed.is_none() {
+                Job::Progress => {
+                    let event = self
+                        .progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    if let (Some(event), None) = (event, &self.failed) {
                         if let Err(e) = self.agent.record(&[event]) {
                             tracing::error!("cannot record an event: {e}");
                         }
