@@ -53,10 +53,13 @@ use super::metrics::LinkMetrics;
 use super::transfer::{self, TransferRecord};
 
 /// Jobs queued for a worker before the link's task waits for it (chunks are not waited for:
-/// the running hash is given up instead).
-const QUEUE: usize = 256;
-/// Chunks held for the running hash while an earlier one is missing.
-pub const MAX_WAITING_CHUNKS: usize = 64;
+/// the running hash is given up instead). Each chunk job holds its frame: with 64 KiB chunks
+/// at most 4 MiB wait here while a sync is slow.
+const QUEUE: usize = 64;
+/// Chunks held for the running hash while an earlier one is missing (2 MiB of 64 KiB chunks);
+/// a chunk lost on the way is asked for again only after the request timeout, by when the rest
+/// of the window has arrived: past this the file is hashed at the end instead.
+pub const MAX_WAITING_CHUNKS: usize = 32;
 
 /// What a worker tells the session.
 #[derive(Debug)]
