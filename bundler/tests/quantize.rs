@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use bundler::{BuildError, BuildOptions, BuildReport, Gate, QuantizeMode, RangeMethod};
+use bundler::{BuildError, BuildOptions, BuildReport, Gate, Int8Form, QuantizeMode, RangeMethod};
 use common::*;
 use engine::{EngineOptions, Model, Tensor};
 use protocol::bundle::{read_bundle_file, MemorySink, VerifyOptions};
@@ -227,6 +227,54 @@ fn int8_static_digits_cnn_is_within_a_point_and_installs() {
         Some(accuracy(&model, "digits_cnn")),
         record.quality.accuracy
     );
+}
+
+#[test]
+fn int8_qoperator_is_within_the_gate_on_the_reference_models_and_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, integer_ops) in [("digits_mlp", 3), ("digits_cnn", 3), ("vibration_ae", 4)] {
+        let mut o = options(dir.path(), name, &format!("{name}-qop.mfb"), QuantizeMode::Int8);
+        o.int8_form = Int8Form::QOperator;
+        let r = bundler::build(&o).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(r.model_format, ModelFormat::Onnx);
+        let Quantization::Int8(record) = &r.quantization else {
+            panic!("{:?}", r.quantization)
+        };
+        assert_eq!(record.form.as_deref(), Some("qoperator"), "{name}");
+        // Every Conv / MatMul / Gemm became an integer operator.
+        assert_eq!(record.tensors, integer_ops, "{name}");
+        assert_eq!(record.calibration.as_ref().unwrap().samples, 100);
+        let (m, model) = install_like_a_device(dir.path(), &r.output);
+        assert_eq!(m.quantization, r.quantization);
+        if name.starts_with("digits") {
+            let drop = record.quality.accuracy_drop.unwrap();
+            assert!(drop <= 1.0, "{name}: accuracy drop {drop} points");
+            // The device serves with the accuracy the manifest records.
+            assert_eq!(Some(accuracy(&model, name)), record.quality.accuracy);
+        } else {
+            let snr = record.quality.snr_db.unwrap();
+            assert!(snr >= 20.0, "{name}: SNR {snr} dB");
+        }
+        let text = bundler::inspect(&r.output).unwrap().to_text();
+        assert!(text.contains("form qoperator"), "{text}");
+    }
+}
+
+#[test]
+fn int8_form_is_refused_with_another_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), "digits_mlp", "f16.mfb", QuantizeMode::F16);
+    o.int8_form = Int8Form::QOperator;
+    let err = bundler::build(&o).unwrap_err();
+    assert!(
+        matches!(err, BuildError::Int8FormWithoutInt8(..)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("--int8-form qoperator applies to --quantize int8 only"),
+        "{err}"
+    );
+    assert!(!o.output.exists());
 }
 
 #[test]
