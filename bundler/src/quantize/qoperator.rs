@@ -16,6 +16,10 @@
 //!   operator: the output range is calibrated after it, so the int8 saturation does the clamp;
 //! - `MaxPool`, `Flatten`, `Reshape`, `Transpose`, `Squeeze`, `Unsqueeze` on an int8 tensor run
 //!   on it directly (they move or pick values; the scale and zero point carry over);
+//! - the final layers (selected nodes from whose output no integer operator is reachable, such
+//!   as the classifier before a Softmax) stay float with int8 weights, as `int8-weights` writes
+//!   them: an integer operator's output has 8-bit resolution, which the graph's outputs do not
+//!   need to lose;
 //! - every other node stays in float, its int8 inputs read back through `DequantizeLinear`
 //!   (`Softmax` in particular: see the module doc of [`super::static_int8`]), and a float
 //!   tensor entering an integer operator goes through `QuantizeLinear` once.
@@ -28,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::graph::{self, Names};
 use super::static_int8::int8_params;
-use super::weights::quantize_per_channel;
+use super::weights::{self, quantize_per_channel};
 use super::{selected_nodes, QuantizeError, Rewritten, Selection, DEFAULT_OP_TYPES};
 use crate::onnx_pb::{type_proto, GraphProto, NodeProto, TensorProto};
 
@@ -101,7 +105,10 @@ fn rank_of(g: &GraphProto, tensor: &str, depth: usize) -> Option<usize> {
     if declared.is_some() || depth == 0 {
         return declared;
     }
-    let producer = g.node.iter().find(|n| n.output.first().map(String::as_str) == Some(tensor))?;
+    let producer = g
+        .node
+        .iter()
+        .find(|n| n.output.first().map(String::as_str) == Some(tensor))?;
     match producer.op_type.as_str() {
         "Flatten" | "Gemm" => Some(2),
         "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Add" | "Mul" | "Sub" | "Div"
@@ -145,9 +152,59 @@ fn clamps_at_zero(g: &GraphProto, n: &NodeProto) -> bool {
     }
 }
 
-/// The integer operators for the selected nodes; nodes that do not fit (weights not constant,
-/// Gemm with `transA` or `alpha`/`beta` other than 1, …) are left out and stay float.
-fn plan(g: &GraphProto, selected: &[usize], exclude: &[String]) -> Vec<Site> {
+/// What the rewrite does with the selected nodes.
+struct Plan {
+    /// Integer operators.
+    sites: Vec<Site>,
+    /// Final layers (indices of selected nodes from whose output no integer operator is
+    /// reachable): kept in float with int8 weights, as `int8-weights` writes them.
+    finals: Vec<usize>,
+}
+
+/// Whether an integer operator of `sites` reads `tensor` or anything computed from it.
+fn reaches_a_site(
+    g: &GraphProto,
+    consumers: &HashMap<String, Vec<(usize, usize)>>,
+    sites: &[Site],
+    tensor: &str,
+) -> bool {
+    let mut todo = vec![tensor.to_string()];
+    let mut seen: HashSet<String> = HashSet::new();
+    while let Some(t) = todo.pop() {
+        if !seen.insert(t.clone()) {
+            continue;
+        }
+        for &(n, _) in consumers.get(&t).map(Vec::as_slice).unwrap_or(&[]) {
+            if sites.iter().any(|s| s.node == n) {
+                return true;
+            }
+            todo.extend(g.node[n].output.iter().cloned());
+        }
+    }
+    false
+}
+
+/// The integer operators for the selected nodes and the final layers. A final layer's output
+/// would only be dequantized again on its way to the graph output: quantizing it costs 8-bit
+/// output resolution for nothing (tied logits after a Softmax; `vibration_ae`'s reconstruction
+/// measured 19.9 dB SNR that way, under the default gate's 20), so it stays float. Nodes that
+/// do not fit (weights not constant, Gemm with `transA` or `alpha`/`beta` other than 1, …) are
+/// left out and stay float too.
+fn plan(g: &GraphProto, selected: &[usize], exclude: &[String]) -> Plan {
+    let candidates = candidate_sites(g, selected, exclude);
+    let consumers = graph::consumers(g);
+    let (sites, finals): (Vec<Site>, Vec<Site>) = candidates
+        .iter()
+        .cloned()
+        .partition(|s| reaches_a_site(g, &consumers, &candidates, &s.output));
+    Plan {
+        sites,
+        finals: finals.iter().map(|s| s.node).collect(),
+    }
+}
+
+/// Every selected node that fits an integer operator.
+fn candidate_sites(g: &GraphProto, selected: &[usize], exclude: &[String]) -> Vec<Site> {
     let consumers = graph::consumers(g);
     let foldable = |i: usize| !exclude.contains(&g.node[i].name);
     let mut sites = Vec::new();
@@ -252,7 +309,7 @@ pub(crate) fn activation_tensors(
         .graph
         .as_ref()
         .ok_or_else(|| QuantizeError::Parse("the model has no graph".into()))?;
-    let sites = plan(g, &selected_nodes(g, sel)?, &sel.exclude_nodes);
+    let sites = plan(g, &selected_nodes(g, sel)?, &sel.exclude_nodes).sites;
     let mut names: Vec<String> = Vec::new();
     for s in &sites {
         for t in [&s.input, &s.output] {
@@ -294,9 +351,10 @@ struct Emitter<'a> {
 
 impl Emitter<'_> {
     fn params(&mut self, tensor: &str) -> Result<QParams, QuantizeError> {
-        let &(lo, hi) = self.ranges.get(tensor).ok_or_else(|| {
-            QuantizeError::Calibration(format!("no range for tensor '{tensor}'"))
-        })?;
+        let &(lo, hi) = self
+            .ranges
+            .get(tensor)
+            .ok_or_else(|| QuantizeError::Calibration(format!("no range for tensor '{tensor}'")))?;
         let (scale_value, zp) = int8_params(lo, hi);
         let scale = self.names.fresh(tensor, "_scale");
         let zero_point = self.names.fresh(tensor, "_zero_point");
@@ -354,8 +412,9 @@ impl Emitter<'_> {
         let x = self.quantized(&site.input)?;
         let y = self.params(&site.output)?;
         let y_name = self.names.fresh(&site.output, "_quantized");
-        let (dims, values) = float_initializer(g, &site.weight)
-            .ok_or_else(|| QuantizeError::Parse(format!("weight '{}' is not float", site.weight)))?;
+        let (dims, values) = float_initializer(g, &site.weight).ok_or_else(|| {
+            QuantizeError::Parse(format!("weight '{}' is not float", site.weight))
+        })?;
         let base = site.weight.clone();
         let (w_dims, w_values, axis) = match site.kind {
             Kind::Conv => (dims.clone(), values.clone(), 0),
@@ -382,8 +441,7 @@ impl Emitter<'_> {
             self.names.fresh(&base, "_scale"),
             self.names.fresh(&base, "_zero_point"),
         );
-        self.initializers
-            .push(graph::tensor_i8(&wq, &w_dims, &q));
+        self.initializers.push(graph::tensor_i8(&wq, &w_dims, &q));
         self.initializers
             .push(graph::tensor_f32(&ws, &[channels as i64], &scales));
         // QLinearMatMul wants a zero point shaped like the scale; QLinearConv takes a scalar.
@@ -419,7 +477,13 @@ impl Emitter<'_> {
         }
         match site.kind {
             Kind::Conv => {
-                let mut n = graph::node("QLinearConv", node.name.clone(), &inputs, &[&y_name], vec![]);
+                let mut n = graph::node(
+                    "QLinearConv",
+                    node.name.clone(),
+                    &inputs,
+                    &[&y_name],
+                    vec![],
+                );
                 n.attribute = node.attribute.clone();
                 self.nodes.push(n);
             }
@@ -515,8 +579,10 @@ pub(crate) fn qoperator(
     }
     let g = graph::graph_mut(&mut model)?;
     let selected = selected_nodes(g, sel)?;
-    let sites = plan(g, &selected, &sel.exclude_nodes);
-    if sites.is_empty() {
+    let Plan { sites, finals } = plan(g, &selected, &sel.exclude_nodes);
+    let final_outputs: Vec<Vec<String>> =
+        finals.iter().map(|&i| g.node[i].output.clone()).collect();
+    if sites.is_empty() && finals.is_empty() {
         return Err(QuantizeError::Nothing(sel.op_types.clone()));
     }
     let at: HashMap<usize, &Site> = sites.iter().map(|s| (s.node, s)).collect();
@@ -545,7 +611,11 @@ pub(crate) fn qoperator(
             continue;
         }
         let data = n.input.first().and_then(|x| e.quantized.get(x)).cloned();
-        let rest_constant = n.input.iter().skip(1).all(|x| x.is_empty() || initializer(g, x).is_some());
+        let rest_constant = n
+            .input
+            .iter()
+            .skip(1)
+            .all(|x| x.is_empty() || initializer(g, x).is_some());
         if let (Some(q), true, 1) = (data, rest_constant, n.output.len()) {
             if TRANSPARENT.contains(&n.op_type.as_str()) {
                 let out = e.names.fresh(&n.output[0], "_quantized");
@@ -597,11 +667,18 @@ pub(crate) fn qoperator(
     g.initializer.retain(|t| !unused.contains(&t.name));
     g.input.retain(|v| !unused.contains(&v.name));
     g.value_info.retain(|v| produced.contains(&v.name));
+
+    // Final layers: int8 weights read back through DequantizeLinear, as int8-weights.
+    let finals: Vec<usize> = final_outputs
+        .iter()
+        .filter_map(|o| g.node.iter().position(|n| &n.output == o))
+        .collect();
+    let summary = weights::int8_weights(g, &weights::weight_sites(g, &finals))?;
     Ok((
         Rewritten {
             bytes: graph::encode(&model),
-            tensors: sites.len(),
-            parameters,
+            tensors: sites.len() + summary.tensors,
+            parameters: parameters + summary.parameters,
         },
         activations,
     ))

@@ -169,6 +169,6 @@ mod tests {
         assert_eq!(uint8_params(0.0, 2.55).1, 0);
         // The same grid stored signed: 0.0 (after a Relu) is the lowest value, -128.
         assert_eq!(int8_params(0.0, 2.55), (uint8_params(0.0, 2.55).0, -128));
-        assert_eq!(int8_params(-1.0, 3.0).1, 64 - 128);
+        assert_eq!(int8_params(-1.0, 3.0).1, -64); // 64 - 128
     }
 }

@@ -10,8 +10,7 @@ use protocol::manifest::{CalibrationRecord, Quantization, QuantizationRecord, Ta
 use sha2::{Digest, Sha256};
 
 use super::{
-    calibrate, qoperator, static_int8, weights_only, Int8Form, QuantizeMode, RangeMethod,
-    Selection,
+    calibrate, qoperator, static_int8, weights_only, Int8Form, QuantizeMode, RangeMethod, Selection,
 };
 use crate::error::BuildError;
 use crate::golden;
