@@ -19,7 +19,8 @@
 //! - the final layers (selected nodes from whose output no integer operator is reachable, such
 //!   as the classifier before a Softmax) stay float with int8 weights, as `int8-weights` writes
 //!   them: an integer operator's output has 8-bit resolution, which the graph's outputs do not
-//!   need to lose;
+//!   need to lose; so do grouped (depthwise) convolutions, which tract 0.23.9 has no integer
+//!   kernel for (see [`plan`]);
 //! - every other node stays in float, its int8 inputs read back through `DequantizeLinear`
 //!   (`Softmax` in particular: see the module doc of [`super::static_int8`]), and a float
 //!   tensor entering an integer operator goes through `QuantizeLinear` once.
@@ -156,9 +157,9 @@ fn clamps_at_zero(g: &GraphProto, n: &NodeProto) -> bool {
 struct Plan {
     /// Integer operators.
     sites: Vec<Site>,
-    /// Final layers (indices of selected nodes from whose output no integer operator is
-    /// reachable): kept in float with int8 weights, as `int8-weights` writes them.
-    finals: Vec<usize>,
+    /// Selected nodes kept in float with int8 weights, as `int8-weights` writes them: final
+    /// layers (no integer operator reachable from their output) and grouped convolutions.
+    float_layers: Vec<usize>,
 }
 
 /// Whether an integer operator of `sites` reads `tensor` or anything computed from it.
@@ -184,14 +185,24 @@ fn reaches_a_site(
     false
 }
 
-/// The integer operators for the selected nodes and the final layers. A final layer's output
-/// would only be dequantized again on its way to the graph output: quantizing it costs 8-bit
-/// output resolution for nothing (tied logits after a Softmax; `vibration_ae`'s reconstruction
-/// measured 19.9 dB SNR that way, under the default gate's 20), so it stays float. Nodes that
-/// do not fit (weights not constant, Gemm with `transA` or `alpha`/`beta` other than 1, …) are
-/// left out and stay float too.
+/// The integer operators for the selected nodes, and the layers kept in float (with int8
+/// weights):
+/// - final layers: a final layer's output would only be dequantized again on its way to the
+///   graph output, so quantizing it costs 8-bit output resolution for nothing (tied logits
+///   after a Softmax; `vibration_ae`'s reconstruction measured 19.9 dB SNR that way, under the
+///   default gate's 20);
+/// - grouped (depthwise) convolutions: tract 0.23.9 has no integer depthwise kernel and runs an
+///   int8 grouped `QLinearConv` as one matrix product per group — measured on `mobilenetish`,
+///   its 17 depthwise layers took 78 % of a 537 ms inference (float model: 22 ms).
+///
+/// Nodes that do not fit (weights not constant, Gemm with `transA` or `alpha`/`beta` other
+/// than 1, …) are left out and stay float, weights too.
 fn plan(g: &GraphProto, selected: &[usize], exclude: &[String]) -> Plan {
-    let candidates = candidate_sites(g, selected, exclude);
+    let (grouped, candidates): (Vec<Site>, Vec<Site>) = candidate_sites(g, selected, exclude)
+        .into_iter()
+        .partition(|s| {
+            s.kind == Kind::Conv && graph::get_int(&g.node[s.node], "group").unwrap_or(1) > 1
+        });
     let consumers = graph::consumers(g);
     let (sites, finals): (Vec<Site>, Vec<Site>) = candidates
         .iter()
@@ -199,7 +210,7 @@ fn plan(g: &GraphProto, selected: &[usize], exclude: &[String]) -> Plan {
         .partition(|s| reaches_a_site(g, &consumers, &candidates, &s.output));
     Plan {
         sites,
-        finals: finals.iter().map(|s| s.node).collect(),
+        float_layers: finals.iter().chain(&grouped).map(|s| s.node).collect(),
     }
 }
 
@@ -579,10 +590,15 @@ pub(crate) fn qoperator(
     }
     let g = graph::graph_mut(&mut model)?;
     let selected = selected_nodes(g, sel)?;
-    let Plan { sites, finals } = plan(g, &selected, &sel.exclude_nodes);
-    let final_outputs: Vec<Vec<String>> =
-        finals.iter().map(|&i| g.node[i].output.clone()).collect();
-    if sites.is_empty() && finals.is_empty() {
+    let Plan {
+        sites,
+        float_layers,
+    } = plan(g, &selected, &sel.exclude_nodes);
+    let float_outputs: Vec<Vec<String>> = float_layers
+        .iter()
+        .map(|&i| g.node[i].output.clone())
+        .collect();
+    if sites.is_empty() && float_layers.is_empty() {
         return Err(QuantizeError::Nothing(sel.op_types.clone()));
     }
     let at: HashMap<usize, &Site> = sites.iter().map(|s| (s.node, s)).collect();
@@ -668,12 +684,12 @@ pub(crate) fn qoperator(
     g.input.retain(|v| !unused.contains(&v.name));
     g.value_info.retain(|v| produced.contains(&v.name));
 
-    // Final layers: int8 weights read back through DequantizeLinear, as int8-weights.
-    let finals: Vec<usize> = final_outputs
+    // Float layers: int8 weights read back through DequantizeLinear, as int8-weights.
+    let float_layers: Vec<usize> = float_outputs
         .iter()
         .filter_map(|o| g.node.iter().position(|n| &n.output == o))
         .collect();
-    let summary = weights::int8_weights(g, &weights::weight_sites(g, &finals))?;
+    let summary = weights::int8_weights(g, &weights::weight_sites(g, &float_layers))?;
     Ok((
         Rewritten {
             bytes: graph::encode(&model),

@@ -300,3 +300,39 @@ fn qoperator_matmul_forms_agree_with_float() {
         "worst {worst}, h2 step through w3 {step}"
     );
 }
+
+/// mobilenetish in QOperator form: the full and pointwise convolutions become QLinearConv, the
+/// depthwise (grouped) ones stay float with int8 weights (tract 0.23.9 has no integer depthwise
+/// kernel), and so does the final Gemm.
+#[test]
+fn qoperator_keeps_depthwise_convolutions_float() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models/mobilenetish/mobilenetish.onnx");
+    let float = std::fs::read(&path).unwrap();
+    let sel = Selection::default();
+    let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
+    let x = engine::npy::read_npy(&path.with_file_name("test_input.npy")).unwrap();
+    let ranges = calibrate::observe(&float, &tensors, &x, 4, RangeMethod::MinMax).unwrap();
+    let (q, _) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
+    let model = graph::decode(&q.bytes).unwrap();
+    let g = model.graph.unwrap();
+    let count = |op: &str| g.node.iter().filter(|n| n.op_type == op).count();
+    let grouped = |n: &&crate::onnx_pb::NodeProto| graph::get_int(n, "group").unwrap_or(1) > 1;
+    assert!(g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QLinearConv")
+        .all(|n| !grouped(&n)));
+    let depthwise = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv")
+        .filter(grouped)
+        .count();
+    assert_eq!(
+        (count("QLinearConv"), depthwise, count("Gemm")),
+        (35, 17, 1)
+    );
+    // 52 Conv weights and the Gemm weight, all int8.
+    assert_eq!(q.tensors, 53);
+}
