@@ -186,7 +186,9 @@ fn main() {
                 Some(form) => format!("{mode} {form}"),
                 None => mode.to_string(),
             };
-            let out = work.path().join(format!("{model}-{}.mfb", variant.replace(' ', "-")));
+            let out = work
+                .path()
+                .join(format!("{model}-{}.mfb", variant.replace(' ', "-")));
             let mut o = BuildOptions::new(
                 dir(model).join(format!("{model}.onnx")),
                 model.as_str(),

@@ -258,7 +258,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         return Err(BuildError::CalibrationNeeded);
     }
     if opts.int8_form != Int8Form::default() && opts.quantize != QuantizeMode::Int8 {
-        return Err(BuildError::Int8FormWithoutInt8(opts.int8_form, opts.quantize));
+        return Err(BuildError::Int8FormWithoutInt8(
+            opts.int8_form,
+            opts.quantize,
+        ));
     }
     let gate = opts.quality_gate;
     if !(gate.max_accuracy_drop.is_finite() && gate.max_accuracy_drop >= 0.0) {

@@ -172,7 +172,7 @@ fn qoperator_digits_cnn_runs_its_convolutions_on_int8() {
     let sel = Selection::default();
     let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
     assert_eq!(tensors, ["input", "relu1", "pool1", "relu2"]);
-    let calib = engine::npy::read_npy(&path.with_file_name("calib_input.npy")).unwrap();
+    let calib = engine::npy::read_npy(path.with_file_name("calib_input.npy")).unwrap();
     let ranges = calibrate::observe(&float, &tensors, &calib, 32, RangeMethod::MinMax).unwrap();
     let (q, activations) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
     // Two integer operators and the Gemm's weight; scales for input, relu1, relu2.
@@ -201,7 +201,7 @@ fn qoperator_digits_cnn_runs_its_convolutions_on_int8() {
         "a float weight tensor is still in the model"
     );
 
-    let x = engine::npy::read_npy(&path.with_file_name("test_input.npy")).unwrap();
+    let x = engine::npy::read_npy(path.with_file_name("test_input.npy")).unwrap();
     let y_float = load(&float).run(std::slice::from_ref(&x)).unwrap();
     let y_q = load(&q.bytes).run(&[x]).unwrap();
     let argmax = |row: &[f32]| {
@@ -311,7 +311,7 @@ fn qoperator_keeps_depthwise_convolutions_float() {
     let float = std::fs::read(&path).unwrap();
     let sel = Selection::default();
     let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
-    let x = engine::npy::read_npy(&path.with_file_name("test_input.npy")).unwrap();
+    let x = engine::npy::read_npy(path.with_file_name("test_input.npy")).unwrap();
     let ranges = calibrate::observe(&float, &tensors, &x, 4, RangeMethod::MinMax).unwrap();
     let (q, _) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
     let model = graph::decode(&q.bytes).unwrap();
