@@ -1,12 +1,16 @@
 //! The quantization table of BENCHMARKS.md: for each reference model, bundles built with
-//! `--quantize none | int8-weights | int8 | f16` (size, quality, gate verdict) and onnxruntime's
+//! `--quantize none | int8-weights | int8 | f16` (size, quality, gate verdict; `int8` in both
+//! `--int8-form`s, qdq and qoperator) and onnxruntime's
 //! own quantized models (from `scripts/quant_ort.py --out-dir DIR`) run in *this* engine, then
 //! batch-1 latency of every variant measured side by side in one process (round-robin).
 //!
 //! ```sh
 //! python3 scripts/quant_ort.py --out-dir /tmp/ortq        # onnxruntime's models + its figures
-//! cargo run -p modelfleet-bundler --example quant_bench -- --ort-dir /tmp/ortq [--seconds 1] [--models ...]
+//! cargo run -p modelfleet-bundler --example quant_bench -- --ort-dir /tmp/ortq [--seconds 1] [--models ...] [--save-dir DIR]
 //! ```
+//!
+//! `--save-dir DIR` also writes each of our model files as `DIR/MODEL.VARIANT.onnx` (e.g.
+//! `digits_cnn.int8-qoperator.onnx`), for `engine_profile --model FILE`.
 //!
 //! Quality: accuracy on the test labels (digits), ROC AUC of the reconstruction error against
 //! the anomaly labels (vibration_ae), SNR of the logits against the float model and top-1
@@ -18,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bundler::{BuildOptions, Gate, QuantizeMode};
+use bundler::{BuildError, BuildOptions, Gate, Int8Form, QuantizeMode};
 use engine::{EngineOptions, Model, Tensor, TensorData};
 use protocol::bundle::{read_bundle_file, MemorySink, VerifyOptions};
 
@@ -148,7 +152,7 @@ fn load(bytes: &[u8]) -> Result<Model, String> {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut ort_dir, mut seconds) = (None, 1.0f64);
+    let (mut ort_dir, mut seconds, mut save_dir) = (None, 1.0f64, None::<PathBuf>);
     let mut models: Vec<String> = ["digits_mlp", "digits_cnn", "vibration_ae", "mobilenetish"]
         .map(String::from)
         .to_vec();
@@ -156,9 +160,13 @@ fn main() {
         match a.as_str() {
             "--ort-dir" => ort_dir = args.next().map(PathBuf::from),
             "--seconds" => seconds = args.next().unwrap().parse().unwrap(),
+            "--save-dir" => save_dir = args.next().map(PathBuf::from),
             "--models" => models = args.next().unwrap().split(',').map(String::from).collect(),
             other => panic!("unknown flag {other}"),
         }
+    }
+    if let Some(d) = &save_dir {
+        std::fs::create_dir_all(d).unwrap();
     }
     let work = tempfile::tempdir().unwrap();
     bundler::keygen(work.path(), "k").unwrap();
@@ -167,13 +175,20 @@ fn main() {
     for model in &models {
         let x = read(model, "test_input.npy");
         let mut float_out: Option<Vec<f32>> = None;
-        for mode in [
-            QuantizeMode::None,
-            QuantizeMode::Int8Weights,
-            QuantizeMode::Int8,
-            QuantizeMode::F16,
+        for (mode, form) in [
+            (QuantizeMode::None, None),
+            (QuantizeMode::Int8Weights, None),
+            (QuantizeMode::Int8, Some(Int8Form::Qdq)),
+            (QuantizeMode::Int8, Some(Int8Form::QOperator)),
+            (QuantizeMode::F16, None),
         ] {
-            let out = work.path().join(format!("{model}-{mode}.mfb"));
+            let variant = match form {
+                Some(form) => format!("{mode} {form}"),
+                None => mode.to_string(),
+            };
+            let out = work
+                .path()
+                .join(format!("{model}-{}.mfb", variant.replace(' ', "-")));
             let mut o = BuildOptions::new(
                 dir(model).join(format!("{model}.onnx")),
                 model.as_str(),
@@ -194,20 +209,40 @@ fn main() {
             });
             o.latency_runs = 3;
             o.quantize = mode;
+            o.int8_form = form.unwrap_or_default();
             // This bench compares ONNX files (ours and onnxruntime's) run by tract: ship ONNX.
             o.model_format = Some(protocol::manifest::ModelFormat::Onnx);
             o.quality_gate = Gate {
                 max_accuracy_drop: 100.0,
                 min_snr_db: -1000.0,
             };
+            // A model whose golden outputs depend on the batch size is refused by the build;
+            // it is measured anyway (built again with the golden tolerance it needs), its gate
+            // column saying so.
+            let mut unstable = None;
             let report = match bundler::build(&o) {
                 Ok(r) => r,
+                Err(BuildError::GoldenUnstable { needed_atol, .. }) => {
+                    unstable = Some(needed_atol);
+                    o.golden_atol = needed_atol * 2.0;
+                    match bundler::build(&o) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("{model} {variant}: build failed: {e:#?}");
+                            continue;
+                        }
+                    }
+                }
                 Err(e) => {
-                    eprintln!("{model} {mode}: build failed: {e:#?}");
+                    eprintln!("{model} {variant}: build failed: {e:#?}");
                     continue;
                 }
             };
             let gate = match report.quantization.record() {
+                _ if unstable.is_some() => format!(
+                    "refused: batch-dependent outputs (needs golden atol {:.2})",
+                    unstable.unwrap()
+                ),
                 None => "-".to_string(),
                 Some(r) => {
                     let mut q = r.quality.clone();
@@ -222,12 +257,16 @@ fn main() {
             let mut sink = MemorySink::default();
             read_bundle_file(&out, &VerifyOptions::new(&keyring), &mut sink).unwrap();
             let bytes = &sink.0["model.onnx"];
+            if let Some(d) = &save_dir {
+                let file = format!("{model}.{}.onnx", variant.replace(' ', "-"));
+                std::fs::write(d.join(file), bytes).unwrap();
+            }
             let m = load(bytes).unwrap();
             let y = run_all(&m, &x);
             let float = float_out.get_or_insert_with(|| y.clone()).clone();
             variants.push(Variant {
                 model: model.clone(),
-                name: format!("ours {mode}"),
+                name: format!("ours {variant}"),
                 file_size: bytes.len() as u64,
                 bundle_size: Some(report.size),
                 quality: quality(model, &x, &y, &float),

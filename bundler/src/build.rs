@@ -31,7 +31,7 @@ use crate::golden::{self, rows};
 use crate::keys::load_secret_key;
 use crate::progress::Progress;
 use crate::quality::Gate;
-use crate::quantize::{QuantizeMode, RangeMethod, Selection};
+use crate::quantize::{Int8Form, QuantizeMode, RangeMethod, Selection};
 use crate::{GOLDEN_FILE, MODEL_FILE, NNEF_MODEL_FILE};
 
 /// When the bundle stops being accepted.
@@ -69,6 +69,8 @@ pub struct BuildOptions {
     pub quantize_selection: Selection,
     /// How `int8` turns calibration activations into ranges. Default minmax.
     pub calibration_method: RangeMethod,
+    /// How an `int8` model is written (`--int8-form`): QDQ (default) or QOperator.
+    pub int8_form: Int8Form,
     /// The quantization quality gate (`--max-accuracy-drop`, `--min-snr-db`).
     pub quality_gate: Gate,
     /// Task override; `None` detects it.
@@ -122,6 +124,7 @@ impl BuildOptions {
             quantize: QuantizeMode::None,
             quantize_selection: Selection::default(),
             calibration_method: RangeMethod::default(),
+            int8_form: Int8Form::default(),
             quality_gate: Gate::default(),
             task: None,
             golden_max: 64,
@@ -253,6 +256,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     }
     if opts.quantize == QuantizeMode::Int8 && opts.calibration.is_none() {
         return Err(BuildError::CalibrationNeeded);
+    }
+    if opts.int8_form != Int8Form::default() && opts.quantize != QuantizeMode::Int8 {
+        return Err(BuildError::Int8FormWithoutInt8(
+            opts.int8_form,
+            opts.quantize,
+        ));
     }
     let gate = opts.quality_gate;
     if !(gate.max_accuracy_drop.is_finite() && gate.max_accuracy_drop >= 0.0) {
@@ -423,6 +432,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                     mode: opts.quantize,
                     selection: &opts.quantize_selection,
                     method: opts.calibration_method,
+                    form: opts.int8_form,
                     gate,
                     task: &task,
                     output_names: output_specs.iter().map(|s| s.name.clone()).collect(),

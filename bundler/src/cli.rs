@@ -10,7 +10,7 @@ use protocol::manifest::{HealthPolicy, ModelFormat, TelemetrySamples};
 use crate::baseline::TaskKind;
 use crate::build::{BuildOptions, Expiry};
 use crate::quality::Gate;
-use crate::quantize::{QuantizeMode, RangeMethod, Selection, DEFAULT_OP_TYPES};
+use crate::quantize::{Int8Form, QuantizeMode, RangeMethod, Selection, DEFAULT_OP_TYPES};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,7 +123,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub expires_in: Option<std::time::Duration>,
     /// Quantization: none, int8-weights (per-channel int8 weights, dequantized at load),
-    /// int8 (static, calibrated on --calibration, QDQ form) or f16 (half-precision weights).
+    /// int8 (static, calibrated on --calibration; see --int8-form) or f16 (half-precision
+    /// weights).
     #[arg(long, value_name = "MODE", default_value = "none")]
     pub quantize: QuantizeMode,
     /// Op types whose nodes are quantized (comma-separated or repeated).
@@ -135,6 +136,12 @@ pub struct BuildArgs {
     /// int8 activation ranges: minmax, percentile (99.99) or percentile:P.
     #[arg(long, value_name = "METHOD", default_value = "minmax")]
     pub calibration_method: RangeMethod,
+    /// How `--quantize int8` writes the model: qdq (float operators between
+    /// QuantizeLinear/DequantizeLinear pairs) or qoperator (the integer operators QLinearConv /
+    /// QLinearMatMul, int8 tensors between them). Both are standard ONNX; see BENCHMARKS.md
+    /// for which one tract runs faster.
+    #[arg(long, value_name = "FORM", default_value = "qdq")]
+    pub int8_form: Int8Form,
     /// Quality gate: refuse the quantized bundle if accuracy drops by more than this many
     /// percentage points (against the labels, else the float model's top-1 classes).
     #[arg(long, value_name = "POINTS", default_value_t = 1.0)]
@@ -262,6 +269,7 @@ impl BuildArgs {
             exclude_nodes: self.exclude_nodes.clone(),
         };
         o.calibration_method = self.calibration_method;
+        o.int8_form = self.int8_form;
         o.quality_gate = Gate {
             max_accuracy_drop: self.max_accuracy_drop,
             min_snr_db: self.min_snr_db,

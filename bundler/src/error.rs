@@ -64,6 +64,8 @@ pub enum BuildError {
     Quantize(#[from] crate::quantize::QuantizeError),
     #[error("--quantize int8 needs --calibration inputs (samples the activation ranges are measured on)")]
     CalibrationNeeded,
+    #[error("--int8-form {0} applies to --quantize int8 only (the mode is {1})")]
+    Int8FormWithoutInt8(crate::quantize::Int8Form, crate::quantize::QuantizeMode),
     #[error(
         "quality gate: the {mode} model is refused, no bundle written: {reason} ({figures}); \
          keep sensitive layers in float with --exclude-node / --op-types, try another \

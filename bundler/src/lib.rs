@@ -98,7 +98,7 @@ pub use inspect::{inspect, InspectReport};
 pub use keys::{keygen, keygen_files, load_keyring, load_secret_key, KeyFiles};
 pub use protocol::bundle::VerifiedBundle;
 pub use quality::Gate;
-pub use quantize::{QuantizeMode, RangeMethod, Selection};
+pub use quantize::{Int8Form, QuantizeMode, RangeMethod, Selection};
 pub use verify::{verify, verify_with, VerifyReport};
 
 /// Name of the model payload of an ONNX bundle (`--model-format onnx`; stored compressed as

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use bundler::{BuildError, BuildOptions, BuildReport, Gate, QuantizeMode, RangeMethod};
+use bundler::{BuildError, BuildOptions, BuildReport, Gate, Int8Form, QuantizeMode, RangeMethod};
 use common::*;
 use engine::{EngineOptions, Model, Tensor};
 use protocol::bundle::{read_bundle_file, MemorySink, VerifyOptions};
@@ -230,6 +230,60 @@ fn int8_static_digits_cnn_is_within_a_point_and_installs() {
 }
 
 #[test]
+fn int8_qoperator_is_within_the_gate_on_the_reference_models_and_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, integer_ops) in [("digits_mlp", 3), ("digits_cnn", 3), ("vibration_ae", 4)] {
+        let mut o = options(
+            dir.path(),
+            name,
+            &format!("{name}-qop.mfb"),
+            QuantizeMode::Int8,
+        );
+        o.int8_form = Int8Form::QOperator;
+        let r = bundler::build(&o).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(r.model_format, ModelFormat::Onnx);
+        let Quantization::Int8(record) = &r.quantization else {
+            panic!("{:?}", r.quantization)
+        };
+        assert_eq!(record.form.as_deref(), Some("qoperator"), "{name}");
+        // Every Conv / MatMul / Gemm became an integer operator.
+        assert_eq!(record.tensors, integer_ops, "{name}");
+        assert_eq!(record.calibration.as_ref().unwrap().samples, 100);
+        let (m, model) = install_like_a_device(dir.path(), &r.output);
+        assert_eq!(m.quantization, r.quantization);
+        if name.starts_with("digits") {
+            let drop = record.quality.accuracy_drop.unwrap();
+            assert!(drop <= 1.0, "{name}: accuracy drop {drop} points");
+            // The device serves with the accuracy the manifest records.
+            assert_eq!(Some(accuracy(&model, name)), record.quality.accuracy);
+        } else {
+            let snr = record.quality.snr_db.unwrap();
+            assert!(snr >= 20.0, "{name}: SNR {snr} dB");
+        }
+        let text = bundler::inspect(&r.output).unwrap().to_text();
+        assert!(text.contains("form qoperator"), "{text}");
+    }
+}
+
+#[test]
+fn int8_form_is_refused_with_another_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), "digits_mlp", "f16.mfb", QuantizeMode::F16);
+    o.int8_form = Int8Form::QOperator;
+    let err = bundler::build(&o).unwrap_err();
+    assert!(
+        matches!(err, BuildError::Int8FormWithoutInt8(..)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("--int8-form qoperator applies to --quantize int8 only"),
+        "{err}"
+    );
+    assert!(!o.output.exists());
+}
+
+#[test]
 fn the_gate_refuses_a_bad_configuration_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // Activation ranges cut at the median: most activations saturate.
@@ -276,32 +330,42 @@ fn quantized_outputs_are_reproducible_by_a_fresh_engine() {
 
 #[test]
 fn int8_mobilenetish_ships_only_if_its_golden_outputs_hold_at_every_batch_size() {
-    // tract 0.23.9's int8 kernels give batch-size-dependent results on this model (logits
+    // In both int8 forms. tract 0.23.9's int8 kernels give batch-size-dependent results on this model (logits
     // differ by more than 1.0 between a batch of 4 and one sample): the bundler must refuse it,
     // naming the output, and write nothing — or, on a runtime that does not, ship a bundle whose
     // self-test passes the way a device runs it (all golden samples in one batch). The gate is
     // opened: the model's weights are random, so its quantized logits are noise.
     let dir = tempfile::tempdir().unwrap();
-    let mut o = options(dir.path(), "mobilenetish", "m.mfb", QuantizeMode::Int8);
-    o.calibration = Some(model_path("mobilenetish", "test_input.npy"));
-    o.quality_gate = Gate {
-        max_accuracy_drop: 100.0,
-        min_snr_db: -1000.0,
-    };
-    match bundler::build(&o) {
-        Ok(r) => {
-            assert!(r.golden_atol_needed <= o.golden_atol, "{r:?}");
-            let (m, _) = install_like_a_device(dir.path(), &r.output);
-            assert_eq!(m.quantization.mode(), "int8");
+    for form in [Int8Form::Qdq, Int8Form::QOperator] {
+        let mut o = options(
+            dir.path(),
+            "mobilenetish",
+            &format!("m-{form}.mfb"),
+            QuantizeMode::Int8,
+        );
+        o.calibration = Some(model_path("mobilenetish", "test_input.npy"));
+        o.int8_form = form;
+        o.quality_gate = Gate {
+            max_accuracy_drop: 100.0,
+            min_snr_db: -1000.0,
+        };
+        match bundler::build(&o) {
+            Ok(r) => {
+                assert!(r.golden_atol_needed <= o.golden_atol, "{r:?}");
+                let (m, _) = install_like_a_device(dir.path(), &r.output);
+                assert_eq!(m.quantization.mode(), "int8");
+                eprintln!("mobilenetish int8 {form}: shipped");
+            }
+            Err(e @ BuildError::GoldenUnstable { .. }) => {
+                let msg = e.to_string();
+                eprintln!("mobilenetish int8 {form}: refused: {msg}");
+                assert!(
+                    msg.contains("output 'logits'") && msg.contains("batch size"),
+                    "{msg}"
+                );
+                assert!(!o.output.exists(), "a refused bundle was written");
+            }
+            Err(e) => panic!("{form}: {e}"),
         }
-        Err(e @ BuildError::GoldenUnstable { .. }) => {
-            let msg = e.to_string();
-            assert!(
-                msg.contains("output 'logits'") && msg.contains("batch size"),
-                "{msg}"
-            );
-            assert!(!o.output.exists(), "a refused bundle was written");
-        }
-        Err(e) => panic!("{e}"),
     }
 }

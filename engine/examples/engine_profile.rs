@@ -1,6 +1,9 @@
 //! Where the time goes: per-node timings of the batch-1 plan the engine builds.
 //!
-//! `cargo run --release -p modelfleet-engine --example engine_profile -- mobilenetish [runs]`
+//! `cargo run --release -p modelfleet-engine --example engine_profile -- mobilenetish [runs] [FILE.onnx]`
+//!
+//! With `FILE.onnx`, profiles that file (e.g. a quantized variant of the model, as
+//! `quant_bench --save-dir` writes them) on the named model's first test input.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,8 +22,12 @@ fn main() -> TractResult<()> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/models")
         .join(&name);
+    let file = std::env::args()
+        .nth(3)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join(format!("{name}.onnx")));
     let typed = tract_onnx::onnx()
-        .model_for_path(dir.join(format!("{name}.onnx")))?
+        .model_for_path(file)?
         .into_typed()?
         .into_decluttered()?;
     let n = typed.symbols.sym("N");

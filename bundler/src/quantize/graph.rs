@@ -1,5 +1,5 @@
 //! Reading and writing the pieces of an ONNX graph that quantization touches: initializers as
-//! `f32`, new initializers (int8, uint8, int32, f16, f32), nodes with integer attributes, fresh
+//! `f32`, new initializers (int8, uint8, int32, int64, f16, f32), nodes with integer attributes, fresh
 //! names, and which node reads which tensor.
 
 use std::collections::{HashMap, HashSet};
@@ -82,6 +82,16 @@ pub(crate) fn tensor_u8(name: &str, dims: &[i64], data: &[u8]) -> TensorProto {
     raw(name, dims, DataType::Uint8, data.to_vec())
 }
 
+pub(crate) fn tensor_i32(name: &str, dims: &[i64], data: &[i32]) -> TensorProto {
+    let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw(name, dims, DataType::Int32, bytes)
+}
+
+pub(crate) fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw(name, dims, DataType::Int64, bytes)
+}
+
 pub(crate) fn tensor_f16(name: &str, dims: &[i64], data: &[half::f16]) -> TensorProto {
     let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     raw(name, dims, DataType::Float16, bytes)
@@ -96,9 +106,23 @@ pub(crate) fn int_attr(name: &str, value: i64) -> AttributeProto {
     }
 }
 
+pub(crate) fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.to_vec(),
+        ..AttributeProto::default()
+    }
+}
+
 /// An integer attribute of a node, if set.
 pub(crate) fn get_int(node: &NodeProto, name: &str) -> Option<i64> {
     node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// A float attribute of a node, if set.
+pub(crate) fn get_float(node: &NodeProto, name: &str) -> Option<f32> {
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.f)
 }
 
 pub(crate) fn node(

@@ -6,7 +6,8 @@
 //!   through a `DequantizeLinear` that the runtime folds into a float constant at load;
 //! - `f16`: the same weights and the Conv / Gemm biases stored as float16, read back through a
 //!   `Cast`;
-//! - `int8`: static post-training quantization calibrated on sample inputs ([`static_int8`]).
+//! - `int8`: static post-training quantization calibrated on sample inputs, in one of two
+//!   [`Int8Form`]s: QDQ ([`static_int8`], the default) or QOperator ([`qoperator`]).
 //!
 //! Which nodes are touched: the op types of [`Selection::op_types`] minus the nodes named in
 //! [`Selection::exclude_nodes`]. The quality gate that decides whether the result may ship is
@@ -14,6 +15,7 @@
 
 pub(crate) mod calibrate;
 pub(crate) mod graph;
+pub(crate) mod qoperator;
 pub(crate) mod static_int8;
 pub(crate) mod step;
 #[cfg(test)]
@@ -63,6 +65,41 @@ impl fmt::Display for QuantizeMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = *self as usize;
         f.write_str(QuantizeMode::NAMES[i])
+    }
+}
+
+/// `--int8-form`: how a static `int8` model is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int8Form {
+    /// Float operators between `QuantizeLinear` / `DequantizeLinear` pairs; the runtime decides
+    /// whether it recognises the pattern (tract 0.23.9 computes it in float).
+    #[default]
+    Qdq,
+    /// The integer operators `QLinearConv` / `QLinearMatMul`, int8 tensors between them.
+    QOperator,
+}
+
+impl Int8Form {
+    pub const NAMES: [&'static str; 2] = ["qdq", "qoperator"];
+}
+
+impl FromStr for Int8Form {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Int8Form, String> {
+        match s {
+            "qdq" => Ok(Int8Form::Qdq),
+            "qoperator" => Ok(Int8Form::QOperator),
+            other => Err(format!(
+                "unknown int8 form '{other}' (one of: {})",
+                Int8Form::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Int8Form {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Int8Form::NAMES[*self as usize])
     }
 }
 

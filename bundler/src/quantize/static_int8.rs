@@ -1,4 +1,5 @@
-//! `int8`: static post-training quantization in QDQ form.
+//! `int8`: static post-training quantization in QDQ form (`--int8-form qdq`; the QOperator
+//! form is [`super::qoperator`]).
 //!
 //! For each selected node (Conv, MatMul, Gemm by default): its weight becomes per-channel
 //! symmetric int8 behind a `DequantizeLinear` (as in `int8-weights`), and its activation input
@@ -52,6 +53,13 @@ pub(crate) fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
     };
     let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
     (scale, zero_point)
+}
+
+/// int8 asymmetric parameters for `[lo, hi]`: the [`uint8_params`] scale, and its zero point
+/// shifted by 128 (the same grid of values, stored signed).
+pub(crate) fn int8_params(lo: f32, hi: f32) -> (f32, i8) {
+    let (scale, zero_point) = uint8_params(lo, hi);
+    (scale, (i16::from(zero_point) - 128) as i8)
 }
 
 /// The QDQ rewrite. `ranges` holds a range for each of [`activation_tensors`]; returns the new
@@ -159,5 +167,8 @@ mod tests {
         assert_eq!(z, 64);
         assert_eq!(uint8_params(0.0, 0.0), (1.0, 0));
         assert_eq!(uint8_params(0.0, 2.55).1, 0);
+        // The same grid stored signed: 0.0 (after a Relu) is the lowest value, -128.
+        assert_eq!(int8_params(0.0, 2.55), (uint8_params(0.0, 2.55).0, -128));
+        assert_eq!(int8_params(-1.0, 3.0).1, -64); // 64 - 128
     }
 }

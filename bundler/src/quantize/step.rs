@@ -9,7 +9,9 @@ use engine::{EngineOptions, Model, Tensor};
 use protocol::manifest::{CalibrationRecord, Quantization, QuantizationRecord, Task};
 use sha2::{Digest, Sha256};
 
-use super::{calibrate, static_int8, weights_only, QuantizeMode, RangeMethod, Selection};
+use super::{
+    calibrate, qoperator, static_int8, weights_only, Int8Form, QuantizeMode, RangeMethod, Selection,
+};
 use crate::error::BuildError;
 use crate::golden;
 use crate::progress::Progress;
@@ -21,6 +23,7 @@ pub(crate) struct StepInputs<'a> {
     pub mode: QuantizeMode,
     pub selection: &'a Selection,
     pub method: RangeMethod,
+    pub form: Int8Form,
     pub gate: Gate,
     pub task: &'a Task,
     pub output_names: Vec<String>,
@@ -53,10 +56,16 @@ pub(crate) fn quantize_and_gate(
         ),
         QuantizeMode::Int8 => {
             let (inputs, source) = s.calibration.clone().ok_or(BuildError::CalibrationNeeded)?;
-            let tensors = static_int8::activation_tensors(s.float_bytes, s.selection)?;
+            let tensors = match s.form {
+                Int8Form::Qdq => static_int8::activation_tensors(s.float_bytes, s.selection)?,
+                Int8Form::QOperator => qoperator::activation_tensors(s.float_bytes, s.selection)?,
+            };
             let ranges =
                 calibrate::observe(s.float_bytes, &tensors, &inputs[0], s.eval_batch, s.method)?;
-            let (rewritten, activations) = static_int8::qdq(s.float_bytes, s.selection, &ranges)?;
+            let (rewritten, activations) = match s.form {
+                Int8Form::Qdq => static_int8::qdq(s.float_bytes, s.selection, &ranges)?,
+                Int8Form::QOperator => qoperator::qoperator(s.float_bytes, s.selection, &ranges)?,
+            };
             let record = CalibrationRecord {
                 method: match s.method {
                     RangeMethod::MinMax => "minmax".into(),
@@ -70,7 +79,7 @@ pub(crate) fn quantize_and_gate(
                 source,
                 activations,
             };
-            (rewritten, Some("qdq".to_string()), Some(record))
+            (rewritten, Some(s.form.to_string()), Some(record))
         }
         QuantizeMode::None => unreachable!("the step runs only when quantizing"),
     };

@@ -1,4 +1,5 @@
-//! Per-channel `DequantizeLinear` in the runtime against a reference computed here.
+//! Per-channel `DequantizeLinear` in the runtime against a reference computed here, and the
+//! QOperator rewrite's structure and agreement with the float model.
 //!
 //! tract before 0.23.9's fix (sonos/tract#2849, September 2026) read only the first scale and
 //! zero point of a per-axis `DequantizeLinear`: every channel got channel 0's scale, silently.
@@ -6,8 +7,8 @@
 
 use engine::{EngineOptions, Model, Tensor};
 
-use super::graph;
-use super::{weights_only, QuantizeMode, Selection};
+use super::{calibrate, graph, qoperator};
+use super::{weights_only, QuantizeMode, RangeMethod, Selection};
 use crate::onnx_pb::{
     tensor_shape_proto, type_proto, GraphProto, ModelProto, OperatorSetIdProto, TensorShapeProto,
     TypeProto, ValueInfoProto,
@@ -139,4 +140,199 @@ fn int8_weights_model_agrees_with_weights_dequantized_by_the_bundler() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "tract and the reference differ by {worst}");
+}
+
+fn op_types(bytes: &[u8]) -> Vec<String> {
+    let model = graph::decode(bytes).unwrap();
+    model
+        .graph
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type.clone())
+        .collect()
+}
+
+fn worst_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// QOperator on digits_cnn: both Convs become integer operators, the Relus fold into them,
+/// MaxPool and Flatten run on int8; the final Gemm (whose output only goes to the Softmax) stays
+/// float with int8 weights, reading the int8 activations through one DequantizeLinear. Its
+/// classes agree with the float model's.
+#[test]
+fn qoperator_digits_cnn_runs_its_convolutions_on_int8() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models/digits_cnn/digits_cnn.onnx");
+    let float = std::fs::read(&path).unwrap();
+    let sel = Selection::default();
+    let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
+    assert_eq!(tensors, ["input", "relu1", "pool1", "relu2"]);
+    let calib = engine::npy::read_npy(path.with_file_name("calib_input.npy")).unwrap();
+    let ranges = calibrate::observe(&float, &tensors, &calib, 32, RangeMethod::MinMax).unwrap();
+    let (q, activations) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
+    // Two integer operators and the Gemm's weight; scales for input, relu1, relu2.
+    assert_eq!((q.tensors, activations), (3, 3));
+    assert_eq!(
+        op_types(&q.bytes),
+        [
+            "DequantizeLinear", // the Gemm's int8 weight
+            "QuantizeLinear",
+            "QLinearConv",
+            "MaxPool",
+            "QLinearConv",
+            "Flatten",
+            "DequantizeLinear",
+            "Gemm",
+            "Softmax"
+        ]
+    );
+    // No float weight is left behind.
+    let model = graph::decode(&q.bytes).unwrap();
+    let g = model.graph.unwrap();
+    assert!(
+        g.initializer
+            .iter()
+            .all(|t| graph::f32_values(t).is_none() || t.dims.len() <= 1),
+        "a float weight tensor is still in the model"
+    );
+
+    let x = engine::npy::read_npy(path.with_file_name("test_input.npy")).unwrap();
+    let y_float = load(&float).run(std::slice::from_ref(&x)).unwrap();
+    let y_q = load(&q.bytes).run(&[x]).unwrap();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    let (a, b) = (y_float[0].as_f32().unwrap(), y_q[0].as_f32().unwrap());
+    let agree = a
+        .chunks(10)
+        .zip(b.chunks(10))
+        .filter(|(r, s)| argmax(r) == argmax(s))
+        .count();
+    assert!(
+        agree * 100 >= a.len() / 10 * 98,
+        "{agree} of {} agree",
+        a.len() / 10
+    );
+}
+
+/// A MatMul with a bias Add and a Relu becomes one 1×1 QLinearConv (bias in int32, Relu folded);
+/// a MatMul without a bias becomes a QLinearMatMul with per-column weight scales; the final
+/// MatMul stays float. tract runs them close to the float model (within a few int8 steps).
+#[test]
+fn qoperator_matmul_forms_agree_with_float() {
+    let w1: Vec<f32> = (0..12).map(|i| ((i * 7 % 12) as f32 - 5.5) / 4.0).collect();
+    let w2: Vec<f32> = (0..6)
+        .map(|i| ((i * 5 % 6) as f32 - 2.5) * (1 + i) as f32)
+        .collect();
+    let w3: Vec<f32> = vec![0.5, -1.0, 0.25, 2.0];
+    let graph = GraphProto {
+        name: "mlp".into(),
+        node: vec![
+            graph::node("MatMul", "mm1".into(), &["x", "w1"], &["h"], vec![]),
+            graph::node("Add", "add1".into(), &["h", "b1"], &["hb"], vec![]),
+            graph::node("Relu", "relu1".into(), &["hb"], &["r"], vec![]),
+            graph::node("MatMul", "mm2".into(), &["r", "w2"], &["h2"], vec![]),
+            graph::node("MatMul", "mm3".into(), &["h2", "w3"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            graph::tensor_f32("w1", &[4, 3], &w1),
+            graph::tensor_f32("b1", &[3], &[0.5, -0.25, 0.1]),
+            graph::tensor_f32("w2", &[3, 2], &w2),
+            graph::tensor_f32("w3", &[2, 2], &w3),
+        ],
+        input: vec![float_value("x", &[8, 4])],
+        output: vec![float_value("y", &[8, 2])],
+        ..GraphProto::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..ModelProto::default()
+    };
+    let float = graph::encode(&model);
+    let sel = Selection::default();
+    let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
+    assert_eq!(tensors, ["x", "r", "h2"]);
+    let x = Tensor::from_f32(
+        vec![8, 4],
+        (0..32)
+            .map(|i| ((i * 11 % 32) as f32 - 16.0) / 8.0)
+            .collect(),
+    )
+    .unwrap();
+    let ranges = calibrate::observe(&float, &tensors, &x, 8, RangeMethod::MinMax).unwrap();
+    let (q, _) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
+    assert_eq!(
+        op_types(&q.bytes),
+        [
+            "DequantizeLinear", // w3
+            "QuantizeLinear",
+            "Reshape",
+            "QLinearConv",
+            "Reshape",
+            "QLinearMatMul",
+            "DequantizeLinear",
+            "MatMul"
+        ]
+    );
+    let y_float = load(&float).run(std::slice::from_ref(&x)).unwrap();
+    let y_q = load(&q.bytes).run(&[x]).unwrap();
+    let (a, b) = (y_float[0].as_f32().unwrap(), y_q[0].as_f32().unwrap());
+    // A few steps of h2, through w3.
+    let (lo, hi) = ranges["h2"];
+    let step = (hi - lo) / 255.0 * w3.iter().map(|w| w.abs()).sum::<f32>();
+    let worst = worst_difference(a, b);
+    assert!(
+        worst <= 4.0 * step,
+        "worst {worst}, h2 step through w3 {step}"
+    );
+}
+
+/// mobilenetish in QOperator form: the full and pointwise convolutions become QLinearConv, the
+/// depthwise (grouped) ones stay float with int8 weights (tract 0.23.9 has no integer depthwise
+/// kernel), and so does the final Gemm.
+#[test]
+fn qoperator_keeps_depthwise_convolutions_float() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models/mobilenetish/mobilenetish.onnx");
+    let float = std::fs::read(&path).unwrap();
+    let sel = Selection::default();
+    let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
+    let x = engine::npy::read_npy(path.with_file_name("test_input.npy")).unwrap();
+    let ranges = calibrate::observe(&float, &tensors, &x, 4, RangeMethod::MinMax).unwrap();
+    let (q, _) = qoperator::qoperator(&float, &sel, &ranges).unwrap();
+    let model = graph::decode(&q.bytes).unwrap();
+    let g = model.graph.unwrap();
+    let count = |op: &str| g.node.iter().filter(|n| n.op_type == op).count();
+    let grouped = |n: &&crate::onnx_pb::NodeProto| graph::get_int(n, "group").unwrap_or(1) > 1;
+    assert!(g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QLinearConv")
+        .all(|n| !grouped(&n)));
+    let depthwise = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv")
+        .filter(grouped)
+        .count();
+    assert_eq!(
+        (count("QLinearConv"), depthwise, count("Gemm")),
+        (35, 17, 1)
+    );
+    // 52 Conv weights and the Gemm weight, all int8.
+    assert_eq!(q.tensors, 53);
 }
