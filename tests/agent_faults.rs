@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent::link::transfer::{Bitmap, TransferRecord, CHECKPOINT_CHUNKS};
+use agent::link::transfer_worker::MAX_UNSYNCED_CHUNKS;
 use common::{
     embedded_broker_exe, fault_seed, models_dir, redate_bundle, AgentOptions, AgentProcess, Rng,
     World,
@@ -238,10 +239,16 @@ fn killed_during_transfer_install_activation_and_trial() {
     // the newest event in the agent's log.
     let mut on_disk: Option<u32> = None;
     let mut last_seq = 0u64;
-    // A killed transfer loses at most the chunks since its last checkpoint and those whose
-    // checkpoint (a commit that does not wait for the disk) no durable commit followed yet —
-    // each tenth's progress event is one.
-    let may_lose = CHECKPOINT_CHUNKS as u64 + total_chunks.div_ceil(10) + 1;
+    // A killed transfer loses at most the chunks not covered by a finished checkpoint — the
+    // agent asks for no more beyond MAX_UNSYNCED_CHUNKS of them, plus a window already asked
+    // for — and those whose checkpoint (a commit that does not wait for the disk) no durable
+    // commit followed yet: each tenth's progress event is one.
+    let window = agent::link::LinkConfig::new("mqtt://x:1", "x").window as u64;
+    let may_lose = MAX_UNSYNCED_CHUNKS as u64
+        + window
+        + CHECKPOINT_CHUNKS as u64
+        + total_chunks.div_ceil(10)
+        + 1;
     let mut outcomes = Vec::new();
     let mut v2_active = false;
     // Starts that found the transfer incomplete: each may have had a window of chunks in flight
@@ -388,7 +395,6 @@ fn killed_during_transfer_install_activation_and_trial() {
     let served = world.get("/api/v1/devices/dev-1")["transfer"]["chunks_served"]
         .as_u64()
         .unwrap();
-    let window = agent::link::LinkConfig::new("mqtt://x:1", "x").window as u64;
     eprintln!(
         "server: {served} chunks served for {total_chunks}, {interrupted} starts interrupted \
          the transfer; {} s in all",

@@ -36,7 +36,7 @@ use super::metrics::LinkMetrics;
 use super::status::device_status;
 use super::telemetry_pump::TelemetryPump;
 use super::transfer::{self, ChunkError, Transfer, TransferRecord, CHECKPOINT_CHUNKS};
-use super::transfer_worker::{TransferWorker, WorkerReport};
+use super::transfer_worker::{TransferWorker, WorkerReport, MAX_UNSYNCED_CHUNKS};
 use super::{LinkConfig, LinkError, TransferMode};
 
 /// Events published and not yet acknowledged, at most.
@@ -725,7 +725,7 @@ impl Session {
                 &t.bundle,
                 t.path.clone(),
                 file,
-                t.received().count() == 0,
+                t.received().count(),
                 self.reports.clone(),
             )
         });
@@ -746,6 +746,7 @@ impl Session {
                     self.fail(t, "disk_error", &error);
                 }
             }
+            WorkerReport::Synced { bundle_id } => self.request_chunks(&bundle_id),
             WorkerReport::Done { bundle_id } => {
                 self.busy.remove(&bundle_id);
             }
@@ -895,7 +896,7 @@ impl Session {
                     }
                     if t.unsynced() >= CHECKPOINT_CHUNKS && !disk.sync_queued() {
                         if let Some(record) = t.take_checkpoint() {
-                            disk.checkpoint(record);
+                            disk.checkpoint(record, t.received().count());
                         }
                     }
                 }
@@ -929,6 +930,12 @@ impl Session {
         let Some(t) = self.fetching.get_mut(id) else {
             return;
         };
+        // The disk is behind: wait for its next checkpoint (reported) before asking for more.
+        if let Some(disk) = self.disk.get(id) {
+            if t.received().count().saturating_sub(disk.synced()) > MAX_UNSYNCED_CHUNKS {
+                return;
+            }
+        }
         let (ranges, timed_out) = t.plan_requests(
             Instant::now(),
             window,
@@ -967,13 +974,14 @@ impl Session {
         let (Some(t), Some(disk)) = (self.fetching.get_mut(id), self.disk.get(id)) else {
             return;
         };
+        let covers = t.received().count();
         if wait {
             if let Some(record) = t.take_checkpoint() {
-                disk.checkpoint_and_wait(record);
+                disk.checkpoint_and_wait(record, covers);
             }
         } else if !disk.sync_queued() {
             if let Some(record) = t.take_checkpoint() {
-                disk.checkpoint(record);
+                disk.checkpoint(record, covers);
             }
         }
     }
@@ -998,8 +1006,9 @@ impl Session {
             return;
         };
         tracing::info!(bundle = %id, seconds = t.elapsed().as_secs_f64(), "all chunks received");
+        let covers = t.received().count();
         if let Some(record) = t.take_checkpoint() {
-            disk.checkpoint(record);
+            disk.checkpoint(record, covers);
         }
         self.busy.insert(id, Arc::new(AtomicBool::new(false)));
         disk.finish(t.bundle.clone(), t.context.clone(), t.elapsed());

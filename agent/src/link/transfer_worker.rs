@@ -18,7 +18,12 @@
 //! is queued and not yet begun the session asks for no other ([`TransferWorker::sync_queued`];
 //! the next one covers every chunk written meanwhile), and a progress event not yet recorded is
 //! replaced by a newer one instead of queueing behind it. So a slow disk means fewer, larger
-//! syncs, and the queue never holds work the last item makes moot.
+//! syncs, and the queue never holds work the last item makes moot. How far the network may run
+//! ahead of the disk is bounded too: the session asks for no more chunks while more than
+//! [`MAX_UNSYNCED_CHUNKS`] received ones are not covered by a finished checkpoint
+//! ([`TransferWorker::synced`]; each finished checkpoint is reported, [`WorkerReport::Synced`],
+//! so requests resume at once). So a power cut costs at most that many chunks (plus the window
+//! in flight), however slow the disk.
 //!
 //! Jobs run in the order they were sent. A failed checkpoint is reported to the session (which
 //! fails the transfer) and every later job is skipped; if the transfer's end was already handed
@@ -33,7 +38,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -60,12 +65,16 @@ const QUEUE: usize = 64;
 /// a chunk lost on the way is asked for again only after the request timeout, by when the rest
 /// of the window has arrived: past this the file is hashed at the end instead.
 pub const MAX_WAITING_CHUNKS: usize = 32;
+/// Received chunks not yet covered by a finished checkpoint above which no more are requested.
+pub const MAX_UNSYNCED_CHUNKS: u32 = 32;
 
 /// What a worker tells the session.
 #[derive(Debug)]
 pub enum WorkerReport {
     /// A checkpoint failed while the transfer was still being fetched: fail it.
     DiskError { bundle_id: String, error: String },
+    /// A checkpoint finished: the session may ask for more chunks.
+    Synced { bundle_id: String },
     /// The transfer's end ran (installed, rejected or failed): the bundle is free again.
     Done { bundle_id: String },
 }
@@ -74,6 +83,8 @@ enum Job {
     Chunk(u32, Bytes),
     Checkpoint {
         record: TransferRecord,
+        /// Chunks the record claims.
+        covers: u32,
         done: Option<mpsc::Sender<()>>,
     },
     /// Record the event in the progress slot, if it is still there.
@@ -96,18 +107,20 @@ pub struct TransferWorker {
     sync_queued: Arc<AtomicBool>,
     /// The newest progress event not yet recorded.
     progress: Arc<Mutex<Option<Event>>>,
+    /// Chunks the last finished checkpoint covers.
+    synced: Arc<AtomicU32>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TransferWorker {
-    /// Starts the worker of a transfer whose partial file is `file` (a second handle on it).
-    /// `streamed` says whether the running hash can see every chunk (none on disk yet).
+    /// Starts the worker of a transfer whose partial file is `file` (a second handle on it) and
+    /// of which `present` chunks are stored already; the running hash is kept only if none is.
     pub fn start(
         agent: Arc<Agent>,
         bundle: &BundleRef,
         path: PathBuf,
         file: File,
-        streamed: bool,
+        present: u32,
         reports: UnboundedSender<WorkerReport>,
     ) -> std::io::Result<TransferWorker> {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -115,18 +128,20 @@ impl TransferWorker {
         let hash_hole = Arc::new(AtomicBool::new(false));
         let sync_queued = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Mutex::new(None));
+        let synced = Arc::new(AtomicU32::new(present));
         let state = Worker {
             agent,
             bundle_id: bundle.bundle_id.clone(),
             chunks: bundle.chunks(),
             path,
             file,
-            hash: streamed.then(RunningHash::default),
+            hash: (present == 0).then(RunningHash::default),
             failed: None,
             stopped: stopped.clone(),
             hash_hole: hash_hole.clone(),
             sync_queued: sync_queued.clone(),
             progress: progress.clone(),
+            synced: synced.clone(),
             reports,
         };
         let thread = std::thread::Builder::new()
@@ -138,6 +153,7 @@ impl TransferWorker {
             hash_hole,
             sync_queued,
             progress,
+            synced,
             thread: Some(thread),
         })
     }
@@ -160,17 +176,27 @@ impl TransferWorker {
         self.sync_queued.load(Ordering::Relaxed)
     }
 
-    /// Sync the file, then store `record` (the bitmap as of now).
-    pub fn checkpoint(&self, record: TransferRecord) {
+    /// Chunks covered by the last finished checkpoint.
+    pub fn synced(&self) -> u32 {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Sync the file, then store `record` (the bitmap as of now, claiming `covers` chunks).
+    pub fn checkpoint(&self, record: TransferRecord, covers: u32) {
         self.sync_queued.store(true, Ordering::Relaxed);
-        self.send(Job::Checkpoint { record, done: None });
+        self.send(Job::Checkpoint {
+            record,
+            covers,
+            done: None,
+        });
     }
 
     /// [`TransferWorker::checkpoint`], returning once it is done (or skipped).
-    pub fn checkpoint_and_wait(&self, record: TransferRecord) {
+    pub fn checkpoint_and_wait(&self, record: TransferRecord, covers: u32) {
         let (done, wait) = mpsc::channel();
         self.send(Job::Checkpoint {
             record,
+            covers,
             done: Some(done),
         });
         let _ = wait.recv();
@@ -243,6 +269,7 @@ struct Worker {
     hash_hole: Arc<AtomicBool>,
     sync_queued: Arc<AtomicBool>,
     progress: Arc<Mutex<Option<Event>>>,
+    synced: Arc<AtomicU32>,
     reports: UnboundedSender<WorkerReport>,
 }
 
@@ -254,11 +281,15 @@ impl Worker {
             }
             match job {
                 Job::Chunk(index, bytes) => self.hash_chunk(index, bytes),
-                Job::Checkpoint { record, done } => {
+                Job::Checkpoint {
+                    record,
+                    covers,
+                    done,
+                } => {
                     // From here on a new checkpoint covers what this one's sync may not.
                     self.sync_queued.store(false, Ordering::Relaxed);
                     if self.failed.is_none() {
-                        self.checkpoint(&record);
+                        self.checkpoint(&record, covers);
                     }
                     if let Some(done) = done {
                         let _ = done.send(());
@@ -299,8 +330,14 @@ impl Worker {
         }
     }
 
-    fn checkpoint(&mut self, record: &TransferRecord) {
+    fn checkpoint(&mut self, record: &TransferRecord, covers: u32) {
         let result = transfer::persist_checkpoint(&self.file, &self.path, &self.agent, record);
+        if result.is_ok() {
+            self.synced.fetch_max(covers, Ordering::Relaxed);
+            let _ = self.reports.send(WorkerReport::Synced {
+                bundle_id: self.bundle_id.clone(),
+            });
+        }
         if let Err(error) = result.map_err(|e| e.to_string()) {
             tracing::error!(bundle = %self.bundle_id, "transfer checkpoint failed: {error}");
             let _ = self.reports.send(WorkerReport::DiskError {
