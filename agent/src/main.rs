@@ -230,11 +230,20 @@ fn load_server_key(path: &Path) -> Result<protocol::keys::PublicKey> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    // RUST_LOG as `target=level` directives (`warn`, `info,agent::link=debug`), read by
+    // tracing-subscriber's `Targets`, not its `EnvFilter`: EnvFilter's span and field-value
+    // directives bring a regex engine (regex-automata + regex-syntax), a size cost on the device
+    // (issue 9, BENCHMARKS.md "Agent footprint"). An unreadable RUST_LOG means `info`, as before.
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
