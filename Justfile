@@ -40,8 +40,8 @@ cross-armv7 features="":
     RUSTFLAGS="{{device_rustflags}}" cargo build --profile device -p modelfleet-agent --bin fleet-agent --target armv7-unknown-linux-gnueabihf --no-default-features --features "{{features}}"
 
 # The same device build for x86_64 boxes (targets/x86_64-generic.toml). `--target` is spelled
-# out so that RUSTFLAGS reach the agent's crates only, not build scripts and proc macros (a
-# proc macro cannot be built with relocation-model=static); the binary is
+# out so that RUSTFLAGS reach the agent's crates only, not build scripts and proc macros (host
+# tools, which the device flags are not meant for); the binary is
 # target/x86_64-unknown-linux-gnu/device/fleet-agent.
 device-x86_64 features="":
     RUSTFLAGS="{{device_rustflags}}" cargo build --profile device -p modelfleet-agent --bin fleet-agent --target x86_64-unknown-linux-gnu --no-default-features --features "{{features}}"
