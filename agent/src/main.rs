@@ -251,10 +251,12 @@ fn main() {
     // RUST_LOG as `target=level` directives (`warn`, `info,agent::link=debug`), read by
     // tracing-subscriber's `Targets`, not its `EnvFilter`: EnvFilter's span and field-value
     // directives bring a regex engine (regex-automata + regex-syntax), a size cost on the device
-    // (issue 9, BENCHMARKS.md "Agent footprint"). An unreadable RUST_LOG means `info`, as before.
+    // (issue 9, BENCHMARKS.md "Agent footprint"). An unset, empty or unreadable RUST_LOG means
+    // `info`.
     use tracing_subscriber::prelude::*;
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .filter(|s| !s.trim().is_empty())
         .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
         .unwrap_or_else(|| {
             tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
