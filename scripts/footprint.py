@@ -65,6 +65,33 @@ def pss_rss_kb(pid):
     return fields["Pss"], fields["Rss"]
 
 
+def breakdown(pid, agent_path):
+    """PSS in kB by kind of mapping (/proc/PID/smaps): the agent binary's code, read-only data
+    and writable data, shared libraries, the brk heap (glibc's main arena), anonymous mappings
+    (other malloc arenas, large allocations, thread stacks), and the rest."""
+    name = os.path.basename(agent_path)
+    kinds = {}
+    kind = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                perms, path = head[1], (head[5] if len(head) > 5 else "")
+                if os.path.basename(path) == name:
+                    kind = "binary " + ("code" if "x" in perms else "data (rw)" if "w" in perms else "rodata")
+                elif path.startswith("/"):
+                    kind = "shared libraries"
+                elif path == "[heap]":
+                    kind = "heap (brk)"
+                elif path in ("", "[anon]") or path.startswith("[anon:"):
+                    kind = "anonymous"
+                else:
+                    kind = path
+            elif head[0] == "Pss:" and kind:
+                kinds[kind] = kinds.get(kind, 0) + int(head[1])
+    return ", ".join("%s %d" % kv for kv in sorted(kinds.items(), key=lambda kv: -kv[1]) if kv[1])
+
+
 def sample(pid, window, interval):
     samples = []
     end = time.monotonic() + window
@@ -137,6 +164,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=20, help="seconds before sampling")
     ap.add_argument("--rps", type=float, default=50)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after each phase, print its last PSS split by kind of mapping (kB)")
     args = ap.parse_args()
 
     shape, flat = read_npy(os.path.join(MODEL_DIR, "test_input.npy"))
@@ -184,16 +213,21 @@ def main():
             print("|---|---|---|---|---|")
             idle = sample(agent.pid, args.window, args.interval)
             print(row("idle", idle), flush=True)
+            if args.breakdown:
+                print("  idle PSS kB: " + breakdown(agent.pid, args.agent), flush=True)
             load = Load(base + "/v2/models/digits_cnn/infer", rows, labels, args.rps)
             load.start()
             time.sleep(args.warmup)
             busy = sample(agent.pid, args.window, args.interval)
+            split = breakdown(agent.pid, args.agent) if args.breakdown else None
             load.stop.set()
             load.join()
             rate = load.sent / (args.window + args.warmup)
             print(row("%g req/s" % args.rps, busy,
                       "%d requests (%.1f/s), %d failed, accuracy %.4f"
                       % (load.sent, rate, load.failed, load.correct / max(1, load.sent))))
+            if split:
+                print("  loaded PSS kB: " + split)
         finally:
             agent.terminate()
             agent.wait()

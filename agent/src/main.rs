@@ -229,12 +229,41 @@ fn load_server_key(path: &Path) -> Result<protocol::keys::PublicKey> {
         .with_context(|| format!("server key {}", path.display()))
 }
 
+/// Gives the heap pages freed after loading the models back to the kernel. Opening the store
+/// and loading a model (NNEF parse, declutter, optimise, golden check) peaks at a few MB of heap
+/// that glibc keeps (it trims only the top of the heap, and only past 128 KB): 1.7 MB of the
+/// agent's PSS with `digits_cnn` (BENCHMARKS.md, "Agent footprint", step 4). Once, at start-up,
+/// before the serving threads exist; a no-op on other C libraries.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim takes no pointers and may be called at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    // RUST_LOG as `target=level` directives (`warn`, `info,agent::link=debug`), read by
+    // tracing-subscriber's `Targets`, not its `EnvFilter`: EnvFilter's span and field-value
+    // directives bring a regex engine (regex-automata + regex-syntax), a size cost on the device
+    // (issue 9, BENCHMARKS.md "Agent footprint"). An unset, empty or unreadable RUST_LOG means
+    // `info`.
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
@@ -414,6 +443,7 @@ fn serve(args: RunArgs) -> Result<()> {
     if agent.registry.is_empty() {
         tracing::info!("no model installed yet; install one with `fleet-agent install BUNDLE --agent http://{listen}`");
     }
+    release_free_heap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
