@@ -29,6 +29,16 @@ pub(crate) fn default_opset(model: &ModelProto) -> Option<i64> {
         .map(|o| o.version)
 }
 
+/// Refuses a model whose default opset is below 13: per-axis QuantizeLinear/DequantizeLinear
+/// (and the quantized operators written with them) need opset 13.
+pub(crate) fn require_opset_13(model: &ModelProto) -> Result<(), QuantizeError> {
+    let opset = default_opset(model).unwrap_or(0);
+    if opset < 13 {
+        return Err(QuantizeError::Opset { found: opset });
+    }
+    Ok(())
+}
+
 pub(crate) fn graph_mut(model: &mut ModelProto) -> Result<&mut GraphProto, QuantizeError> {
     model
         .graph

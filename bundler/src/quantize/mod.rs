@@ -190,10 +190,7 @@ pub(crate) fn weights_only(
     }
     let mut model = graph::decode(float_model)?;
     if mode == QuantizeMode::Int8Weights {
-        let opset = graph::default_opset(&model).unwrap_or(0);
-        if opset < 13 {
-            return Err(QuantizeError::Opset { found: opset });
-        }
+        graph::require_opset_13(&model)?;
     }
     let g = graph::graph_mut(&mut model)?;
     let selected = selected_nodes(g, sel)?;

@@ -585,10 +585,7 @@ pub(crate) fn qoperator(
 ) -> Result<(Rewritten, usize), QuantizeError> {
     check_op_types(sel)?;
     let mut model = graph::decode(float_model)?;
-    let opset = graph::default_opset(&model).unwrap_or(0);
-    if opset < 13 {
-        return Err(QuantizeError::Opset { found: opset });
-    }
+    graph::require_opset_13(&model)?;
     let g = graph::graph_mut(&mut model)?;
     let selected = selected_nodes(g, sel)?;
     let Plan {

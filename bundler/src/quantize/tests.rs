@@ -67,15 +67,7 @@ fn per_axis_dequantize_uses_every_channel_scale() {
         output: vec![float_value("y", &[2, 3])],
         ..GraphProto::default()
     };
-    let model = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(graph),
-        ..ModelProto::default()
-    };
+    let model = opset_13_model(graph);
     let m = load(&graph::encode(&model));
     let x = Tensor::from_f32(vec![2, 3], vec![0.0; 6]).unwrap();
     let y = m.run(&[x]).unwrap();
@@ -253,15 +245,7 @@ fn qoperator_matmul_forms_agree_with_float() {
         output: vec![float_value("y", &[8, 2])],
         ..GraphProto::default()
     };
-    let model = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(graph),
-        ..ModelProto::default()
-    };
+    let model = opset_13_model(graph);
     let float = graph::encode(&model);
     let sel = Selection::default();
     let tensors = qoperator::activation_tensors(&float, &sel).unwrap();
@@ -335,4 +319,17 @@ fn qoperator_keeps_depthwise_convolutions_float() {
     );
     // 52 Conv weights and the Gemm weight, all int8.
     assert_eq!(q.tensors, 53);
+}
+
+/// A model of `graph` at IR 8, default opset 13.
+fn opset_13_model(graph: GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..ModelProto::default()
+    }
 }
