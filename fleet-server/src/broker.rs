@@ -13,6 +13,14 @@
 //! new QoS 1 subscriber at most 100 retained messages per filter; the server's registry is
 //! durable and devices republish their status on every connect, so this only delays the first
 //! sight of devices beyond the hundredth when a new server subscribes to a busy broker.
+//!
+//! rumqttd 0.20 writes to its sockets with Nagle's algorithm on and has no setting to turn it
+//! off, so a small packet it forwards (a device's chunk request to the server, an acknowledgement)
+//! waits for the peer's acknowledgement of the previous one: a chunk transfer, which is a chain of
+//! such round trips, ran at less than half the rate of a plain publish loop (BENCHMARKS.md,
+//! "Staging a bundle over MQTT"). On Linux an accepted socket inherits `TCP_NODELAY` from its
+//! listening socket, so once the broker listens, [`EmbeddedBroker::start`] finds the listener
+//! among the process's own descriptors and sets the option there ([`set_nodelay_on_listener`]).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -99,6 +107,20 @@ impl EmbeddedBroker {
                 return Err(BrokerError::Start(why));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                match set_nodelay_on_listener(addr) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        %addr,
+                        "the embedded broker's listening socket was not found among this \
+                         process's descriptors: it forwards small packets with Nagle's delay"
+                    ),
+                    Err(e) => tracing::warn!(
+                        %addr,
+                        error = %e,
+                        "cannot set TCP_NODELAY on the embedded broker's listening socket: it \
+                         forwards small packets with Nagle's delay"
+                    ),
+                }
                 return Ok(EmbeddedBroker { addr, tls: is_tls });
             }
             if Instant::now() > deadline {
@@ -117,6 +139,45 @@ impl EmbeddedBroker {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}", self.addr)
     }
+}
+
+/// Sets `TCP_NODELAY` on this process's socket listening on `addr` (rumqttd's; the connections
+/// it accepts from then on inherit the option). Returns whether that socket was found. Only
+/// Linux lists a process's descriptors in `/proc/self/fd` and makes accepted sockets inherit
+/// the option; elsewhere this does nothing and returns `Ok(false)`.
+#[cfg(target_os = "linux")]
+pub fn set_nodelay_on_listener(addr: SocketAddr) -> std::io::Result<bool> {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{FromRawFd, RawFd};
+
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is only borrowed (ManuallyDrop: never closed here), and only
+        // getsockname/getpeername/setsockopt are called on it. Were it closed and reused by
+        // another thread meanwhile, the address checks below fail or a socket of ours gets
+        // TCP_NODELAY, which is harmless.
+        let socket = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+        let listening_on_addr =
+            socket.local_addr().is_ok_and(|local| local == addr) && socket.peer_addr().is_err();
+        if listening_on_addr {
+            socket.set_nodelay(true)?;
+            found = true;
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_nodelay_on_listener(_addr: SocketAddr) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 fn broker_config(addr: SocketAddr, tls: Option<BrokerTls>) -> Config {
@@ -152,5 +213,47 @@ fn broker_config(addr: SocketAddr, tls: Option<BrokerTls>) -> Config {
         },
         v4: Some(HashMap::from([("1".to_string(), server)])),
         ..Config::default()
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{FromRawFd, RawFd};
+
+    /// `TCP_NODELAY` of this process's socket connected from `peer` to `local`, once it exists.
+    fn nodelay_of_accepted(local: SocketAddr, peer: SocketAddr) -> Option<bool> {
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+                continue;
+            };
+            // SAFETY: borrowed only, never closed; see `set_nodelay_on_listener`.
+            let socket = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+            if socket.local_addr().ok() == Some(local) && socket.peer_addr().ok() == Some(peer) {
+                return Some(socket.nodelay().unwrap());
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_broker_accepts_connections_with_nagle_off() {
+        let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = TcpStream::connect(broker.addr()).unwrap();
+        let client_addr = client.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let nodelay = loop {
+            if let Some(nodelay) = nodelay_of_accepted(broker.addr(), client_addr) {
+                break nodelay;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not accept the connection"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(nodelay, "the broker's side of the connection has Nagle on");
+        assert!(client.peer_addr().is_ok());
     }
 }
