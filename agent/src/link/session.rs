@@ -741,16 +741,38 @@ impl Session {
 
     fn on_worker_report(&mut self, report: WorkerReport) {
         match report {
-            WorkerReport::DiskError { bundle_id, error } => {
+            WorkerReport::DiskError {
+                bundle_id,
+                generation,
+                error,
+            } => {
+                if !self.is_current_worker(&bundle_id, generation) {
+                    return;
+                }
                 if let Some(t) = self.fetching.remove(&bundle_id) {
                     self.fail(t, "disk_error", &error);
                 }
             }
-            WorkerReport::Synced { bundle_id } => self.request_chunks(&bundle_id),
+            WorkerReport::Synced {
+                bundle_id,
+                generation,
+            } => {
+                if self.is_current_worker(&bundle_id, generation) {
+                    self.request_chunks(&bundle_id);
+                }
+            }
             WorkerReport::Done { bundle_id } => {
                 self.busy.remove(&bundle_id);
             }
         }
+    }
+
+    /// Whether `generation` is the worker of the transfer of `bundle_id` being fetched now (and
+    /// not one stopped before a new transfer of the same bundle began).
+    fn is_current_worker(&self, bundle_id: &str, generation: u64) -> bool {
+        self.disk
+            .get(bundle_id)
+            .is_some_and(|worker| worker.generation() == generation)
     }
 
     /// Gives a transfer to a blocking thread: HTTP download if incomplete, then hash check and

@@ -38,7 +38,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -68,13 +68,22 @@ pub const MAX_WAITING_CHUNKS: usize = 32;
 /// Received chunks not yet covered by a finished checkpoint above which no more are requested.
 pub const MAX_UNSYNCED_CHUNKS: u32 = 32;
 
-/// What a worker tells the session.
+/// Numbers each worker this process starts ([`TransferWorker::generation`]).
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What a worker tells the session. `generation` names the worker that sent it: a report from a
+/// worker the session has stopped may still be queued when a new transfer of the same bundle
+/// has begun, and must not touch that one.
 #[derive(Debug)]
 pub enum WorkerReport {
     /// A checkpoint failed while the transfer was still being fetched: fail it.
-    DiskError { bundle_id: String, error: String },
+    DiskError {
+        bundle_id: String,
+        generation: u64,
+        error: String,
+    },
     /// A checkpoint finished: the session may ask for more chunks.
-    Synced { bundle_id: String },
+    Synced { bundle_id: String, generation: u64 },
     /// The transfer's end ran (installed, rejected or failed): the bundle is free again.
     Done { bundle_id: String },
 }
@@ -109,6 +118,7 @@ pub struct TransferWorker {
     progress: Arc<Mutex<Option<Event>>>,
     /// Chunks the last finished checkpoint covers.
     synced: Arc<AtomicU32>,
+    generation: u64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -129,9 +139,11 @@ impl TransferWorker {
         let sync_queued = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Mutex::new(None));
         let synced = Arc::new(AtomicU32::new(present));
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         let state = Worker {
             agent,
             bundle_id: bundle.bundle_id.clone(),
+            generation,
             chunks: bundle.chunks(),
             path,
             file,
@@ -154,8 +166,14 @@ impl TransferWorker {
             sync_queued,
             progress,
             synced,
+            generation,
             thread: Some(thread),
         })
+    }
+
+    /// This worker's number, which its reports carry.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// A chunk just written, for the running hash. Never waits: with the queue full the running
@@ -259,6 +277,7 @@ impl Drop for TransferWorker {
 struct Worker {
     agent: Arc<Agent>,
     bundle_id: String,
+    generation: u64,
     chunks: u32,
     path: PathBuf,
     file: File,
@@ -336,12 +355,14 @@ impl Worker {
             self.synced.fetch_max(covers, Ordering::Relaxed);
             let _ = self.reports.send(WorkerReport::Synced {
                 bundle_id: self.bundle_id.clone(),
+                generation: self.generation,
             });
         }
         if let Err(error) = result.map_err(|e| e.to_string()) {
             tracing::error!(bundle = %self.bundle_id, "transfer checkpoint failed: {error}");
             let _ = self.reports.send(WorkerReport::DiskError {
                 bundle_id: self.bundle_id.clone(),
+                generation: self.generation,
                 error: error.clone(),
             });
             self.failed = Some(error);
