@@ -2,7 +2,8 @@
 //! a bundle staged to one device only; the broker killed halfway through a 14 MB transfer and
 //! restarted, after which the transfer completes without fetching received chunks again;
 //! telemetry read by a third party (`mosquitto_sub`) validates against the published schema;
-//! and mutual TLS on Mosquitto.
+//! mutual TLS on Mosquitto; and two servers splitting the telemetry through a shared
+//! subscription on Mosquitto.
 
 mod common;
 
@@ -201,4 +202,77 @@ fn mutual_tls_on_mosquitto() {
         all["total"], 1,
         "only the device with a certificate registered: {all}"
     );
+}
+
+/// `--shared-subscription`: two servers in one group on Mosquitto split the telemetry, each
+/// record reaching exactly one of them, while both still see every status message.
+#[test]
+fn two_servers_in_a_shared_subscription_group_split_the_telemetry() {
+    use fleet_server::{BrokerChoice, Server, ServerConfig};
+    use rumqttc::{Client, MqttOptions, QoS};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let world = World::new();
+    let broker = BrokerProcess::mosquitto(&world.path("mosquitto"), None, false).unwrap();
+    let servers: Vec<_> = ["one", "two"]
+        .iter()
+        .map(|name| {
+            let mut config =
+                ServerConfig::new(world.path(&format!("server-{name}")), world.keyring.clone());
+            config.broker = BrokerChoice::External(BrokerConnection::plain(broker.url()));
+            config.shared_subscription = Some("ingest".into());
+            // Returns once the broker has acknowledged the subscriptions.
+            world.rt.block_on(Server::start(config)).unwrap()
+        })
+        .collect();
+
+    let mut options = MqttOptions::new("telemetry-publisher", "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = Client::new(options, 64);
+    let publisher = std::thread::spawn(move || for _ in connection.iter().take(200) {});
+    const RECORDS: u64 = 40;
+    for i in 0..RECORDS {
+        let payload = format!("{{\"record\": {i}}}");
+        client
+            .publish(
+                "modelfleet/v1/devices/dev-s/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .unwrap();
+    }
+    client
+        .publish(
+            "modelfleet/v1/devices/dev-s/status",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .unwrap();
+    let received =
+        |s: &fleet_server::RunningServer| s.fleet().metrics.telemetry_received.load(Relaxed);
+    let status = |s: &fleet_server::RunningServer| s.fleet().metrics.status_received.load(Relaxed);
+    wait_until("every record and the status at the servers", LONG, || {
+        let records: u64 = servers.iter().map(received).sum();
+        let statuses = servers.iter().filter(|s| status(s) >= 1).count();
+        (records >= RECORDS && statuses == 2).then_some(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // a duplicate would arrive by now
+    let split: Vec<u64> = servers.iter().map(received).collect();
+    assert_eq!(
+        split.iter().sum::<u64>(),
+        RECORDS,
+        "each record once: {split:?}"
+    );
+    assert!(
+        split.iter().all(|&n| n > 0),
+        "both servers got some: {split:?}"
+    );
+    let _ = client.disconnect();
+    drop(publisher);
+    for server in servers {
+        world.rt.block_on(server.shutdown());
+    }
 }
