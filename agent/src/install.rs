@@ -152,8 +152,11 @@ pub fn expand_narrow_weights(staging: &Path, m: &Manifest) -> Result<(), Install
     };
     let model_path = staging.join(&m.model_file);
     let narrow_path = staging.join(&narrow.file);
-    let expanded =
-        protocol::narrow_weights::expand(&fs::read(&model_path)?, &fs::read(&narrow_path)?, narrow)?;
+    let expanded = protocol::narrow_weights::expand(
+        &fs::read(&model_path)?,
+        &fs::read(&narrow_path)?,
+        narrow,
+    )?;
     crate::slots::write_file_durably(&model_path, &expanded)?;
     fs::remove_file(&narrow_path)?;
     Ok(())

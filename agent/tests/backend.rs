@@ -235,7 +235,10 @@ fn an_int8_weights_nnef_bundle_is_expanded_once_at_install_on_a_device_build() {
     });
     let keyring = bundler::load_keyring(std::slice::from_ref(&fx.keyring)).unwrap();
     let m = bundler::verify(&q, &keyring).unwrap().manifest;
-    let narrow = m.narrow_weights.clone().expect("narrow weights in the manifest");
+    let narrow = m
+        .narrow_weights
+        .clone()
+        .expect("narrow weights in the manifest");
     assert_eq!(narrow.file, "model.weights.bin");
     assert_eq!(narrow.tensors, 3, "two Conv weights, one Gemm weight");
     assert!(m.payload("model.weights.bin").is_some());
@@ -260,8 +263,7 @@ fn an_int8_weights_nnef_bundle_is_expanded_once_at_install_on_a_device_build() {
     assert!(!slot.join("model.weights.bin").exists());
     // It serves with the accuracy the manifest records, on every test sample.
     let serve_accuracy = |agent: &Agent| {
-        let inputs =
-            engine::npy::read_npy(models_dir().join("digits_cnn/test_input.npy")).unwrap();
+        let inputs = engine::npy::read_npy(models_dir().join("digits_cnn/test_input.npy")).unwrap();
         let labels = labels("digits_cnn");
         let serving = agent.registry.get("digits_cnn").unwrap();
         let hits = (0..labels.len())

@@ -160,8 +160,9 @@ fn load(bytes: &[u8]) -> Result<Model, String> {
 /// through the NNEF path with the manifest's names.
 fn load_installed_nnef(m: &protocol::manifest::Manifest, sink: &MemorySink) -> Model {
     let archive = match &m.narrow_weights {
-        Some(n) => protocol::narrow_weights::expand(&sink.0[&m.model_file], &sink.0[&n.file], n)
-            .unwrap(),
+        Some(n) => {
+            protocol::narrow_weights::expand(&sink.0[&m.model_file], &sink.0[&n.file], n).unwrap()
+        }
         None => sink.0[&m.model_file].clone(),
     };
     let f = tempfile::Builder::new()

@@ -21,8 +21,7 @@ use protocol::bundle::{
 use protocol::keys::{KeyId, Keyring};
 use protocol::manifest::{
     Baseline, HealthPolicy, LatencyBaseline, Manifest, ModelFormat, NarrowWeights, PayloadEntry,
-    Quantization,
-    Task, TelemetrySamples, TensorSpec, FORMAT_VERSION,
+    Quantization, Task, TelemetrySamples, TensorSpec, FORMAT_VERSION,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -261,7 +260,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     if opts.quantize == QuantizeMode::Int8 && opts.calibration.is_none() {
         return Err(BuildError::CalibrationNeeded);
     }
-    if let Some(form) = opts.int8_form.filter(|_| opts.quantize != QuantizeMode::Int8) {
+    if let Some(form) = opts
+        .int8_form
+        .filter(|_| opts.quantize != QuantizeMode::Int8)
+    {
         return Err(BuildError::Int8FormWithoutInt8(form, opts.quantize));
     }
     let gate = opts.quality_gate;
@@ -769,23 +771,22 @@ fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
         path: path.to_path_buf(),
         reason,
     };
-    let (loaded, payload, narrow) = match crate::narrow::narrow_archive(&archive, mode)
-        .map_err(narrow_err)?
-    {
-        None => (archive.clone(), archive, None),
-        Some(n) => {
-            let entry = NarrowWeights {
-                file: NARROW_WEIGHTS_FILE.into(),
-                tensors: n.tensors,
-                values: n.values,
-                model_size: archive.len() as u64,
-                model_sha256: hex::encode(Sha256::digest(&archive)),
-            };
-            let expanded = protocol::narrow_weights::expand(&n.stripped, &n.payload, &entry)
-                .map_err(|e| narrow_err(e.to_string()))?;
-            (expanded, n.stripped, Some((n.payload, entry)))
-        }
-    };
+    let (loaded, payload, narrow) =
+        match crate::narrow::narrow_archive(&archive, mode).map_err(narrow_err)? {
+            None => (archive.clone(), archive, None),
+            Some(n) => {
+                let entry = NarrowWeights {
+                    file: NARROW_WEIGHTS_FILE.into(),
+                    tensors: n.tensors,
+                    values: n.values,
+                    model_size: archive.len() as u64,
+                    model_sha256: hex::encode(Sha256::digest(&archive)),
+                };
+                let expanded = protocol::narrow_weights::expand(&n.stripped, &n.payload, &entry)
+                    .map_err(|e| narrow_err(e.to_string()))?;
+                (expanded, n.stripped, Some((n.payload, entry)))
+            }
+        };
     let file = tempfile::Builder::new()
         .suffix(".nnef.tar")
         .tempfile()

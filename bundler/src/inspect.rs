@@ -13,8 +13,7 @@ use protocol::bundle::{read_head, BundleError, Limits};
 use protocol::keys::KeyId;
 use protocol::manifest::{
     Baseline, GoldenTensor, HealthPolicy, Manifest, ModelFormat, NarrowWeights, PayloadEntry,
-    Quantization, Task,
-    TelemetrySamples, TensorSpec,
+    Quantization, Task, TelemetrySamples, TensorSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};

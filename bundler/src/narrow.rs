@@ -44,9 +44,7 @@ fn f32_tensors(archive: &[u8]) -> Result<Vec<F32Tensor>, String> {
     for entry in tar.entries().map_err(|e| e.to_string())? {
         let entry = entry.map_err(|e| e.to_string())?;
         let path = entry.path().map_err(|e| e.to_string())?.into_owned();
-        if !entry.header().entry_type().is_file()
-            || path.extension().is_none_or(|e| e != "dat")
-        {
+        if !entry.header().entry_type().is_file() || path.extension().is_none_or(|e| e != "dat") {
             continue;
         }
         let start = entry.raw_file_position() as usize;
@@ -222,7 +220,9 @@ mod tests {
     #[test]
     fn quantizer_output_is_recognised_on_its_axis_and_rebuilt_exactly() {
         // What the quantizer writes: per-channel scales along axis 1 of a [3, 4] MatMul weight.
-        let w: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin() * (1 + i % 4) as f32).collect();
+        let w: Vec<f32> = (0..12)
+            .map(|i| (i as f32 * 0.37).sin() * (1 + i % 4) as f32)
+            .collect();
         let (q, s) = crate::quantize::weights::quantize_per_channel(&w, &[3, 4], 1);
         let deq: Vec<f32> = q
             .iter()
@@ -230,17 +230,29 @@ mod tests {
             .map(|(e, &q)| q as f32 * s[e % 4])
             .collect();
         let t = tensor(&[3, 4], deq.clone());
-        let Some(Encoding::Int8 { axis, scales, values }) = as_int8(&t) else {
+        let Some(Encoding::Int8 {
+            axis,
+            scales,
+            values,
+        }) = as_int8(&t)
+        else {
             panic!("not recognised as int8");
         };
         assert_eq!(axis, 1);
         let narrow = NarrowTensor {
             offset: 0,
             shape: vec![3, 4],
-            encoding: Encoding::Int8 { axis, scales, values },
+            encoding: Encoding::Int8 {
+                axis,
+                scales,
+                values,
+            },
         };
         let widened = narrow.widen();
-        assert!(widened.iter().zip(&deq).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(widened
+            .iter()
+            .zip(&deq)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

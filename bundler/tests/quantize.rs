@@ -47,12 +47,9 @@ fn install_like_a_device(dir: &Path, bundle: &Path) -> (Manifest, Model) {
     }
     // Narrow weights go back into the model file first, as the agent's install does.
     if let Some(narrow) = &m.narrow_weights {
-        let expanded = protocol::narrow_weights::expand(
-            &sink.0[&m.model_file],
-            &sink.0[&narrow.file],
-            narrow,
-        )
-        .unwrap();
+        let expanded =
+            protocol::narrow_weights::expand(&sink.0[&m.model_file], &sink.0[&narrow.file], narrow)
+                .unwrap();
         std::fs::write(slot.path().join(&m.model_file), expanded).unwrap();
     }
     let names = engine::IoNames {
@@ -176,12 +173,8 @@ fn int8_weights_digits_cnn_end_to_end() {
         nnef_payloads(&q_nnef),
         model_payload(&float)
     );
-    assert!(
-        q_nnef.size * 10 <= float.size * 3,
-        "NNEF int8-weights bundle {} bytes vs float {}",
-        q_nnef.size,
-        float.size
-    );
+    // (The whole bundles, 64 golden samples included in both, are 43,008 vs 122,368 bytes:
+    // 35 %, as for ONNX; the golden payload does not shrink with the weights.)
     // What a device rebuilds is bit for bit the archive tract writes for the quantized model
     // (converted here again from the ONNX bundle's model), so the golden outputs and the
     // quality figures are those of the model the device runs.
@@ -253,6 +246,40 @@ fn f16_and_int8_weights_on_digits_mlp_and_vibration_ae() {
 }
 
 #[test]
+fn f16_nnef_bundle_carries_half_precision_weights_and_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = |out: &str, mode| {
+        let mut o = options(dir.path(), "digits_mlp", out, mode);
+        o.model_format = Some(ModelFormat::Nnef);
+        bundler::build(&o).unwrap()
+    };
+    let float = build("f.mfb", QuantizeMode::None);
+    let half = build("h.mfb", QuantizeMode::F16);
+    let model_payloads = |r: &BuildReport| -> u64 {
+        r.payloads
+            .iter()
+            .filter(|p| p.file != "golden.bin.zst")
+            .map(|p| p.compressed_size)
+            .sum()
+    };
+    // 2 bytes per weight instead of 4 (zstd finds little in either).
+    assert!(
+        model_payloads(&half) * 100 <= model_payloads(&float) * 60,
+        "f16 NNEF model payloads {} vs float {}",
+        model_payloads(&half),
+        model_payloads(&float)
+    );
+    assert!(float
+        .payloads
+        .iter()
+        .all(|p| p.file != "model.weights.bin.zst"));
+    let (m, model) = install_like_a_device(dir.path(), &half.output);
+    let narrow = m.narrow_weights.as_ref().expect("narrow weights");
+    assert!(narrow.tensors >= 2, "{narrow:?}");
+    assert_eq!(Some(accuracy(&model, "digits_mlp")), m.baseline.accuracy);
+}
+
+#[test]
 fn int8_static_digits_cnn_is_within_a_point_and_installs() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = options(dir.path(), "digits_cnn", "q.mfb", QuantizeMode::Int8);
@@ -265,10 +292,7 @@ fn int8_static_digits_cnn_is_within_a_point_and_installs() {
     assert!(matches!(err, BuildError::Convert { .. }), "{err:?}");
     assert!(err.to_string().contains("--model-format onnx"), "{err}");
     // NNEF was asked for: the message does not call it the default.
-    assert!(
-        err.to_string().contains("(--model-format nnef)"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("(--model-format nnef)"), "{err}");
     assert!(!o.output.exists());
     o.model_format = None;
     let r = bundler::build(&o).unwrap();
@@ -338,8 +362,9 @@ fn int8_form_is_refused_with_another_mode() {
             "{err:?}"
         );
         assert!(
-            err.to_string()
-                .contains(&format!("--int8-form {form} applies to --quantize int8 only")),
+            err.to_string().contains(&format!(
+                "--int8-form {form} applies to --quantize int8 only"
+            )),
             "{err}"
         );
         assert!(!o.output.exists());

@@ -454,7 +454,10 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
         }
     }
     let narrow_file = m.narrow_weights.as_ref().map(|n| &n.file);
-    for needed in [&m.model_file, &m.golden.file].into_iter().chain(narrow_file) {
+    for needed in [&m.model_file, &m.golden.file]
+        .into_iter()
+        .chain(narrow_file)
+    {
         if m.payload(needed).is_none() {
             return invalid(format!("'{needed}' is referenced but not a payload"));
         }
@@ -467,7 +470,10 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
             ));
         }
         if n.file == m.model_file || n.file == m.golden.file {
-            return invalid(format!("narrow_weights: file '{}' is another payload", n.file));
+            return invalid(format!(
+                "narrow_weights: file '{}' is another payload",
+                n.file
+            ));
         }
     }
     Ok(())

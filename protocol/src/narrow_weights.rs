@@ -166,7 +166,9 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], String> {
         let left = (self.bytes.len() - self.at) as u64;
         if n > left {
-            return Err(format!("{what}: needs {n} bytes, {left} left in the payload"));
+            return Err(format!(
+                "{what}: needs {n} bytes, {left} left in the payload"
+            ));
         }
         let s = &self.bytes[self.at..self.at + n as usize];
         self.at += n as usize;
@@ -198,7 +200,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<NarrowTensor>, NarrowWeightsError> {
     let mut tensors = Vec::new();
     let mut end = 0u64; // end of the previous tensor in the expanded file
     for index in 0..count {
-        let offset = c.u64("tensor offset").map_err(NarrowWeightsError::Malformed)?;
+        let offset = c
+            .u64("tensor offset")
+            .map_err(NarrowWeightsError::Malformed)?;
         let bad = |reason: String| NarrowWeightsError::Tensor {
             index,
             offset,
@@ -231,7 +235,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<NarrowTensor>, NarrowWeightsError> {
         let encoding = match code {
             INT8 => {
                 if axis >= rank {
-                    return Err(bad(format!("axis {axis} is not an axis of shape {shape:?}")));
+                    return Err(bad(format!(
+                        "axis {axis} is not an axis of shape {shape:?}"
+                    )));
                 }
                 let channels = shape[axis];
                 let raw = c.take(channels * 4, "scales").map_err(bad)?;
@@ -267,7 +273,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<NarrowTensor>, NarrowWeightsError> {
             }
             F16 => {
                 if axis != 0 {
-                    return Err(bad(format!("axis {axis} given for a float16 tensor (must be 0)")));
+                    return Err(bad(format!(
+                        "axis {axis} given for a float16 tensor (must be 0)"
+                    )));
                 }
                 let bits = c
                     .take(n * 2, "float16 values")
@@ -331,7 +339,10 @@ pub fn splice(stripped: &[u8], tensors: &[NarrowTensor]) -> Result<Vec<u8>, Narr
             return Err(NarrowWeightsError::Tensor {
                 index,
                 offset: t.offset,
-                reason: format!("starts before the end of the previous tensor ({})", out.len()),
+                reason: format!(
+                    "starts before the end of the previous tensor ({})",
+                    out.len()
+                ),
             });
         };
         if gap > (stripped.len() - taken) as u64 {
@@ -478,12 +489,19 @@ mod tests {
         let (file, tensors) = expanded_file();
         let stripped = strip(&file, &tensors);
         let good = encode(&tensors);
-        let err = |bytes: &[u8]| expand(&stripped, bytes, &entry(&file)).unwrap_err().to_string();
+        let err = |bytes: &[u8]| {
+            expand(&stripped, bytes, &entry(&file))
+                .unwrap_err()
+                .to_string()
+        };
 
         assert!(err(b"XXXX\0\0\0\0").contains("magic"), "{}", err(b"XXXX"));
         // Truncated.
         let e = err(&good[..good.len() - 1]);
-        assert!(e.contains("tensor 1") && e.contains("float16 values"), "{e}");
+        assert!(
+            e.contains("tensor 1") && e.contains("float16 values"),
+            "{e}"
+        );
         // Trailing byte.
         let mut long = good.clone();
         long.push(0);
@@ -493,7 +511,11 @@ mod tests {
         if let Encoding::Int8 { values, .. } = &mut t[0].encoding {
             values[2] = -128;
         }
-        assert!(err(&encode(&t)).contains("element 2 is -128"), "{}", err(&encode(&t)));
+        assert!(
+            err(&encode(&t)).contains("element 2 is -128"),
+            "{}",
+            err(&encode(&t))
+        );
         let mut t = tensors.clone();
         if let Encoding::Int8 { scales, .. } = &mut t[0].encoding {
             scales[1] = 0.0;
@@ -518,6 +540,9 @@ mod tests {
             values[0] = 2;
         }
         let e = err(&encode(&t));
-        assert!(e.contains("expanded model") && e.contains("the manifest says"), "{e}");
+        assert!(
+            e.contains("expanded model") && e.contains("the manifest says"),
+            "{e}"
+        );
     }
 }
