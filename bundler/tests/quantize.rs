@@ -203,6 +203,11 @@ fn int8_weights_digits_cnn_end_to_end() {
         m_nnef.payload("golden.bin").unwrap().sha256,
         payloads(&q.output).0.payload("golden.bin").unwrap().sha256
     );
+    let text = bundler::inspect(&q_nnef.output).unwrap().to_text();
+    assert!(
+        text.contains("narrow weights   model.weights.bin: 3 tensors"),
+        "{text}"
+    );
     let (_, nnef_model) = install_like_a_device(dir.path(), &q_nnef.output);
     assert_eq!(
         Some(accuracy(&nnef_model, "digits_cnn")),
