@@ -455,6 +455,7 @@ impl Agent {
             bundle_sha256: verified.sha256.clone(),
             installed_at: Utc::now(),
         };
+        install::expand_narrow_weights(staging, m)?;
         let slot_path = self.layout.commit_staging(staging, &m.name, &slot.dir)?;
         protocol::testing::crash_point("slot_written");
         let loaded = install::load_slot(

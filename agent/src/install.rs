@@ -5,7 +5,8 @@
 //!    directory (`protocol::bundle::read_bundle` with a directory sink);
 //! 2. check the security version against the device's persisted floor for that model;
 //! 3. check the bundle's targets against this device's target;
-//! 4. move the staging directory to its slot name (fsync + rename);
+//! 4. put narrow weights back into the model file (NNEF `int8-weights` / `f16` bundles), then
+//!    move the staging directory to its slot name (fsync + rename);
 //! 5. load and optimise the model with the engine (or take the already loaded one with the same
 //!    bytes from a shared [`ModelCache`], in a simulated fleet);
 //! 6. run the golden inputs and compare with the golden outputs within the bundle's tolerance.
@@ -42,6 +43,8 @@ pub enum InstallError {
         targets: String,
         device: String,
     },
+    #[error("bundle rejected: {0}")]
+    NarrowWeights(#[from] protocol::narrow_weights::NarrowWeightsError),
     #[error("bundle rejected: model does not load: {0}")]
     Load(engine::EngineError),
     #[error("bundle rejected: model schema differs from the manifest: {0}")]
@@ -68,7 +71,7 @@ impl InstallError {
                 | BundleError::BadSignature(_)
                 | BundleError::TooFewSignatures { .. },
             ) => "signature",
-            InstallError::Bundle(_) => "invalid_bundle",
+            InstallError::Bundle(_) | InstallError::NarrowWeights(_) => "invalid_bundle",
             InstallError::SecurityVersion { .. } => "security_version",
             InstallError::Target { .. } => "target",
             // A device build (no ONNX front end) given an ONNX bundle: the bundle is fine, this
@@ -138,6 +141,27 @@ pub fn check_policy(m: &Manifest, floor: u64, device_target: &str) -> Result<(),
     Ok(())
 }
 
+/// Step 3b, in the staging directory: with narrow weights (NNEF `int8-weights` / `f16`
+/// bundles), puts them back into the model file — exactly the file the bundler evaluated, or
+/// refused ([`protocol::narrow_weights::expand`] checks the manifest's size and sha256) — written
+/// durably (temp, fsync, rename), and removes the narrow payload. Before the slot gets its name,
+/// so a crash leaves only a staging directory, wiped at the next start.
+pub fn expand_narrow_weights(staging: &Path, m: &Manifest) -> Result<(), InstallError> {
+    let Some(narrow) = &m.narrow_weights else {
+        return Ok(());
+    };
+    let model_path = staging.join(&m.model_file);
+    let narrow_path = staging.join(&narrow.file);
+    let expanded = protocol::narrow_weights::expand(
+        &fs::read(&model_path)?,
+        &fs::read(&narrow_path)?,
+        narrow,
+    )?;
+    crate::slots::write_file_durably(&model_path, &expanded)?;
+    fs::remove_file(&narrow_path)?;
+    Ok(())
+}
+
 /// Steps 5 and 6 on a slot directory; also used at start-up to reload an installed slot.
 /// `check_hash` re-hashes the model file against the manifest first (start-up: bit rot, a
 /// partially synced disk).
@@ -156,9 +180,10 @@ pub fn load_slot(
     shared: Option<&ModelCache>,
 ) -> Result<(Arc<dyn LoadedModel>, std::time::Duration), InstallError> {
     let model_path = slot.join(&manifest.model_file);
-    let entry = manifest.payload(&manifest.model_file);
+    // The model file as loaded: the payload, or with narrow weights the expanded file.
+    let model_sha256 = manifest.loaded_model_sha256();
     if check_hash {
-        let entry = entry.ok_or_else(|| {
+        let expected = model_sha256.ok_or_else(|| {
             InstallError::Schema(format!(
                 "manifest lists no payload '{}'",
                 manifest.model_file
@@ -166,10 +191,10 @@ pub fn load_slot(
         })?;
         let bytes = fs::read(&model_path)?;
         let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if actual != entry.sha256 {
+        if actual != expected {
             return Err(InstallError::Bundle(BundleError::Hash {
                 name: manifest.model_file.clone(),
-                expected: entry.sha256.clone(),
+                expected: expected.to_owned(),
                 actual,
             }));
         }
@@ -177,10 +202,10 @@ pub fn load_slot(
     let started = Instant::now();
     let model_file = ModelFile::of(manifest, &model_path);
     let load = || backend.load(&model_file, opts).map_err(InstallError::Load);
-    let model = match (shared, entry) {
-        (Some(cache), Some(entry)) => {
+    let model = match (shared, model_sha256) {
+        (Some(cache), Some(sha256)) => {
             cache
-                .get_or_load(&ModelKey::new(backend, &entry.sha256, opts), load)?
+                .get_or_load(&ModelKey::new(backend, sha256, opts), load)?
                 .0
         }
         // No payload entry to key on (a verified manifest always has one): load unshared.

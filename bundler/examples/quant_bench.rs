@@ -9,6 +9,12 @@
 //! cargo run -p modelfleet-bundler --example quant_bench -- --ort-dir /tmp/ortq [--seconds 1] [--models ...] [--save-dir DIR]
 //! ```
 //!
+//! `--nnef` measures the NNEF bundles devices serve instead: `none`, `int8-weights` and `f16`
+//! built with `--model-format nnef` (quantized weights stored narrow, `model.weights.bin`), each
+//! installed the way the agent does it (narrow weights expanded, then loaded through the NNEF
+//! path); the `model file` column is then the compressed size of the model payloads
+//! (`model.nnef.tar.zst` + `model.weights.bin.zst`).
+//!
 //! `--save-dir DIR` also writes each of our model files as `DIR/MODEL.VARIANT.onnx` (e.g.
 //! `digits_cnn.int8-qoperator.onnx`), for `engine_profile --model FILE`.
 //!
@@ -150,9 +156,31 @@ fn load(bytes: &[u8]) -> Result<Model, String> {
     Model::load(f.path(), &EngineOptions::default()).map_err(|e| format!("{e:#}"))
 }
 
+/// An NNEF bundle's model as the agent installs it: narrow weights put back, then loaded
+/// through the NNEF path with the manifest's names.
+fn load_installed_nnef(m: &protocol::manifest::Manifest, sink: &MemorySink) -> Model {
+    let archive = match &m.narrow_weights {
+        Some(n) => {
+            protocol::narrow_weights::expand(&sink.0[&m.model_file], &sink.0[&n.file], n).unwrap()
+        }
+        None => sink.0[&m.model_file].clone(),
+    };
+    let f = tempfile::Builder::new()
+        .suffix(".nnef.tar")
+        .tempfile()
+        .unwrap();
+    std::fs::write(f.path(), archive).unwrap();
+    let names = engine::IoNames {
+        inputs: m.inputs.iter().map(|s| s.name.clone()).collect(),
+        outputs: m.outputs.iter().map(|s| s.name.clone()).collect(),
+    };
+    Model::load_nnef(f.path(), &names, &EngineOptions::default()).unwrap()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut ort_dir, mut seconds, mut save_dir) = (None, 1.0f64, None::<PathBuf>);
+    let mut nnef = false;
     let mut models: Vec<String> = ["digits_mlp", "digits_cnn", "vibration_ae", "mobilenetish"]
         .map(String::from)
         .to_vec();
@@ -161,6 +189,7 @@ fn main() {
             "--ort-dir" => ort_dir = args.next().map(PathBuf::from),
             "--seconds" => seconds = args.next().unwrap().parse().unwrap(),
             "--save-dir" => save_dir = args.next().map(PathBuf::from),
+            "--nnef" => nnef = true,
             "--models" => models = args.next().unwrap().split(',').map(String::from).collect(),
             other => panic!("unknown flag {other}"),
         }
@@ -175,13 +204,23 @@ fn main() {
     for model in &models {
         let x = read(model, "test_input.npy");
         let mut float_out: Option<Vec<f32>> = None;
-        for (mode, form) in [
-            (QuantizeMode::None, None),
-            (QuantizeMode::Int8Weights, None),
-            (QuantizeMode::Int8, Some(Int8Form::Qdq)),
-            (QuantizeMode::Int8, Some(Int8Form::QOperator)),
-            (QuantizeMode::F16, None),
-        ] {
+        let modes: &[(QuantizeMode, Option<Int8Form>)] = if nnef {
+            // Static int8 cannot be written as NNEF (tract 0.23.9).
+            &[
+                (QuantizeMode::None, None),
+                (QuantizeMode::Int8Weights, None),
+                (QuantizeMode::F16, None),
+            ]
+        } else {
+            &[
+                (QuantizeMode::None, None),
+                (QuantizeMode::Int8Weights, None),
+                (QuantizeMode::Int8, Some(Int8Form::Qdq)),
+                (QuantizeMode::Int8, Some(Int8Form::QOperator)),
+                (QuantizeMode::F16, None),
+            ]
+        };
+        for &(mode, form) in modes {
             let variant = match form {
                 Some(form) => format!("{mode} {form}"),
                 None => mode.to_string(),
@@ -209,9 +248,13 @@ fn main() {
             });
             o.latency_runs = 3;
             o.quantize = mode;
-            o.int8_form = form.unwrap_or_default();
-            // This bench compares ONNX files (ours and onnxruntime's) run by tract: ship ONNX.
-            o.model_format = Some(protocol::manifest::ModelFormat::Onnx);
+            o.int8_form = form;
+            // ONNX: this bench compares ONNX files (ours and onnxruntime's) run by tract.
+            o.model_format = Some(if nnef {
+                protocol::manifest::ModelFormat::Nnef
+            } else {
+                protocol::manifest::ModelFormat::Onnx
+            });
             o.quality_gate = Gate {
                 max_accuracy_drop: 100.0,
                 min_snr_db: -1000.0,
@@ -255,19 +298,30 @@ fn main() {
                 }
             };
             let mut sink = MemorySink::default();
-            read_bundle_file(&out, &VerifyOptions::new(&keyring), &mut sink).unwrap();
-            let bytes = &sink.0["model.onnx"];
-            if let Some(d) = &save_dir {
-                let file = format!("{model}.{}.onnx", variant.replace(' ', "-"));
-                std::fs::write(d.join(file), bytes).unwrap();
-            }
-            let m = load(bytes).unwrap();
+            let verified =
+                read_bundle_file(&out, &VerifyOptions::new(&keyring), &mut sink).unwrap();
+            let (m, file_size) = if nnef {
+                let compressed: u64 = report
+                    .payloads
+                    .iter()
+                    .filter(|p| p.file != "golden.bin.zst")
+                    .map(|p| p.compressed_size)
+                    .sum();
+                (load_installed_nnef(&verified.manifest, &sink), compressed)
+            } else {
+                let bytes = &sink.0["model.onnx"];
+                if let Some(d) = &save_dir {
+                    let file = format!("{model}.{}.onnx", variant.replace(' ', "-"));
+                    std::fs::write(d.join(file), bytes).unwrap();
+                }
+                (load(bytes).unwrap(), bytes.len() as u64)
+            };
             let y = run_all(&m, &x);
             let float = float_out.get_or_insert_with(|| y.clone()).clone();
             variants.push(Variant {
                 model: model.clone(),
-                name: format!("ours {variant}"),
-                file_size: bytes.len() as u64,
+                name: format!("ours {}{variant}", if nnef { "nnef " } else { "" }),
+                file_size,
                 bundle_size: Some(report.size),
                 quality: quality(model, &x, &y, &float),
                 gate,

@@ -20,10 +20,11 @@ use protocol::bundle::{
 };
 use protocol::keys::{KeyId, Keyring};
 use protocol::manifest::{
-    Baseline, HealthPolicy, LatencyBaseline, Manifest, ModelFormat, PayloadEntry, Quantization,
-    Task, TelemetrySamples, TensorSpec, FORMAT_VERSION,
+    Baseline, HealthPolicy, LatencyBaseline, Manifest, ModelFormat, NarrowWeights, PayloadEntry,
+    Quantization, Task, TelemetrySamples, TensorSpec, FORMAT_VERSION,
 };
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::baseline::{self, TaskKind};
 use crate::error::BuildError;
@@ -32,7 +33,7 @@ use crate::keys::load_secret_key;
 use crate::progress::Progress;
 use crate::quality::Gate;
 use crate::quantize::{Int8Form, QuantizeMode, RangeMethod, Selection};
-use crate::{GOLDEN_FILE, MODEL_FILE, NNEF_MODEL_FILE};
+use crate::{GOLDEN_FILE, MODEL_FILE, NARROW_WEIGHTS_FILE, NNEF_MODEL_FILE};
 
 /// When the bundle stops being accepted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,8 +70,9 @@ pub struct BuildOptions {
     pub quantize_selection: Selection,
     /// How `int8` turns calibration activations into ranges. Default minmax.
     pub calibration_method: RangeMethod,
-    /// How an `int8` model is written (`--int8-form`): QDQ (default) or QOperator.
-    pub int8_form: Int8Form,
+    /// How an `int8` model is written (`--int8-form`): QDQ or QOperator; `None` (the default)
+    /// is QDQ. Given with another mode it is refused, whichever form it names.
+    pub int8_form: Option<Int8Form>,
     /// The quantization quality gate (`--max-accuracy-drop`, `--min-snr-db`).
     pub quality_gate: Gate,
     /// Task override; `None` detects it.
@@ -90,9 +92,10 @@ pub struct BuildOptions {
     /// decluttered it, which agents without the ONNX front end (device builds) load; its golden
     /// outputs, baseline and latency are the NNEF model's, checked against the ONNX model's
     /// outputs within the golden tolerance. `None` (the default): NNEF for an unquantized
-    /// model, ONNX for a quantized one — tract 0.23.9 writes NNEF weights as f32 (an
-    /// `int8-weights` or `f16` model would lose most of its size gain) and cannot write static
-    /// `int8` at all ([`BuildOptions::resolved_model_format`]).
+    /// model, ONNX for a quantized one ([`BuildOptions::resolved_model_format`]): tract 0.23.9
+    /// cannot write static `int8` as NNEF at all; `int8-weights` and `f16` NNEF bundles carry
+    /// their weights narrow ([`crate::narrow`]) and are as small as the ONNX ones, but the
+    /// default has stayed ONNX so far.
     pub model_format: Option<ModelFormat>,
     /// Timed batch-1 runs for the reference latency. Default 30.
     pub latency_runs: usize,
@@ -124,7 +127,7 @@ impl BuildOptions {
             quantize: QuantizeMode::None,
             quantize_selection: Selection::default(),
             calibration_method: RangeMethod::default(),
-            int8_form: Int8Form::default(),
+            int8_form: None,
             quality_gate: Gate::default(),
             task: None,
             golden_max: 64,
@@ -257,11 +260,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     if opts.quantize == QuantizeMode::Int8 && opts.calibration.is_none() {
         return Err(BuildError::CalibrationNeeded);
     }
-    if opts.int8_form != Int8Form::default() && opts.quantize != QuantizeMode::Int8 {
-        return Err(BuildError::Int8FormWithoutInt8(
-            opts.int8_form,
-            opts.quantize,
-        ));
+    if let Some(form) = opts
+        .int8_form
+        .filter(|_| opts.quantize != QuantizeMode::Int8)
+    {
+        return Err(BuildError::Int8FormWithoutInt8(form, opts.quantize));
     }
     let gate = opts.quality_gate;
     if !(gate.max_accuracy_drop.is_finite() && gate.max_accuracy_drop >= 0.0) {
@@ -432,7 +435,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                     mode: opts.quantize,
                     selection: &opts.quantize_selection,
                     method: opts.calibration_method,
-                    form: opts.int8_form,
+                    form: opts.int8_form.unwrap_or_default(),
                     gate,
                     task: &task,
                     output_names: output_specs.iter().map(|s| s.name.clone()).collect(),
@@ -465,6 +468,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     // the bundle carries NNEF, so the golden outputs are computed by what the device loads.
     let t = Instant::now();
     let model_format = opts.resolved_model_format();
+    let mut narrow_weights: Option<(Vec<u8>, NarrowWeights)> = None;
     let (model, model_bytes, golden_outputs, calibration_outputs, model_file) = match model_format {
         ModelFormat::Onnx => (
             model,
@@ -474,7 +478,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             MODEL_FILE,
         ),
         ModelFormat::Nnef => {
-            let (nnef_model, nnef_bytes) = to_nnef(&opts.model, &model_bytes)?;
+            let nnef = to_nnef(opts, &model_bytes)?;
+            let nnef_model = nnef.model;
+            narrow_weights = nnef.narrow;
             let (golden_outputs, calibration_outputs) = {
                 let nnef_golden = golden::evaluate(
                     &nnef_model,
@@ -505,7 +511,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             drop(model);
             (
                 nnef_model,
-                nnef_bytes,
+                nnef.payload,
                 golden_outputs,
                 calibration_outputs,
                 NNEF_MODEL_FILE,
@@ -631,7 +637,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
 
     let t = Instant::now();
     let mut payloads = Vec::new();
-    for (name, bytes) in [(model_file, &model_bytes), (GOLDEN_FILE, &golden_bytes)] {
+    let narrow_payload = narrow_weights
+        .as_ref()
+        .map(|(bytes, entry)| (entry.file.as_str(), bytes));
+    for (name, bytes) in [(model_file, &model_bytes), (GOLDEN_FILE, &golden_bytes)]
+        .into_iter()
+        .chain(narrow_payload)
+    {
         let bar = progress.bytes(bytes.len() as u64, &format!("compressing {name}"));
         let p = compress_payload(name, bytes, opts.zstd_level, |done, _| {
             bar.set_position(done)
@@ -665,6 +677,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         baseline,
         health_policy: opts.health_policy.clone(),
         telemetry_samples: opts.telemetry_samples,
+        narrow_weights: narrow_weights.map(|(_, entry)| entry),
         delta_base: None,
         payloads: vec![],
     };
@@ -732,15 +745,48 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     })
 }
 
+/// An NNEF model as the bundle carries it and as a device loads it.
+struct NnefModel {
+    /// The archive loaded back through the engine's NNEF path, as a device loads it.
+    model: Model,
+    /// The model payload: the archive, or with narrow weights the archive without them.
+    payload: Vec<u8>,
+    /// The narrow-weights payload and its manifest entry.
+    narrow: Option<(Vec<u8>, NarrowWeights)>,
+}
+
 /// The ONNX model in `onnx` (the float or quantized bytes the bundle would otherwise carry) as
-/// an NNEF archive, and that archive loaded back through the engine's NNEF path with the ONNX
-/// names, as a device loads it.
-fn to_nnef(path: &Path, onnx: &[u8]) -> Result<(Model, Vec<u8>), BuildError> {
+/// an NNEF archive; for `int8-weights` and `f16` with its weights narrowed
+/// ([`crate::narrow`]). The model is loaded from the archive exactly as a device rebuilds it
+/// (`protocol::narrow_weights::expand`, the function the agent runs), with the ONNX names.
+fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
+    let (path, mode) = (opts.model.as_path(), opts.quantize);
     let convert_err = |source| BuildError::Convert {
         path: path.to_path_buf(),
+        format_given: opts.model_format.is_some(),
         source,
     };
     let (archive, names) = engine::onnx_to_nnef(path, onnx).map_err(convert_err)?;
+    let narrow_err = |reason: String| BuildError::Narrow {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (loaded, payload, narrow) =
+        match crate::narrow::narrow_archive(&archive, mode).map_err(narrow_err)? {
+            None => (archive.clone(), archive, None),
+            Some(n) => {
+                let entry = NarrowWeights {
+                    file: NARROW_WEIGHTS_FILE.into(),
+                    tensors: n.tensors,
+                    values: n.values,
+                    model_size: archive.len() as u64,
+                    model_sha256: hex::encode(Sha256::digest(&archive)),
+                };
+                let expanded = protocol::narrow_weights::expand(&n.stripped, &n.payload, &entry)
+                    .map_err(|e| narrow_err(e.to_string()))?;
+                (expanded, n.stripped, Some((n.payload, entry)))
+            }
+        };
     let file = tempfile::Builder::new()
         .suffix(".nnef.tar")
         .tempfile()
@@ -748,13 +794,17 @@ fn to_nnef(path: &Path, onnx: &[u8]) -> Result<(Model, Vec<u8>), BuildError> {
             path: std::env::temp_dir(),
             source,
         })?;
-    fs::write(file.path(), &archive).map_err(|source| BuildError::Write {
+    fs::write(file.path(), &loaded).map_err(|source| BuildError::Write {
         path: file.path().to_path_buf(),
         source,
     })?;
     let model =
         Model::load_nnef(file.path(), &names, &EngineOptions::default()).map_err(convert_err)?;
-    Ok((model, archive))
+    Ok(NnefModel {
+        model,
+        payload,
+        narrow,
+    })
 }
 
 /// Checks the NNEF model's outputs against the ONNX model's on the same inputs, with the golden

@@ -140,8 +140,9 @@ pub struct BuildArgs {
     /// QuantizeLinear/DequantizeLinear pairs) or qoperator (the integer operators QLinearConv /
     /// QLinearMatMul, int8 tensors between them). Both are standard ONNX; see BENCHMARKS.md
     /// for which one tract runs faster.
-    #[arg(long, value_name = "FORM", default_value = "qdq")]
-    pub int8_form: Int8Form,
+    /// Given with another `--quantize` mode, the build is refused. [default: qdq]
+    #[arg(long, value_name = "FORM")]
+    pub int8_form: Option<Int8Form>,
     /// Quality gate: refuse the quantized bundle if accuracy drops by more than this many
     /// percentage points (against the labels, else the float model's top-1 classes).
     #[arg(long, value_name = "POINTS", default_value_t = 1.0)]

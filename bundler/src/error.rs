@@ -170,15 +170,21 @@ pub enum BuildError {
         needed_atol: f32,
     },
     #[error(
-        "{} cannot be shipped as NNEF (--model-format nnef, the default); \
+        "{} cannot be shipped as NNEF (--model-format nnef{}); \
          --model-format onnx ships the ONNX file instead, for agents built with the `onnx` feature",
-        path.display()
+        path.display(),
+        if *format_given { "" } else { ", the default" }
     )]
     Convert {
         path: PathBuf,
+        /// Whether `--model-format nnef` was given (else NNEF was the default).
+        format_given: bool,
         #[source]
         source: EngineError,
     },
+    /// Narrowing the NNEF archive's weights failed its own check (a bug, not a bad model).
+    #[error("cannot narrow the NNEF weights of {}: {reason}", path.display())]
+    Narrow { path: PathBuf, reason: String },
     #[error(
         "the NNEF model does not reproduce the ONNX model: output '{output}' of sample {sample} \
          is {got} from NNEF, {want} from ONNX (atol {atol}, rtol {rtol}); \

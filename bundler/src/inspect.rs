@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use protocol::bundle::{read_head, BundleError, Limits};
 use protocol::keys::KeyId;
 use protocol::manifest::{
-    Baseline, GoldenTensor, HealthPolicy, Manifest, ModelFormat, PayloadEntry, Quantization, Task,
-    TelemetrySamples, TensorSpec,
+    Baseline, GoldenTensor, HealthPolicy, Manifest, ModelFormat, NarrowWeights, PayloadEntry,
+    Quantization, Task, TelemetrySamples, TensorSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -56,6 +56,8 @@ pub struct InspectReport {
     pub health_policy: HealthPolicy,
     /// What sampled-request telemetry may carry (`full` when the manifest leaves it out).
     pub telemetry_samples: TelemetrySamples,
+    /// The manifest's `narrow_weights` (NNEF `int8-weights` / `f16` bundles), or null.
+    pub narrow_weights: Option<NarrowWeights>,
     pub delta_base: Option<String>,
 }
 
@@ -119,6 +121,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
         baseline: m.baseline,
         health_policy: m.health_policy,
         telemetry_samples: m.telemetry_samples,
+        narrow_weights: m.narrow_weights,
         delta_base: m.delta_base,
     })
 }
@@ -187,6 +190,14 @@ impl InspectReport {
                 ModelFormat::Nnef => "NNEF: device and default builds of the agent",
             }
         );
+        if let Some(n) = &self.narrow_weights {
+            let _ = writeln!(
+                s,
+                "narrow weights   {}: {} tensors ({} values) put back at install into {} bytes, \
+                 sha256 {}",
+                n.file, n.tensors, n.values, n.model_size, n.model_sha256
+            );
+        }
         let _ = writeln!(s, "quantization     {}", self.quantization.mode());
         if let Some(r) = self.quantization.record() {
             let _ = writeln!(

@@ -84,6 +84,7 @@ pub mod golden;
 pub mod inspect;
 pub mod keyring_update;
 pub mod keys;
+mod narrow;
 #[allow(clippy::all, missing_docs)]
 mod onnx_pb;
 mod progress;
@@ -107,5 +108,8 @@ pub const MODEL_FILE: &str = "model.onnx";
 /// Name of the model payload of an NNEF bundle (`--model-format nnef`, the default; stored
 /// compressed as `model.nnef.tar.zst`).
 pub const NNEF_MODEL_FILE: &str = "model.nnef.tar";
+/// Name of the narrow-weights payload of an NNEF bundle built with `--quantize int8-weights`
+/// or `f16` (stored compressed as `model.weights.bin.zst`; see `protocol::narrow_weights`).
+pub const NARROW_WEIGHTS_FILE: &str = "model.weights.bin";
 /// Name of the golden payload inside a bundle (stored compressed as `golden.bin.zst`).
 pub const GOLDEN_FILE: &str = "golden.bin";

@@ -15,8 +15,9 @@
 //! - Every wire whose value is known at write time becomes an f32 `variable`: the weights of an
 //!   `int8-weights` or `f16` model, folded to f32 when tract types the ONNX graph, are written as
 //!   f32 (rewriting them as int8 + cast + scale in the graph does not help: the writer folds that
-//!   back). An NNEF bundle of such a model is smaller than the float one only by what zstd finds
-//!   in weights with few distinct values (BENCHMARKS.md, "Agent footprint", step 3).
+//!   back). The bundler therefore stores such weights narrow beside the archive and the agent
+//!   puts the exact f32 bytes back before loading (`protocol::narrow_weights`,
+//!   docs/bundle-format.md "Narrow weights"): this module always reads a complete archive.
 //! - `QuantizeLinearU8` (static `int8`, QDQ form) has no NNEF serializer: such a model cannot be
 //!   converted (`EngineError::Convert`); it ships as ONNX, for agents with the ONNX front end.
 

@@ -419,6 +419,13 @@ fn check_limits(m: &Manifest, limits: &Limits) -> Result<(), BundleError> {
     Ok(())
 }
 
+fn is_sha256_hex(digest: &str) -> bool {
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
     let invalid = |s: String| Err(BundleError::ManifestInvalid(s));
     if let Err(reason) = tar::check_entry_name(&m.name) {
@@ -438,11 +445,7 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
             return invalid(format!("payload '{}' is listed twice", p.file));
         }
         for digest in [&p.sha256, &p.compressed_sha256] {
-            if digest.len() != 64
-                || !digest
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            {
+            if !is_sha256_hex(digest) {
                 return invalid(format!(
                     "payload '{}': a sha256 is not 64 lowercase hex characters",
                     p.file
@@ -450,9 +453,27 @@ fn check_manifest(m: &Manifest) -> Result<(), BundleError> {
             }
         }
     }
-    for needed in [&m.model_file, &m.golden.file] {
+    let narrow_file = m.narrow_weights.as_ref().map(|n| &n.file);
+    for needed in [&m.model_file, &m.golden.file]
+        .into_iter()
+        .chain(narrow_file)
+    {
         if m.payload(needed).is_none() {
             return invalid(format!("'{needed}' is referenced but not a payload"));
+        }
+    }
+    if let Some(n) = &m.narrow_weights {
+        if !is_sha256_hex(&n.model_sha256) {
+            return invalid(format!(
+                "narrow_weights: model_sha256 '{}' is not 64 lowercase hex characters",
+                n.model_sha256
+            ));
+        }
+        if n.file == m.model_file || n.file == m.golden.file {
+            return invalid(format!(
+                "narrow_weights: file '{}' is another payload",
+                n.file
+            ));
         }
     }
     Ok(())

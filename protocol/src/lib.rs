@@ -30,6 +30,8 @@
 //!
 //! # Map
 //! - [`manifest`]: what a bundle says about its model (schema, golden set, baselines, policy).
+//! - [`narrow_weights`]: int8 / float16 weights cut out of a model file, and put back on the
+//!   device.
 //! - [`bundle`]: packing, signing, and the single-pass verifying reader.
 //! - [`tar`]: the canonical tar subset bundles are stored in.
 //! - [`keys`]: key ids, key files, keyrings and threshold-signed keyring updates.
@@ -45,6 +47,7 @@ pub mod keyring_chain;
 pub mod keys;
 pub mod link;
 pub mod manifest;
+pub mod narrow_weights;
 pub mod stats;
 pub mod tar;
 pub mod telemetry;

@@ -547,13 +547,46 @@ pub struct Manifest {
     /// restriction is never silently ignored.
     #[serde(default, skip_serializing_if = "TelemetrySamples::is_full")]
     pub telemetry_samples: TelemetrySamples,
+    /// Weights stored narrower than the model file holds them (NNEF bundles built with
+    /// `--quantize int8-weights` or `f16`): the model payload is the model file without them,
+    /// and a reader puts them back ([`crate::narrow_weights::expand`]) before loading. Left out
+    /// when absent, so manifests signed before the field existed re-serialise to the same
+    /// bytes; an agent that predates it refuses the manifest (unknown field) instead of loading
+    /// a model file with holes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub narrow_weights: Option<NarrowWeights>,
     /// sha256 of the bundle this one patches (delta bundles; not produced yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_base: Option<String>,
     pub payloads: Vec<PayloadEntry>,
 }
 
+/// Manifest field `narrow_weights`: where the narrowed tensors are and what the model file is
+/// once they are back in it (format: [`crate::narrow_weights`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NarrowWeights {
+    /// The payload holding them (decompressed name), e.g. `model.weights.bin`.
+    pub file: String,
+    /// Tensors narrowed, and their element count.
+    pub tensors: usize,
+    pub values: u64,
+    /// Size and sha256 of the model file with the tensors put back: what is loaded.
+    pub model_size: u64,
+    pub model_sha256: String,
+}
+
 impl Manifest {
+    /// The sha256 of the model file a reader loads: the model payload's, or with
+    /// [`Manifest::narrow_weights`] the expanded file's. `None` when the manifest lists no
+    /// model payload (a verified manifest always does).
+    pub fn loaded_model_sha256(&self) -> Option<&str> {
+        match &self.narrow_weights {
+            Some(n) => Some(&n.model_sha256),
+            None => self.payload(&self.model_file).map(|p| p.sha256.as_str()),
+        }
+    }
+
     /// The payload entry whose decompressed content is `name` (stored as `name.zst`).
     pub fn payload(&self, name: &str) -> Option<&PayloadEntry> {
         self.payloads

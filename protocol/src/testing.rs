@@ -75,6 +75,7 @@ pub fn sample_manifest() -> Manifest {
         },
         health_policy: HealthPolicy::default(),
         telemetry_samples: TelemetrySamples::Full,
+        narrow_weights: None,
         delta_base: None,
         payloads: vec![],
     }
