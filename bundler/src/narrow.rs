@@ -111,7 +111,8 @@ fn channel_scale(values: &[f32]) -> Option<f32> {
             && s.is_finite()
             && values.iter().all(|&v| {
                 let q = (v / s).round();
-                (-127.0..=127.0).contains(&q) && (q * s).to_bits() == v.to_bits()
+                // As the agent rebuilds it: from the stored i8, where a -0.0 quotient is 0.
+                (-127.0..=127.0).contains(&q) && ((q as i8) as f32 * s).to_bits() == v.to_bits()
             })
     })
 }
@@ -262,6 +263,8 @@ mod tests {
         assert!(as_f16(&t).is_none());
         let t = tensor(&[2], vec![0.5, -0.0]);
         assert!(as_int8(&t).is_none(), "-0.0 is not q * scale");
+        // Next to a non-zero value in one channel, too (the stored 0 comes back as +0.0).
+        assert!(as_int8(&tensor(&[1, 2], vec![0.5, -0.0])).is_none());
         assert!(as_f16(&tensor(&[2], vec![0.5, -0.0])).is_some());
     }
 }
