@@ -145,9 +145,11 @@ impl BuildOptions {
     /// The model format the bundle gets: `model_format`, or by default NNEF for an unquantized
     /// model and ONNX for a quantized one (see [`BuildOptions::model_format`]).
     pub fn resolved_model_format(&self) -> ModelFormat {
+        // Static int8 graphs have no NNEF writer in tract 0.23.9; every other mode ships what
+        // device builds load, with int8-weights and f16 weights stored narrow.
         self.model_format.unwrap_or(match self.quantize {
-            QuantizeMode::None => ModelFormat::Nnef,
-            _ => ModelFormat::Onnx,
+            QuantizeMode::Int8 => ModelFormat::Onnx,
+            QuantizeMode::None | QuantizeMode::Int8Weights | QuantizeMode::F16 => ModelFormat::Nnef,
         })
     }
 }

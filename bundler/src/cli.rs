@@ -180,9 +180,8 @@ pub struct BuildArgs {
     /// Format of the model inside the bundle: nnef (the model typed and decluttered by tract,
     /// checked against the ONNX model on the golden inputs; what device builds of the agent,
     /// which have no ONNX parser, load) or onnx (the input file byte for byte; only agents built
-    /// with the `onnx` feature, and agents that predate NNEF bundles, load it). Default: nnef
-    /// without --quantize, onnx with it (tract's NNEF writer stores weights as f32 and cannot
-    /// write static int8).
+    /// with the `onnx` feature, and agents that predate NNEF bundles, load it). Default: nnef,
+    /// except onnx for --quantize int8 (tract's NNEF writer cannot write static int8 graphs).
     #[arg(long, value_name = "FORMAT", value_parser = parse_model_format)]
     pub model_format: Option<ModelFormat>,
     /// Print the build report as JSON.
