@@ -32,7 +32,8 @@ fuzz seconds="60" *targets="":
 # NNEF bundles, the bundler's default, and refuses ONNX ones), as targets/*.toml say
 # (`cargo_profile`, `cargo_features`), plus `device_rustflags` below; the binary is
 # target/<triple>/device/fleet-agent. A profile with engine_threads > 1 (jetson-aarch64):
-# `just cross-aarch64 multithread`.
+# `just cross-aarch64 multithread`; the Pi 4/5 class (rpi4-aarch64) without tract's FP16 kernels:
+# `just cross-aarch64 no-fp16` (BENCHMARKS.md "Agent footprint", step 5).
 cross-aarch64 features="":
     RUSTFLAGS="{{device_rustflags}}" cargo build --profile device -p modelfleet-agent --bin fleet-agent --target aarch64-unknown-linux-gnu --no-default-features --features "{{features}}"
 
