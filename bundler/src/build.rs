@@ -91,11 +91,10 @@ pub struct BuildOptions {
     /// Format of the model payload (`--model-format`). NNEF: the model as tract typed and
     /// decluttered it, which agents without the ONNX front end (device builds) load; its golden
     /// outputs, baseline and latency are the NNEF model's, checked against the ONNX model's
-    /// outputs within the golden tolerance. `None` (the default): NNEF for an unquantized
-    /// model, ONNX for a quantized one ([`BuildOptions::resolved_model_format`]): tract 0.23.9
-    /// cannot write static `int8` as NNEF at all; `int8-weights` and `f16` NNEF bundles carry
-    /// their weights narrow ([`crate::narrow`]) and are as small as the ONNX ones, but the
-    /// default has stayed ONNX so far.
+    /// outputs within the golden tolerance. `None` (the default): NNEF, except ONNX for a static
+    /// `int8` model, which tract 0.23.9 cannot write as NNEF
+    /// ([`BuildOptions::resolved_model_format`]); `int8-weights` and `f16` NNEF bundles carry
+    /// their weights narrow ([`crate::narrow`]) and are as small as the ONNX ones.
     pub model_format: Option<ModelFormat>,
     /// Timed batch-1 runs for the reference latency. Default 30.
     pub latency_runs: usize,
@@ -142,11 +141,10 @@ impl BuildOptions {
         }
     }
 
-    /// The model format the bundle gets: `model_format`, or by default NNEF for an unquantized
-    /// model and ONNX for a quantized one (see [`BuildOptions::model_format`]).
+    /// The model format the bundle gets: `model_format`, or by default NNEF, what device builds
+    /// load, except ONNX for static `int8` (no NNEF writer for it in tract 0.23.9; see
+    /// [`BuildOptions::model_format`]).
     pub fn resolved_model_format(&self) -> ModelFormat {
-        // Static int8 graphs have no NNEF writer in tract 0.23.9; every other mode ships what
-        // device builds load, with int8-weights and f16 weights stored narrow.
         self.model_format.unwrap_or(match self.quantize {
             QuantizeMode::Int8 => ModelFormat::Onnx,
             QuantizeMode::None | QuantizeMode::Int8Weights | QuantizeMode::F16 => ModelFormat::Nnef,
@@ -773,22 +771,26 @@ fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
         path: path.to_path_buf(),
         reason,
     };
-    let (loaded, payload, narrow) =
-        match crate::narrow::narrow_archive(&archive, mode).map_err(narrow_err)? {
-            None => (archive.clone(), archive, None),
-            Some(n) => {
-                let entry = NarrowWeights {
-                    file: NARROW_WEIGHTS_FILE.into(),
-                    tensors: n.tensors,
-                    values: n.values,
-                    model_size: archive.len() as u64,
-                    model_sha256: hex::encode(Sha256::digest(&archive)),
-                };
-                let expanded = protocol::narrow_weights::expand(&n.stripped, &n.payload, &entry)
-                    .map_err(|e| narrow_err(e.to_string()))?;
-                (expanded, n.stripped, Some((n.payload, entry)))
-            }
-        };
+    // With narrow weights: the archive as the device rebuilds it, checked against the
+    // archive's size and sha256 (the manifest entry) by the function the agent runs.
+    let narrowed = match crate::narrow::narrow_archive(&archive, mode).map_err(narrow_err)? {
+        None => None,
+        Some(n) => {
+            let entry = NarrowWeights {
+                file: NARROW_WEIGHTS_FILE.into(),
+                tensors: n.tensors,
+                values: n.values,
+                model_size: archive.len() as u64,
+                model_sha256: hex::encode(Sha256::digest(&archive)),
+            };
+            let expanded = protocol::narrow_weights::expand(&n.stripped, &n.payload, &entry)
+                .map_err(|e| narrow_err(e.to_string()))?;
+            Some((expanded, n.stripped, (n.payload, entry)))
+        }
+    };
+    let loaded: &[u8] = narrowed
+        .as_ref()
+        .map_or(&archive, |(expanded, _, _)| expanded);
     let file = tempfile::Builder::new()
         .suffix(".nnef.tar")
         .tempfile()
@@ -796,12 +798,16 @@ fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
             path: std::env::temp_dir(),
             source,
         })?;
-    fs::write(file.path(), &loaded).map_err(|source| BuildError::Write {
+    fs::write(file.path(), loaded).map_err(|source| BuildError::Write {
         path: file.path().to_path_buf(),
         source,
     })?;
     let model =
         Model::load_nnef(file.path(), &names, &EngineOptions::default()).map_err(convert_err)?;
+    let (payload, narrow) = match narrowed {
+        None => (archive, None),
+        Some((_, stripped, narrow)) => (stripped, Some(narrow)),
+    };
     Ok(NnefModel {
         model,
         payload,

@@ -73,6 +73,16 @@ impl NarrowTensor {
         self.elements() * 4
     }
 
+    /// Bytes this tensor takes in the payload [`encode`] writes: offset, encoding, rank and
+    /// axis, shape, then the scales and int8 values, or the float16 values.
+    pub fn encoded_len(&self) -> u64 {
+        let data = match &self.encoding {
+            Encoding::Int8 { scales, values, .. } => 4 * scales.len() + values.len(),
+            Encoding::F16 { bits } => 2 * bits.len(),
+        };
+        (8 + 3 + 8 * self.shape.len() + data) as u64
+    }
+
     /// The f32 values, widened exactly.
     pub fn widen(&self) -> Vec<f32> {
         match &self.encoding {
@@ -454,6 +464,9 @@ mod tests {
         let stripped = strip(&file, &tensors);
         assert_eq!(stripped, b"head!midtail");
         let payload = encode(&tensors);
+        // The payload header (magic, count), then each tensor's encoded length.
+        let lengths: u64 = tensors.iter().map(NarrowTensor::encoded_len).sum();
+        assert_eq!(payload.len() as u64, 8 + lengths);
         assert_eq!(decode(&payload).unwrap(), tensors);
         assert_eq!(expand(&stripped, &payload, &entry(&file)).unwrap(), file);
     }
