@@ -205,12 +205,13 @@ impl Fleet {
         server_key: SecretKey,
         command_ttl: chrono::Duration,
         chunk_size: u32,
+        telemetry: crate::telemetry::Retention,
     ) -> Result<Fleet, FleetError> {
         let fleet = Fleet {
             store,
             files,
             keyring,
-            telemetry: Telemetry::default(),
+            telemetry: Telemetry::new(telemetry),
             metrics: Metrics::default(),
             topics,
             mqtt,
@@ -787,6 +788,7 @@ impl Fleet {
             mqtt_connected: self.mqtt_connected(),
             bulk_connected: self.bulk.is_connected(),
             telemetry_keys: self.telemetry.keys() as u64,
+            telemetry_windows: self.telemetry.windows_kept() as u64,
         };
         self.metrics.render(&g)
     }

@@ -151,6 +151,11 @@ struct RunArgs {
     /// publishing the same signed command again.
     #[arg(long, default_value_t = fleet_server::rollout::driver::DEFAULT_STAGE_RESEND_AFTER.as_secs())]
     stage_resend_after: u64,
+    /// Telemetry windows kept in memory over the whole fleet (each ≈ 1.6 KB); each device,
+    /// model and version keeps its newest share of them. The rollout gates judge a bake on the
+    /// windows still held.
+    #[arg(long, default_value_t = fleet_server::telemetry::Retention::default().max_windows_total)]
+    telemetry_max_windows: usize,
     /// Bytes per chunk of a bundle sent over MQTT (at most 1 MiB; keep it under the broker's
     /// message size limit)
     #[arg(long, default_value_t = protocol::link::DEFAULT_CHUNK_SIZE)]
@@ -278,6 +283,7 @@ async fn run(args: RunArgs) -> Result<()> {
     config.server_key = args.server_key;
     config.command_ttl = std::time::Duration::from_secs(args.command_ttl.max(1));
     config.stage_resend_after = std::time::Duration::from_secs(args.stage_resend_after.max(1));
+    config.telemetry.max_windows_total = args.telemetry_max_windows.max(1);
     config.chunk_size = args.chunk_size;
     config.bulk = fleet_server::BulkSettings {
         enabled: !args.no_bulk_connection,

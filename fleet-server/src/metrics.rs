@@ -59,6 +59,7 @@ pub struct Gauges {
     /// The bulk connection for chunk frames is up (false when there is none).
     pub bulk_connected: bool,
     pub telemetry_keys: u64,
+    pub telemetry_windows: u64,
 }
 
 impl Metrics {
@@ -139,6 +140,12 @@ impl Metrics {
             "gauge",
             "(device, model, version) keys with telemetry windows in memory.",
             &[("", g.telemetry_keys)],
+        );
+        metric(
+            "fleet_telemetry_windows",
+            "gauge",
+            "Telemetry windows in memory, over every key (bounded by --telemetry-max-windows).",
+            &[("", g.telemetry_windows)],
         );
         metric(
             "fleet_mqtt_connected",

@@ -76,6 +76,8 @@ pub struct ServerConfig {
     /// The publish-only connection chunk frames take (default: on, client id
     /// `{client_id}-bulk`; under mutual TLS only with its own certificate), see [`crate::bulk`].
     pub bulk: BulkSettings,
+    /// How much device telemetry is kept in memory (see [`crate::telemetry`]).
+    pub telemetry: crate::telemetry::Retention,
 }
 
 impl ServerConfig {
@@ -102,6 +104,7 @@ impl ServerConfig {
             ),
             chunk_size: protocol::link::DEFAULT_CHUNK_SIZE,
             bulk: BulkSettings::default(),
+            telemetry: crate::telemetry::Retention::default(),
         }
     }
 }
@@ -222,6 +225,7 @@ impl Server {
             server_key,
             chrono::Duration::from_std(config.command_ttl).unwrap_or(chrono::Duration::MAX),
             config.chunk_size,
+            config.telemetry,
         )?);
         let admin_token = if config.tokens.is_none() && fleet.store.tokens()?.is_empty() {
             Some(fleet.create_token("admin", Role::Admin, "server")?)

@@ -2,24 +2,42 @@
 //! sampled requests of every (device, model). The rollout engine sums a cohort's windows itself
 //! (`rollout::gates::CohortFigures`).
 //!
-//! Retention is bounded per key: at most [`Retention::max_windows`] windows (default 720, two
-//! hours of the agent's 10 s windows) and none older than [`Retention::max_age`] (default 24 h);
-//! at most [`Retention::max_samples`] sampled records (default 20) per device and model. Nothing
-//! here survives a restart: telemetry is a stream, the durable copy of record is the device's
-//! outbox until the broker acknowledged it, and anyone can subscribe to the topic to keep more.
+//! Retention is bounded per key and for the whole fleet, so the server's memory does not grow
+//! with its uptime nor, beyond a set budget, with the fleet's size:
+//! - per (device, model, version): at most [`Retention::max_windows`] windows (default 720, two
+//!   hours of the agent's 10 s windows), none older than [`Retention::max_age`] (default 24 h);
+//! - over every key: about [`Retention::max_windows_total`] windows (default 100,000, ≈ 160 MB;
+//!   a window with its latency and confidence histograms takes ≈ 1.6 KB here). Each key keeps at
+//!   most `max_windows_total / keys` of its newest windows (at least one), so a fleet of 1,000
+//!   devices keeps 100 windows per device (17 minutes of 10 s windows) and one of 10,000 keeps 10
+//!   (100 s). The rollout gates judge a bake on the windows still held: a bake longer than that
+//!   is judged on its newest part, canaries and control over the same span (docs/rollouts.md).
+//!   Measured in BENCHMARKS.md, "Fleet scale": 720 windows per key with no fleet-wide bound took
+//!   the server past 900 MB within minutes at 10,000 devices;
+//! - at most [`Retention::max_samples`] sampled records (default 20) per device and model.
+//!
+//! Nothing here survives a restart: telemetry is a stream, the durable copy of record is the
+//! device's outbox until the broker acknowledged it, and anyone can subscribe to the topic to
+//! keep more.
+//!
+//! Windows are indexed by device (a rollout tick looks up every device of the rollout) and held
+//! behind [`Arc`], so a rollout's observation of ten thousand devices shares them instead of
+//! copying them every tick.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Duration, Utc};
 use protocol::telemetry::{SampleRecord, TelemetryRecord, WindowRecord};
 
-/// How much telemetry is kept per key.
+/// How much telemetry is kept per key and in all.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     pub max_windows: usize,
     pub max_age: Duration,
     pub max_samples: usize,
+    /// Windows kept over every (device, model, version); see the module docs.
+    pub max_windows_total: usize,
 }
 
 impl Default for Retention {
@@ -28,21 +46,63 @@ impl Default for Retention {
             max_windows: 720,
             max_age: Duration::hours(24),
             max_samples: 20,
+            max_windows_total: 100_000,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    device: String,
-    model: String,
-    version: String,
+impl Retention {
+    /// Windows one key may keep when `keys` keys share the fleet-wide budget.
+    fn per_key(&self, keys: usize) -> usize {
+        (self.max_windows_total / keys.max(1)).clamp(1, self.max_windows.max(1))
+    }
 }
+
+/// A device's windows by (model, version), oldest first.
+type DeviceWindows = HashMap<(String, String), VecDeque<Arc<WindowRecord>>>;
 
 #[derive(Default)]
 struct Inner {
-    windows: HashMap<Key, VecDeque<WindowRecord>>,
+    windows: HashMap<String, DeviceWindows>,
+    /// Number of (device, model, version) keys in `windows`.
+    keys: usize,
+    /// Number of windows in `windows`.
+    kept: usize,
+    /// Windows recorded since the last sweep of keys that stopped receiving.
+    since_sweep: usize,
     samples: HashMap<(String, String), VecDeque<SampleRecord>>,
+}
+
+impl Inner {
+    /// Drops windows older than `horizon` and trims every key to `per_key`, then drops empty
+    /// keys: what a key that no longer receives windows (a version a device left) would
+    /// otherwise hold forever.
+    fn sweep(&mut self, horizon: DateTime<Utc>, per_key: usize) {
+        let mut kept = 0;
+        let mut keys = 0;
+        self.windows.retain(|_, device| {
+            device.retain(|_, q| {
+                trim(q, horizon, per_key);
+                kept += q.len();
+                keys += usize::from(!q.is_empty());
+                !q.is_empty()
+            });
+            !device.is_empty()
+        });
+        self.kept = kept;
+        self.keys = keys;
+        self.since_sweep = 0;
+    }
+}
+
+/// Drops the oldest windows of `q` while there are more than `cap` or they ended before
+/// `horizon`; returns how many.
+fn trim(q: &mut VecDeque<Arc<WindowRecord>>, horizon: DateTime<Utc>, cap: usize) -> usize {
+    let before = q.len();
+    while q.len() > cap || q.front().is_some_and(|w| w.end < horizon) {
+        q.pop_front();
+    }
+    before - q.len()
 }
 
 /// The in-memory telemetry of the fleet.
@@ -64,25 +124,38 @@ impl Telemetry {
     /// version and `start`): QoS 1 delivers again what a device re-sends after a reconnect, and
     /// a window counted twice would count its requests and errors twice in the rollout gates.
     pub fn record(&self, device: &str, record: TelemetryRecord) -> bool {
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
         match record {
             TelemetryRecord::Window(w) => {
-                let key = Key {
-                    device: device.to_string(),
-                    model: w.model.clone(),
-                    version: w.version.clone(),
-                };
-                let q = inner.windows.entry(key).or_default();
+                let horizon = Utc::now() - self.retention.max_age;
+                let key = (w.model.clone(), w.version.clone());
+                let q = inner
+                    .windows
+                    .entry(device.to_string())
+                    .or_default()
+                    .entry(key)
+                    .or_default();
                 // Newest first: a re-sent window is among the last few received.
                 if q.iter().rev().any(|kept| kept.start == w.start) {
                     return false;
                 }
-                q.push_back(w);
-                let horizon = Utc::now() - self.retention.max_age;
-                while q.len() > self.retention.max_windows
-                    || q.front().is_some_and(|w| w.end < horizon)
+                if q.is_empty() {
+                    inner.keys += 1;
+                }
+                q.push_back(Arc::new(w));
+                let dropped = trim(q, horizon, self.retention.per_key(inner.keys));
+                if q.is_empty() {
+                    // The window itself was too old: the key holds nothing.
+                    inner.keys -= 1;
+                }
+                inner.kept = inner.kept + 1 - dropped;
+                inner.since_sweep += 1;
+                if inner.kept > self.retention.max_windows_total
+                    && inner.since_sweep >= self.retention.max_windows_total / 10
                 {
-                    q.pop_front();
+                    let per_key = self.retention.per_key(inner.keys);
+                    inner.sweep(horizon, per_key);
                 }
             }
             TelemetryRecord::Sample(s) => {
@@ -105,12 +178,14 @@ impl Telemetry {
         device: &str,
         model: Option<&str>,
         since: Option<DateTime<Utc>>,
-    ) -> Vec<WindowRecord> {
+    ) -> Vec<Arc<WindowRecord>> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<WindowRecord> = inner
-            .windows
+        let Some(by_key) = inner.windows.get(device) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Arc<WindowRecord>> = by_key
             .iter()
-            .filter(|(k, _)| k.device == device && model.is_none_or(|m| m == k.model))
+            .filter(|((m, _), _)| model.is_none_or(|model| model == m))
             .flat_map(|(_, q)| q.iter())
             .filter(|w| since.is_none_or(|s| w.end > s))
             .cloned()
@@ -129,9 +204,14 @@ impl Telemetry {
         mut f: impl FnMut(&str, &WindowRecord),
     ) {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        for (k, q) in inner.windows.iter().filter(|(k, _)| k.model == model) {
-            for w in q.iter().filter(|w| since.is_none_or(|s| w.end > s)) {
-                f(&k.device, w);
+        for (device, by_key) in &inner.windows {
+            for ((m, _), q) in by_key {
+                if m != model {
+                    continue;
+                }
+                for w in q.iter().filter(|w| since.is_none_or(|s| w.end > s)) {
+                    f(device, w);
+                }
             }
         }
     }
@@ -148,11 +228,12 @@ impl Telemetry {
 
     /// Number of (device, model, version) keys with windows.
     pub fn keys(&self) -> usize {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .windows
-            .len()
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).keys
+    }
+
+    /// Number of windows kept, over every key.
+    pub fn windows_kept(&self) -> usize {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).kept
     }
 }
 
@@ -281,6 +362,51 @@ mod tests {
         assert_eq!(
             kept.iter().map(|w| w.requests).collect::<Vec<_>>(),
             vec![7, 8, 9]
+        );
+    }
+
+    /// The fleet-wide budget: each key keeps its newest `max_windows_total / keys` windows, and
+    /// a key that stops receiving (a version its device left) is trimmed by the next sweep.
+    #[test]
+    fn the_fleet_wide_budget_shares_windows_between_keys() {
+        let t = Telemetry::new(Retention {
+            max_windows_total: 20,
+            ..Retention::default()
+        });
+        let now = Utc::now();
+        let at = |i: i64| now + Duration::seconds(10 * i);
+        // One device alone may keep all 20.
+        for i in 0..30 {
+            t.record("d0", TelemetryRecord::Window(window("1", 1, 0, 10.0, at(i))));
+        }
+        assert_eq!(t.windows("d0", None, None).len(), 20);
+        // Four more devices: 20 / 5 = 4 each, the newest.
+        for d in 1..5 {
+            for i in 0..10 {
+                t.record(
+                    &format!("d{d}"),
+                    TelemetryRecord::Window(window("1", i as u64, 0, 10.0, at(i))),
+                );
+            }
+        }
+        let d1: Vec<u64> = t.windows("d1", None, None).iter().map(|w| w.requests).collect();
+        assert_eq!(d1, vec![6, 7, 8, 9]);
+        assert_eq!(t.keys(), 5);
+        // d0 received nothing since: the sweep (due once the total is over budget) trimmed it.
+        assert_eq!(t.windows("d0", None, None).len(), 4);
+        assert_eq!(t.windows_kept(), 20);
+        // A new version on d1: the old version's key shrinks with the new key count.
+        for i in 10..20 {
+            t.record("d1", TelemetryRecord::Window(window("2", 1, 0, 10.0, at(i))));
+        }
+        assert_eq!(t.keys(), 6);
+        assert!(t.windows_kept() <= 20 + 20 / 10, "{}", t.windows_kept());
+        assert_eq!(
+            t.windows("d1", None, None)
+                .iter()
+                .filter(|w| w.version == "2")
+                .count(),
+            20 / 6
         );
     }
 

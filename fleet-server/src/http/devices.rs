@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use protocol::telemetry::WindowRecord;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -165,6 +166,7 @@ pub async fn telemetry(
         .fleet
         .telemetry
         .windows(&id, q.model.as_deref(), q.since);
+    let windows: Vec<&WindowRecord> = windows.iter().map(|w| &**w).collect();
     let samples = q
         .model
         .as_deref()

@@ -15,6 +15,7 @@
 //! telemetry since the bake began. Local reverts and refused installs fail the stage at once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -148,8 +149,9 @@ pub struct Observation {
     pub devices: Vec<DeviceView>,
     /// Failure events ([`FAILURE_KINDS`]) of the rollout's model since the rollout was created.
     pub events: Vec<EventView>,
-    /// Telemetry windows of the rollout's model, by device, since the current bake began.
-    pub windows: HashMap<String, Vec<WindowRecord>>,
+    /// Telemetry windows of the rollout's model, by device, since the current bake began
+    /// (shared with the server's telemetry store, not copied).
+    pub windows: HashMap<String, Vec<Arc<WindowRecord>>>,
 }
 
 /// Something the driver must do.
@@ -748,7 +750,11 @@ mod tests {
             if self.traffic {
                 for d in &self.obs.devices {
                     let w = window(&d.models[0].active, start, self.obs.now, 50);
-                    self.obs.windows.entry(d.id.clone()).or_default().push(w);
+                    self.obs
+                        .windows
+                        .entry(d.id.clone())
+                        .or_default()
+                        .push(Arc::new(w));
                 }
             }
         }
@@ -874,6 +880,7 @@ mod tests {
         for (id, windows) in fleet.obs.windows.iter_mut() {
             if r.devices.contains_key(id) {
                 for w in windows.iter_mut() {
+                    let w = Arc::make_mut(w);
                     w.errors = w.requests / 3;
                 }
             }
