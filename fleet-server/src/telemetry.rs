@@ -377,7 +377,10 @@ mod tests {
         let at = |i: i64| now + Duration::seconds(10 * i);
         // One device alone may keep all 20.
         for i in 0..30 {
-            t.record("d0", TelemetryRecord::Window(window("1", 1, 0, 10.0, at(i))));
+            t.record(
+                "d0",
+                TelemetryRecord::Window(window("1", 1, 0, 10.0, at(i))),
+            );
         }
         assert_eq!(t.windows("d0", None, None).len(), 20);
         // Four more devices: 20 / 5 = 4 each, the newest.
@@ -389,7 +392,11 @@ mod tests {
                 );
             }
         }
-        let d1: Vec<u64> = t.windows("d1", None, None).iter().map(|w| w.requests).collect();
+        let d1: Vec<u64> = t
+            .windows("d1", None, None)
+            .iter()
+            .map(|w| w.requests)
+            .collect();
         assert_eq!(d1, vec![6, 7, 8, 9]);
         assert_eq!(t.keys(), 5);
         // d0 received nothing since: the sweep (due once the total is over budget) trimmed it.
@@ -397,7 +404,10 @@ mod tests {
         assert_eq!(t.windows_kept(), 20);
         // A new version on d1: the old version's key shrinks with the new key count.
         for i in 10..20 {
-            t.record("d1", TelemetryRecord::Window(window("2", 1, 0, 10.0, at(i))));
+            t.record(
+                "d1",
+                TelemetryRecord::Window(window("2", 1, 0, 10.0, at(i))),
+            );
         }
         assert_eq!(t.keys(), 6);
         assert!(t.windows_kept() <= 20 + 20 / 10, "{}", t.windows_kept());
