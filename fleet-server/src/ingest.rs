@@ -9,7 +9,7 @@ use protocol::telemetry::{TelemetryRecord, TELEMETRY_SCHEMA};
 use serde_json::json;
 
 use crate::fleet::Fleet;
-use crate::store::{DeviceRecord, Event};
+use crate::store::{Batch, DeviceRecord, Event};
 
 /// Largest telemetry record accepted (sampled requests can carry sizeable tensors).
 pub const MAX_TELEMETRY_MESSAGE: usize = 1 << 20;
@@ -34,14 +34,43 @@ impl Fleet {
     /// Handles one message from `device` on `channel` (status, events or telemetry); never panics
     /// on bad input. Blocking (writes the store).
     pub fn ingest(&self, device: &str, channel: Channel, payload: &[u8]) {
-        self.metrics.received(channel);
-        self.heard_from(device);
-        let result = match channel {
-            Channel::Status => self.on_status(device, payload),
-            Channel::Events => self.on_event(device, payload),
-            Channel::Telemetry => self.on_telemetry(device, payload),
-            _ => Ok(()),
-        };
+        self.ingest_batch([(device, channel, payload)]);
+    }
+
+    /// Handles several messages in order, as [`Fleet::ingest`] does one, with one store commit
+    /// for all of them: what the ingest thread does with the messages that queued up while it
+    /// was busy. A commit is a disk sync, and one per message capped the server at a few
+    /// thousand status updates and events a second — the limit of a fan-out to 10,000 devices
+    /// (BENCHMARKS.md, "Fleet scale"). If the commit fails, the batch's status updates and
+    /// events are lost together (counted in `fleet_store_errors_total`); telemetry is kept.
+    pub fn ingest_batch<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, Channel, &'a [u8])>,
+    ) {
+        let mut stored = 0u64;
+        let committed = self.store.batch(|batch| {
+            for (device, channel, payload) in messages {
+                self.metrics.received(channel);
+                self.heard_from(device);
+                let result = match channel {
+                    Channel::Status => self.on_status(batch, device, payload),
+                    Channel::Events => self.on_event(batch, device, payload),
+                    Channel::Telemetry => self.on_telemetry(device, payload),
+                    _ => Ok(()),
+                };
+                if result.is_ok() && matches!(channel, Channel::Status | Channel::Events) {
+                    stored += 1;
+                }
+                self.count_result(device, channel, result);
+            }
+        });
+        if let Err(e) = committed {
+            self.metrics.store_errors.fetch_add(stored, Relaxed);
+            tracing::error!(messages = stored, error = %e, "cannot store a batch of device messages");
+        }
+    }
+
+    fn count_result(&self, device: &str, channel: Channel, result: Result<(), IngestError>) {
         match result {
             Ok(()) => {}
             Err(IngestError::Store(e)) => {
@@ -59,7 +88,12 @@ impl Fleet {
         }
     }
 
-    fn on_status(&self, device: &str, payload: &[u8]) -> Result<(), IngestError> {
+    fn on_status(
+        &self,
+        batch: &mut Batch,
+        device: &str,
+        payload: &[u8],
+    ) -> Result<(), IngestError> {
         let status: DeviceStatus = link::decode(payload)?;
         if status.device_id != device {
             return Err(IngestError::WrongDevice {
@@ -69,7 +103,7 @@ impl Fleet {
         }
         let now = Utc::now();
         let actor = format!("device:{device}");
-        self.store.update_device(device, |current| {
+        batch.update_device(device, |current| {
             let mut events = Vec::new();
             let record = match current {
                 None => {
@@ -135,7 +169,7 @@ impl Fleet {
         Ok(())
     }
 
-    fn on_event(&self, device: &str, payload: &[u8]) -> Result<(), IngestError> {
+    fn on_event(&self, batch: &mut Batch, device: &str, payload: &[u8]) -> Result<(), IngestError> {
         let e: DeviceEvent = link::decode(payload)?;
         if e.device_id != device {
             return Err(IngestError::WrongDevice {
@@ -159,7 +193,7 @@ impl Fleet {
             device_seq: Some(e.seq),
             detail: e.detail,
         };
-        if !self.store.append_device_event(event)? {
+        if !batch.append_device_event(event)? {
             self.metrics.duplicate_events.fetch_add(1, Relaxed);
         }
         Ok(())

@@ -200,6 +200,8 @@ pub fn backoff(attempt: u32) -> Duration {
 const CHUNK_QUEUE: usize = 4096;
 /// Messages queued for the ingest thread.
 const INGEST_QUEUE: usize = 8192;
+/// Most messages the ingest thread stores in one commit.
+const INGEST_BATCH: usize = 512;
 /// Async tasks serving chunk requests.
 const CHUNK_WORKERS: usize = 2;
 
@@ -214,8 +216,22 @@ pub async fn run(
     let (ingest_tx, mut ingest_rx) = mpsc::channel::<(String, Channel, bytes::Bytes)>(INGEST_QUEUE);
     let ingest_fleet = fleet.clone();
     let ingest = tokio::task::spawn_blocking(move || {
-        while let Some((device, channel, payload)) = ingest_rx.blocking_recv() {
-            ingest_fleet.ingest(&device, channel, &payload);
+        // Whatever queued up while the last batch was being stored goes in the next one.
+        let mut batch = Vec::with_capacity(INGEST_BATCH);
+        while let Some(first) = ingest_rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < INGEST_BATCH {
+                match ingest_rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            ingest_fleet.ingest_batch(
+                batch
+                    .iter()
+                    .map(|(device, channel, payload)| (device.as_str(), *channel, &payload[..])),
+            );
+            batch.clear();
         }
     });
     let (chunk_tx, chunk_rx) = mpsc::channel::<(String, ChunkRequest)>(CHUNK_QUEUE);

@@ -260,20 +260,24 @@ impl Store {
         id: &str,
         update: impl FnOnce(Option<DeviceRecord>) -> (Option<DeviceRecord>, Vec<Event>),
     ) -> Result<Vec<Event>, StoreError> {
-        Ok(self
-            .write(|tx| {
-                let mut table = tx.open_table(DEVICES)?;
-                let current = match table.get(id)? {
-                    Some(v) => Some(decode::<DeviceRecord>(id, v.value())?),
-                    None => None,
-                };
-                let (next, events) = update(current);
-                if let Some(next) = next {
-                    table.insert(id, encode(&next).as_slice())?;
-                }
-                Ok(((), events))
-            })?
-            .1)
+        self.batch(|b| b.update_device(id, update))?
+    }
+
+    /// Runs `f` on one write transaction in which several changes can be made, each with its
+    /// events, and commits once: one disk sync for a whole batch of device messages instead of
+    /// one each (the server's ingest thread; see `mqtt::run`). If the commit fails, nothing of
+    /// the batch is stored.
+    pub fn batch<T>(&self, f: impl FnOnce(&mut Batch) -> T) -> Result<T, StoreError> {
+        let mut batch = Batch {
+            db: &self.db,
+            tx: None,
+        };
+        let value = f(&mut batch);
+        // A batch that changed nothing (telemetry only) costs no commit.
+        if let Some(tx) = batch.tx {
+            tx.commit()?;
+        }
+        Ok(value)
     }
 
     // ---- rollouts ----
@@ -363,18 +367,7 @@ impl Store {
     /// Stores a device-reported event unless (device id, device seq) was stored before.
     /// Returns whether it was new.
     pub fn append_device_event(&self, event: Event) -> Result<bool, StoreError> {
-        let (Some(device), Some(dseq)) = (event.device_id.clone(), event.device_seq) else {
-            self.append(vec![event])?;
-            return Ok(true);
-        };
-        let (fresh, _) = self.write(|tx| {
-            let keys = tx.open_table(DEVICE_EVENT_KEYS)?;
-            if keys.get((device.as_str(), dseq))?.is_some() {
-                return Ok((false, vec![]));
-            }
-            Ok((true, vec![event]))
-        })?;
-        Ok(fresh)
+        self.batch(|b| b.append_device_event(event))?
     }
 
     /// Events newest first, at most `limit`, that match `filter`.
@@ -456,6 +449,58 @@ impl Store {
                 Ok((existed, if existed { vec![event] } else { vec![] }))
             })?
             .0)
+    }
+}
+
+/// Changes made in one write transaction of [`Store::batch`]; each method's changes and events
+/// are visible to the next (a device event repeated within one batch is stored once).
+pub struct Batch<'a> {
+    db: &'a Database,
+    /// Begun by the first change.
+    tx: Option<redb::WriteTransaction>,
+}
+
+impl Batch<'_> {
+    fn tx(&mut self) -> Result<&redb::WriteTransaction, StoreError> {
+        if self.tx.is_none() {
+            self.tx = Some(self.db.begin_write()?);
+        }
+        Ok(self.tx.as_ref().expect("just begun"))
+    }
+
+    /// [`Store::update_device`] within the batch; returns the events stored.
+    pub fn update_device(
+        &mut self,
+        id: &str,
+        update: impl FnOnce(Option<DeviceRecord>) -> (Option<DeviceRecord>, Vec<Event>),
+    ) -> Result<Vec<Event>, StoreError> {
+        let tx = self.tx()?;
+        let events = {
+            let mut table = tx.open_table(DEVICES)?;
+            let current = match table.get(id)? {
+                Some(v) => Some(decode::<DeviceRecord>(id, v.value())?),
+                None => None,
+            };
+            let (next, events) = update(current);
+            if let Some(next) = next {
+                table.insert(id, encode(&next).as_slice())?;
+            }
+            events
+        };
+        append_events(tx, events)
+    }
+
+    /// [`Store::append_device_event`] within the batch.
+    pub fn append_device_event(&mut self, event: Event) -> Result<bool, StoreError> {
+        let tx = self.tx()?;
+        if let (Some(device), Some(dseq)) = (&event.device_id, event.device_seq) {
+            let keys = tx.open_table(DEVICE_EVENT_KEYS)?;
+            if keys.get((device.as_str(), dseq))?.is_some() {
+                return Ok(false);
+            }
+        }
+        append_events(tx, vec![event])?;
+        Ok(true)
     }
 }
 
@@ -577,6 +622,60 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.events(&d1, 10).unwrap().len(), 1);
+    }
+
+    /// One commit for several devices' messages: each change sees the ones before it, so a
+    /// device event delivered twice within one batch is stored once.
+    #[test]
+    fn a_batch_stores_every_change_once_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("server.redb")).unwrap();
+        let record = |id: &str| DeviceRecord {
+            id: id.into(),
+            online: true,
+            last_seen: Utc::now(),
+            first_seen: Utc::now(),
+            status_time: Utc::now(),
+            labels: BTreeMap::new(),
+            target: None,
+            agent_version: None,
+            models: vec![],
+        };
+        let fresh = s
+            .batch(|b| {
+                let mut fresh = Vec::new();
+                for id in ["d1", "d2"] {
+                    b.update_device(id, |cur| {
+                        assert!(cur.is_none());
+                        (
+                            Some(record(id)),
+                            vec![Event::new("device_registered", id, serde_json::json!({}))],
+                        )
+                    })
+                    .unwrap();
+                }
+                fresh.push(b.append_device_event(device_event("d1", 7)).unwrap());
+                fresh.push(b.append_device_event(device_event("d1", 7)).unwrap());
+                fresh.push(b.append_device_event(device_event("d2", 7)).unwrap());
+                // An update later in the batch sees the record stored earlier in it.
+                b.update_device("d1", |cur| {
+                    assert_eq!(cur.map(|d| d.id).as_deref(), Some("d1"));
+                    (None, vec![])
+                })
+                .unwrap();
+                fresh
+            })
+            .unwrap();
+        assert_eq!(fresh, vec![true, false, true]);
+        assert_eq!(s.devices().unwrap().len(), 2);
+        let events = s.events(&EventFilter::default(), 10).unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![4, 3, 2, 1],
+            "two registrations, two device events"
+        );
+        assert!(!s.append_device_event(device_event("d1", 7)).unwrap());
     }
 
     #[test]
