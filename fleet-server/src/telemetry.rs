@@ -14,7 +14,10 @@
 //!   is judged on its newest part, canaries and control over the same span (docs/rollouts.md).
 //!   Measured in BENCHMARKS.md, "Fleet scale": 720 windows per key with no fleet-wide bound took
 //!   the server past 900 MB within minutes at 10,000 devices;
-//! - at most [`Retention::max_samples`] sampled records (default 20) per device and model.
+//! - at most [`Retention::max_samples`] sampled records (default 20) per device and model, and
+//!   about [`Retention::max_samples_total`] over every key (default 20,000, ≈ 30 MB: a sampled
+//!   `digits_cnn` request is ≈ 1.5 KB here), shared the same way: 2 per device at 10,000
+//!   devices. Without that bound the samples alone held ≈ 300 MB at 10,000 devices.
 //!
 //! Nothing here survives a restart: telemetry is a stream, the durable copy of record is the
 //! device's outbox until the broker acknowledged it, and anyone can subscribe to the topic to
@@ -38,6 +41,8 @@ pub struct Retention {
     pub max_samples: usize,
     /// Windows kept over every (device, model, version); see the module docs.
     pub max_windows_total: usize,
+    /// Sampled requests kept over every (device, model).
+    pub max_samples_total: usize,
 }
 
 impl Default for Retention {
@@ -47,6 +52,7 @@ impl Default for Retention {
             max_age: Duration::hours(24),
             max_samples: 20,
             max_windows_total: 100_000,
+            max_samples_total: 20_000,
         }
     }
 }
@@ -55,6 +61,11 @@ impl Retention {
     /// Windows one key may keep when `keys` keys share the fleet-wide budget.
     fn per_key(&self, keys: usize) -> usize {
         (self.max_windows_total / keys.max(1)).clamp(1, self.max_windows.max(1))
+    }
+
+    /// Sampled requests one (device, model) may keep when `keys` share the budget.
+    fn samples_per_key(&self, keys: usize) -> usize {
+        (self.max_samples_total / keys.max(1)).clamp(1, self.max_samples.max(1))
     }
 }
 
@@ -71,6 +82,8 @@ struct Inner {
     /// Windows recorded since the last sweep of keys that stopped receiving.
     since_sweep: usize,
     samples: HashMap<(String, String), VecDeque<SampleRecord>>,
+    /// Number of sampled requests in `samples`.
+    samples_kept: usize,
 }
 
 impl Inner {
@@ -159,13 +172,23 @@ impl Telemetry {
                 }
             }
             TelemetryRecord::Sample(s) => {
-                let q = inner
-                    .samples
-                    .entry((device.to_string(), s.model.clone()))
-                    .or_default();
+                let key = (device.to_string(), s.model.clone());
+                let keys = inner.samples.len() + usize::from(!inner.samples.contains_key(&key));
+                let cap = self.retention.samples_per_key(keys);
+                let q = inner.samples.entry(key).or_default();
                 q.push_back(s);
-                while q.len() > self.retention.max_samples {
-                    q.pop_front();
+                let dropped = q.len().saturating_sub(cap);
+                q.drain(..dropped);
+                inner.samples_kept = inner.samples_kept + 1 - dropped;
+                if inner.samples_kept > self.retention.max_samples_total + cap {
+                    // Keys that stopped receiving still hold their share of a smaller fleet.
+                    let mut kept = 0;
+                    for q in inner.samples.values_mut() {
+                        let dropped = q.len().saturating_sub(cap);
+                        q.drain(..dropped);
+                        kept += q.len();
+                    }
+                    inner.samples_kept = kept;
                 }
             }
         }
@@ -418,6 +441,43 @@ mod tests {
                 .count(),
             20 / 6
         );
+    }
+
+    #[test]
+    fn sampled_requests_share_a_fleet_wide_budget() {
+        let t = Telemetry::new(Retention {
+            max_samples: 5,
+            max_samples_total: 8,
+            ..Retention::default()
+        });
+        let sample = |i: i64| SampleRecord {
+            schema: TELEMETRY_SCHEMA,
+            model: "digits".into(),
+            version: "1".into(),
+            time: Utc::now() + Duration::seconds(i),
+            request_id: Some(i.to_string()),
+            latency_ms: 1.0,
+            inputs: vec![],
+            outputs: vec![],
+        };
+        let ids = |d: &str| -> Vec<String> {
+            t.samples(d, "digits")
+                .into_iter()
+                .filter_map(|s| s.request_id)
+                .collect()
+        };
+        for i in 0..10 {
+            t.record("a", TelemetryRecord::Sample(sample(i)));
+        }
+        assert_eq!(ids("a"), ["5", "6", "7", "8", "9"], "per-key cap");
+        for d in ["b", "c", "d"] {
+            for i in 0..10 {
+                t.record(d, TelemetryRecord::Sample(sample(i)));
+            }
+        }
+        // Four keys share 8: two each, the newest; "a" was trimmed once the total ran over.
+        assert_eq!(ids("d"), ["8", "9"]);
+        assert_eq!(ids("a").len(), 2);
     }
 
     #[test]
