@@ -36,7 +36,7 @@
 //! hashes). Bundle bytes are files, `DATA_DIR/bundles/<sha256>.mfb`, written through a temp
 //! file, an fsync and a rename. Telemetry is kept in memory only, per device, model and
 //! version, bounded to the last 720 windows (two hours of 10 s windows) and 24 hours, and to
-//! about 100,000 windows over the whole fleet (so 10 per device at 10,000 devices), plus the
+//! about 50,000 windows over the whole fleet (so 5 per device at 10,000 devices), plus the
 //! last 20 sampled requests per device and model ([`telemetry::Retention`]); the rollout engine
 //! sums a cohort's windows from it ([`rollout::gates::CohortFigures`]).
 //!

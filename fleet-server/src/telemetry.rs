@@ -6,11 +6,11 @@
 //! with its uptime nor, beyond a set budget, with the fleet's size:
 //! - per (device, model, version): at most [`Retention::max_windows`] windows (default 720, two
 //!   hours of the agent's 10 s windows), none older than [`Retention::max_age`] (default 24 h);
-//! - over every key: about [`Retention::max_windows_total`] windows (default 100,000, ≈ 160 MB;
+//! - over every key: about [`Retention::max_windows_total`] windows (default 50,000, ≈ 80 MB;
 //!   a window with its latency and confidence histograms takes ≈ 1.6 KB here). Each key keeps at
 //!   most `max_windows_total / keys` of its newest windows (at least one), so a fleet of 1,000
-//!   devices keeps 100 windows per device (17 minutes of 10 s windows) and one of 10,000 keeps 10
-//!   (100 s). The rollout gates judge a bake on the windows still held: a bake longer than that
+//!   devices keeps 50 windows per device (8 minutes of 10 s windows) and one of 10,000 keeps 5
+//!   (50 s). The rollout gates judge a bake on the windows still held: a bake longer than that
 //!   is judged on its newest part, canaries and control over the same span (docs/rollouts.md).
 //!   Measured in BENCHMARKS.md, "Fleet scale": 720 windows per key with no fleet-wide bound took
 //!   the server past 900 MB within minutes at 10,000 devices;
@@ -51,7 +51,7 @@ impl Default for Retention {
             max_windows: 720,
             max_age: Duration::hours(24),
             max_samples: 20,
-            max_windows_total: 100_000,
+            max_windows_total: 50_000,
             max_samples_total: 20_000,
         }
     }
