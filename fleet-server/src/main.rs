@@ -151,7 +151,7 @@ struct RunArgs {
     /// publishing the same signed command again.
     #[arg(long, default_value_t = fleet_server::rollout::driver::DEFAULT_STAGE_RESEND_AFTER.as_secs())]
     stage_resend_after: u64,
-    /// Telemetry windows kept in memory over the whole fleet (each ≈ 1.6 KB); each device,
+    /// Telemetry windows kept in memory over the whole fleet (each ≈ 1–1.6 KB); each device,
     /// model and version keeps its newest share of them. The rollout gates judge a bake on the
     /// windows still held.
     #[arg(long, default_value_t = fleet_server::telemetry::Retention::default().max_windows_total)]
