@@ -42,12 +42,16 @@ mod cache;
 mod convert;
 mod depthwise;
 mod error;
+mod im2col;
+mod maxpool;
 mod model;
 mod nnef;
 pub mod npy;
+mod passes;
 mod runner;
 mod spec;
 pub mod tensor;
+mod window;
 
 pub use error::EngineError;
 #[cfg(feature = "onnx")]
@@ -69,5 +73,5 @@ pub use tensor::{Tensor, TensorData};
 /// Internals for the engine's own examples (profiling); not part of the API.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::depthwise::install as install_depthwise;
+    pub use crate::model::optimize;
 }

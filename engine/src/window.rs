@@ -1,0 +1,216 @@
+//! The geometry of a 2-D sliding window (a pooling or a convolution kernel) over a channels-first
+//! f32 input, as the engine's own ops ([`crate::maxpool`], [`crate::im2col`]) walk it.
+//!
+//! An output point `(oy, ox)` reads, for the kernel tap `(ky, kx)`, the input point
+//! `(oy * stride_h + ky * dilation_h - pad_top, ox * stride_w + kx * dilation_w - pad_left)`;
+//! taps that land outside the input are padding (zero for a convolution, skipped by a max pool).
+//! [`Window2d::tap_columns`] gives, for one horizontal tap, the span of output columns whose tap
+//! lands inside the input, so the ops' inner loops run without bounds checks.
+
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::ops::cnn::PoolSpec;
+use tract_nnef::tract_core::ops::nn::DataFormat;
+
+/// A 2-D window over an NCHW (or CHW) input with known channel count and spatial size; the
+/// batch size may stay symbolic (it is read from the input at run time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Window2d {
+    /// NCHW (true) or CHW (false).
+    pub has_n: bool,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub dilation: (usize, usize),
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// Output columns `[lo, hi)` whose horizontal tap lands inside the input, and the input column
+/// the first of them reads (the next ones read every `stride_w`-th column after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ColumnSpan {
+    pub lo: usize,
+    pub hi: usize,
+    pub first_input: usize,
+}
+
+impl Window2d {
+    /// The window of `spec` over an input of type `input`, or `None` when the engine's ops do
+    /// not take it: not f32, not channels-first 2-D, channels or spatial size not known, or an
+    /// empty output.
+    pub fn of(spec: &PoolSpec, input: &TypedFact) -> Option<Window2d> {
+        let has_n = match spec.data_format {
+            DataFormat::NCHW => true,
+            DataFormat::CHW => false,
+            _ => return None,
+        };
+        let rank = if has_n { 4 } else { 3 };
+        if input.datum_type != f32::datum_type()
+            || input.rank() != rank
+            || spec.kernel_shape.len() != 2
+        {
+            return None;
+        }
+        let dim = |axis: usize| {
+            input.shape[axis]
+                .as_i64()
+                .and_then(|d| usize::try_from(d).ok())
+        };
+        let (c, h, w) = (dim(rank - 3)?, dim(rank - 2)?, dim(rank - 1)?);
+        let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+        let strides = spec.strides.clone().unwrap_or_else(|| tvec![1, 1]);
+        let dilations = spec.dilations.clone().unwrap_or_else(|| tvec![1, 1]);
+        if strides.len() != 2 || dilations.len() != 2 || strides.contains(&0) || kh * kw == 0 {
+            return None;
+        }
+        let dims = spec
+            .padding
+            .compute(&[h, w], &[kh, kw], &dilations, &strides);
+        let (oh, ow) = (dims[0].convoluted, dims[1].convoluted);
+        if oh == 0 || ow == 0 {
+            return None;
+        }
+        Some(Window2d {
+            has_n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride: (strides[0], strides[1]),
+            dilation: (dilations[0], dilations[1]),
+            pad_top: dims[0].pad_before,
+            pad_left: dims[1].pad_before,
+            oh,
+            ow,
+        })
+    }
+
+    /// Batch size of an input of shape `shape` (1 without a batch axis).
+    pub fn batch(&self, shape: &[usize]) -> usize {
+        if self.has_n {
+            shape[0]
+        } else {
+            1
+        }
+    }
+
+    /// The output shape for batch size `n`.
+    pub fn output_shape<D: Clone>(&self, n: D, channels: usize) -> TVec<D>
+    where
+        D: From<usize>,
+    {
+        let mut shape: TVec<D> = tvec![channels.into(), self.oh.into(), self.ow.into()];
+        if self.has_n {
+            shape.insert(0, n);
+        }
+        shape
+    }
+
+    /// The input row read by output row `oy` for vertical tap `ky`, if inside the input.
+    #[inline]
+    pub fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride.0 + ky * self.dilation.0)
+            .checked_sub(self.pad_top)
+            .filter(|&y| y < self.h)
+    }
+
+    /// For every vertical tap `ky`, the output rows whose tap is inside the input, each with the
+    /// input row it reads.
+    pub fn tap_rows(&self) -> TVec<TVec<(usize, usize)>> {
+        (0..self.kh)
+            .map(|ky| {
+                (0..self.oh)
+                    .filter_map(|oy| self.input_row(oy, ky).map(|y| (oy, y)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// For every horizontal tap `kx`, the output columns whose tap is inside the input
+    /// (possibly empty: `lo == hi`).
+    pub fn tap_columns(&self) -> TVec<ColumnSpan> {
+        let sw = self.stride.1;
+        (0..self.kw)
+            .map(|kx| {
+                // Input column of output column `ox`: ox * sw + offset - pad_left.
+                let offset = kx * self.dilation.1;
+                // First output column with ox * sw + offset >= pad_left.
+                let lo = self.pad_left.saturating_sub(offset).div_ceil(sw);
+                // Past the last output column with ox * sw + offset - pad_left < w.
+                let hi = (self.w + self.pad_left)
+                    .checked_sub(offset + 1)
+                    .map_or(0, |last| last / sw + 1)
+                    .min(self.ow);
+                let lo = lo.min(hi);
+                ColumnSpan {
+                    lo,
+                    hi,
+                    first_input: (lo * sw + offset).saturating_sub(self.pad_left),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(w: usize, kw: usize, sw: usize, dw: usize, pad_left: usize, ow: usize) -> Window2d {
+        Window2d {
+            has_n: true,
+            c: 1,
+            h: 1,
+            w,
+            kh: 1,
+            kw,
+            stride: (1, sw),
+            dilation: (1, dw),
+            pad_top: 0,
+            pad_left,
+            oh: 1,
+            ow,
+        }
+    }
+
+    /// Every span agrees with testing each output column one by one.
+    #[test]
+    fn tap_columns_are_exactly_the_in_bounds_taps() {
+        for w in 1..7 {
+            for kw in 1..4 {
+                for sw in 1..4 {
+                    for dw in 1..3 {
+                        for pad_left in 0..4 {
+                            for ow in 1..8 {
+                                let win = window(w, kw, sw, dw, pad_left, ow);
+                                for (kx, span) in win.tap_columns().iter().enumerate() {
+                                    let inside: Vec<usize> = (0..ow)
+                                        .filter(|ox| {
+                                            let x =
+                                                (ox * sw + kx * dw) as isize - pad_left as isize;
+                                            x >= 0 && (x as usize) < w
+                                        })
+                                        .collect();
+                                    let got: Vec<usize> = (span.lo..span.hi).collect();
+                                    assert_eq!(got, inside, "{win:?} kx {kx}");
+                                    if let Some(&first) = inside.first() {
+                                        assert_eq!(
+                                            span.first_input,
+                                            first * sw + kx * dw - pad_left
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
