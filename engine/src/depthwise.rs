@@ -1,12 +1,15 @@
-//! An experimental depthwise 2-D convolution that can replace tract's, and the pass installing it.
-//! Off by default (see `model::optimize`): in release builds it measured no faster than tract.
+//! A depthwise 2-D convolution that replaces tract's, and the pass installing it (`passes`).
 //!
-//! tract 0.23.9 runs depthwise convolutions with more than four taps (every 3x3 one) through a
-//! generic per-pixel loop on x86 and ARM (its vectorised routine exists for wasm only): on
-//! mobilenet-style models that is 40-50% of the inference time. This op pads each channel plane once into a scratch buffer, split by column
-//! phase for strided convolutions, so that every tap is a contiguous multiply-add over an output
-//! row, which the compiler vectorises (AVX2 when the CPU has it). No fused multiply-add is used,
-//! so results are the same on every CPU.
+//! tract 0.23.9 walks a depthwise convolution zone by zone and output row by output row, with
+//! its vectorised routine only for unit-stride rows: 60 % of a `mobilenetish` inference
+//! (BENCHMARKS.md, "Engine latency (batch 1)"). This op pads each channel plane once into a
+//! scratch buffer, split by column phase for strided convolutions (filled a row at a time, a
+//! phase at a time), so that every tap is a contiguous multiply-add over an output row, which the
+//! compiler vectorises (AVX2 when the CPU has it). It computes what tract's depthwise kernel
+//! computes, in the same order: the bias, then each tap's product added in turn, no fused
+//! multiply-add (a padded tap adds an exact zero), so results are the same on every CPU.
+//! (An earlier version, off by default, measured no faster than tract: it filled the padded
+//! plane with a division per element.)
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -132,11 +135,22 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
                 break;
             }
             let row = &mut padded[py * row_len..(py + 1) * row_len];
-            let src = &xin[y * op.w..(y + 1) * op.w];
-            for (xx, v) in src.iter().enumerate() {
-                let px = xx + op.pad_left;
-                if px < pw {
-                    row[(px % sw) * phase_len + px / sw] = *v;
+            // Input columns that land inside the padded row (the rest is never read).
+            let src = &xin[y * op.w..(y + 1) * op.w][..op.w.min(pw - op.pad_left)];
+            if sw == 1 {
+                row[op.pad_left..op.pad_left + src.len()].copy_from_slice(src);
+            } else {
+                // Phase by phase: padded column px = xx + pad_left goes to phase px % sw at
+                // px / sw; the columns of one phase are every sw-th input column.
+                for phase in 0..sw {
+                    let first = (phase + sw - op.pad_left % sw) % sw;
+                    let Some(taps) = src.get(first..) else {
+                        continue;
+                    };
+                    let at = phase * phase_len + (first + op.pad_left) / sw;
+                    for (d, v) in row[at..].iter_mut().zip(taps.iter().step_by(sw)) {
+                        *d = *v;
+                    }
                 }
             }
         }
@@ -162,7 +176,7 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
 
 /// Replaces every depthwise `Conv` this op can run (f32, NCHW/CHW, dilation 1, constant kernel
 /// and bias, known spatial size) with [`DepthwiseConv`]. Returns how many were replaced.
-pub fn install(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -220,6 +234,13 @@ fn candidate(
         || k.shape.as_concrete() != Some(&[c, 1, kh, kw][..])
         || !(b.shape.volume() == 1.into() || b.shape.volume() == c.into())
     {
+        return Ok(None);
+    }
+    // A known batch size only (the batch-1 plan): with a symbolic one tract does not lower a
+    // depthwise convolution to its depthwise kernel (bias, then each tap's product added in
+    // order, no FMA: what this op computes) but to a matrix product with FMA, and replacing
+    // that would move the general plan's outputs by more than the 1e-5 the passes keep to.
+    if has_n && x.shape[0].as_i64().is_none() {
         return Ok(None);
     }
     let spatial = &x.shape[x.rank() - 2..];
@@ -332,14 +353,21 @@ mod tests {
     fn installs_on_mobilenetish_only_where_it_applies() {
         use tract_onnx::prelude::InferenceModelExt;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        // Batch size fixed, as in the batch-1 plan (a symbolic one is left to tract).
         let load = |name: &str| {
-            tract_onnx::onnx()
+            let typed = tract_onnx::onnx()
                 .model_for_path(dir.join(name).join(format!("{name}.onnx")))
                 .unwrap()
                 .into_typed()
                 .unwrap()
                 .into_decluttered()
-                .unwrap()
+                .unwrap();
+            let n = typed.symbols.sym("N");
+            let mut typed = typed
+                .set_symbols(&[(n, TDim::Val(2))].into_iter().collect())
+                .unwrap();
+            typed.declutter().unwrap();
+            typed
         };
         let mut cnn = load("digits_cnn");
         assert_eq!(install(&mut cnn).unwrap(), 0);

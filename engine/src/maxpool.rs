@@ -2,11 +2,13 @@
 //!
 //! tract 0.23.9 runs a 2x2 stride-2 NCHW max pool (the classic downsampling, `digits_cnn`'s)
 //! through a per-output-point loop that bounds-checks every tap: 10 µs, 40 % of a `digits_cnn`
-//! inference, for 512 outputs (BENCHMARKS.md, "Engine latency (batch 1)"). This op walks one
-//! output row per input row and kernel tap over the columns where the tap is inside the input
-//! ([`Window2d::tap_columns`]), so its inner loop is a plain compare over a row. Padding is
-//! skipped, as ONNX and tract define it; a NaN is never picked (tract's comparison), so the
-//! outputs are the same values tract computes, exactly.
+//! inference, for 512 outputs (BENCHMARKS.md, "Engine latency (batch 1)"). This op takes, for
+//! each output row, the maximum down the input rows of its window for every column (one
+//! contiguous pass per input row, which the compiler vectorises), then across the columns of
+//! each output point's window ([`Window2d::row_windows`], [`Window2d::column_windows`]: the
+//! in-bounds parts of the windows, so no tap is bounds-checked). Padding is
+//! skipped, as ONNX and tract define it; a NaN is never picked (as in tract), so the outputs are
+//! the same values tract computes, exactly.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -63,37 +65,48 @@ impl TypedOp for EngineMaxPool {
     as_op!();
 }
 
-/// Pools every channel plane of `x` into `out` (both whole tensors, planes back to back).
+/// Pools every channel plane of `x` into `out` (both whole tensors, planes back to back): for
+/// each output row, the maximum down the input rows of its window first, column by column (a
+/// contiguous, vectorised pass), then across each output point's columns.
 fn pool(win: &Window2d, x: &[f32], out: &mut [f32]) {
-    out.fill(f32::MIN);
-    let tap_rows = win.tap_rows();
-    let tap_columns: TVec<_> = win
-        .tap_columns()
-        .into_iter()
-        .filter(|s| s.lo < s.hi)
-        .collect();
-    let sw = win.stride.1;
-    let plane_in = win.h * win.w;
-    let plane_out = win.oh * win.ow;
-    for (xin, xout) in x
-        .chunks_exact(plane_in)
-        .zip(out.chunks_exact_mut(plane_out))
+    let row_windows = win.row_windows();
+    let column_windows = win.column_windows();
+    let (dh, dw) = (win.dilation.0, win.dilation.1);
+    let mut column_max = vec![f32::MIN; win.w];
+    for (plane, plane_out) in x
+        .chunks_exact(win.h * win.w)
+        .zip(out.chunks_exact_mut(win.oh * win.ow))
     {
-        for in_rows in &tap_rows {
-            for &(oy, y) in in_rows {
-                let row_out = &mut xout[oy * win.ow..(oy + 1) * win.ow];
-                let row_in = &xin[y * win.w..(y + 1) * win.w];
-                for span in &tap_columns {
-                    let taps = &row_in[span.first_input..];
-                    for (j, o) in row_out[span.lo..span.hi].iter_mut().enumerate() {
-                        let v = taps[j * sw];
-                        if v > *o {
-                            *o = v;
-                        }
-                    }
+        for (row_out, &(from, to)) in plane_out.chunks_exact_mut(win.ow).zip(&row_windows) {
+            column_max.fill(f32::MIN);
+            for y in (from..to).step_by(dh) {
+                for (m, &v) in column_max
+                    .iter_mut()
+                    .zip(&plane[y * win.w..(y + 1) * win.w])
+                {
+                    *m = max(*m, v);
                 }
             }
+            for (o, &(from, to)) in row_out.iter_mut().zip(&column_windows) {
+                let taps = &column_max[from..to];
+                *o = if dw == 1 {
+                    taps.iter().fold(f32::MIN, |m, &v| max(m, v))
+                } else {
+                    taps.iter().step_by(dw).fold(f32::MIN, |m, &v| max(m, v))
+                };
+            }
         }
+    }
+}
+
+/// The larger of `m` and `v`, `m` when `v` is NaN (tract's choice). A select, not a branch: it
+/// compiles to `maxss`/`maxps`, where a branch would mispredict on every other value.
+#[inline(always)]
+fn max(m: f32, v: f32) -> f32 {
+    if v > m {
+        v
+    } else {
+        m
     }
 }
 

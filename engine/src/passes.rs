@@ -6,6 +6,7 @@
 //! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
 //! edge models with one of the engine's, and leaves anything it does not recognise to tract:
 //! - [`crate::im2col`]: a convolution as a column-matrix copy and tract's matrix product;
+//! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only);
 //! - [`crate::maxpool`]: a max pool walking rows instead of points.
 //!
 //! Outputs match stock tract within float rounding (engine tests `models`, and each module's
@@ -17,6 +18,7 @@ use tract_nnef::prelude::*;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Rewrites {
     pub convolutions: usize,
+    pub depthwise_convolutions: usize,
     pub max_pools: usize,
 }
 
@@ -24,6 +26,7 @@ pub(crate) struct Rewrites {
 pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     Ok(Rewrites {
         convolutions: crate::im2col::install(model)?,
+        depthwise_convolutions: crate::depthwise::install(model)?,
         max_pools: crate::maxpool::install(model)?,
     })
 }
@@ -110,7 +113,8 @@ mod tests {
         }
     }
 
-    /// The passes find the same operators in a model read back from NNEF as in the ONNX one.
+    /// The passes find the same operators in a model read back from NNEF as in the ONNX one
+    /// (the batch-1 plan's model).
     #[test]
     fn passes_rewrite_nnef_models_as_onnx_ones() {
         let expected = [
@@ -119,6 +123,7 @@ mod tests {
                 "digits_cnn",
                 Rewrites {
                     convolutions: 2,
+                    depthwise_convolutions: 0,
                     max_pools: 1,
                 },
             ),
@@ -127,6 +132,7 @@ mod tests {
                 "mobilenetish",
                 Rewrites {
                     convolutions: 1,
+                    depthwise_convolutions: 17,
                     max_pools: 0,
                 },
             ),
@@ -134,13 +140,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for (name, want) in expected {
             let path = onnx_path(name);
-            let (mut from_onnx, _) =
+            let (from_onnx, names) =
                 crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
             let (archive, _) = crate::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
             let nnef_path = tmp.path().join(format!("{name}.nnef.tar"));
             std::fs::write(&nnef_path, archive).unwrap();
-            let mut from_nnef = crate::nnef::read(&nnef_path).unwrap();
-            from_nnef.declutter().unwrap();
+            let from_nnef = crate::nnef::read(&nnef_path).unwrap();
+            // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
+            let batch_one = |typed: TypedModel| {
+                let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
+                let sym = signature.batch_symbol(&typed).unwrap();
+                let mut typed = typed
+                    .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
+                    .unwrap();
+                typed.declutter().unwrap();
+                typed
+            };
+            let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
             assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
             assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
         }

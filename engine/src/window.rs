@@ -132,6 +132,20 @@ impl Window2d {
             .collect()
     }
 
+    /// For every output row `oy`, the input rows `[from, to)` its window covers inside the input:
+    /// the in-bounds taps are `from`, `from + dilation_h`, ... below `to` (none when
+    /// `from >= to`).
+    pub fn row_windows(&self) -> TVec<(usize, usize)> {
+        let (k, s, d) = (self.kh, self.stride.0, self.dilation.0);
+        axis_windows(self.oh, self.h, k, s, d, self.pad_top)
+    }
+
+    /// [`Window2d::row_windows`] along the columns.
+    pub fn column_windows(&self) -> TVec<(usize, usize)> {
+        let (k, s, d) = (self.kw, self.stride.1, self.dilation.1);
+        axis_windows(self.ow, self.w, k, s, d, self.pad_left)
+    }
+
     /// For every horizontal tap `kx`, the output columns whose tap is inside the input
     /// (possibly empty: `lo == hi`).
     pub fn tap_columns(&self) -> TVec<ColumnSpan> {
@@ -158,6 +172,33 @@ impl Window2d {
     }
 }
 
+/// Along one axis: for each of `outputs` output points, the input range `[from, to)` holding
+/// its in-bounds taps (every `dilation`-th from `from`) on an input of `len` points.
+fn axis_windows(
+    outputs: usize,
+    len: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_before: usize,
+) -> TVec<(usize, usize)> {
+    let extent = ((kernel - 1) * dilation + 1) as isize;
+    (0..outputs)
+        .map(|o| {
+            // Input index of the first tap, which may be before the input (padding).
+            let start = (o * stride) as isize - pad_before as isize;
+            let first_inside = if start < 0 {
+                start + ((-start) as usize).div_ceil(dilation) as isize * dilation as isize
+            } else {
+                start
+            };
+            let end = (start + extent).min(len as isize);
+            let from = first_inside.max(0) as usize;
+            (from, (end.max(0) as usize).max(from))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +217,33 @@ mod tests {
             pad_left,
             oh: 1,
             ow,
+        }
+    }
+
+    /// Every window holds exactly the in-bounds taps of its output column.
+    #[test]
+    fn column_windows_hold_exactly_the_in_bounds_taps() {
+        for w in 1..7 {
+            for kw in 1..4 {
+                for sw in 1..4 {
+                    for dw in 1..3 {
+                        for pad_left in 0..4 {
+                            for ow in 1..8 {
+                                let win = window(w, kw, sw, dw, pad_left, ow);
+                                for (ox, &(from, to)) in win.column_windows().iter().enumerate() {
+                                    let inside: Vec<usize> = (0..kw)
+                                        .map(|kx| (ox * sw + kx * dw) as isize - pad_left as isize)
+                                        .filter(|&x| x >= 0 && (x as usize) < w)
+                                        .map(|x| x as usize)
+                                        .collect();
+                                    let got: Vec<usize> = (from..to).step_by(dw).collect();
+                                    assert_eq!(got, inside, "{win:?} ox {ox}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
