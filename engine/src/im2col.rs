@@ -12,8 +12,9 @@
 //!   ─ [N, M, oh·ow] ─ + bias [1, M, 1] ─ reshape ─ [N, M, oh, ow]
 //! ```
 //!
-//! `EngineIm2col` copies each kernel tap's rows with zeros where the tap lands in the padding
-//! (no separate padded copy of the input), contiguously when the stride is 1. The rest is
+//! `EngineIm2col` copies each channel plane into a small zero-padded scratch plane, then each
+//! kernel tap's row of the column matrix out of it, `ow` points per output row (inline moves,
+//! not a `memcpy` call per row: the rows of small feature maps are 4 or 8 points). The rest is
 //! tract's own: the `EinSum` with a constant kernel becomes its optimised matrix product (the
 //! kernel packed once at load, the column matrix packed per call by its packing kernel), with
 //! the bias addition fused into it. The sums are tract's matrix-product kernels over the same
@@ -96,34 +97,36 @@ impl TypedOp for EngineIm2col {
     as_op!();
 }
 
-/// Writes the column matrix of every image of `x` into `out`: zeros first, then each tap's
-/// in-bounds span of every output row it reaches.
+/// Writes the column matrix of every image of `x` into `out` (every element written): each
+/// channel plane is first copied into a zero-padded plane, from which every tap's row of the
+/// column matrix is `oh` slices of `ow` points (every `stride_w`-th point).
 fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
-    out.fill(0.0);
-    let tap_rows = win.tap_rows();
-    let tap_columns = win.tap_columns();
-    let sw = win.stride.1;
+    let (sh, sw) = win.stride;
+    let (dh, dw) = win.dilation;
+    // The padded plane: every row and column any tap reads.
+    let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
+    let pw = (win.ow - 1) * sw + (win.kw - 1) * dw + 1;
+    let mut padded = vec![0f32; ph * pw];
+    let rows_in = win.h.min(ph.saturating_sub(win.pad_top));
+    let cols_in = win.w.min(pw.saturating_sub(win.pad_left));
     let plane = win.h * win.w;
     let columns = win.oh * win.ow;
     let mut rows = out.chunks_exact_mut(columns);
-    for image in x.chunks_exact(win.c * plane) {
-        for channel in image.chunks_exact(plane) {
-            for in_rows in &tap_rows {
-                for span in &tap_columns {
-                    let row = rows.next().expect("output sized for every tap");
-                    let len = span.hi - span.lo;
-                    if len == 0 {
-                        continue;
-                    }
-                    for &(oy, y) in in_rows {
-                        let to = &mut row[oy * win.ow + span.lo..][..len];
-                        let from = &channel[y * win.w + span.first_input..];
-                        if sw == 1 {
-                            copy_short(to, &from[..len]);
-                        } else {
-                            for (j, o) in to.iter_mut().enumerate() {
-                                *o = from[j * sw];
-                            }
+    for channel in x.chunks_exact(plane) {
+        for y in 0..rows_in {
+            let at = (y + win.pad_top) * pw + win.pad_left;
+            padded[at..at + cols_in].copy_from_slice(&channel[y * win.w..][..cols_in]);
+        }
+        for ky in 0..win.kh {
+            for kx in 0..win.kw {
+                let row = rows.next().expect("output sized for every tap");
+                for (oy, to) in row.chunks_exact_mut(win.ow).enumerate() {
+                    let from = &padded[(oy * sh + ky * dh) * pw + kx * dw..];
+                    if sw == 1 {
+                        copy_short(to, &from[..win.ow]);
+                    } else {
+                        for (o, v) in to.iter_mut().zip(from.iter().step_by(sw)) {
+                            *o = *v;
                         }
                     }
                 }
@@ -132,24 +135,27 @@ fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `to.copy_from_slice(from)` for the short rows of small feature maps, inline: in blocks of
-/// eight and four (fixed-size moves), where `copy_from_slice` would call `memcpy` per row.
+/// `to.copy_from_slice(from)` for the short rows of small feature maps: blocks of eight and
+/// four as fixed-size moves, inline, where `copy_from_slice` calls `memcpy` for every row (a
+/// call costs more than moving a 4-point row).
 #[inline(always)]
 fn copy_short(to: &mut [f32], from: &[f32]) {
-    let mut to = to.chunks_exact_mut(8);
-    let mut from = from.chunks_exact(8);
-    for (t, f) in (&mut to).zip(&mut from) {
-        t.copy_from_slice(f);
+    let n = to.len();
+    let from = &from[..n];
+    let mut i = 0;
+    while i + 8 <= n {
+        let t: &mut [f32; 8] = (&mut to[i..i + 8]).try_into().unwrap();
+        *t = from[i..i + 8].try_into().unwrap();
+        i += 8;
     }
-    let (to, from) = (to.into_remainder(), from.remainder());
-    let split = to.len() / 4 * 4;
-    let (to4, to1) = to.split_at_mut(split);
-    let (from4, from1) = from.split_at(split);
-    for (t, f) in to4.chunks_exact_mut(4).zip(from4.chunks_exact(4)) {
-        t.copy_from_slice(f);
+    if i + 4 <= n {
+        let t: &mut [f32; 4] = (&mut to[i..i + 4]).try_into().unwrap();
+        *t = from[i..i + 4].try_into().unwrap();
+        i += 4;
     }
-    for (t, f) in to1.iter_mut().zip(from1) {
-        *t = *f;
+    while i < n {
+        to[i] = from[i];
+        i += 1;
     }
 }
 

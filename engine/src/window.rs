@@ -4,8 +4,9 @@
 //! An output point `(oy, ox)` reads, for the kernel tap `(ky, kx)`, the input point
 //! `(oy * stride_h + ky * dilation_h - pad_top, ox * stride_w + kx * dilation_w - pad_left)`;
 //! taps that land outside the input are padding (zero for a convolution, skipped by a max pool).
-//! [`Window2d::tap_columns`] gives, for one horizontal tap, the span of output columns whose tap
-//! lands inside the input, so the ops' inner loops run without bounds checks.
+//! [`Window2d::row_windows`] and [`Window2d::column_windows`] give, for each output row and
+//! column, the part of its window inside the input, so the ops' inner loops need no bounds
+//! checks per tap.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::ops::cnn::PoolSpec;
@@ -28,15 +29,6 @@ pub(crate) struct Window2d {
     pub pad_left: usize,
     pub oh: usize,
     pub ow: usize,
-}
-
-/// Output columns `[lo, hi)` whose horizontal tap lands inside the input, and the input column
-/// the first of them reads (the next ones read every `stride_w`-th column after it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ColumnSpan {
-    pub lo: usize,
-    pub hi: usize,
-    pub first_input: usize,
 }
 
 impl Window2d {
@@ -112,26 +104,6 @@ impl Window2d {
         shape
     }
 
-    /// The input row read by output row `oy` for vertical tap `ky`, if inside the input.
-    #[inline]
-    pub fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.stride.0 + ky * self.dilation.0)
-            .checked_sub(self.pad_top)
-            .filter(|&y| y < self.h)
-    }
-
-    /// For every vertical tap `ky`, the output rows whose tap is inside the input, each with the
-    /// input row it reads.
-    pub fn tap_rows(&self) -> TVec<TVec<(usize, usize)>> {
-        (0..self.kh)
-            .map(|ky| {
-                (0..self.oh)
-                    .filter_map(|oy| self.input_row(oy, ky).map(|y| (oy, y)))
-                    .collect()
-            })
-            .collect()
-    }
-
     /// For every output row `oy`, the input rows `[from, to)` its window covers inside the input:
     /// the in-bounds taps are `from`, `from + dilation_h`, ... below `to` (none when
     /// `from >= to`).
@@ -144,31 +116,6 @@ impl Window2d {
     pub fn column_windows(&self) -> TVec<(usize, usize)> {
         let (k, s, d) = (self.kw, self.stride.1, self.dilation.1);
         axis_windows(self.ow, self.w, k, s, d, self.pad_left)
-    }
-
-    /// For every horizontal tap `kx`, the output columns whose tap is inside the input
-    /// (possibly empty: `lo == hi`).
-    pub fn tap_columns(&self) -> TVec<ColumnSpan> {
-        let sw = self.stride.1;
-        (0..self.kw)
-            .map(|kx| {
-                // Input column of output column `ox`: ox * sw + offset - pad_left.
-                let offset = kx * self.dilation.1;
-                // First output column with ox * sw + offset >= pad_left.
-                let lo = self.pad_left.saturating_sub(offset).div_ceil(sw);
-                // Past the last output column with ox * sw + offset - pad_left < w.
-                let hi = (self.w + self.pad_left)
-                    .checked_sub(offset + 1)
-                    .map_or(0, |last| last / sw + 1)
-                    .min(self.ow);
-                let lo = lo.min(hi);
-                ColumnSpan {
-                    lo,
-                    hi,
-                    first_input: (lo * sw + offset).saturating_sub(self.pad_left),
-                }
-            })
-            .collect()
     }
 }
 
@@ -238,41 +185,6 @@ mod tests {
                                         .collect();
                                     let got: Vec<usize> = (from..to).step_by(dw).collect();
                                     assert_eq!(got, inside, "{win:?} ox {ox}");
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every span agrees with testing each output column one by one.
-    #[test]
-    fn tap_columns_are_exactly_the_in_bounds_taps() {
-        for w in 1..7 {
-            for kw in 1..4 {
-                for sw in 1..4 {
-                    for dw in 1..3 {
-                        for pad_left in 0..4 {
-                            for ow in 1..8 {
-                                let win = window(w, kw, sw, dw, pad_left, ow);
-                                for (kx, span) in win.tap_columns().iter().enumerate() {
-                                    let inside: Vec<usize> = (0..ow)
-                                        .filter(|ox| {
-                                            let x =
-                                                (ox * sw + kx * dw) as isize - pad_left as isize;
-                                            x >= 0 && (x as usize) < w
-                                        })
-                                        .collect();
-                                    let got: Vec<usize> = (span.lo..span.hi).collect();
-                                    assert_eq!(got, inside, "{win:?} kx {kx}");
-                                    if let Some(&first) = inside.first() {
-                                        assert_eq!(
-                                            span.first_input,
-                                            first * sw + kx * dw - pad_left
-                                        );
-                                    }
                                 }
                             }
                         }
