@@ -131,7 +131,7 @@ mod tests {
             (
                 "mobilenetish",
                 Rewrites {
-                    convolutions: 1,
+                    convolutions: 0,
                     depthwise_convolutions: 17,
                     max_pools: 0,
                 },
