@@ -95,6 +95,9 @@ impl TypedOp for DepthwiseConv {
     as_op!();
 }
 
+/// Largest plane (accumulated points) computed whole with unit stride: 16 KiB of accumulators.
+const WHOLE_PLANE_MAX: usize = 4096;
+
 fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -119,7 +122,15 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
     let phase_len = pw.div_ceil(sw);
     let row_len = phase_len * sw;
     let mut padded = vec![0f32; ph * row_len];
-    let mut acc = vec![0f32; op.ow];
+    // Accumulators: an output row, or with unit stride the whole plane over padded rows when
+    // that stays in the L1 cache with its input (a large plane's rows are long enough).
+    let plane_span = (op.oh - 1) * row_len + op.ow;
+    let whole_plane = (sh, sw) == (1, 1) && plane_span <= WHOLE_PLANE_MAX;
+    let mut acc = vec![0f32; if whole_plane { plane_span } else { op.ow }];
+    // Where tap kx starts in a padded row (its column phase, then its place in the phase).
+    let tap_starts: TVec<usize> = (0..op.kw)
+        .map(|kx| (kx % sw) * phase_len + kx / sw)
+        .collect();
     let plane_in = op.h * op.w;
     let plane_out = op.oh * op.ow;
     for (plane, (xin, xout)) in x
@@ -140,36 +151,71 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
             if sw == 1 {
                 row[op.pad_left..op.pad_left + src.len()].copy_from_slice(src);
             } else {
-                // Phase by phase: padded column px = xx + pad_left goes to phase px % sw at
-                // px / sw; the columns of one phase are every sw-th input column.
-                for phase in 0..sw {
-                    let first = (phase + sw - op.pad_left % sw) % sw;
-                    let Some(taps) = src.get(first..) else {
-                        continue;
-                    };
-                    let at = phase * phase_len + (first + op.pad_left) / sw;
-                    for (d, v) in row[at..].iter_mut().zip(taps.iter().step_by(sw)) {
-                        *d = *v;
+                // Padded column px = xx + pad_left goes to phase px % sw at px / sw: the few
+                // input columns before the first of phase 0 one by one, then sw at a time
+                // (phases 0, 1, ... at the same position).
+                let lead = ((sw - op.pad_left % sw) % sw).min(src.len());
+                for (xx, v) in src[..lead].iter().enumerate() {
+                    let px = xx + op.pad_left;
+                    row[(px % sw) * phase_len + px / sw] = *v;
+                }
+                let at = (lead + op.pad_left) / sw;
+                if sw == 2 {
+                    let (even, odd) = row.split_at_mut(phase_len);
+                    let pairs = src[lead..].chunks_exact(2);
+                    let last = pairs.remainder().first().copied();
+                    let n = pairs.len();
+                    for ((e, o), pair) in even[at..].iter_mut().zip(&mut odd[at..]).zip(pairs) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    if let Some(v) = last {
+                        even[at + n] = v;
+                    }
+                } else {
+                    for (j, chunk) in src[lead..].chunks(sw).enumerate() {
+                        for (phase, v) in chunk.iter().enumerate() {
+                            row[phase * phase_len + at + j] = *v;
+                        }
                     }
                 }
             }
         }
         let kernel = &k[c * op.kh * op.kw..(c + 1) * op.kh * op.kw];
         let bias = if b.len() == 1 { b[0] } else { b[c] };
-        for oy in 0..op.oh {
-            acc.iter_mut().for_each(|a| *a = bias);
+        if whole_plane {
+            // Unit stride, small plane: the whole plane at once, over padded rows (the
+            // `pw - ow` columns past each output row are computed and dropped), so every tap
+            // is one long contiguous multiply-add even when the rows are 7 or 14 points.
+            acc.fill(bias);
             for ky in 0..op.kh {
-                let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
                 for kx in 0..op.kw {
                     let wgt = kernel[ky * op.kw + kx];
-                    let start = (kx % sw) * phase_len + kx / sw;
-                    let src = &row[start..start + op.ow];
+                    let src = &padded[ky * row_len + kx..][..acc.len()];
                     for (a, s) in acc.iter_mut().zip(src) {
                         *a += wgt * *s;
                     }
                 }
             }
-            xout[oy * op.ow..(oy + 1) * op.ow].copy_from_slice(&acc);
+            for (oy, row) in xout.chunks_exact_mut(op.ow).enumerate() {
+                row.copy_from_slice(&acc[oy * row_len..][..op.ow]);
+            }
+            continue;
+        }
+        for oy in 0..op.oh {
+            let acc = &mut acc[..op.ow];
+            acc.fill(bias);
+            for ky in 0..op.kh {
+                let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
+                for (kx, start) in tap_starts.iter().enumerate() {
+                    let wgt = kernel[ky * op.kw + kx];
+                    let src = &row[*start..*start + op.ow];
+                    for (a, s) in acc.iter_mut().zip(src) {
+                        *a += wgt * *s;
+                    }
+                }
+            }
+            xout[oy * op.ow..(oy + 1) * op.ow].copy_from_slice(acc);
         }
     }
 }
