@@ -93,10 +93,7 @@ impl Window2d {
     }
 
     /// The output shape for batch size `n`.
-    pub fn output_shape<D: Clone>(&self, n: D, channels: usize) -> TVec<D>
-    where
-        D: From<usize>,
-    {
+    pub fn output_shape<D: From<usize>>(&self, n: D, channels: usize) -> TVec<D> {
         let mut shape: TVec<D> = tvec![channels.into(), self.oh.into(), self.ow.into()];
         if self.has_n {
             shape.insert(0, n);
