@@ -3,9 +3,14 @@
 //! ```text
 //! cargo run --release -p modelfleet-engine --example engine_bench -- \
 //!     [--threads N] [--cache DIR] [--seconds S] [--models digits_mlp,digits_cnn,mobilenetish] [--stock]
+//!     [--runs N]
 //! ```
 //! `--stock` also times plain tract (`into_optimized` symbolic plan, `plan.run` per call) for
 //! comparison. Output: one line per model, times in microseconds.
+//!
+//! `--runs N` times nothing: it loads each model once and runs it exactly N times, for
+//! instruction counts under `valgrind --tool=callgrind` (the count of `--runs 0`, load only,
+//! subtracted from that of `--runs N` and divided by N is the cost of one request).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +24,7 @@ struct Args {
     seconds: f64,
     models: Vec<String>,
     stock: bool,
+    runs: Option<usize>,
 }
 
 fn args() -> Args {
@@ -32,6 +38,7 @@ fn args() -> Args {
             "mobilenetish".into(),
         ],
         stock: false,
+        runs: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,6 +49,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = value().parse().expect("--seconds S"),
             "--models" => a.models = value().split(',').map(str::to_owned).collect(),
             "--stock" => a.stock = true,
+            "--runs" => a.runs = Some(value().parse().expect("--runs N")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -107,6 +115,17 @@ fn main() {
     );
     for name in &a.models {
         let path = dir(name).join(format!("{name}.onnx"));
+        if let Some(runs) = a.runs {
+            let model = Model::load(&path, &opts).unwrap();
+            let inputs = [first_sample(
+                &read_npy(dir(name).join("test_input.npy")).unwrap(),
+            )];
+            for _ in 0..runs {
+                model.run(&inputs).unwrap();
+            }
+            println!("engine {name:<14} runs {runs}");
+            continue;
+        }
         let mut loads = vec![];
         let mut model = None;
         for _ in 0..3 {

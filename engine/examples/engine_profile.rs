@@ -31,12 +31,9 @@ fn main() -> TractResult<()> {
         .into_typed()?
         .into_decluttered()?;
     let n = typed.symbols.sym("N");
-    let mut model = typed.set_symbols(&[(n, TDim::Val(1))].into_iter().collect())?;
-    model.declutter()?;
-    if std::env::var_os("MODELFLEET_ENGINE_DEPTHWISE").is_some_and(|v| v == "1") {
-        engine::internals::install_depthwise(&mut model)?;
-    }
-    let model = model.into_optimized()?;
+    let model = typed.set_symbols(&[(n, TDim::Val(1))].into_iter().collect())?;
+    // The engine's own declutter, passes and optimisation, as `Model::load` runs them.
+    let model = engine::internals::optimize(model)?;
     let plan = model.into_runnable()?;
     let input = engine::npy::read_npy(dir.join("test_input.npy")).unwrap();
     let row: usize = input.shape[1..].iter().product();

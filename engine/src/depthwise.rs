@@ -1,12 +1,15 @@
-//! An experimental depthwise 2-D convolution that can replace tract's, and the pass installing it.
-//! Off by default (see `model::optimize`): in release builds it measured no faster than tract.
+//! A depthwise 2-D convolution that replaces tract's, and the pass installing it (`passes`).
 //!
-//! tract 0.23.9 runs depthwise convolutions with more than four taps (every 3x3 one) through a
-//! generic per-pixel loop on x86 and ARM (its vectorised routine exists for wasm only): on
-//! mobilenet-style models that is 40-50% of the inference time. This op pads each channel plane once into a scratch buffer, split by column
-//! phase for strided convolutions, so that every tap is a contiguous multiply-add over an output
-//! row, which the compiler vectorises (AVX2 when the CPU has it). No fused multiply-add is used,
-//! so results are the same on every CPU.
+//! tract 0.23.9 walks a depthwise convolution zone by zone and output row by output row, with
+//! its vectorised routine only for unit-stride rows: 60 % of a `mobilenetish` inference
+//! (BENCHMARKS.md, "Engine latency (batch 1)"). This op pads each channel plane once into a
+//! scratch buffer, split by column phase for strided convolutions (filled a row at a time, a
+//! phase at a time), so that every tap is a contiguous multiply-add over an output row, which the
+//! compiler vectorises (AVX2 when the CPU has it). It computes what tract's depthwise kernel
+//! computes, in the same order: the bias, then each tap's product added in turn, no fused
+//! multiply-add (a padded tap adds an exact zero), so results are the same on every CPU.
+//! (An earlier version, off by default, measured no faster than tract: it filled the padded
+//! plane with a division per element.)
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -92,6 +95,9 @@ impl TypedOp for DepthwiseConv {
     as_op!();
 }
 
+/// Largest plane (accumulated points) computed whole with unit stride: 16 KiB of accumulators.
+const WHOLE_PLANE_MAX: usize = 4096;
+
 fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -116,7 +122,15 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
     let phase_len = pw.div_ceil(sw);
     let row_len = phase_len * sw;
     let mut padded = vec![0f32; ph * row_len];
-    let mut acc = vec![0f32; op.ow];
+    // Accumulators: an output row, or with unit stride the whole plane over padded rows when
+    // that stays in the L1 cache with its input (a large plane's rows are long enough).
+    let plane_span = (op.oh - 1) * row_len + op.ow;
+    let whole_plane = (sh, sw) == (1, 1) && plane_span <= WHOLE_PLANE_MAX;
+    let mut acc = vec![0f32; if whole_plane { plane_span } else { op.ow }];
+    // Where tap kx starts in a padded row (its column phase, then its place in the phase).
+    let tap_starts: TVec<usize> = (0..op.kw)
+        .map(|kx| (kx % sw) * phase_len + kx / sw)
+        .collect();
     let plane_in = op.h * op.w;
     let plane_out = op.oh * op.ow;
     for (plane, (xin, xout)) in x
@@ -132,37 +146,83 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
                 break;
             }
             let row = &mut padded[py * row_len..(py + 1) * row_len];
-            let src = &xin[y * op.w..(y + 1) * op.w];
-            for (xx, v) in src.iter().enumerate() {
-                let px = xx + op.pad_left;
-                if px < pw {
+            // Input columns that land inside the padded row (the rest is never read).
+            let src = &xin[y * op.w..(y + 1) * op.w][..op.w.min(pw - op.pad_left)];
+            if sw == 1 {
+                row[op.pad_left..op.pad_left + src.len()].copy_from_slice(src);
+            } else {
+                // Padded column px = xx + pad_left goes to phase px % sw at px / sw: the few
+                // input columns before the first of phase 0 one by one, then sw at a time
+                // (phases 0, 1, ... at the same position).
+                let lead = ((sw - op.pad_left % sw) % sw).min(src.len());
+                for (xx, v) in src[..lead].iter().enumerate() {
+                    let px = xx + op.pad_left;
                     row[(px % sw) * phase_len + px / sw] = *v;
+                }
+                let at = (lead + op.pad_left) / sw;
+                if sw == 2 {
+                    let (even, odd) = row.split_at_mut(phase_len);
+                    let pairs = src[lead..].chunks_exact(2);
+                    let last = pairs.remainder().first().copied();
+                    let n = pairs.len();
+                    for ((e, o), pair) in even[at..].iter_mut().zip(&mut odd[at..]).zip(pairs) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    if let Some(v) = last {
+                        even[at + n] = v;
+                    }
+                } else {
+                    for (j, chunk) in src[lead..].chunks(sw).enumerate() {
+                        for (phase, v) in chunk.iter().enumerate() {
+                            row[phase * phase_len + at + j] = *v;
+                        }
+                    }
                 }
             }
         }
         let kernel = &k[c * op.kh * op.kw..(c + 1) * op.kh * op.kw];
         let bias = if b.len() == 1 { b[0] } else { b[c] };
-        for oy in 0..op.oh {
-            acc.iter_mut().for_each(|a| *a = bias);
+        if whole_plane {
+            // Unit stride, small plane: the whole plane at once, over padded rows (the
+            // `pw - ow` columns past each output row are computed and dropped), so every tap
+            // is one long contiguous multiply-add even when the rows are 7 or 14 points.
+            acc.fill(bias);
             for ky in 0..op.kh {
-                let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
                 for kx in 0..op.kw {
                     let wgt = kernel[ky * op.kw + kx];
-                    let start = (kx % sw) * phase_len + kx / sw;
-                    let src = &row[start..start + op.ow];
+                    let src = &padded[ky * row_len + kx..][..acc.len()];
                     for (a, s) in acc.iter_mut().zip(src) {
                         *a += wgt * *s;
                     }
                 }
             }
-            xout[oy * op.ow..(oy + 1) * op.ow].copy_from_slice(&acc);
+            for (oy, row) in xout.chunks_exact_mut(op.ow).enumerate() {
+                row.copy_from_slice(&acc[oy * row_len..][..op.ow]);
+            }
+            continue;
+        }
+        for oy in 0..op.oh {
+            let acc = &mut acc[..op.ow];
+            acc.fill(bias);
+            for ky in 0..op.kh {
+                let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
+                for (kx, start) in tap_starts.iter().enumerate() {
+                    let wgt = kernel[ky * op.kw + kx];
+                    let src = &row[*start..*start + op.ow];
+                    for (a, s) in acc.iter_mut().zip(src) {
+                        *a += wgt * *s;
+                    }
+                }
+            }
+            xout[oy * op.ow..(oy + 1) * op.ow].copy_from_slice(acc);
         }
     }
 }
 
 /// Replaces every depthwise `Conv` this op can run (f32, NCHW/CHW, dilation 1, constant kernel
 /// and bias, known spatial size) with [`DepthwiseConv`]. Returns how many were replaced.
-pub fn install(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -220,6 +280,13 @@ fn candidate(
         || k.shape.as_concrete() != Some(&[c, 1, kh, kw][..])
         || !(b.shape.volume() == 1.into() || b.shape.volume() == c.into())
     {
+        return Ok(None);
+    }
+    // A known batch size only (the batch-1 plan): with a symbolic one tract does not lower a
+    // depthwise convolution to its depthwise kernel (bias, then each tap's product added in
+    // order, no FMA: what this op computes) but to a matrix product with FMA, and replacing
+    // that would move the general plan's outputs by more than the 1e-5 the passes keep to.
+    if has_n && x.shape[0].as_i64().is_none() {
         return Ok(None);
     }
     let spatial = &x.shape[x.rank() - 2..];
@@ -332,14 +399,21 @@ mod tests {
     fn installs_on_mobilenetish_only_where_it_applies() {
         use tract_onnx::prelude::InferenceModelExt;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        // Batch size fixed, as in the batch-1 plan (a symbolic one is left to tract).
         let load = |name: &str| {
-            tract_onnx::onnx()
+            let typed = tract_onnx::onnx()
                 .model_for_path(dir.join(name).join(format!("{name}.onnx")))
                 .unwrap()
                 .into_typed()
                 .unwrap()
                 .into_decluttered()
-                .unwrap()
+                .unwrap();
+            let n = typed.symbols.sym("N");
+            let mut typed = typed
+                .set_symbols(&[(n, TDim::Val(2))].into_iter().collect())
+                .unwrap();
+            typed.declutter().unwrap();
+            typed
         };
         let mut cnn = load("digits_cnn");
         assert_eq!(install(&mut cnn).unwrap(), 0);

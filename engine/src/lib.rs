@@ -14,7 +14,12 @@
 //! element types, shapes with free dimensions such as the batch size left open), declutters it,
 //! and builds two optimised plans: one with the batch dimension fixed to 1, the common case when
 //! serving single requests, where tract can specialise every kernel for known shapes; and one
-//! with the batch dimension left symbolic, for every other batch size. [`Model::run`] checks the
+//! with the batch dimension left symbolic, for every other batch size. Before tract optimises a
+//! plan, the engine's own passes (`passes`) replace the tract operators that are slow on the
+//! small inputs of edge models: small convolutions (`im2col`), depthwise convolutions
+//! (`depthwise`) and max pools (`maxpool`), over the window geometry of `window`. Their outputs
+//! stay within 1e-5 relative of tract's own (float rounding; tested on every reference model,
+//! from ONNX and from NNEF). [`Model::run`] checks the
 //! inputs against the signature (errors name the tensor, and say what was expected and what was
 //! given, because they end up in HTTP 400 bodies and CLI messages), picks the plan, and runs it
 //! on an execution state borrowed from a small pool, so a `Model` behind an `Arc` serves
@@ -29,8 +34,9 @@
 //! Modules are small: [`tensor`] (the owned tensor type), [`npy`] (reading NumPy files of test
 //! vectors), `spec` (signature and validation), `convert` (tensor copies to and from tract),
 //! `runner` (plan + state pool), `cache` (loading ONNX, optionally from a cache of the
-//! decluttered model), `nnef` (reading and writing NNEF archives), `model` (the public entry
-//! point) and `error`.
+//! decluttered model), `nnef` (reading and writing NNEF archives), `passes` and the operators
+//! they install (`im2col`, `depthwise`, `maxpool`, `window`), `model` (the public entry point)
+//! and `error`.
 //!
 //! Features: `onnx` (default) is the ONNX front end (tract-onnx, tract-hir, protobuf); without it
 //! ([`ONNX`] is false) the engine reads NNEF only and refuses ONNX with
@@ -42,12 +48,16 @@ mod cache;
 mod convert;
 mod depthwise;
 mod error;
+mod im2col;
+mod maxpool;
 mod model;
 mod nnef;
 pub mod npy;
+mod passes;
 mod runner;
 mod spec;
 pub mod tensor;
+mod window;
 
 pub use error::EngineError;
 #[cfg(feature = "onnx")]
@@ -66,8 +76,9 @@ pub const ONNX: bool = cfg!(feature = "onnx");
 pub const MULTITHREAD: bool = cfg!(feature = "multithread");
 pub use tensor::{Tensor, TensorData};
 
-/// Internals for the engine's own examples (profiling); not part of the API.
+/// Internals for the engine's own examples (`engine_profile` builds the batch-1 plan exactly as
+/// a load does); not part of the API.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::depthwise::install as install_depthwise;
+    pub use crate::model::optimize;
 }

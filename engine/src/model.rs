@@ -237,16 +237,10 @@ pub fn onnx_to_nnef(path: &Path, onnx: &[u8]) -> Result<(Vec<u8>, IoNames), Engi
     Ok((archive, names))
 }
 
-/// Declutter, optionally swap in the engine's experimental depthwise kernel, then optimise.
-///
-/// The depthwise kernel is off unless `MODELFLEET_ENGINE_DEPTHWISE=1`: measured in release
-/// builds it was no faster than tract's own (11.6 ms vs 10.2 ms of depthwise time per
-/// mobilenetish inference), so the default stays on tract's code path.
-fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
+/// Declutter, the engine's own passes (`passes`), then tract's optimisation.
+pub fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
     model.declutter()?;
-    if std::env::var_os("MODELFLEET_ENGINE_DEPTHWISE").is_some_and(|v| v == "1") {
-        crate::depthwise::install(&mut model)?;
-    }
+    crate::passes::apply(&mut model)?;
     model.into_optimized()
 }
 

@@ -1,0 +1,165 @@
+//! The engine's own rewrites of a decluttered model, run at every load before tract optimises
+//! it (`model::optimize`), on ONNX and NNEF models alike: they match tract-core operators
+//! (`Conv`, `MaxPool`), which is what both front ends produce, and never reach a file (the NNEF
+//! conversion and the model cache write the model before them).
+//!
+//! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
+//! edge models with one of the engine's, and leaves anything it does not recognise to tract:
+//! - [`crate::im2col`]: a convolution as a column-matrix copy and tract's matrix product;
+//! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only);
+//! - [`crate::maxpool`]: a max pool walking rows instead of points.
+//!
+//! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
+//! model, loaded from ONNX and from NNEF (tests below); each operator is also checked against a
+//! naive implementation in its module.
+
+use tract_nnef::prelude::*;
+
+/// How many operators each pass replaced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Rewrites {
+    pub convolutions: usize,
+    pub depthwise_convolutions: usize,
+    pub max_pools: usize,
+}
+
+/// Runs every pass on `model` (decluttered, not yet optimised).
+pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
+    Ok(Rewrites {
+        convolutions: crate::im2col::install(model)?,
+        depthwise_convolutions: crate::depthwise::install(model)?,
+        max_pools: crate::maxpool::install(model)?,
+    })
+}
+
+#[cfg(all(test, feature = "onnx"))]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use tract_onnx::prelude::*;
+
+    use super::Rewrites;
+    use crate::{EngineOptions, Model};
+
+    const MODELS: [&str; 4] = ["digits_mlp", "digits_cnn", "vibration_ae", "mobilenetish"];
+
+    fn onnx_path(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/models")
+            .join(name)
+            .join(format!("{name}.onnx"))
+    }
+
+    fn first_rows(name: &str, n: usize) -> crate::Tensor {
+        let dir = onnx_path(name).parent().unwrap().to_owned();
+        let all = crate::npy::read_npy(dir.join("test_input.npy")).unwrap();
+        let row: usize = all.shape[1..].iter().product();
+        let mut shape = all.shape.clone();
+        shape[0] = n;
+        crate::Tensor::from_f32(shape, all.as_f32().unwrap()[..n * row].to_vec()).unwrap()
+    }
+
+    /// Stock tract: the model the engine prepares (decluttered, batch size fixed when 1, as the
+    /// engine's batch-1 plan does; symbolic otherwise), optimised and run by tract alone.
+    fn stock(name: &str, x: &crate::Tensor) -> Vec<f32> {
+        let path = onnx_path(name);
+        let (typed, names) =
+            crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
+        let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
+        let typed = match (x.shape[0], signature.batch_symbol(&typed)) {
+            (1, Some(sym)) => typed
+                .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
+                .unwrap(),
+            _ => typed,
+        };
+        let plan = typed.into_optimized().unwrap().into_runnable().unwrap();
+        let x = Tensor::from_shape(&x.shape, x.as_f32().unwrap()).unwrap();
+        let out = plan.run(tvec!(x.into())).unwrap();
+        let view = out[0].try_as_plain_ram().unwrap();
+        view.as_slice::<f32>().unwrap().to_vec()
+    }
+
+    fn assert_within_1e5(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-7,
+                "{what}: element {i}: engine {g}, stock tract {w}"
+            );
+        }
+    }
+
+    /// The engine, with its passes, against stock tract, from ONNX and from the NNEF archive a
+    /// device loads; at batch 1 (the batch-1 plan) and 3 (the symbolic one).
+    #[test]
+    fn engine_outputs_match_stock_tract_within_1e5() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in MODELS {
+            let path = onnx_path(name);
+            let onnx = Model::load(&path, &EngineOptions::default()).unwrap();
+            let (archive, names) =
+                crate::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
+            let nnef_path = tmp.path().join(format!("{name}.nnef.tar"));
+            std::fs::write(&nnef_path, archive).unwrap();
+            let nnef = Model::load_nnef(&nnef_path, &names, &EngineOptions::default()).unwrap();
+            for n in [1, 3] {
+                let x = first_rows(name, n);
+                let want = stock(name, &x);
+                for (model, from) in [(&onnx, "ONNX"), (&nnef, "NNEF")] {
+                    let got = model.run(std::slice::from_ref(&x)).unwrap();
+                    let what = format!("{name} from {from}, batch {n}");
+                    assert_within_1e5(got[0].as_f32().unwrap(), &want, &what);
+                }
+            }
+        }
+    }
+
+    /// The passes find the same operators in a model read back from NNEF as in the ONNX one
+    /// (the batch-1 plan's model).
+    #[test]
+    fn passes_rewrite_nnef_models_as_onnx_ones() {
+        let expected = [
+            ("digits_mlp", Rewrites::default()),
+            (
+                "digits_cnn",
+                Rewrites {
+                    convolutions: 2,
+                    depthwise_convolutions: 0,
+                    max_pools: 1,
+                },
+            ),
+            ("vibration_ae", Rewrites::default()),
+            (
+                "mobilenetish",
+                Rewrites {
+                    convolutions: 0,
+                    depthwise_convolutions: 17,
+                    max_pools: 0,
+                },
+            ),
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, want) in expected {
+            let path = onnx_path(name);
+            let (from_onnx, names) =
+                crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
+            let (archive, _) = crate::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
+            let nnef_path = tmp.path().join(format!("{name}.nnef.tar"));
+            std::fs::write(&nnef_path, archive).unwrap();
+            let from_nnef = crate::nnef::read(&nnef_path).unwrap();
+            // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
+            let batch_one = |typed: TypedModel| {
+                let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
+                let sym = signature.batch_symbol(&typed).unwrap();
+                let mut typed = typed
+                    .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
+                    .unwrap();
+                typed.declutter().unwrap();
+                typed
+            };
+            let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
+            assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
+            assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
+        }
+    }
+}

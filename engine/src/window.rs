@@ -1,0 +1,193 @@
+//! The geometry of a 2-D sliding window (a pooling or a convolution kernel) over a channels-first
+//! f32 input, as the engine's own ops ([`crate::maxpool`], [`crate::im2col`]) walk it.
+//!
+//! An output point `(oy, ox)` reads, for the kernel tap `(ky, kx)`, the input point
+//! `(oy * stride_h + ky * dilation_h - pad_top, ox * stride_w + kx * dilation_w - pad_left)`;
+//! taps that land outside the input are padding (zero for a convolution, skipped by a max pool).
+//! [`Window2d::row_windows`] and [`Window2d::column_windows`] give, for each output row and
+//! column, the part of its window inside the input, so the ops' inner loops need no bounds
+//! checks per tap.
+
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::ops::cnn::PoolSpec;
+use tract_nnef::tract_core::ops::nn::DataFormat;
+
+/// A 2-D window over an NCHW (or CHW) input with known channel count and spatial size; the
+/// batch size may stay symbolic (it is read from the input at run time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Window2d {
+    /// NCHW (true) or CHW (false).
+    pub has_n: bool,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub dilation: (usize, usize),
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Window2d {
+    /// The window of `spec` over an input of type `input`, or `None` when the engine's ops do
+    /// not take it: not f32, not channels-first 2-D, channels or spatial size not known, or an
+    /// empty output.
+    pub fn of(spec: &PoolSpec, input: &TypedFact) -> Option<Window2d> {
+        let has_n = match spec.data_format {
+            DataFormat::NCHW => true,
+            DataFormat::CHW => false,
+            _ => return None,
+        };
+        let rank = if has_n { 4 } else { 3 };
+        if input.datum_type != f32::datum_type()
+            || input.rank() != rank
+            || spec.kernel_shape.len() != 2
+        {
+            return None;
+        }
+        let dim = |axis: usize| {
+            input.shape[axis]
+                .as_i64()
+                .and_then(|d| usize::try_from(d).ok())
+        };
+        let (c, h, w) = (dim(rank - 3)?, dim(rank - 2)?, dim(rank - 1)?);
+        let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+        let strides = spec.strides.clone().unwrap_or_else(|| tvec![1, 1]);
+        let dilations = spec.dilations.clone().unwrap_or_else(|| tvec![1, 1]);
+        if strides.len() != 2 || dilations.len() != 2 || strides.contains(&0) || kh * kw == 0 {
+            return None;
+        }
+        let dims = spec
+            .padding
+            .compute(&[h, w], &[kh, kw], &dilations, &strides);
+        let (oh, ow) = (dims[0].convoluted, dims[1].convoluted);
+        if oh == 0 || ow == 0 {
+            return None;
+        }
+        Some(Window2d {
+            has_n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride: (strides[0], strides[1]),
+            dilation: (dilations[0], dilations[1]),
+            pad_top: dims[0].pad_before,
+            pad_left: dims[1].pad_before,
+            oh,
+            ow,
+        })
+    }
+
+    /// Batch size of an input of shape `shape` (1 without a batch axis).
+    pub fn batch(&self, shape: &[usize]) -> usize {
+        if self.has_n {
+            shape[0]
+        } else {
+            1
+        }
+    }
+
+    /// The output shape for batch size `n`.
+    pub fn output_shape<D: From<usize>>(&self, n: D, channels: usize) -> TVec<D> {
+        let mut shape: TVec<D> = tvec![channels.into(), self.oh.into(), self.ow.into()];
+        if self.has_n {
+            shape.insert(0, n);
+        }
+        shape
+    }
+
+    /// For every output row `oy`, the input rows `[from, to)` its window covers inside the input:
+    /// the in-bounds taps are `from`, `from + dilation_h`, ... below `to` (none when
+    /// `from >= to`).
+    pub fn row_windows(&self) -> TVec<(usize, usize)> {
+        let (k, s, d) = (self.kh, self.stride.0, self.dilation.0);
+        axis_windows(self.oh, self.h, k, s, d, self.pad_top)
+    }
+
+    /// [`Window2d::row_windows`] along the columns.
+    pub fn column_windows(&self) -> TVec<(usize, usize)> {
+        let (k, s, d) = (self.kw, self.stride.1, self.dilation.1);
+        axis_windows(self.ow, self.w, k, s, d, self.pad_left)
+    }
+}
+
+/// Along one axis: for each of `outputs` output points, the input range `[from, to)` holding
+/// its in-bounds taps (every `dilation`-th from `from`) on an input of `len` points.
+fn axis_windows(
+    outputs: usize,
+    len: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_before: usize,
+) -> TVec<(usize, usize)> {
+    let extent = ((kernel - 1) * dilation + 1) as isize;
+    (0..outputs)
+        .map(|o| {
+            // Input index of the first tap, which may be before the input (padding).
+            let start = (o * stride) as isize - pad_before as isize;
+            let first_inside = if start < 0 {
+                start + ((-start) as usize).div_ceil(dilation) as isize * dilation as isize
+            } else {
+                start
+            };
+            let end = (start + extent).min(len as isize);
+            let from = first_inside.max(0) as usize;
+            (from, (end.max(0) as usize).max(from))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(w: usize, kw: usize, sw: usize, dw: usize, pad_left: usize, ow: usize) -> Window2d {
+        Window2d {
+            has_n: true,
+            c: 1,
+            h: 1,
+            w,
+            kh: 1,
+            kw,
+            stride: (1, sw),
+            dilation: (1, dw),
+            pad_top: 0,
+            pad_left,
+            oh: 1,
+            ow,
+        }
+    }
+
+    /// Every window holds exactly the in-bounds taps of its output column.
+    #[test]
+    fn column_windows_hold_exactly_the_in_bounds_taps() {
+        for w in 1..7 {
+            for kw in 1..4 {
+                for sw in 1..4 {
+                    for dw in 1..3 {
+                        for pad_left in 0..4 {
+                            for ow in 1..8 {
+                                let win = window(w, kw, sw, dw, pad_left, ow);
+                                for (ox, &(from, to)) in win.column_windows().iter().enumerate() {
+                                    let inside: Vec<usize> = (0..kw)
+                                        .map(|kx| (ox * sw + kx * dw) as isize - pad_left as isize)
+                                        .filter(|&x| x >= 0 && (x as usize) < w)
+                                        .map(|x| x as usize)
+                                        .collect();
+                                    let got: Vec<usize> = (from..to).step_by(dw).collect();
+                                    assert_eq!(got, inside, "{win:?} ox {ox}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
