@@ -298,6 +298,7 @@ fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::window::WindowCase;
 
     /// Every element computed on its own, zero in the padding.
     fn naive(win: &Window2d, n: usize, x: &[f32]) -> Vec<f32> {
@@ -333,7 +334,7 @@ mod tests {
     #[test]
     fn matches_naive_column_matrix() {
         // (h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow)
-        let cases = [
+        let cases: [WindowCase; _] = [
             (8, 8, 3, 3, (1, 1), (1, 1), 1, 1, 8, 8),
             (4, 4, 3, 3, (1, 1), (1, 1), 1, 1, 4, 4),
             (9, 7, 3, 3, (2, 2), (1, 1), 1, 1, 5, 4),
@@ -342,24 +343,10 @@ mod tests {
             (6, 6, 1, 1, (2, 2), (1, 1), 0, 0, 3, 3),
             (3, 3, 3, 3, (1, 1), (1, 1), 2, 2, 5, 5),
         ];
-        for (i, &(h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow)) in
-            cases.iter().enumerate()
-        {
+        for (i, &case) in cases.iter().enumerate() {
             let (n, c) = (2, 3);
-            let win = Window2d {
-                has_n: true,
-                c,
-                h,
-                w,
-                kh,
-                kw,
-                stride,
-                dilation,
-                pad_top,
-                pad_left,
-                oh,
-                ow,
-            };
+            let win = Window2d::of_case(c, case);
+            let (h, w, kh, kw, oh, ow) = (win.h, win.w, win.kh, win.kw, win.oh, win.ow);
             let x: Vec<f32> = (0..n * c * h * w).map(|v| v as f32 + 1.0).collect();
             let mut out = vec![f32::NAN; n * c * kh * kw * oh * ow];
             im2col(&win, &x, &mut out);

@@ -140,6 +140,7 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::window::WindowCase;
 
     /// Every tap bounds-checked, padding skipped.
     fn naive(win: &Window2d, n: usize, x: &[f32]) -> Vec<f32> {
@@ -169,31 +170,17 @@ mod tests {
     #[test]
     fn matches_naive_pooling() {
         // (h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow)
-        let cases = [
+        let cases: [WindowCase; _] = [
             (8, 8, 2, 2, (2, 2), (1, 1), 0, 0, 4, 4),
             (7, 9, 3, 3, (2, 2), (1, 1), 1, 1, 4, 5),
             (5, 6, 2, 3, (1, 1), (1, 1), 0, 1, 4, 6),
             (9, 9, 3, 2, (3, 2), (2, 1), 1, 0, 3, 4),
             (4, 4, 2, 2, (2, 2), (1, 1), 1, 1, 3, 3),
         ];
-        for (i, &(h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow)) in
-            cases.iter().enumerate()
-        {
+        for (i, &case) in cases.iter().enumerate() {
             let (n, c) = (2, 3);
-            let win = Window2d {
-                has_n: true,
-                c,
-                h,
-                w,
-                kh,
-                kw,
-                stride,
-                dilation,
-                pad_top,
-                pad_left,
-                oh,
-                ow,
-            };
+            let win = Window2d::of_case(c, case);
+            let (h, w, oh, ow) = (win.h, win.w, win.oh, win.ow);
             let x: Vec<f32> = (0..n * c * h * w)
                 .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();

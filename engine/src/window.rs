@@ -143,6 +143,43 @@ fn axis_windows(
         .collect()
 }
 
+/// A test case's window: `(h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow)` over
+/// `c` channels of an NCHW input.
+#[cfg(test)]
+pub(crate) type WindowCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    (usize, usize),
+    (usize, usize),
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
+#[cfg(test)]
+impl Window2d {
+    pub(crate) fn of_case(c: usize, case: WindowCase) -> Window2d {
+        let (h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow) = case;
+        Window2d {
+            has_n: true,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            dilation,
+            pad_top,
+            pad_left,
+            oh,
+            ow,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
