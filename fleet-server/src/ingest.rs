@@ -39,10 +39,10 @@ impl Fleet {
 
     /// Handles several messages in order, as [`Fleet::ingest`] does one, with one store commit
     /// for all of them: what the ingest thread does with the messages that queued up while it
-    /// was busy. A commit is a disk sync, and one per message capped the server at a few
-    /// thousand status updates and events a second — the limit of a fan-out to 10,000 devices
-    /// (BENCHMARKS.md, "Fleet scale"). If the commit fails, the batch's status updates and
-    /// events are lost together (counted in `fleet_store_errors_total`); telemetry is kept.
+    /// was busy. A commit is a disk sync: with one per message, a fan-out to 2,000 devices took
+    /// twice as long and twice the server's CPU (BENCHMARKS.md, "Fleet scale", session 10). If
+    /// the commit fails, the batch's status updates and events are lost together (counted in
+    /// `fleet_store_errors_total`); telemetry is kept.
     pub fn ingest_batch<'a>(
         &self,
         messages: impl IntoIterator<Item = (&'a str, Channel, &'a [u8])>,

@@ -46,7 +46,7 @@ pub const MAX_EVENTS: u64 = 1_000_000;
 /// fan-out). What is not cached is read from the page cache of the OS.
 pub const DB_CACHE_BYTES: usize = 64 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the data directory is in use by another fleet-server process (database locked)")]
     Locked,
@@ -265,14 +265,20 @@ impl Store {
 
     /// Runs `f` on one write transaction in which several changes can be made, each with its
     /// events, and commits once: one disk sync for a whole batch of device messages instead of
-    /// one each (the server's ingest thread; see `mqtt::run`). If the commit fails, nothing of
-    /// the batch is stored.
+    /// one each (the server's ingest thread; see `mqtt::run`). All or nothing: if a change failed
+    /// after it began writing (so it may be half made), or the commit fails, nothing of the
+    /// batch is stored and that error is returned. A change refused before writing (a record
+    /// that cannot be read) fails alone.
     pub fn batch<T>(&self, f: impl FnOnce(&mut Batch) -> T) -> Result<T, StoreError> {
         let mut batch = Batch {
             db: &self.db,
             tx: None,
+            failed: None,
         };
         let value = f(&mut batch);
+        if let Some(e) = batch.failed {
+            return Err(e); // dropping the transaction aborts it
+        }
         // A batch that changed nothing (telemetry only) costs no commit.
         if let Some(tx) = batch.tx {
             tx.commit()?;
@@ -458,6 +464,8 @@ pub struct Batch<'a> {
     db: &'a Database,
     /// Begun by the first change.
     tx: Option<redb::WriteTransaction>,
+    /// The first error after a change began writing: the batch is not committed.
+    failed: Option<StoreError>,
 }
 
 impl Batch<'_> {
@@ -468,26 +476,34 @@ impl Batch<'_> {
         Ok(self.tx.as_ref().expect("just begun"))
     }
 
+    /// Notes `result`'s error as the batch's failure (the change may be half made).
+    fn writing<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.clone());
+        }
+        result
+    }
+
     /// [`Store::update_device`] within the batch; returns the events stored.
     pub fn update_device(
         &mut self,
         id: &str,
         update: impl FnOnce(Option<DeviceRecord>) -> (Option<DeviceRecord>, Vec<Event>),
     ) -> Result<Vec<Event>, StoreError> {
-        let tx = self.tx()?;
-        let events = {
-            let mut table = tx.open_table(DEVICES)?;
-            let current = match table.get(id)? {
-                Some(v) => Some(decode::<DeviceRecord>(id, v.value())?),
-                None => None,
-            };
-            let (next, events) = update(current);
-            if let Some(next) = next {
-                table.insert(id, encode(&next).as_slice())?;
-            }
-            events
+        let current = match self.tx()?.open_table(DEVICES)?.get(id)? {
+            Some(v) => Some(decode::<DeviceRecord>(id, v.value())?),
+            None => None,
         };
-        append_events(tx, events)
+        let (next, events) = update(current);
+        let tx = self.tx()?;
+        let written = (|| {
+            if let Some(next) = next {
+                tx.open_table(DEVICES)?
+                    .insert(id, encode(&next).as_slice())?;
+            }
+            append_events(tx, events)
+        })();
+        self.writing(written)
     }
 
     /// [`Store::append_device_event`] within the batch.
@@ -499,7 +515,8 @@ impl Batch<'_> {
                 return Ok(false);
             }
         }
-        append_events(tx, vec![event])?;
+        let written = append_events(tx, vec![event]);
+        self.writing(written)?;
         Ok(true)
     }
 }
@@ -676,6 +693,29 @@ mod tests {
             "two registrations, two device events"
         );
         assert!(!s.append_device_event(device_event("d1", 7)).unwrap());
+    }
+
+    /// A change refused before it writes (an unreadable record) fails alone; the rest of the
+    /// batch is stored.
+    #[test]
+    fn an_unreadable_record_fails_its_change_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("server.redb")).unwrap();
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(DEVICES)
+            .unwrap()
+            .insert("bad", b"not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        let results = s
+            .batch(|b| {
+                let bad = b.update_device("bad", |_| (None, vec![]));
+                let good = b.append_device_event(device_event("good", 1));
+                (bad.is_err(), good.unwrap())
+            })
+            .unwrap();
+        assert_eq!(results, (true, true));
+        assert_eq!(s.events(&EventFilter::default(), 10).unwrap().len(), 1);
     }
 
     #[test]
