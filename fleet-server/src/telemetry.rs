@@ -6,19 +6,19 @@
 //! with its uptime nor, beyond a set budget, with the fleet's size:
 //! - per (device, model, version): at most [`Retention::max_windows`] windows (default 720, two
 //!   hours of the agent's 10 s windows), none older than [`Retention::max_age`] (default 24 h);
-//! - over every key: about [`Retention::max_windows_total`] windows (default 50,000, ≈ 50–80 MB;
-//!   a window with its latency and confidence histograms takes ≈ 1–1.6 KB: the server's RSS grew
-//!   by 0.9 MB a second while it took in 1,000 windows a second with no fleet-wide bound). Each key keeps at
-//!   most `max_windows_total / keys` of its newest windows (at least one), so a fleet of 1,000
-//!   devices keeps 50 windows per device (8 minutes of 10 s windows) and one of 10,000 keeps 5
-//!   (50 s). The rollout gates judge a bake on the windows still held: a bake longer than that
-//!   is judged on its newest part, canaries and control over the same span (docs/rollouts.md).
-//!   Measured in BENCHMARKS.md, "Fleet scale": 720 windows per key with no fleet-wide bound took
-//!   the server past 900 MB within minutes at 10,000 devices;
+//! - over every key: about [`Retention::max_windows_total`] windows (default 50,000, ≈ 50–80
+//!   MB; a window with its latency and confidence histograms takes ≈ 1–1.6 KB: the server's RSS
+//!   grew by 0.9 MB a second while it took in 1,000 windows a second with no fleet-wide bound).
+//!   Each key keeps at most `max_windows_total / keys` of its newest windows (at least one), so a
+//!   fleet of 1,000 devices keeps 50 windows per device (8 minutes of 10 s windows) and one of
+//!   10,000 keeps 5 (50 s). The rollout gates judge a bake on the windows still held: a bake
+//!   longer than that is judged on its newest part, canaries and control over the same span
+//!   (docs/rollouts.md). Measured in BENCHMARKS.md, "Fleet scale": 720 windows per key with no
+//!   fleet-wide bound took the server past 900 MB within minutes at 10,000 devices;
 //! - at most [`Retention::max_samples`] sampled records (default 20) per device and model, and
 //!   about [`Retention::max_samples_total`] over every key (default 20,000, ≈ 30 MB: a sampled
-//!   `digits_cnn` request holds ≈ 1.5 KB, by its fields), shared the same way: 2 per device at 10,000
-//!   devices. Without that bound they could take ≈ 300 MB at 10,000 devices (20 each).
+//!   `digits_cnn` request holds ≈ 1.5 KB, by its fields), shared the same way: 2 per device at
+//!   10,000 devices. Without that bound they could take ≈ 300 MB at 10,000 devices (20 each).
 //!
 //! Nothing here survives a restart: telemetry is a stream, the durable copy of record is the
 //! device's outbox until the broker acknowledged it, and anyone can subscribe to the topic to
