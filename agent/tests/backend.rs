@@ -56,7 +56,7 @@ impl Backend for Counting {
     }
 }
 
-fn open(fx: &Fixture, data: &Path, backend: Arc<Counting>) -> Agent {
+fn open(fx: &Fixture, data: &Path, backend: Arc<dyn Backend>) -> Agent {
     let keyring =
         protocol::keys::Keyring::from_file_text(&std::fs::read_to_string(&fx.keyring).unwrap())
             .unwrap();
@@ -177,16 +177,6 @@ impl Backend for NnefOnly {
     }
 }
 
-fn open_with(fx: &Fixture, data: &Path, backend: Arc<dyn Backend>) -> Agent {
-    let keyring =
-        protocol::keys::Keyring::from_file_text(&std::fs::read_to_string(&fx.keyring).unwrap())
-            .unwrap();
-    let mut config = AgentConfig::new(data);
-    config.workers = 1;
-    config.backend = backend;
-    Agent::open(config, keyring).unwrap()
-}
-
 /// `bundle` re-signed with the fixture's key after `edit` changed its decompressed payloads
 /// (name → bytes): a bundle whose signature and hashes are all good but whose content is not.
 fn resigned(
@@ -244,7 +234,7 @@ fn an_int8_weights_nnef_bundle_is_expanded_once_at_install_on_a_device_build() {
     assert!(m.payload("model.weights.bin").is_some());
 
     let data = fx.path("device");
-    let agent = open_with(&fx, &data, Arc::new(NnefOnly));
+    let agent = open(&fx, &data, Arc::new(NnefOnly));
     agent.install(&std::fs::read(&q).unwrap()).unwrap();
     // The slot holds the expanded archive (the manifest's size and sha256), not the narrow form.
     let model_dir = data.join("slots/digits_cnn");
@@ -277,7 +267,7 @@ fn an_int8_weights_nnef_bundle_is_expanded_once_at_install_on_a_device_build() {
     assert_eq!(Some(serve_accuracy(&agent)), m.baseline.accuracy);
     drop(agent);
     // A restart re-hashes the expanded file against the manifest and serves it again.
-    let agent = open_with(&fx, &data, Arc::new(NnefOnly));
+    let agent = open(&fx, &data, Arc::new(NnefOnly));
     assert_eq!(agent.status().unwrap().models[0].active, "1.0.0");
     assert_eq!(Some(serve_accuracy(&agent)), m.baseline.accuracy);
 

@@ -223,23 +223,15 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
 /// Replaces every depthwise `Conv` this op can run (f32, NCHW/CHW, dilation 1, constant kernel
 /// and bias, known spatial size) with [`DepthwiseConv`]. Returns how many were replaced.
 pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    crate::passes::patch_each(model, |model, node| {
         let Some(conv) = node.op_as::<Conv>() else {
-            continue;
+            return Ok(None);
         };
         let Some(op) = candidate(model, node, conv)? else {
-            continue;
+            return Ok(None);
         };
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
+        TypedModelPatch::replace_single_op(model, node, &node.inputs, op).map(Some)
+    })
 }
 
 fn candidate(

@@ -172,23 +172,15 @@ const MAX_COLUMN_MATRIX: usize = 1 << 16;
 /// at most [`MAX_COLUMN_MATRIX`]) as
 /// [`EngineIm2col`] + `EinSum` + bias + reshape. Returns how many were rewritten.
 pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
-    let mut rewritten = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    crate::passes::patch_each(model, |model, node| {
         let Some(conv) = node.op_as::<Conv>() else {
-            continue;
+            return Ok(None);
         };
         let Some((window, kernel, bias)) = candidate(model, node, conv)? else {
-            continue;
+            return Ok(None);
         };
-        let patch = rewrite(model, node, window, kernel, bias)?;
-        patch.apply(model)?;
-        rewritten += 1;
-    }
-    if rewritten > 0 {
-        model.compact()?;
-    }
-    Ok(rewritten)
+        rewrite(model, node, window, kernel, bias).map(Some)
+    })
 }
 
 /// The window, kernel `[M, K]` and bias (`[M]`, or `None` when all zero) of a convolution the

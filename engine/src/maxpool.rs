@@ -113,28 +113,19 @@ fn max(m: f32, v: f32) -> f32 {
 /// Replaces every tract `MaxPool` this op can run (f32, channels-first 2-D, known channels and
 /// spatial size, no index output) with [`EngineMaxPool`]. Returns how many were replaced.
 pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    crate::passes::patch_each(model, |model, node| {
         let Some(pool) = node.op_as::<MaxPool>() else {
-            continue;
+            return Ok(None);
         };
         if pool.with_index_outputs.is_some() {
-            continue;
+            return Ok(None);
         }
         let Some(window) = Window2d::of(&pool.pool_spec, model.outlet_fact(node.inputs[0])?) else {
-            continue;
+            return Ok(None);
         };
-        let patch = TypedModelPatch::replace_single_op(
-            model,
-            node,
-            &node.inputs,
-            EngineMaxPool { window },
-        )?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        let op = EngineMaxPool { window };
+        TypedModelPatch::replace_single_op(model, node, &node.inputs, op).map(Some)
+    })
 }
 
 #[cfg(test)]

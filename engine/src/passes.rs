@@ -14,6 +14,7 @@
 //! naive implementation in its module.
 
 use tract_nnef::prelude::*;
+use tract_nnef::tract_core::internal::TypedModelPatch;
 
 /// How many operators each pass replaced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,6 +22,26 @@ pub(crate) struct Rewrites {
     pub convolutions: usize,
     pub depthwise_convolutions: usize,
     pub max_pools: usize,
+}
+
+/// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
+/// replaces that node at once (so later nodes see the rewritten graph). Returns how many nodes
+/// were patched, and compacts the model if any were. The loop every pass shares.
+pub(crate) fn patch_each(
+    model: &mut TypedModel,
+    mut patch_for: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<TypedModelPatch>>,
+) -> TractResult<usize> {
+    let mut patched = 0;
+    for id in model.eval_order()? {
+        if let Some(patch) = patch_for(model, model.node(id))? {
+            patch.apply(model)?;
+            patched += 1;
+        }
+    }
+    if patched > 0 {
+        model.compact()?;
+    }
+    Ok(patched)
 }
 
 /// Runs every pass on `model` (decluttered, not yet optimised).
