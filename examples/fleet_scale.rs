@@ -64,6 +64,11 @@ struct Settings {
     telemetry_seconds: u64,
     measure_seconds: u64,
     smoke: bool,
+    /// Print a time series of the fan-out (`--trace`): the server's, the agents' and the
+    /// machine's counters every 2 s.
+    trace: bool,
+    /// Stop after the fan-out (`--fanout-only`).
+    fanout_only: bool,
 }
 
 fn parse(args: &[String]) -> Result<Settings> {
@@ -74,9 +79,17 @@ fn parse(args: &[String]) -> Result<Settings> {
         telemetry_seconds: 10,
         measure_seconds: 60,
         smoke: false,
+        trace: false,
+        fanout_only: false,
     };
     let mut i = 0;
     while i < args.len() {
+        if args[i] == "--trace" || args[i] == "--fanout-only" {
+            s.trace |= args[i] == "--trace";
+            s.fanout_only |= args[i] == "--fanout-only";
+            i += 1;
+            continue;
+        }
         if args[i] == "--smoke" {
             s.smoke = true;
             s.devices = vec![1_000];
@@ -107,7 +120,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             }
             other => bail!(
                 "unknown flag {other}: use --devices 1000,10000 --broker embedded,mosquitto \
-                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60, or --smoke"
+                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--trace] [--fanout-only], or --smoke"
             ),
         }
         i += 2;
@@ -259,8 +272,17 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
     }))?;
     let install_timeout = Duration::from_secs(120 + n as u64 / 10);
     let mut server_peak_rss = 0;
+    let sim_roots: Vec<PathBuf> = (0..processes)
+        .map(|p| dir.join(format!("fleet-{p}")))
+        .collect();
+    let mut trace = s
+        .trace
+        .then(|| FanoutTrace::new(started, [server_pid, broker_pid], &sim_pids, sim_roots));
     wait_until("the fan-out rollout to succeed", install_timeout, || {
         server_peak_rss = server_peak_rss.max(proc_status_kb(server_pid, "VmRSS").unwrap_or(0));
+        if let Some(t) = &mut trace {
+            t.sample(&api);
+        }
         let r = api.get(&format!("/api/v1/rollouts/{first}")).ok()?;
         match r["state"].as_str() {
             Some("succeeded") => Some(Ok(())),
@@ -277,6 +299,17 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
         bundles[0].len(),
         server_peak_rss / 1024
     );
+
+    if let Some(t) = &trace {
+        t.print();
+    }
+    if s.fanout_only {
+        return Ok(
+            json!({"broker": broker, "devices": n, "online_s": round(online_s),
+                         "fanout_s": round(fanout_s),
+                         "fanout_server_cpu_s": round(fanout_server_cpu_s)}),
+        );
+    }
 
     // Stages: 1.1.0 in 1 %, 10 %, 50 %, 100 %.
     let v2 = api.upload(&bundles[1])?;
@@ -519,6 +552,186 @@ fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("{field} of process {pid}"))
 }
 
+/// The fan-out as a time series (`--trace`): every 2 s, counters of the server (its
+/// `/metrics`), of the simulated agents' links (summed per simulator process, see
+/// [`write_link_metrics`]), of the machine (`/proc/stat`, `/proc/diskstats`) and each process's
+/// CPU. Printed as one table once the fan-out is over.
+struct FanoutTrace {
+    started: Instant,
+    last: Option<Instant>,
+    pids: Vec<u32>,
+    sim_roots: Vec<PathBuf>,
+    rows: Vec<Vec<String>>,
+}
+
+/// Server samples in the trace: column name and the `/metrics` sample (a prefix: labelled
+/// samples of it are summed).
+const TRACE_SERVER: [(&str, &str); 7] = [
+    ("cmd", "fleet_commands_sent_total"),
+    ("cmd_resent", "fleet_commands_resent_total"),
+    (
+        "req_in",
+        "fleet_mqtt_messages_received_total{channel=\"transfer_req\"}",
+    ),
+    ("req_dropped", "fleet_chunk_requests_dropped_total"),
+    ("chunks_out", "fleet_chunks_served_total"),
+    (
+        "events_in",
+        "fleet_mqtt_messages_received_total{channel=\"events\"}",
+    ),
+    (
+        "status_in",
+        "fleet_mqtt_messages_received_total{channel=\"status\"}",
+    ),
+];
+
+/// Agent link counters in the trace (summed over the simulated fleet).
+const TRACE_AGENT: [(&str, &str); 9] = [
+    ("a_cmd", "commands_total"),
+    ("a_replay", "commands_refused_replayed_total"),
+    ("a_req", "chunk_requests_total"),
+    ("a_timeout", "chunk_request_timeouts_total"),
+    ("a_chunks", "chunks_received_total"),
+    ("a_dup", "chunks_duplicate_total"),
+    ("a_done", "transfers_completed_total"),
+    ("a_ev", "events_published_total"),
+    ("a_ev_ack", "events_acked_total"),
+];
+
+impl FanoutTrace {
+    fn new(
+        started: Instant,
+        others: [u32; 2],
+        sims: &[u32],
+        sim_roots: Vec<PathBuf>,
+    ) -> FanoutTrace {
+        FanoutTrace {
+            started,
+            last: None,
+            pids: others.iter().chain(sims).copied().collect(),
+            sim_roots,
+            rows: Vec::new(),
+        }
+    }
+
+    fn header(&self) -> Vec<String> {
+        let mut h = vec!["s".to_string()];
+        h.extend(TRACE_SERVER.iter().map(|(c, _)| c.to_string()));
+        h.extend(TRACE_AGENT.iter().map(|(c, _)| c.to_string()));
+        h.extend(
+            [
+                "usr%", "sys%", "iowait%", "flushes", "cpu_srv", "cpu_brk", "cpu_sims",
+            ]
+            .map(String::from),
+        );
+        h
+    }
+
+    /// Takes a row if 2 s have passed since the last one. Missing figures are `-`.
+    fn sample(&mut self, api: &ApiClient) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let mut row = vec![format!("{:.0}", self.started.elapsed().as_secs_f64())];
+        let text = ureq::get(&format!("{}/metrics", api.base))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default();
+        for (_, sample) in TRACE_SERVER {
+            let sum: f64 = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(sample))
+                .filter_map(|rest| rest.trim().parse::<f64>().ok())
+                .sum();
+            row.push(format!("{sum:.0}"));
+        }
+        let mut agents = vec![0u64; TRACE_AGENT.len()];
+        for root in &self.sim_roots {
+            let text = std::fs::read_to_string(root.join(LINK_METRICS_FILE)).unwrap_or_default();
+            for line in text.lines() {
+                let Some((name, v)) = line.split_once(' ') else {
+                    continue;
+                };
+                if let Some(i) = TRACE_AGENT.iter().position(|(_, n)| *n == name) {
+                    agents[i] += v.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        row.extend(agents.iter().map(u64::to_string));
+        // Machine CPU since boot, as shares; the printed table turns them into per-row shares.
+        let cpu: Vec<u64> = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| {
+                let l = t.lines().next()?.strip_prefix("cpu ")?.to_string();
+                Some(
+                    l.split_whitespace()
+                        .filter_map(|v| v.parse().ok())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        for i in [0usize, 2, 4] {
+            row.push(cpu.get(i).map_or("-".into(), u64::to_string));
+        }
+        row.push(cpu.iter().take(8).sum::<u64>().to_string());
+        // Flush requests completed, summed over whole disks (field 16 of /proc/diskstats).
+        let flushes: u64 = std::fs::read_to_string("/proc/diskstats")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let name = f.get(2)?;
+                let whole =
+                    name.starts_with("vd") || name.starts_with("sd") || name.starts_with("nvme");
+                let partition = name.chars().last()?.is_ascii_digit() && !name.starts_with("nvme");
+                (whole && !partition).then(|| f.get(18)?.parse::<u64>().ok())?
+            })
+            .sum();
+        row.push(flushes.to_string());
+        let ticks = |p: &u32| cpu_ticks(*p).unwrap_or(0);
+        row.push(ticks(&self.pids[0]).to_string());
+        row.push(ticks(&self.pids[1]).to_string());
+        row.push(self.pids[2..].iter().map(ticks).sum::<u64>().to_string());
+        self.rows.push(row);
+    }
+
+    /// Prints the rows: counters as they were, CPU as shares and seconds of the interval since
+    /// the previous row, flushes per interval.
+    fn print(&self) {
+        let header = self.header();
+        let n_counters = 1 + TRACE_SERVER.len() + TRACE_AGENT.len();
+        let hz = clock_ticks_per_second();
+        println!("fan-out trace (counters cumulative; CPU and flushes per interval):");
+        println!("{}", header.join("\t"));
+        for pair in self.rows.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            let num = |r: &Vec<String>, i: usize| r[i].parse::<f64>().unwrap_or(0.0);
+            let mut out: Vec<String> = b[..n_counters].to_vec();
+            let total = num(b, n_counters + 3) - num(a, n_counters + 3);
+            for i in 0..3 {
+                let d = num(b, n_counters + i) - num(a, n_counters + i);
+                out.push(format!("{:.0}", 100.0 * d / total.max(1.0)));
+            }
+            out.push(format!(
+                "{:.0}",
+                num(b, n_counters + 4) - num(a, n_counters + 4)
+            ));
+            for i in 5..8 {
+                out.push(format!(
+                    "{:.1}",
+                    (num(b, n_counters + i) - num(a, n_counters + i)) / hz
+                ));
+            }
+            println!("{}", out.join("\t"));
+        }
+    }
+}
+
 fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -634,6 +847,31 @@ fn role_server(args: &[String]) -> Result<()> {
     })
 }
 
+/// Where a simulator process keeps the sum of its devices' link counters (in its data root).
+const LINK_METRICS_FILE: &str = "link-metrics.txt";
+
+/// Every second, the sum of every device's link counters as `name value` lines, replaced whole
+/// (temp + rename) so a reader never sees half of it.
+fn write_link_metrics(links: &[std::sync::Arc<agent::link::LinkMetrics>], path: &Path) {
+    let tmp = path.with_extension("tmp");
+    loop {
+        let mut sums: Vec<(&str, u64)> = Vec::new();
+        for l in links {
+            for (i, (name, v)) in l.snapshot().into_iter().enumerate() {
+                match sums.get_mut(i) {
+                    Some(s) => s.1 += v,
+                    None => sums.push((name, v)),
+                }
+            }
+        }
+        let text: String = sums.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// `__sim COUNT PREFIX BROKER_URL KEYRING.pub SERVER.pub DATA_ROOT RPS TELEMETRY_SECONDS`.
 fn role_sim(args: &[String]) -> Result<()> {
     let [count, prefix, broker, keyring, server_pub, data_root, rps, telemetry] = args else {
@@ -659,8 +897,15 @@ fn role_sim(args: &[String]) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let metrics_file = PathBuf::from(data_root).join(LINK_METRICS_FILE);
     rt.block_on(async {
-        let _fleet = agent::simulate::SimFleet::start(&config)?;
+        let fleet = agent::simulate::SimFleet::start(&config)?;
+        let links: Vec<_> = fleet
+            .devices
+            .iter()
+            .map(|d| d.agent.link_metrics.clone())
+            .collect();
+        std::thread::spawn(move || write_link_metrics(&links, &metrics_file));
         std::future::pending::<()>().await;
         anyhow::Ok(())
     })

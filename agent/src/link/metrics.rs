@@ -24,6 +24,12 @@ macro_rules! counters {
                                           self.$field.load(Ordering::Relaxed)));
                 )*
             }
+
+            /// Every counter's name (without the `modelfleet_link_` prefix) and value, in
+            /// declaration order: for summing the links of a simulated fleet.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Ordering::Relaxed)),)*]
+            }
         }
     };
 }

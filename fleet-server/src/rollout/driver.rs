@@ -5,9 +5,15 @@
 //! committed *before* its orders go out, in one transaction: the rollout (which devices were
 //! staged, with which command), the events of its decisions, the `command_sent` events and the
 //! signed stage commands themselves ([`Store::put_rollout_with_commands`]). Then the commands are
-//! published. So a crash at any point either loses the whole step (it is taken again, maybe
-//! differently, and nothing of it reached a device) or keeps it whole; no device is ever staged
-//! by two different commands of one rollout.
+//! handed to the outbox, a task of their own that publishes them in order. So a crash at any
+//! point either loses the whole step (it is taken again, maybe differently, and nothing of it
+//! reached a device) or keeps it whole; no device is ever staged by two different commands of
+//! one rollout.
+//!
+//! The tick does not wait for the broker: publishing ten thousand QoS 1 commands takes the
+//! broker's acknowledgements (two minutes on rumqttd with 10,000 connected clients, BENCHMARKS.md
+//! "Fleet scale"), and a rollout created through the API answers once its first step is stored,
+//! not once the broker has taken it.
 //!
 //! A stage command can still be lost after that commit: a crash before it is published, a
 //! broker restart that drops queued messages. So while a rollout runs, a staged device whose
@@ -99,21 +105,38 @@ pub struct Rollouts {
     fleet: Arc<Fleet>,
     tick: tokio::sync::Mutex<()>,
     feeds: std::sync::Mutex<HashMap<String, EventFeed>>,
-    /// When this process last published each pending stage command.
-    published: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Each pending stage command this process has handed to the outbox: `None` while it waits
+    /// there, then when it was published.
+    published: std::sync::Mutex<HashMap<String, Option<Instant>>>,
     stage_resend_after: Duration,
+    outbox: tokio::sync::mpsc::UnboundedSender<Vec<Outgoing>>,
+    /// The outbox's receiving end, until [`Rollouts::spawn`] starts its publisher.
+    outbox_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<Outgoing>>>>,
+}
+
+/// A command on its way to the broker.
+struct Outgoing {
+    rollout: String,
+    command: SealedCommand,
+    is_stage: bool,
+    /// Published before (counted in `fleet_commands_resent_total`).
+    resend: bool,
 }
 
 impl Rollouts {
     /// Rollouts of `fleet`; a staged device that has not answered its stage command gets it
     /// again every `stage_resend_after`.
+    /// Commands go out once [`Rollouts::spawn`] runs.
     pub fn new(fleet: Arc<Fleet>, stage_resend_after: Duration) -> Rollouts {
+        let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         Rollouts {
             fleet,
             tick: tokio::sync::Mutex::new(()),
             feeds: Default::default(),
             published: Default::default(),
             stage_resend_after,
+            outbox,
+            outbox_rx: std::sync::Mutex::new(Some(outbox_rx)),
         }
     }
 
@@ -246,14 +269,17 @@ impl Rollouts {
             }
             protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
-            for (command, _, is_stage) in &sealed {
-                if !self.publish(&r, command, *is_stage).await {
-                    // Recorded: the stage commands go out as re-sends once the broker is back.
-                    break;
-                }
-            }
-            protocol::testing::crash_point("rollout_orders_sent");
-            self.resend_unanswered(&r).await?;
+            let outgoing = sealed
+                .into_iter()
+                .map(|(command, _, is_stage)| Outgoing {
+                    rollout: r.id.clone(),
+                    command,
+                    is_stage,
+                    resend: false,
+                })
+                .collect();
+            self.send_to_outbox(outgoing);
+            self.resend_unanswered(&r)?;
         }
         self.feeds
             .lock()
@@ -262,18 +288,77 @@ impl Rollouts {
         Ok(())
     }
 
-    /// Ticks every `period` until the task is dropped.
+    /// Ticks every `period` and publishes what the ticks order, until the task is aborted.
+    ///
+    /// # Panics
+    /// If called twice (there is one outbox).
     pub fn spawn(self: Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let outbox = self
+            .outbox_rx
+            .lock()
+            .expect("outbox lock")
+            .take()
+            .expect("Rollouts::spawn is called once");
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(period);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                if let Err(e) = self.tick().await {
-                    tracing::warn!("rollout tick: {e}");
+            let ticks = async {
+                let mut interval = tokio::time::interval(period);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    if let Err(e) = self.tick().await {
+                        tracing::warn!("rollout tick: {e}");
+                    }
+                }
+            };
+            tokio::join!(ticks, self.publish_outbox(outbox));
+        })
+    }
+
+    /// Queues commands for the outbox; a stage command counts as handed over (not re-sent) from
+    /// now on.
+    fn send_to_outbox(&self, outgoing: Vec<Outgoing>) {
+        if outgoing.is_empty() {
+            return;
+        }
+        {
+            let mut published = self.published.lock().expect("published lock");
+            for o in outgoing.iter().filter(|o| o.is_stage) {
+                published.insert(o.command.command_id.clone(), None);
+            }
+        }
+        // The receiver lives as long as the task of `spawn`; without it (a server shutting
+        // down) the commands stay recorded and go out as re-sends after the next start.
+        let _ = self.outbox.send(outgoing);
+    }
+
+    /// The outbox: publishes each batch in order. When the broker cannot take a command, the
+    /// rest of the batch and everything queued behind it is put back to the ticks: a stage
+    /// command goes out again as a re-send (it is recorded), a revert is ordered again by the
+    /// engine.
+    async fn publish_outbox(&self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Outgoing>>) {
+        while let Some(batch) = rx.recv().await {
+            let mut batch = batch.into_iter();
+            let mut unsent = Vec::new();
+            for o in batch.by_ref() {
+                if self.publish(&o).await {
+                    if o.resend {
+                        self.fleet.metrics.commands_resent.fetch_add(1, Relaxed);
+                    }
+                } else {
+                    unsent.push(o);
+                    break;
                 }
             }
-        })
+            if !unsent.is_empty() {
+                unsent.extend(batch);
+                while let Ok(more) = rx.try_recv() {
+                    unsent.extend(more);
+                }
+                let ids: Vec<String> = unsent.into_iter().map(|o| o.command.command_id).collect();
+                self.forget_published(&ids);
+            }
+            protocol::testing::crash_point("rollout_orders_sent");
+        }
     }
 
     /// Prepares and signs the orders of one step; a stage command's id goes into the device's
@@ -316,31 +401,35 @@ impl Rollouts {
         sealed
     }
 
-    /// Publishes a command of `r`; false if it did not go out (a stage command is re-sent
-    /// later).
-    async fn publish(&self, r: &Rollout, command: &SealedCommand, is_stage: bool) -> bool {
-        if let Err(e) = self.fleet.publish_command(command).await {
+    /// Publishes a command; false if it did not go out.
+    async fn publish(&self, o: &Outgoing) -> bool {
+        if let Err(e) = self.fleet.publish_command(&o.command).await {
             tracing::warn!(
                 "rollout {}: command {} to {} not published: {e}",
-                r.id,
-                command.command_id,
-                command.device_id
+                o.rollout,
+                o.command.command_id,
+                o.command.device_id
             );
             return false;
         }
-        if is_stage {
-            self.published
+        if o.is_stage {
+            // Only if still pending: a command settled meanwhile is not waited on.
+            if let Some(at) = self
+                .published
                 .lock()
                 .expect("published lock")
-                .insert(command.command_id.clone(), Instant::now());
+                .get_mut(&o.command.command_id)
+            {
+                *at = Some(Instant::now());
+            }
         }
         true
     }
 
     /// Publishes again, unchanged, the stage commands of `r` that no device event has answered
     /// and that this process has not published within `stage_resend_after` (all of them, the
-    /// first tick after a start).
-    async fn resend_unanswered(&self, r: &Rollout) -> Result<(), FleetError> {
+    /// first tick after a start); not those still waiting in the outbox.
+    fn resend_unanswered(&self, r: &Rollout) -> Result<(), FleetError> {
         if r.state != RolloutState::Running {
             return Ok(());
         }
@@ -353,37 +442,36 @@ impl Rollouts {
                 .filter(|(_, p)| p.state == DeviceState::Staged)
                 .filter_map(|(device, p)| Some((device, p.command_id.as_ref()?)))
                 .filter(|(_, command)| !answered.is_some_and(|a| a.contains(*command)))
-                .filter(|(_, command)| {
-                    published
-                        .get(*command)
-                        .is_none_or(|t| t.elapsed() >= self.stage_resend_after)
+                .filter(|(_, command)| match published.get(*command) {
+                    None => true,
+                    Some(None) => false,
+                    Some(Some(at)) => at.elapsed() >= self.stage_resend_after,
                 })
                 .map(|(device, command)| (device.clone(), command.clone()))
                 .collect()
         };
+        let mut outgoing = Vec::new();
         for (device_id, command_id) in due {
             // None: staged by a server version that did not keep its commands.
             let Some(payload) = self.fleet.store.pending_command(&command_id)? else {
                 continue;
             };
-            let command = SealedCommand {
-                command_id,
-                device_id,
-                payload,
-            };
             tracing::info!(
-                "rollout {}: stage command {} to {} again (no answer yet)",
+                "rollout {}: stage command {command_id} to {device_id} again (no answer yet)",
                 r.id,
-                command.command_id,
-                command.device_id
             );
-            if !self.publish(r, &command, true).await {
-                // The broker is unreachable: the rest waits for a later tick rather than each
-                // waiting out the request queue's timeout in this one.
-                break;
-            }
-            self.fleet.metrics.commands_resent.fetch_add(1, Relaxed);
+            outgoing.push(Outgoing {
+                rollout: r.id.clone(),
+                command: SealedCommand {
+                    command_id,
+                    device_id,
+                    payload,
+                },
+                is_stage: true,
+                resend: true,
+            });
         }
+        self.send_to_outbox(outgoing);
         Ok(())
     }
 
