@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example fleet_scale -- [--devices 1000,10000] [--broker embedded,mosquitto]
-//!     [--rps 0.2] [--telemetry-seconds 10] [--measure-seconds 60]
+//!     [--rps 0.2] [--telemetry-seconds 10] [--measure-seconds 60] [--max-in-flight N]
+//!     [--trace] [--fanout-only]
 //! cargo run --example fleet_scale -- --smoke     # CI: 1,000 devices, embedded broker, checks
 //! ```
 //!
@@ -69,6 +70,8 @@ struct Settings {
     trace: bool,
     /// Stop after the fan-out (`--fanout-only`).
     fanout_only: bool,
+    /// The rollouts' `max_in_flight` (`--max-in-flight`; the server's default if not given).
+    max_in_flight: Option<u32>,
 }
 
 fn parse(args: &[String]) -> Result<Settings> {
@@ -81,6 +84,7 @@ fn parse(args: &[String]) -> Result<Settings> {
         smoke: false,
         trace: false,
         fanout_only: false,
+        max_in_flight: None,
     };
     let mut i = 0;
     while i < args.len() {
@@ -111,6 +115,9 @@ fn parse(args: &[String]) -> Result<Settings> {
                     .collect::<Result<_>>()?
             }
             "--broker" => s.brokers = value.split(',').map(str::to_string).collect(),
+            "--max-in-flight" => {
+                s.max_in_flight = Some(value.parse().context("--max-in-flight takes a number")?)
+            }
             "--rps" => s.rps = value.parse().context("--rps takes a number")?,
             "--telemetry-seconds" => {
                 s.telemetry_seconds = value.parse().context("--telemetry-seconds")?
@@ -120,7 +127,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             }
             other => bail!(
                 "unknown flag {other}: use --devices 1000,10000 --broker embedded,mosquitto \
-                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--trace] [--fanout-only], or --smoke"
+                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--max-in-flight N] [--trace] [--fanout-only], or --smoke"
             ),
         }
         i += 2;
@@ -267,9 +274,13 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
                        "max_prediction_psi": 1.0});
     let started = Instant::now();
     let server_ticks_before = cpu_ticks(server_pid)?;
-    let first = api.create_rollout(&json!({
+    let mut spec = json!({
         "bundle_id": v1, "gates": gates, "stages": [{"percent": 100, "bake_seconds": 0}],
-    }))?;
+    });
+    if let Some(m) = s.max_in_flight {
+        spec["max_in_flight"] = m.into();
+    }
+    let first = api.create_rollout(&spec)?;
     let install_timeout = Duration::from_secs(120 + n as u64 / 10);
     let mut server_peak_rss = 0;
     let sim_roots: Vec<PathBuf> = (0..processes)
@@ -314,10 +325,14 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
     // Stages: 1.1.0 in 1 %, 10 %, 50 %, 100 %.
     let v2 = api.upload(&bundles[1])?;
     let stages = [1u64, 10, 50, 100];
-    let staged = api.create_rollout(&json!({
+    let mut spec = json!({
         "bundle_id": v2, "gates": gates,
         "stages": stages.iter().map(|p| json!({"percent": p, "bake_seconds": 0})).collect::<Vec<_>>(),
-    }))?;
+    });
+    if let Some(m) = s.max_in_flight {
+        spec["max_in_flight"] = m.into();
+    }
+    let staged = api.create_rollout(&spec)?;
     let stage_times = watch_stages(&api, &staged, n, &stages, install_timeout, || {
         server_peak_rss = server_peak_rss.max(proc_status_kb(server_pid, "VmRSS").unwrap_or(0));
     })?;
@@ -566,7 +581,7 @@ struct FanoutTrace {
 
 /// Server samples in the trace: column name and the `/metrics` sample (a prefix: labelled
 /// samples of it are summed).
-const TRACE_SERVER: [(&str, &str); 7] = [
+const TRACE_SERVER: [(&str, &str); 9] = [
     ("cmd", "fleet_commands_sent_total"),
     ("cmd_resent", "fleet_commands_resent_total"),
     (
@@ -583,10 +598,13 @@ const TRACE_SERVER: [(&str, &str); 7] = [
         "status_in",
         "fleet_mqtt_messages_received_total{channel=\"status\"}",
     ),
+    ("conn_err", "fleet_mqtt_connection_errors_total"),
+    ("bulk_err", "fleet_mqtt_bulk_connection_errors_total"),
 ];
 
 /// Agent link counters in the trace (summed over the simulated fleet).
-const TRACE_AGENT: [(&str, &str); 9] = [
+const TRACE_AGENT: [(&str, &str); 10] = [
+    ("a_conn_err", "connection_errors_total"),
     ("a_cmd", "commands_total"),
     ("a_replay", "commands_refused_replayed_total"),
     ("a_req", "chunk_requests_total"),

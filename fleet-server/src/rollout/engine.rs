@@ -379,16 +379,25 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
         return fail(r, now, judgement, obs);
     }
 
-    // Stage this stage's canaries.
+    // Stage this stage's canaries, at most `max_in_flight` unsettled at once.
     let selected = r.selected(obs);
     let ids: Vec<String> = selected.iter().map(|d| d.id.clone()).collect();
+    let by_id: HashMap<&str, &DeviceView> = selected.iter().map(|d| (d.id.as_str(), *d)).collect();
     let targets = cohort::canaries(&r.id, &ids, stage.percent);
+    let in_flight = r
+        .devices
+        .values()
+        .filter(|p| p.state == DeviceState::Staged)
+        .count();
+    let mut room = (r.spec.max_in_flight as usize).saturating_sub(in_flight);
+    // Online canaries left for a later tick for want of room: the stage is not settled.
+    let mut waiting = 0;
     let mut orders = Vec::new();
     for id in targets {
         if r.devices.contains_key(id) {
             continue;
         }
-        let device = selected.iter().find(|d| d.id == id).expect("selected");
+        let device = by_id[id];
         let already = device.model(&model).is_some_and(|m| m.active == version);
         if already {
             r.devices.insert(
@@ -402,7 +411,10 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
                     revert_ordered_at: None,
                 },
             );
+        } else if device.online && room == 0 {
+            waiting += 1;
         } else if device.online {
+            room -= 1;
             r.devices.insert(
                 id.to_string(),
                 DeviceProgress {
@@ -421,7 +433,7 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     }
 
     // Bake once every staged canary has settled.
-    let settled = r.devices.values().all(|p| p.state != DeviceState::Staged);
+    let settled = waiting == 0 && r.devices.values().all(|p| p.state != DeviceState::Staged);
     let installed = r
         .devices
         .values()
@@ -664,6 +676,7 @@ mod tests {
             on_failure,
             inconclusive_timeout_seconds: 60,
             install_timeout_seconds: 600,
+            max_in_flight: crate::rollout::spec::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 
@@ -939,6 +952,40 @@ mod tests {
         }
         assert_eq!(r.state, RolloutState::Succeeded);
         assert_eq!(staged, 20, "each device staged exactly once");
+    }
+
+    #[test]
+    fn a_stage_stages_at_most_max_in_flight_devices_at_once_and_bakes_when_all_settled() {
+        let mut fleet = Fleet::new(20);
+        fleet.device("d07").models = vec![summary(V2)];
+        let mut spec = spec(&[(100, 0)], OnFailure::Rollback);
+        spec.max_in_flight = 3;
+        let mut r = rollout(spec);
+        let mut staged = 0;
+        for step_no in 0..20 {
+            let orders = step(&mut r, &fleet.obs);
+            assert!(orders.len() <= 3, "step {step_no}: {orders:?}");
+            let in_flight = r
+                .devices
+                .values()
+                .filter(|p| p.state == DeviceState::Staged)
+                .count();
+            assert!(in_flight <= 3, "step {step_no}: {in_flight} staged at once");
+            if staged < 19 {
+                assert!(
+                    r.bake_started_at.is_none(),
+                    "step {step_no}: baking with {staged} of 19 staged"
+                );
+            }
+            staged += orders.len();
+            fleet.apply(&orders, 10);
+            if r.state != RolloutState::Running {
+                break;
+            }
+        }
+        assert_eq!(r.state, RolloutState::Succeeded, "{:#?}", r.decisions);
+        assert_eq!(staged, 19, "each device not yet on v2 staged exactly once");
+        assert_eq!(fleet.on(V2), 20);
     }
 
     #[test]

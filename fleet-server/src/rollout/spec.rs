@@ -28,6 +28,12 @@ pub struct RolloutSpec {
     /// install failure.
     #[serde(default = "default_install_timeout")]
     pub install_timeout_seconds: u64,
+    /// At most this many devices are staged and not yet settled (installed, failed, reverted)
+    /// at once; a stage's further canaries are staged as earlier ones settle, and the stage
+    /// bakes once all of them have. Bounds the burst a stage puts on the broker and the
+    /// server's chunk serving (BENCHMARKS.md, "Fleet scale").
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
 }
 
 /// Devices whose labels include all of these.
@@ -90,6 +96,13 @@ fn default_install_timeout() -> u64 {
     1800
 }
 
+/// The default of [`RolloutSpec::max_in_flight`].
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
+
+fn default_max_in_flight() -> u32 {
+    DEFAULT_MAX_IN_FLIGHT
+}
+
 impl RolloutSpec {
     /// Names the first thing wrong with the request.
     pub fn validate(&self) -> Result<(), String> {
@@ -111,6 +124,9 @@ impl RolloutSpec {
                 ));
             }
             last = s.percent;
+        }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight = 0 would never stage a device: use 1 or more".into());
         }
         self.gates.validate()
     }
@@ -153,6 +169,11 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.contains("stages[0].percent"), "{err}");
+        let err = parse(r#"{"bundle_id": "a", "max_in_flight": 0}"#)
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("max_in_flight"), "{err}");
+        assert_eq!(parse(r#"{"bundle_id": "a"}"#).max_in_flight, 1000);
         assert!(
             serde_json::from_str::<RolloutSpec>(r#"{"bundle_id": "a", "stagez": []}"#).is_err()
         );
