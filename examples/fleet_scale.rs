@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example fleet_scale -- [--devices 1000,10000] [--broker embedded,mosquitto]
 //!     [--rps 0.2] [--telemetry-seconds 10] [--measure-seconds 60] [--max-in-flight N]
-//!     [--trace] [--fanout-only]
+//!     [--sim-workers 8] [--sim-data DIR] [--trace] [--fanout-only]
 //! cargo run --example fleet_scale -- --smoke     # CI: 1,000 devices, embedded broker, checks
 //! ```
 //!
@@ -45,6 +45,13 @@ use modelfleet::harness::{free_port, wait_for_port, wait_until, BrokerProcess};
 const MODEL: &str = "digits_cnn";
 /// Devices per simulator process (file descriptors: a socket and two databases per device).
 const DEVICES_PER_PROCESS: usize = 4_000;
+/// Tokio worker threads per simulator process. An agent's link session writes its store (a
+/// durable redb commit: a disk sync) on the async thread that runs it — a few milliseconds on a
+/// device, where nothing else waits. In a simulator, thousands of sessions share the workers, so
+/// with as few workers as cores each sync stalls every other device's session, whose MQTT
+/// keep-alives then lapse (BENCHMARKS.md, "Fleet scale"). More workers than cores let the syncs
+/// of different devices overlap, as on separate devices.
+const SIM_WORKERS: usize = 8;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -72,6 +79,11 @@ struct Settings {
     fanout_only: bool,
     /// The rollouts' `max_in_flight` (`--max-in-flight`; the server's default if not given).
     max_in_flight: Option<u32>,
+    /// Tokio worker threads per simulator process (`--sim-workers`).
+    sim_workers: usize,
+    /// Where the simulated devices' data directories go (`--sim-data`; default: the run's
+    /// temporary directory under the system's temp dir).
+    sim_data: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Settings> {
@@ -85,6 +97,8 @@ fn parse(args: &[String]) -> Result<Settings> {
         trace: false,
         fanout_only: false,
         max_in_flight: None,
+        sim_workers: SIM_WORKERS,
+        sim_data: None,
     };
     let mut i = 0;
     while i < args.len() {
@@ -115,6 +129,8 @@ fn parse(args: &[String]) -> Result<Settings> {
                     .collect::<Result<_>>()?
             }
             "--broker" => s.brokers = value.split(',').map(str::to_string).collect(),
+            "--sim-workers" => s.sim_workers = value.parse().context("--sim-workers")?,
+            "--sim-data" => s.sim_data = Some(PathBuf::from(value)),
             "--max-in-flight" => {
                 s.max_in_flight = Some(value.parse().context("--max-in-flight takes a number")?)
             }
@@ -127,7 +143,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             }
             other => bail!(
                 "unknown flag {other}: use --devices 1000,10000 --broker embedded,mosquitto \
-                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--max-in-flight N] [--trace] [--fanout-only], or --smoke"
+                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--max-in-flight N] [--sim-workers N] [--sim-data DIR] [--trace] [--fanout-only], or --smoke"
             ),
         }
         i += 2;
@@ -180,6 +196,17 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
         .prefix("modelfleet-fleet-scale-")
         .tempdir()?;
     let dir = work.path();
+    // Dropped (deleted) after the processes, which are declared after it.
+    let sim_work = match &s.sim_data {
+        Some(d) => Some(
+            tempfile::Builder::new()
+                .prefix("modelfleet-fleet-scale-sim-")
+                .tempdir_in(d)
+                .with_context(|| format!("--sim-data {}", d.display()))?,
+        ),
+        None => None,
+    };
+    let sim_dir = sim_work.as_ref().map_or(dir, |w| w.path());
     let me = std::env::current_exe()?;
     let mut procs = Processes::default();
 
@@ -243,9 +270,10 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
             .arg(&broker_url)
             .arg(&key.public)
             .arg(&server_pub)
-            .arg(dir.join(format!("fleet-{p}")))
+            .arg(sim_dir.join(format!("fleet-{p}")))
             .arg(s.rps.to_string())
             .arg(s.telemetry_seconds.to_string())
+            .arg(s.sim_workers.to_string())
             .stdin(Stdio::null())
             .spawn()?;
         sim_pids.push(child.id());
@@ -284,7 +312,7 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
     let install_timeout = Duration::from_secs(120 + n as u64 / 10);
     let mut server_peak_rss = 0;
     let sim_roots: Vec<PathBuf> = (0..processes)
-        .map(|p| dir.join(format!("fleet-{p}")))
+        .map(|p| sim_dir.join(format!("fleet-{p}")))
         .collect();
     let mut trace = s
         .trace
@@ -890,10 +918,15 @@ fn write_link_metrics(links: &[std::sync::Arc<agent::link::LinkMetrics>], path: 
     }
 }
 
-/// `__sim COUNT PREFIX BROKER_URL KEYRING.pub SERVER.pub DATA_ROOT RPS TELEMETRY_SECONDS`.
+/// `__sim COUNT PREFIX BROKER_URL KEYRING.pub SERVER.pub DATA_ROOT RPS TELEMETRY_SECONDS
+/// WORKERS`.
 fn role_sim(args: &[String]) -> Result<()> {
-    let [count, prefix, broker, keyring, server_pub, data_root, rps, telemetry] = args else {
-        bail!("__sim COUNT PREFIX BROKER_URL KEYRING SERVER_PUB DATA_ROOT RPS TELEMETRY_SECONDS")
+    let [count, prefix, broker, keyring, server_pub, data_root, rps, telemetry, workers] = args
+    else {
+        bail!(
+            "__sim COUNT PREFIX BROKER_URL KEYRING SERVER_PUB DATA_ROOT RPS TELEMETRY_SECONDS \
+             WORKERS"
+        )
     };
     let keyring = bundler::load_keyring(&[&PathBuf::from(keyring)])?;
     let server_key =
@@ -912,7 +945,7 @@ fn role_sim(args: &[String]) -> Result<()> {
     config.link = Some(link);
     config.server_key = Some(server_key);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers.parse()?)
         .enable_all()
         .build()?;
     let metrics_file = PathBuf::from(data_root).join(LINK_METRICS_FILE);
