@@ -16,12 +16,18 @@ use tract_nnef::tract_core::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_nnef::tract_core::ops::nn::DataFormat;
 
-/// Depthwise convolution, NCHW or CHW, f32, dilation 1, kernel `[C, 1, kh, kw]` and bias `[C]`
-/// (or a single value) as second and third inputs.
+/// Depthwise convolution, NCHW or CHW, f32, dilation 1, kernel `[C·multiplier, 1, kh, kw]` and
+/// bias `[C·multiplier]` (or a single value) as second and third inputs: output channel `o`
+/// reads input channel `o / multiplier` (ONNX's grouped convolution with `group = C`; a
+/// convolution of a single input channel is one with `multiplier` = its output channels).
+/// The outputs are clamped to `[low, high]` (`max` then `min`, as tract's `Max` and `Min`
+/// compute them), which is how the activation after it is fused (`fuse_clamp`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DepthwiseConv {
     has_n: bool,
     c: usize,
+    multiplier: usize,
+    clamp: Clamp,
     h: usize,
     w: usize,
     kh: usize,
@@ -31,6 +37,47 @@ pub(crate) struct DepthwiseConv {
     pad_left: usize,
     oh: usize,
     ow: usize,
+}
+
+/// The bounds a [`DepthwiseConv`] clamps its outputs to, as f32 bits (for `Hash` and `Eq`);
+/// unbounded (`-inf`, `+inf`) unless an activation was fused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Clamp {
+    low: u32,
+    high: u32,
+}
+
+impl Clamp {
+    const NONE: Clamp = Clamp {
+        low: f32::NEG_INFINITY.to_bits(),
+        high: f32::INFINITY.to_bits(),
+    };
+
+    fn low(self) -> f32 {
+        f32::from_bits(self.low)
+    }
+
+    fn high(self) -> f32 {
+        f32::from_bits(self.high)
+    }
+}
+
+impl DepthwiseConv {
+    fn output_channels(&self) -> usize {
+        self.c * self.multiplier
+    }
+
+    fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
+        let mut shape: TVec<D> = tvec![
+            self.output_channels().into(),
+            self.oh.into(),
+            self.ow.into()
+        ];
+        if self.has_n {
+            shape.insert(0, n);
+        }
+        shape
+    }
 }
 
 impl Op for DepthwiseConv {
@@ -61,23 +108,24 @@ impl EvalOp for DepthwiseConv {
         let ks = ks.as_slice::<f32>()?;
         let bs = b.try_as_plain_ram()?;
         let bs = bs.as_slice::<f32>()?;
-        let mut shape: TVec<usize> = tvec![self.c, self.oh, self.ow];
-        if self.has_n {
-            shape.insert(0, n);
+        // Every element is written by `run`.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape(n))? };
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            run(self, xs, ks, bs, out_ram.as_slice_mut::<f32>()?);
         }
-        let mut out = vec![0f32; n * self.c * self.oh * self.ow];
-        run(self, xs, ks, bs, &mut out);
-        Ok(tvec!(Tensor::from_shape(&shape, &out)?.into_tvalue()))
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
 impl TypedOp for DepthwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = tvec![self.c.into(), self.oh.into(), self.ow.into()];
-        if self.has_n {
-            shape.insert(0, inputs[0].shape[0].clone());
-        }
-        Ok(tvec!(f32::fact(shape)))
+        let n = if self.has_n {
+            inputs[0].shape[0].clone()
+        } else {
+            1.into()
+        };
+        Ok(tvec!(f32::fact(self.output_shape(n))))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -88,7 +136,7 @@ impl TypedOp for DepthwiseConv {
         };
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            n * (self.c * self.oh * self.ow * self.kh * self.kw)
+            n * (self.output_channels() * self.oh * self.ow * self.kh * self.kw)
         )))
     }
 
@@ -133,9 +181,11 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
         .collect();
     let plane_in = op.h * op.w;
     let plane_out = op.oh * op.ow;
-    for (plane, (xin, xout)) in x
+    let (low, high) = (op.clamp.low(), op.clamp.high());
+    let taps = op.kh * op.kw;
+    for (plane, (xin, xouts)) in x
         .chunks_exact(plane_in)
-        .zip(out.chunks_exact_mut(plane_out))
+        .zip(out.chunks_exact_mut(plane_out * op.multiplier))
         .enumerate()
     {
         let c = plane % op.c;
@@ -181,42 +231,60 @@ fn run_generic(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f
                 }
             }
         }
-        let kernel = &k[c * op.kh * op.kw..(c + 1) * op.kh * op.kw];
-        let bias = if b.len() == 1 { b[0] } else { b[c] };
-        if whole_plane {
-            // Unit stride, small plane: the whole plane at once, over padded rows (the
-            // `pw - ow` columns past each output row are computed and dropped), so every tap
-            // is one long contiguous multiply-add even when the rows are 7 or 14 points.
-            acc.fill(bias);
-            for ky in 0..op.kh {
-                for kx in 0..op.kw {
-                    let wgt = kernel[ky * op.kw + kx];
-                    let src = &padded[ky * row_len + kx..][..acc.len()];
-                    for (a, s) in acc.iter_mut().zip(src) {
-                        *a += wgt * *s;
+        // Every output channel reading this input plane.
+        for (m, xout) in xouts.chunks_exact_mut(plane_out).enumerate() {
+            let o = c * op.multiplier + m;
+            let kernel = &k[o * taps..(o + 1) * taps];
+            let bias = if b.len() == 1 { b[0] } else { b[o] };
+            if whole_plane {
+                // Unit stride, small plane: the whole plane at once, over padded rows (the
+                // `pw - ow` columns past each output row are computed and dropped), so every
+                // tap is one long contiguous multiply-add even when the rows are 7 or 14 points.
+                acc.fill(bias);
+                for ky in 0..op.kh {
+                    for kx in 0..op.kw {
+                        let wgt = kernel[ky * op.kw + kx];
+                        let src = &padded[ky * row_len + kx..][..acc.len()];
+                        for (a, s) in acc.iter_mut().zip(src) {
+                            *a += wgt * *s;
+                        }
                     }
                 }
+                for (oy, row) in xout.chunks_exact_mut(op.ow).enumerate() {
+                    store_clamped(row, &acc[oy * row_len..][..op.ow], low, high);
+                }
+                continue;
             }
-            for (oy, row) in xout.chunks_exact_mut(op.ow).enumerate() {
-                row.copy_from_slice(&acc[oy * row_len..][..op.ow]);
-            }
-            continue;
-        }
-        for oy in 0..op.oh {
-            let acc = &mut acc[..op.ow];
-            acc.fill(bias);
-            for ky in 0..op.kh {
-                let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
-                for (kx, start) in tap_starts.iter().enumerate() {
-                    let wgt = kernel[ky * op.kw + kx];
-                    let src = &row[*start..*start + op.ow];
-                    for (a, s) in acc.iter_mut().zip(src) {
-                        *a += wgt * *s;
+            for oy in 0..op.oh {
+                let acc = &mut acc[..op.ow];
+                acc.fill(bias);
+                for ky in 0..op.kh {
+                    let row = &padded[(oy * sh + ky) * row_len..(oy * sh + ky + 1) * row_len];
+                    for (kx, start) in tap_starts.iter().enumerate() {
+                        let wgt = kernel[ky * op.kw + kx];
+                        let src = &row[*start..*start + op.ow];
+                        for (a, s) in acc.iter_mut().zip(src) {
+                            *a += wgt * *s;
+                        }
                     }
                 }
+                store_clamped(&mut xout[oy * op.ow..(oy + 1) * op.ow], acc, low, high);
             }
-            xout[oy * op.ow..(oy + 1) * op.ow].copy_from_slice(acc);
         }
+    }
+}
+
+/// `to[i] = from[i].max(low).min(high)`: tract's `Max` then `Min` (a NaN becomes `low`, as
+/// `f32::max` makes it), a no-op on numbers when unbounded.
+#[inline(always)]
+fn store_clamped(to: &mut [f32], from: &[f32], low: f32, high: f32) {
+    if low == f32::NEG_INFINITY && high == f32::INFINITY {
+        // Unbounded: a plain copy (NaN stays NaN).
+        to.copy_from_slice(from);
+        return;
+    }
+    for (t, f) in to.iter_mut().zip(from) {
+        *t = f.max(low).min(high);
     }
 }
 
@@ -234,6 +302,69 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
     })
 }
 
+/// Fuses the element-wise `Max` and `Min` with a constant scalar that follow a
+/// [`DepthwiseConv`] (ReLU is `Max(x, 0)`, ReLU6 and ONNX's `Clip` are `Max` then `Min`, once
+/// decluttered) into its [`Clamp`], when the convolution's output feeds nothing else: one pass
+/// over the output fewer, and one node fewer, per activation. Returns how many were fused.
+pub(crate) fn fuse_clamp(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_nnef::tract_core::ops::binary::TypedBinOp;
+    use tract_nnef::tract_core::ops::math::{Max, Min};
+    crate::passes::patch_each(model, |model, node| {
+        let Some(bin) = node.op_as::<TypedBinOp>() else {
+            return Ok(None);
+        };
+        let is_max = bin.0.is::<Max>();
+        if !(is_max || bin.0.is::<Min>()) || node.inputs.len() != 2 {
+            return Ok(None);
+        }
+        // One input from a depthwise convolution feeding only this node, the other a constant
+        // f32 scalar (of any rank up to the output's: the output shape stays the conv's).
+        for (conv_input, bound_input) in [(0, 1), (1, 0)] {
+            let prev = model.node(node.inputs[conv_input].node);
+            let Some(conv) = prev.op_as::<DepthwiseConv>() else {
+                continue;
+            };
+            let bound = model.outlet_fact(node.inputs[bound_input])?;
+            let Some(value) = bound.konst.as_ref() else {
+                continue;
+            };
+            if value.datum_type() != f32::datum_type()
+                || value.len() != 1
+                || model.single_succ(prev.id)?.map(|s| s.id) != Some(node.id)
+                || model.outputs.contains(&node.inputs[conv_input])
+                || model.outlet_fact(node.id.into())?.shape
+                    != model.outlet_fact(node.inputs[conv_input])?.shape
+            {
+                continue;
+            }
+            let v = value.try_as_plain_ram()?.as_slice::<f32>()?[0];
+            let (low, high) = (conv.clamp.low(), conv.clamp.high());
+            let clamp = if is_max {
+                // max(min(max(a, low), high), v) = min(max(a, max(low, v)), high) only when
+                // `high` is unbounded.
+                if high != f32::INFINITY || v.is_nan() {
+                    continue;
+                }
+                (low.max(v), high)
+            } else {
+                if v.is_nan() {
+                    continue;
+                }
+                (low, high.min(v))
+            };
+            let op = DepthwiseConv {
+                clamp: Clamp {
+                    low: clamp.0.to_bits(),
+                    high: clamp.1.to_bits(),
+                },
+                ..conv.clone()
+            };
+            return TypedModelPatch::fuse_with_next(model, prev, op).map(Some);
+        }
+        Ok(None)
+    })
+}
+
 fn candidate(
     model: &TypedModel,
     node: &TypedNode,
@@ -241,9 +372,11 @@ fn candidate(
 ) -> TractResult<Option<DepthwiseConv>> {
     let ps = &conv.pool_spec;
     let c = ps.input_channels;
+    let m = ps.output_channels;
     if conv.q_params.is_some()
         || conv.group != c
-        || ps.output_channels != c
+        || c == 0
+        || m % c != 0
         || conv.kernel_fmt != KernelFormat::OIHW
         || ps.kernel_shape.len() != 2
         || ps
@@ -269,8 +402,8 @@ fn candidate(
         || b.konst.is_none()
         || k.datum_type != f32::datum_type()
         || b.datum_type != f32::datum_type()
-        || k.shape.as_concrete() != Some(&[c, 1, kh, kw][..])
-        || !(b.shape.volume() == 1.into() || b.shape.volume() == c.into())
+        || k.shape.as_concrete() != Some(&[m, 1, kh, kw][..])
+        || !(b.shape.volume() == 1.into() || b.shape.volume() == m.into())
     {
         return Ok(None);
     }
@@ -298,6 +431,8 @@ fn candidate(
     Ok(Some(DepthwiseConv {
         has_n,
         c,
+        multiplier: m / c,
+        clamp: Clamp::NONE,
         h,
         w,
         kh,
@@ -318,10 +453,11 @@ mod tests {
     fn naive(op: &DepthwiseConv, n: usize, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
         let mut out = vec![];
         for ni in 0..n {
-            for c in 0..op.c {
+            for o in 0..op.output_channels() {
+                let c = o / op.multiplier;
                 for oy in 0..op.oh {
                     for ox in 0..op.ow {
-                        let mut s = if b.len() == 1 { b[0] } else { b[c] };
+                        let mut s = if b.len() == 1 { b[0] } else { b[o] };
                         for ky in 0..op.kh {
                             for kx in 0..op.kw {
                                 let y = (oy * op.stride.0 + ky) as isize - op.pad_top as isize;
@@ -330,11 +466,11 @@ mod tests {
                                 {
                                     let v = x[((ni * op.c + c) * op.h + y as usize) * op.w
                                         + xx as usize];
-                                    s += k[(c * op.kh + ky) * op.kw + kx] * v;
+                                    s += k[(o * op.kh + ky) * op.kw + kx] * v;
                                 }
                             }
                         }
-                        out.push(s);
+                        out.push(s.max(op.clamp.low()).min(op.clamp.high()));
                     }
                 }
             }
@@ -353,35 +489,49 @@ mod tests {
             (6, 6, 1, 3, (1, 3), 0, 2, 0, 0),
             (5, 5, 3, 3, (3, 2), 1, 0, 0, 1),
         ];
+        // (multiplier, clamp): plain, a channel multiplier, ReLU6 fused, both.
+        let relu6 = Clamp {
+            low: 0f32.to_bits(),
+            high: 6f32.to_bits(),
+        };
+        let variants = [(1, Clamp::NONE), (4, Clamp::NONE), (1, relu6), (3, relu6)];
         for (i, &(h, w, kh, kw, stride, pt, pl, pb, pr)) in cases.iter().enumerate() {
-            let (c, n) = (3, 2);
-            let oh = (h + pt + pb - kh) / stride.0 + 1;
-            let ow = (w + pl + pr - kw) / stride.1 + 1;
-            let op = DepthwiseConv {
-                has_n: true,
-                c,
-                h,
-                w,
-                kh,
-                kw,
-                stride,
-                pad_top: pt,
-                pad_left: pl,
-                oh,
-                ow,
-            };
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let k: Vec<f32> = (0..c * kh * kw)
-                .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)
-                .collect();
-            let b: Vec<f32> = (0..c).map(|v| v as f32 * 0.5 - 0.5).collect();
-            let mut out = vec![0.0; n * c * oh * ow];
-            run(&op, &x, &k, &b, &mut out);
-            let want = naive(&op, n, &x, &k, &b);
-            for (j, (g, w)) in out.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() < 1e-4, "case {i} element {j}: {g} vs {w}");
+            for &(multiplier, clamp) in &variants {
+                let (c, n) = (3, 2);
+                let m = c * multiplier;
+                let oh = (h + pt + pb - kh) / stride.0 + 1;
+                let ow = (w + pl + pr - kw) / stride.1 + 1;
+                let op = DepthwiseConv {
+                    has_n: true,
+                    c,
+                    multiplier,
+                    clamp,
+                    h,
+                    w,
+                    kh,
+                    kw,
+                    stride,
+                    pad_top: pt,
+                    pad_left: pl,
+                    oh,
+                    ow,
+                };
+                let x: Vec<f32> = (0..n * c * h * w)
+                    .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
+                    .collect();
+                let k: Vec<f32> = (0..m * kh * kw)
+                    .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)
+                    .collect();
+                let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.5 - 0.5).collect();
+                let mut out = vec![0.0; n * m * oh * ow];
+                run(&op, &x, &k, &b, &mut out);
+                let want = naive(&op, n, &x, &k, &b);
+                for (j, (g, w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-4,
+                        "case {i} multiplier {multiplier} {clamp:?} element {j}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
@@ -407,8 +557,9 @@ mod tests {
             typed.declutter().unwrap();
             typed
         };
+        // conv1 (one input channel: multiplier 32); conv2 (32 channels in, one group) is not.
         let mut cnn = load("digits_cnn");
-        assert_eq!(install(&mut cnn).unwrap(), 0);
+        assert_eq!(install(&mut cnn).unwrap(), 1);
 
         let stock = load("mobilenetish");
         let mut ours = stock.clone();

@@ -16,8 +16,9 @@
 //! serving single requests, where tract can specialise every kernel for known shapes; and one
 //! with the batch dimension left symbolic, for every other batch size. Before tract optimises a
 //! plan, the engine's own passes (`passes`) replace the tract operators that are slow on the
-//! small inputs of edge models: small convolutions (`im2col`), depthwise convolutions
-//! (`depthwise`) and max pools (`maxpool`), over the window geometry of `window`. Their outputs
+//! small inputs of edge models: small convolutions (`im2col`), depthwise convolutions and
+//! convolutions of one input channel, with the ReLU/ReLU6 after them fused (`depthwise`), and
+//! max pools (`maxpool`), over the window geometry of `window`. Their outputs
 //! stay within 1e-5 relative of tract's own (float rounding; tested on every reference model,
 //! from ONNX and from NNEF). [`Model::run`] checks the
 //! inputs against the signature (errors name the tensor, and say what was expected and what was

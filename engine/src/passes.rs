@@ -6,7 +6,9 @@
 //! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
 //! edge models with one of the engine's, and leaves anything it does not recognise to tract:
 //! - [`crate::im2col`]: a convolution as a column-matrix copy and tract's matrix product;
-//! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only);
+//! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only),
+//!   also for convolutions of one input channel (a channel multiplier), with the `Max`/`Min`
+//!   activation after it fused (`depthwise::fuse_clamp`);
 //! - [`crate::maxpool`]: a max pool walking rows instead of points.
 //!
 //! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
@@ -22,6 +24,8 @@ pub(crate) struct Rewrites {
     pub convolutions: usize,
     pub depthwise_convolutions: usize,
     pub max_pools: usize,
+    /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution.
+    pub fused_clamps: usize,
 }
 
 /// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
@@ -46,10 +50,14 @@ pub(crate) fn patch_each(
 
 /// Runs every pass on `model` (decluttered, not yet optimised).
 pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
+    // Depthwise first: it also takes convolutions of one input channel (a depthwise one with
+    // a channel multiplier), which im2col would otherwise take, when the batch size is known.
+    let depthwise_convolutions = crate::depthwise::install(model)?;
     Ok(Rewrites {
+        depthwise_convolutions,
         convolutions: crate::im2col::install(model)?,
-        depthwise_convolutions: crate::depthwise::install(model)?,
         max_pools: crate::maxpool::install(model)?,
+        fused_clamps: crate::depthwise::fuse_clamp(model)?,
     })
 }
 
@@ -144,9 +152,12 @@ mod tests {
             (
                 "digits_cnn",
                 Rewrites {
-                    convolutions: 2,
-                    depthwise_convolutions: 0,
+                    convolutions: 1,
+                    // conv1: one input channel, a depthwise convolution with multiplier 32,
+                    // its ReLU fused.
+                    depthwise_convolutions: 1,
                     max_pools: 1,
+                    fused_clamps: 1,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -156,6 +167,8 @@ mod tests {
                     convolutions: 0,
                     depthwise_convolutions: 17,
                     max_pools: 0,
+                    // The ReLU6 (`Max`, `Min`) after every depthwise convolution.
+                    fused_clamps: 34,
                 },
             ),
         ];
