@@ -28,7 +28,7 @@ fuzz seconds="60" *targets="":
 # Device agents for the ARM targets (linkers and qemu runners come from .cargo/config.toml;
 # needs gcc-aarch64-linux-gnu / gcc-arm-linux-gnueabihf and `rustup target add`, see docs/targets.md).
 # The `device` profile (fat LTO, one codegen unit, stripped, panic = "abort", opt-level "s" for
-# the crates off the inference path) without the `multithread` and `onnx` features (it serves
+# the crates off the inference path and tract-core) without the `multithread` and `onnx` features (it serves
 # NNEF bundles, the bundler's default, and refuses ONNX ones), as targets/*.toml say
 # (`cargo_profile`, `cargo_features`), plus `device_rustflags` below; the binary is
 # target/<triple>/device/fleet-agent. A profile with engine_threads > 1 (jetson-aarch64):
