@@ -126,6 +126,7 @@ struct Outgoing {
 impl Rollouts {
     /// Rollouts of `fleet`; a staged device that has not answered its stage command gets it
     /// again every `stage_resend_after`.
+    ///
     /// Commands go out once [`Rollouts::spawn`] runs.
     pub fn new(fleet: Arc<Fleet>, stage_resend_after: Duration) -> Rollouts {
         let (outbox, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -237,15 +238,27 @@ impl Rollouts {
     /// Steps every rollout that is not finished and carries out its orders.
     pub async fn tick(&self) -> Result<(), FleetError> {
         let _guard = self.tick.lock().await;
-        let devices = self.devices()?;
+        let stepping: Vec<Rollout> = self
+            .fleet
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
+                )
+            })
+            .collect();
+        // Every device record is read only when a rollout needs the observation (a read of the
+        // whole fleet, once a second, is wasted on a server with nothing to roll out).
+        let devices = if stepping.is_empty() {
+            Vec::new()
+        } else {
+            self.devices()?
+        };
         let mut stepped = Vec::new();
-        for mut r in self.fleet.store.rollouts()? {
-            if !matches!(
-                r.state,
-                RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
-            ) {
-                continue;
-            }
+        for mut r in stepping {
             stepped.push(r.id.clone());
             let obs = self.observe(&r, &devices)?;
             let before = r.decisions.len();
