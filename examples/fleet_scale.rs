@@ -691,11 +691,7 @@ impl FanoutTrace {
         }
         self.last = Some(Instant::now());
         let mut row = vec![format!("{:.0}", self.started.elapsed().as_secs_f64())];
-        let text = ureq::get(&format!("{}/metrics", api.base))
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok())
-            .unwrap_or_default();
+        let text = metrics_text(api).unwrap_or_default();
         for (_, sample) in TRACE_SERVER {
             let sum: f64 = text
                 .lines()
@@ -810,12 +806,17 @@ fn pid_listening_on(port: u16) -> Result<u32> {
 
 /// The value of the Prometheus sample `name{labels}` on the server's `/metrics`.
 fn metric(api: &ApiClient, sample: &str) -> Result<f64> {
-    let text = ureq::get(&format!("{}/metrics", api.base))
-        .call()?
-        .into_string()?;
-    text.lines()
+    metrics_text(api)?
+        .lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .with_context(|| format!("{sample} is not on /metrics"))
+}
+
+/// The server's `/metrics` page.
+fn metrics_text(api: &ApiClient) -> Result<String> {
+    Ok(ureq::get(&format!("{}/metrics", api.base))
+        .call()?
+        .into_string()?)
 }
 
 fn first_json_line(out: ChildStdout) -> Result<Value> {
