@@ -418,9 +418,9 @@ impl Fleet {
 
     /// Devices matching `q` (sorted by id), a page of them, and how many matched in all.
     pub fn devices(&self, q: &DeviceQuery) -> Result<(Vec<DeviceView>, usize), FleetError> {
-        let matching: Vec<DeviceRecord> = self
+        let matching: Vec<Arc<DeviceRecord>> = self
             .store
-            .devices()?
+            .device_records()?
             .into_iter()
             .filter(|d| q.online.is_none_or(|o| d.online == o))
             .filter(|d| q.labels.iter().all(|(k, v)| d.has_label(k, v)))
@@ -431,7 +431,7 @@ impl Fleet {
             .into_iter()
             .skip(q.offset)
             .take(q.limit)
-            .map(|d| self.view(d))
+            .map(|d| self.view(Arc::unwrap_or_clone(d)))
             .collect();
         Ok((page, total))
     }
@@ -779,10 +779,10 @@ impl Fleet {
     }
 
     pub fn render_metrics(&self) -> String {
-        let devices = self.store.devices().unwrap_or_default();
+        let (devices, devices_online) = self.store.device_counts().unwrap_or_default();
         let g = Gauges {
-            devices: devices.len() as u64,
-            devices_online: devices.iter().filter(|d| d.online).count() as u64,
+            devices: devices as u64,
+            devices_online: devices_online as u64,
             bundles: self.store.bundles().map(|b| b.len() as u64).unwrap_or(0),
             events: self.store.event_count().unwrap_or(0),
             mqtt_connected: self.mqtt_connected(),

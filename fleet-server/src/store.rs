@@ -9,15 +9,30 @@
 //! | `events` | server sequence number | [`Event`] (audit and device events) |
 //! | `device_event_keys` | (device id, device seq) | server sequence number: dedupe of redelivered events |
 //! | `tokens` | token name | [`TokenRecord`] (only the sha256 of the secret) |
-//! | `rollouts` | rollout id | [`Rollout`] (spec, state, devices, decisions with evidence) |
+//! | `rollouts` | rollout id | [`Rollout`] without its devices (spec, state, decisions with evidence) |
+//! | `rollout_devices` | (rollout id, device id) | [`DeviceProgress`]: one row per device of a rollout |
 //!
 //! A new kind of state (the rollout engine's rollouts and decisions) is another table opened
 //! in [`Store::open`] with its own record type; [`Store::write`] gives a write transaction in
 //! which any table can change together with the events that record the change, so "every
 //! mutation leaves an audit event" holds by construction for callers that use it.
+//!
+//! Device records are also kept in memory, decoded: every rollout tick, API device page and
+//! `/metrics` scrape reads the whole fleet, and decoding ten thousand JSON records for each
+//! was most of a 10,000-device server's CPU (BENCHMARKS.md, "Fleet scale", session 12).
+//! Invariant: the in-memory copy is the `devices` table as of the last commit that changed it.
+//! Device records change only through [`Store::batch`], which updates the copy right after its
+//! commit, under the one device-writer lock (so two batches cannot apply their copies out of
+//! order).
+//!
+//! A rollout's devices are rows of their own, so a rollout step stores the devices it changed,
+//! not all ten thousand of a fleet-wide rollout (which made each step's cost grow with the
+//! fleet, and a fan-out's cost with its square). Rollouts stored by an earlier version, with
+//! their devices inside the record, are moved to rows when the store opens.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use protocol::link::ModelSummary;
@@ -25,19 +40,20 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Role;
-use crate::rollout::engine::Rollout;
+use crate::rollout::engine::{DeviceProgress, Rollout};
 
-pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 pub(crate) const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("bundles");
 pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub(crate) const DEVICE_EVENT_KEYS: TableDefinition<(&str, u64), u64> =
     TableDefinition::new("device_event_keys");
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
-pub(crate) const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const ROLLOUT_DEVICES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("rollout_devices");
 /// Stage commands a rollout sent that no device has settled yet: command id → the signed
 /// command as published, so a re-send is the same command (same id, same `seq`).
-pub(crate) const PENDING_COMMANDS: TableDefinition<&str, &[u8]> =
-    TableDefinition::new("pending_commands");
+const PENDING_COMMANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_commands");
 
 /// Events kept; the oldest are pruned (with their dedupe keys) beyond this.
 pub const MAX_EVENTS: u64 = 1_000_000;
@@ -197,6 +213,48 @@ pub struct TokenRecord {
 
 pub struct Store {
     db: Database,
+    /// The `devices` table, decoded (see the module's invariant).
+    devices: RwLock<DeviceCopy>,
+    /// Held by [`Store::batch`] from its first write until its changes are in `devices`.
+    device_writer: Mutex<()>,
+}
+
+/// The decoded device records, and the keys of records that could not be decoded at open.
+#[derive(Default)]
+struct DeviceCopy {
+    records: BTreeMap<String, Arc<DeviceRecord>>,
+    unreadable: BTreeMap<String, String>,
+}
+
+impl DeviceCopy {
+    fn load(db: &Database) -> Result<DeviceCopy, StoreError> {
+        let mut copy = DeviceCopy::default();
+        let tx = db.begin_read()?;
+        for row in tx.open_table(DEVICES)?.iter()? {
+            let (k, v) = row?;
+            match decode::<DeviceRecord>(k.value(), v.value()) {
+                Ok(d) => {
+                    copy.records.insert(k.value().to_string(), Arc::new(d));
+                }
+                Err(StoreError::Corrupt { key, reason }) => {
+                    copy.unreadable.insert(key, reason);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(copy)
+    }
+
+    /// An unreadable record fails every read of the whole fleet, as reading the table would.
+    fn check(&self) -> Result<(), StoreError> {
+        match self.unreadable.iter().next() {
+            Some((key, reason)) => Err(StoreError::Corrupt {
+                key: key.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Store {
@@ -221,8 +279,15 @@ impl Store {
         tx.open_table(TOKENS)?;
         tx.open_table(ROLLOUTS)?;
         tx.open_table(PENDING_COMMANDS)?;
+        tx.open_table(ROLLOUT_DEVICES)?;
+        move_rollout_devices_to_rows(&tx)?;
         tx.commit()?;
-        Ok(Store { db })
+        let devices = RwLock::new(DeviceCopy::load(&db)?);
+        Ok(Store {
+            db,
+            devices,
+            device_writer: Mutex::new(()),
+        })
     }
 
     /// Runs `f` in one write transaction and commits it: the changes `f` makes and the events
@@ -246,11 +311,38 @@ impl Store {
     // ---- devices ----
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        get(&self.db, DEVICES, id)
+        let copy = self.devices.read().expect("devices lock");
+        if let Some(reason) = copy.unreadable.get(id) {
+            return Err(StoreError::Corrupt {
+                key: id.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(copy.records.get(id).map(|d| (**d).clone()))
     }
 
+    /// Every device record, sorted by id.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        all(&self.db, DEVICES)
+        Ok(self
+            .device_records()?
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect())
+    }
+
+    /// Every device record, sorted by id, shared with the store's copy (no record is copied).
+    pub fn device_records(&self) -> Result<Vec<Arc<DeviceRecord>>, StoreError> {
+        let copy = self.devices.read().expect("devices lock");
+        copy.check()?;
+        Ok(copy.records.values().cloned().collect())
+    }
+
+    /// How many devices are known, and how many of them are online.
+    pub fn device_counts(&self) -> Result<(usize, usize), StoreError> {
+        let copy = self.devices.read().expect("devices lock");
+        copy.check()?;
+        let online = copy.records.values().filter(|d| d.online).count();
+        Ok((copy.records.len(), online))
     }
 
     /// Applies `update` to a device's record (None if new) in one transaction with the events it
@@ -272,7 +364,9 @@ impl Store {
     pub fn batch<T>(&self, f: impl FnOnce(&mut Batch) -> T) -> Result<T, StoreError> {
         let mut batch = Batch {
             db: &self.db,
+            writer: &self.device_writer,
             tx: None,
+            written: HashMap::new(),
             failed: None,
         };
         let value = f(&mut batch);
@@ -280,39 +374,88 @@ impl Store {
             return Err(e); // dropping the transaction aborts it
         }
         // A batch that changed nothing (telemetry only) costs no commit.
-        if let Some(tx) = batch.tx {
+        if let Some((_writer, tx)) = batch.tx {
             tx.commit()?;
+            if !batch.written.is_empty() {
+                let mut copy = self.devices.write().expect("devices lock");
+                for (id, record) in batch.written {
+                    copy.unreadable.remove(&id);
+                    copy.records.insert(id, Arc::new(record));
+                }
+            }
         }
         Ok(value)
     }
 
     // ---- rollouts ----
 
+    /// A rollout with its devices.
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        get(&self.db, ROLLOUTS, id)
+        let tx = self.db.begin_read()?;
+        let Some(v) = tx.open_table(ROLLOUTS)?.get(id)? else {
+            return Ok(None);
+        };
+        let mut r: Rollout = decode(id, v.value())?;
+        read_rollout_devices(&tx.open_table(ROLLOUT_DEVICES)?, &mut r)?;
+        Ok(Some(r))
     }
 
-    pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+    /// Every rollout without its devices (`devices` is empty): what lists and state checks
+    /// need, without reading a row per device of every rollout ever run.
+    pub fn rollout_headers(&self) -> Result<Vec<Rollout>, StoreError> {
         all(&self.db, ROLLOUTS)
     }
 
-    /// Stores a rollout together with the events describing what changed.
+    /// How many devices rollout `id` has taken.
+    pub fn rollout_device_count(&self, id: &str) -> Result<usize, StoreError> {
+        let tx = self.db.begin_read()?;
+        let rows = tx.open_table(ROLLOUT_DEVICES)?;
+        let mut n = 0;
+        for row in rows.range((id, "")..)? {
+            if row?.0.value().0 != id {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stores a new rollout together with the events describing it.
     pub fn put_rollout(&self, rollout: &Rollout, events: Vec<Event>) -> Result<(), StoreError> {
-        self.put_rollout_with_commands(rollout, events, &[], &[])
+        self.put_rollout_with_commands(rollout, None, events, &[], &[])
     }
 
     /// Stores a rollout, its events, the stage commands it is about to send (`sent`: command
     /// id and signed payload) and forgets the ones that are settled, in one commit.
+    ///
+    /// `before` is the rollout as stored before this change: only the devices whose progress
+    /// differs from it are written. None writes every device.
     pub fn put_rollout_with_commands(
         &self,
         rollout: &Rollout,
+        before: Option<&Rollout>,
         events: Vec<Event>,
         sent: &[(String, Vec<u8>)],
         settled: &[String],
     ) -> Result<(), StoreError> {
         self.write(|tx| {
-            tx.open_table(ROLLOUTS)?
-                .insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            tx.open_table(ROLLOUTS)?.insert(
+                rollout.id.as_str(),
+                encode(&rollout.without_devices()).as_slice(),
+            )?;
+            let mut rows = tx.open_table(ROLLOUT_DEVICES)?;
+            let id = rollout.id.as_str();
+            for (device, progress) in &rollout.devices {
+                if before.is_some_and(|b| b.devices.get(device) == Some(progress)) {
+                    continue;
+                }
+                rows.insert((id, device.as_str()), encode(progress).as_slice())?;
+            }
+            for device in before.iter().flat_map(|b| b.devices.keys()) {
+                if !rollout.devices.contains_key(device) {
+                    rows.remove((id, device.as_str()))?;
+                }
+            }
             let mut pending = tx.open_table(PENDING_COMMANDS)?;
             for (id, payload) in sent {
                 pending.insert(id.as_str(), payload.as_slice())?;
@@ -462,8 +605,12 @@ impl Store {
 /// are visible to the next (a device event repeated within one batch is stored once).
 pub struct Batch<'a> {
     db: &'a Database,
-    /// Begun by the first change.
-    tx: Option<redb::WriteTransaction>,
+    writer: &'a Mutex<()>,
+    /// Begun by the first change, with the device-writer lock held until the store's copy of
+    /// the device records has this batch's changes.
+    tx: Option<(std::sync::MutexGuard<'a, ()>, redb::WriteTransaction)>,
+    /// The device records this batch wrote (the last version of each).
+    written: HashMap<String, DeviceRecord>,
     /// The first error after a change began writing: the batch is not committed.
     failed: Option<StoreError>,
 }
@@ -471,9 +618,12 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     fn tx(&mut self) -> Result<&redb::WriteTransaction, StoreError> {
         if self.tx.is_none() {
-            self.tx = Some(self.db.begin_write()?);
+            // Poisoned only by a panic in another batch, whose transaction was then dropped
+            // (aborted): the lock guards no data of its own.
+            let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.tx = Some((writer, self.db.begin_write()?));
         }
-        Ok(self.tx.as_ref().expect("just begun"))
+        Ok(&self.tx.as_ref().expect("just begun").1)
     }
 
     /// Notes `result`'s error as the batch's failure (the change may be half made).
@@ -497,13 +647,17 @@ impl Batch<'_> {
         let (next, events) = update(current);
         let tx = self.tx()?;
         let written = (|| {
-            if let Some(next) = next {
+            if let Some(next) = &next {
                 tx.open_table(DEVICES)?
-                    .insert(id, encode(&next).as_slice())?;
+                    .insert(id, encode(next).as_slice())?;
             }
             append_events(tx, events)
         })();
-        self.writing(written)
+        let stored = self.writing(written)?;
+        if let Some(next) = next {
+            self.written.insert(id.to_string(), next);
+        }
+        Ok(stored)
     }
 
     /// [`Store::append_device_event`] within the batch.
@@ -559,6 +713,48 @@ fn append_events(
         }
     }
     Ok(stored)
+}
+
+/// Adds the rows of `r`'s devices to `r`.
+fn read_rollout_devices(
+    rows: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    r: &mut Rollout,
+) -> Result<(), StoreError> {
+    for row in rows.range((r.id.as_str(), "")..)? {
+        let (k, v) = row?;
+        let (rollout, device) = k.value();
+        if rollout != r.id {
+            break;
+        }
+        let progress: DeviceProgress = decode(&format!("{rollout}/{device}"), v.value())?;
+        r.devices.insert(device.to_string(), progress);
+    }
+    Ok(())
+}
+
+/// Moves the devices of rollouts stored with their devices inside the record (by a server
+/// before rows per device) to rows, once, when the store opens.
+fn move_rollout_devices_to_rows(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut table = tx.open_table(ROLLOUTS)?;
+    let mut whole: Vec<Rollout> = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let r: Rollout = decode(k.value(), v.value())?;
+        if !r.devices.is_empty() {
+            whole.push(r);
+        }
+    }
+    let mut rows = tx.open_table(ROLLOUT_DEVICES)?;
+    for r in whole {
+        for (device, progress) in &r.devices {
+            rows.insert(
+                (r.id.as_str(), device.as_str()),
+                encode(progress).as_slice(),
+            )?;
+        }
+        table.insert(r.id.as_str(), encode(&r.without_devices()).as_slice())?;
+    }
+    Ok(())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -716,6 +912,186 @@ mod tests {
             .unwrap();
         assert_eq!(results, (true, true));
         assert_eq!(s.events(&EventFilter::default(), 10).unwrap().len(), 1);
+    }
+
+    fn rollout_with(devices: &[(&str, DeviceState)]) -> Rollout {
+        let spec: crate::rollout::spec::RolloutSpec =
+            serde_json::from_value(serde_json::json!({"bundle_id": "b1"})).unwrap();
+        let bundle = protocol::link::BundleRef {
+            bundle_id: "b1".into(),
+            name: "digits".into(),
+            version: "2.0.0".into(),
+            size: 1000,
+            chunk_size: 64,
+            http_url: None,
+        };
+        let mut r = Rollout::new("r-1".into(), spec, bundle, "admin".into(), Utc::now());
+        for (id, state) in devices {
+            r.devices.insert(
+                id.to_string(),
+                DeviceProgress {
+                    stage: 0,
+                    state: *state,
+                    since: Utc::now(),
+                    command_id: Some(format!("c-{id}")),
+                    reason: None,
+                    revert_ordered_at: None,
+                },
+            );
+        }
+        r
+    }
+
+    use crate::rollout::engine::DeviceState;
+
+    /// A rollout's devices are rows: a step writes the ones it changed (and only those are
+    /// compared), and reading the rollout gives them all back.
+    #[test]
+    fn a_rollout_step_stores_the_devices_it_changed_as_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("server.redb")).unwrap();
+        let first = rollout_with(&[("d1", DeviceState::Staged), ("d2", DeviceState::Staged)]);
+        s.put_rollout(&first, vec![]).unwrap();
+        assert_eq!(s.rollout("r-1").unwrap().unwrap(), first);
+        assert_eq!(s.rollout_device_count("r-1").unwrap(), 2);
+        let headers = s.rollout_headers().unwrap();
+        assert_eq!(headers.len(), 1);
+        assert!(headers[0].devices.is_empty(), "headers carry no devices");
+
+        let mut next = first.clone();
+        next.devices.get_mut("d1").unwrap().state = DeviceState::Installed;
+        next.devices.insert("d3".into(), next.devices["d2"].clone());
+        next.stage = 1;
+        // What is written is the difference from `before`: d2, unchanged, is not rewritten,
+        // so a `before` that lies about d2 leaves the stored d2 alone.
+        let mut lying = first.clone();
+        lying.devices.get_mut("d2").unwrap().reason = Some("changed".into());
+        let mut claimed = next.clone();
+        claimed.devices.get_mut("d2").unwrap().reason = Some("changed".into());
+        s.put_rollout_with_commands(&claimed, Some(&lying), vec![], &[], &[])
+            .unwrap();
+        let stored = s.rollout("r-1").unwrap().unwrap();
+        assert_eq!(stored, next, "d1 changed, d3 added, d2 as first stored");
+        assert_eq!(s.rollout_device_count("r-1").unwrap(), 3);
+
+        // A device gone from the rollout loses its row; another rollout's rows stay apart.
+        let mut other = rollout_with(&[("d1", DeviceState::Failed)]);
+        other.id = "r-0".into();
+        s.put_rollout(&other, vec![]).unwrap();
+        let mut fewer = next.clone();
+        fewer.devices.remove("d3");
+        s.put_rollout_with_commands(&fewer, Some(&next), vec![], &[], &[])
+            .unwrap();
+        assert_eq!(s.rollout("r-1").unwrap().unwrap(), fewer);
+        assert_eq!(s.rollout("r-0").unwrap().unwrap(), other);
+        assert_eq!(s.rollout_device_count("r-0").unwrap(), 1);
+    }
+
+    /// A rollout stored by an earlier server, its devices inside the record, reads the same
+    /// after the store moves them to rows at open.
+    #[test]
+    fn rollouts_stored_whole_move_their_devices_to_rows_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.redb");
+        let whole = rollout_with(&[("d1", DeviceState::Installed), ("d2", DeviceState::Staged)]);
+        {
+            let s = Store::open(&path).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(ROLLOUTS)
+                .unwrap()
+                .insert("r-1", encode(&whole).as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+            assert_eq!(s.rollout_device_count("r-1").unwrap(), 0, "not moved yet");
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.rollout("r-1").unwrap().unwrap(), whole);
+        assert_eq!(s.rollout_device_count("r-1").unwrap(), 2);
+        assert!(s.rollout_headers().unwrap()[0].devices.is_empty());
+        let tx = s.db.begin_read().unwrap();
+        let raw: Rollout = decode(
+            "r-1",
+            tx.open_table(ROLLOUTS)
+                .unwrap()
+                .get("r-1")
+                .unwrap()
+                .unwrap()
+                .value(),
+        )
+        .unwrap();
+        assert!(
+            raw.devices.is_empty(),
+            "the record itself no longer holds them"
+        );
+    }
+
+    /// The in-memory device records follow every committed batch, and nothing of a failed one.
+    #[test]
+    fn the_device_copy_follows_commits_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.redb");
+        let record = |id: &str, online: bool| DeviceRecord {
+            id: id.into(),
+            online,
+            last_seen: Utc::now(),
+            first_seen: Utc::now(),
+            status_time: Utc::now(),
+            labels: BTreeMap::new(),
+            target: None,
+            agent_version: None,
+            models: vec![],
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.update_device("d1", |_| (Some(record("d1", true)), vec![]))
+                .unwrap();
+            s.update_device("d2", |_| (Some(record("d2", false)), vec![]))
+                .unwrap();
+            assert_eq!(s.device_counts().unwrap(), (2, 1));
+            // A batch whose change fails after writing stores nothing, in the copy neither.
+            let failed = s.batch(|b| {
+                b.update_device("d1", |_| (Some(record("d1", false)), vec![]))
+                    .unwrap();
+                b.failed = Some(StoreError::Db("injected".into()));
+            });
+            assert!(failed.is_err());
+            assert!(s.device("d1").unwrap().unwrap().online, "copy unchanged");
+            s.update_device("d1", |cur| {
+                let mut d = cur.unwrap();
+                d.labels.insert("site".into(), "a".into());
+                (Some(d), vec![])
+            })
+            .unwrap();
+            let all = s.devices().unwrap();
+            assert_eq!(
+                all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+                ["d1", "d2"]
+            );
+            assert!(all[0].has_label("site", "a"));
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(s.device("d1").unwrap().unwrap().has_label("site", "a"));
+        assert_eq!(s.device_counts().unwrap(), (2, 1));
+    }
+
+    /// A record that cannot be decoded at open fails reads of the whole fleet and names itself.
+    #[test]
+    fn an_unreadable_device_record_is_reported_by_fleet_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(DEVICES)
+                .unwrap()
+                .insert("bad", b"not json".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let e = s.devices().unwrap_err().to_string();
+        assert!(e.contains("'bad'"), "{e}");
+        assert!(s.device("bad").is_err());
     }
 
     #[test]

@@ -33,11 +33,11 @@ pub async fn list(State(app): State<App>) -> ApiResult<Json<Value>> {
         .rollouts
         .list()?
         .iter()
-        .map(|r| {
+        .map(|(r, devices)| {
             json!({"id": r.id, "state": r.state, "bundle_id": r.bundle.bundle_id,
                    "model": r.model(), "version": r.version(), "stage": r.stage,
                    "stages": r.spec.stages, "created_at": r.created_at,
-                   "created_by": r.created_by, "devices": r.devices.len(),
+                   "created_by": r.created_by, "devices": devices,
                    "last_decision": r.decisions.last()})
         })
         .collect();
@@ -67,7 +67,7 @@ fn view(app: &App, r: &Rollout) -> Value {
     let selected = app
         .fleet
         .store
-        .devices()
+        .device_records()
         .map(|all| {
             all.iter()
                 .filter(|d| r.spec.selector.matches(&d.labels))

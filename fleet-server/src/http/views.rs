@@ -71,7 +71,7 @@ pub async fn fleet_summary(State(app): State<App>) -> ApiResult<Json<Value>> {
 
 /// The fleet summary from the stored devices, rollouts and bundles (one pass over each).
 pub fn summary(store: &crate::store::Store) -> Result<Value, FleetError> {
-    let devices = store.devices()?;
+    let devices = store.device_records()?;
     let mut all = Count::default();
     let (mut trial, mut reverted, mut committed, mut without_models) = (0u64, 0u64, 0u64, 0u64);
     let mut by_target: BTreeMap<String, Count> = BTreeMap::new();
@@ -113,7 +113,7 @@ pub fn summary(store: &crate::store::Store) -> Result<Value, FleetError> {
     let mut labels: Vec<_> = by_label.into_iter().collect();
     labels.sort_by(|a, b| b.1.total.cmp(&a.1.total).then(a.0.cmp(&b.0)));
     labels.truncate(MAX_LABEL_ROWS);
-    let rollouts = store.rollouts()?;
+    let rollouts = store.rollout_headers()?;
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
     for r in &rollouts {
         let state = serde_json::to_value(r.state).unwrap_or_default();
@@ -210,10 +210,10 @@ pub fn series(
     let buckets = ((span + bucket - 1) / bucket).max(1) as usize;
     let selected: HashMap<String, bool> = fleet
         .store
-        .devices()?
+        .device_records()?
         .into_iter()
         .filter(|d| r.spec.selector.matches(&d.labels))
-        .map(|d| (d.id, true))
+        .map(|d| (d.id.clone(), true))
         .collect();
     let mut canary = vec![CohortFigures::default(); buckets];
     let mut control = vec![CohortFigures::default(); buckets];
@@ -415,7 +415,7 @@ pub async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeviceRecord, Store, DEVICES};
+    use crate::store::{DeviceRecord, Store};
     use protocol::link::ModelSummary;
 
     /// 10 000 devices: the summary is one pass and answers in well under a second (debug build).
@@ -425,8 +425,7 @@ mod tests {
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
         let now = Utc::now();
         store
-            .write(|tx| {
-                let mut t = tx.open_table(DEVICES)?;
+            .batch(|b| {
                 for i in 0..10_000 {
                     let d = DeviceRecord {
                         id: format!("dev-{i:05}"),
@@ -454,9 +453,8 @@ mod tests {
                         }],
                     };
                     let id = d.id.clone();
-                    t.insert(id.as_str(), serde_json::to_vec(&d).unwrap().as_slice())?;
+                    b.update_device(&id, |_| (Some(d), vec![])).unwrap();
                 }
-                Ok(((), vec![]))
             })
             .unwrap();
         let t = std::time::Instant::now();

@@ -147,7 +147,7 @@ impl Rollouts {
         let bundle = self.fleet.bundle(&spec.bundle_id)?;
         let _guard = self.tick.lock().await;
         let devices = self.devices()?;
-        for other in self.fleet.store.rollouts()? {
+        for other in self.fleet.store.rollout_headers()? {
             if !other.state.is_active() || other.model() != bundle.name {
                 continue;
             }
@@ -200,10 +200,15 @@ impl Rollouts {
             })
     }
 
-    /// Every rollout, newest first.
-    pub fn list(&self) -> Result<Vec<Rollout>, FleetError> {
-        let mut all = self.fleet.store.rollouts()?;
-        all.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    /// Every rollout, newest first, without its devices, each with how many devices it has
+    /// taken.
+    pub fn list(&self) -> Result<Vec<(Rollout, usize)>, FleetError> {
+        let mut all = Vec::new();
+        for r in self.fleet.store.rollout_headers()? {
+            let devices = self.fleet.store.rollout_device_count(&r.id)?;
+            all.push((r, devices));
+        }
+        all.sort_by(|a, b| b.0.created_at.cmp(&a.0.created_at));
         Ok(all)
     }
 
@@ -230,7 +235,7 @@ impl Rollouts {
         let settled = settled_commands(&snapshot, &r);
         self.fleet
             .store
-            .put_rollout_with_commands(&r, events, &[], &settled)?;
+            .put_rollout_with_commands(&r, Some(&snapshot), events, &[], &settled)?;
         self.forget_published(&settled);
         Ok(r)
     }
@@ -238,21 +243,18 @@ impl Rollouts {
     /// Steps every rollout that is not finished and carries out its orders.
     pub async fn tick(&self) -> Result<(), FleetError> {
         let _guard = self.tick.lock().await;
-        let stepping: Vec<Rollout> = self
-            .fleet
-            .store
-            .rollouts()?
-            .into_iter()
-            .filter(|r| {
-                matches!(
-                    r.state,
-                    RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
-                )
-            })
-            .collect();
+        let mut stepping = Vec::new();
+        for header in self.fleet.store.rollout_headers()? {
+            if matches!(
+                header.state,
+                RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
+            ) {
+                stepping.extend(self.fleet.store.rollout(&header.id)?);
+            }
+        }
         // Every device record is read only when a rollout needs the observation (a read of the
         // whole fleet, once a second, is wasted on a server with nothing to roll out).
-        let devices = if stepping.is_empty() {
+        let mut devices = if stepping.is_empty() {
             Vec::new()
         } else {
             self.devices()?
@@ -260,10 +262,12 @@ impl Rollouts {
         let mut stepped = Vec::new();
         for mut r in stepping {
             stepped.push(r.id.clone());
-            let obs = self.observe(&r, &devices)?;
+            // The observation borrows the devices for the step and gives them back.
+            let obs = self.observe(&r, std::mem::take(&mut devices))?;
             let before = r.decisions.len();
             let snapshot = r.clone();
             let orders = engine::step(&mut r, &obs);
+            devices = obs.devices;
             let actor = format!("rollout:{}", r.id);
             let sealed = self.seal_orders(&mut r, &orders, &actor);
             let settled = settled_commands(&snapshot, &r);
@@ -276,9 +280,13 @@ impl Rollouts {
                         pending.push((command.command_id.clone(), command.payload.clone()));
                     }
                 }
-                self.fleet
-                    .store
-                    .put_rollout_with_commands(&r, events, &pending, &settled)?;
+                self.fleet.store.put_rollout_with_commands(
+                    &r,
+                    Some(&snapshot),
+                    events,
+                    &pending,
+                    &settled,
+                )?;
             }
             protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
@@ -509,18 +517,18 @@ impl Rollouts {
         Ok(self
             .fleet
             .store
-            .devices()?
-            .into_iter()
+            .device_records()?
+            .iter()
             .map(|d| DeviceView {
-                id: d.id,
+                id: d.id.clone(),
                 online: d.online,
-                labels: d.labels,
-                models: d.models,
+                labels: d.labels.clone(),
+                models: d.models.clone(),
             })
             .collect())
     }
 
-    fn observe(&self, r: &Rollout, devices: &[DeviceView]) -> Result<Observation, FleetError> {
+    fn observe(&self, r: &Rollout, devices: Vec<DeviceView>) -> Result<Observation, FleetError> {
         let events = self.failure_events(r)?;
         let mut windows = HashMap::new();
         if let Some(since) = r.bake_started_at {
@@ -539,7 +547,7 @@ impl Rollouts {
         }
         Ok(Observation {
             now: Utc::now(),
-            devices: devices.to_vec(),
+            devices,
             events,
             windows,
         })

@@ -110,6 +110,8 @@ pub struct Rollout {
     pub stage_started_at: DateTime<Utc>,
     /// When every staged canary of the current stage had settled; judging uses telemetry from here.
     pub bake_started_at: Option<DateTime<Utc>>,
+    /// Stored apart, a row per device (`store::Store::rollout`).
+    #[serde(default)]
     pub devices: BTreeMap<String, DeviceProgress>,
     pub decisions: Vec<Decision>,
     /// The latest judgement of the current stage (figures for the API and the dashboard).
@@ -190,6 +192,39 @@ impl Rollout {
 
     pub fn model(&self) -> &str {
         &self.bundle.name
+    }
+
+    /// The rollout without its devices (the store keeps them apart, a row each).
+    pub fn without_devices(&self) -> Rollout {
+        // No `..`: a new field must be thought about here.
+        let Rollout {
+            id,
+            spec,
+            bundle,
+            created_at,
+            created_by,
+            state,
+            stage,
+            stage_started_at,
+            bake_started_at,
+            devices: _,
+            decisions,
+            last_judgement,
+        } = self;
+        Rollout {
+            id: id.clone(),
+            spec: spec.clone(),
+            bundle: bundle.clone(),
+            created_at: *created_at,
+            created_by: created_by.clone(),
+            state: *state,
+            stage: *stage,
+            stage_started_at: *stage_started_at,
+            bake_started_at: *bake_started_at,
+            devices: BTreeMap::new(),
+            decisions: decisions.clone(),
+            last_judgement: last_judgement.clone(),
+        }
     }
 
     pub fn version(&self) -> &str {
@@ -296,6 +331,11 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
     let version = r.bundle.version.clone();
     let by_id: HashMap<&str, &DeviceView> =
         obs.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    // Each device's events, oldest first (not a scan of every event per device).
+    let mut events_of: HashMap<&str, Vec<&EventView>> = HashMap::new();
+    for e in &obs.events {
+        events_of.entry(e.device_id.as_str()).or_default().push(e);
+    }
     let install_timeout = Duration::seconds(r.spec.install_timeout_seconds as i64);
     let rolling_back = r.state == RolloutState::RolledBack;
     for (id, p) in r.devices.iter_mut() {
@@ -303,9 +343,9 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
             .get(id.as_str())
             .and_then(|d| d.model(&model))
             .map(|m| m.active == version);
-        let failure = obs.events.iter().rev().find(|e| {
-            e.device_id == *id
-                && e.time >= p.since
+        let events = events_of.get(id.as_str()).map_or(&[][..], |v| v.as_slice());
+        let failure = events.iter().rev().copied().find(|e| {
+            e.time >= p.since
                 && e.version.as_deref() == Some(version.as_str())
                 && FAILURE_KINDS.contains(&e.kind.as_str())
         });
@@ -583,6 +623,8 @@ fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     let now = obs.now;
     let version = r.bundle.version.clone();
     let model = r.bundle.name.clone();
+    let by_id: HashMap<&str, &DeviceView> =
+        obs.devices.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut orders = Vec::new();
     for (id, p) in r.devices.iter_mut() {
         // Staged devices may still finish installing: they are reverted when they report it.
@@ -591,7 +633,7 @@ fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
         if p.state != DeviceState::Installed {
             continue;
         }
-        let device = obs.devices.iter().find(|d| &d.id == id);
+        let device = by_id.get(id.as_str()).copied();
         let summary = device.and_then(|d| d.model(&model));
         if !summary.is_some_and(|m| m.active == version) {
             p.state = DeviceState::RolledBack;
