@@ -6,7 +6,9 @@
 //! deals with bytes.
 //!
 //! Chunk serving reads with positioned reads (`pread`) on files kept open in a small cache, so
-//! a transfer neither re-opens nor re-hashes the bundle per chunk.
+//! a transfer neither re-opens nor re-hashes the bundle per chunk; each chunk's sha256 is
+//! computed once and kept (a bundle file never changes: its name is its hash), so a fan-out to
+//! ten thousand devices hashes each chunk once, not ten thousand times.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -21,6 +23,8 @@ use protocol::link::{chunk_count, encode_chunk, sha256_hex, ChunkHeader};
 
 /// Open files kept for chunk serving.
 const OPEN_FILES: usize = 32;
+/// Chunk hashes kept (about 100 bytes each); beyond this the cache starts over.
+const CHUNK_HASHES: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleFileError {
@@ -34,6 +38,8 @@ pub enum BundleFileError {
 pub struct BundleFiles {
     dir: PathBuf,
     open: Mutex<HashMap<String, Arc<File>>>,
+    /// (bundle id, chunk size, index) → the chunk's sha256 (hex).
+    chunk_hashes: Mutex<HashMap<(String, u32, u32), String>>,
 }
 
 impl BundleFiles {
@@ -53,6 +59,7 @@ impl BundleFiles {
         Ok(BundleFiles {
             dir: dir.to_path_buf(),
             open: Mutex::new(HashMap::new()),
+            chunk_hashes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,10 +159,27 @@ impl BundleFiles {
             index,
             chunk_size,
             total: chunk_count(size, chunk_size),
-            sha256: sha256_hex(&bytes),
+            sha256: self.chunk_hash(id, chunk_size, index, &bytes),
             error: None,
         };
         Ok(encode_chunk(&header, &bytes))
+    }
+
+    /// The sha256 of chunk `index` of bundle `id`, whose bytes are `bytes`: hashed the first
+    /// time, then from the cache.
+    fn chunk_hash(&self, id: &str, chunk_size: u32, index: u32, bytes: &[u8]) -> String {
+        let key = (id.to_string(), chunk_size, index);
+        let lock = || self.chunk_hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hash) = lock().get(&key) {
+            return hash.clone();
+        }
+        let hash = sha256_hex(bytes);
+        let mut hashes = lock();
+        if hashes.len() >= CHUNK_HASHES {
+            hashes.clear();
+        }
+        hashes.insert(key, hash.clone());
+        hash
     }
 }
 
@@ -172,4 +196,35 @@ pub fn error_frame(bundle_id: &str, chunk_size: u32, index: u32, total: u32, why
         },
         &[],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::link::decode_chunk;
+
+    /// Every frame carries the hash of its own bytes, whether hashed now or taken from the
+    /// cache, for each chunk and each chunk size.
+    #[test]
+    fn chunk_frames_carry_their_own_hash_when_cached_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = BundleFiles::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(files.path("b1"), &bytes).unwrap();
+        for round in 0..2 {
+            for chunk_size in [4096u32, 3000] {
+                for index in 0..chunk_count(bytes.len() as u64, chunk_size) {
+                    let frame = files
+                        .chunk_frame("b1", bytes.len() as u64, chunk_size, index)
+                        .unwrap();
+                    let (header, payload) = decode_chunk(&frame).unwrap();
+                    let start = (index * chunk_size) as usize;
+                    let end = (start + chunk_size as usize).min(bytes.len());
+                    assert_eq!(payload, &bytes[start..end], "round {round}");
+                    assert_eq!(header.sha256, sha256_hex(payload), "round {round}");
+                }
+            }
+        }
+        assert_eq!(files.chunk_hashes.lock().unwrap().len(), 3 + 4);
+    }
 }

@@ -6,26 +6,29 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Extension;
 use axum::Json;
+use std::sync::Arc;
+
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{bad_request, ApiResult, App};
 use crate::auth::Caller;
 use crate::rollout::driver::Intervention;
 use crate::rollout::engine::{DeviceState, Rollout};
-use crate::rollout::spec::RolloutSpec;
+use crate::rollout::spec::{RolloutSpec, Stage};
 
 pub async fn create(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<RolloutView>)> {
     let spec: RolloutSpec =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("rollout request: {e}")))?;
     let rollout = app.rollouts.create(spec, &caller.name).await?;
     // Start it now rather than at the next tick.
     app.rollouts.tick().await?;
     let rollout = app.rollouts.get(&rollout.id)?;
-    Ok((StatusCode::CREATED, Json(view(&app, &rollout))))
+    Ok((StatusCode::CREATED, Json(view(&app, rollout))))
 }
 
 pub async fn list(State(app): State<App>) -> ApiResult<Json<Value>> {
@@ -44,25 +47,54 @@ pub async fn list(State(app): State<App>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "rollouts": rollouts })))
 }
 
-pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(view(&app, &app.rollouts.get(&id)?)))
+pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<RolloutView>> {
+    Ok(Json(view(&app, app.rollouts.get(&id)?)))
 }
 
 pub async fn intervene(
     State(app): State<App>,
     Extension(caller): Extension<Caller>,
     Path((id, action)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RolloutView>> {
     let what: Intervention = action.parse()?;
     let rollout = app.rollouts.intervene(&id, what, &caller.name).await?;
     if what == Intervention::Rollback || what == Intervention::Resume {
         app.rollouts.tick().await?;
     }
-    Ok(Json(view(&app, &app.rollouts.get(&rollout.id)?)))
+    Ok(Json(view(&app, app.rollouts.get(&rollout.id)?)))
 }
 
-/// A rollout as the API shows it: the stored record plus cohort counts.
-fn view(app: &App, r: &Rollout) -> Value {
+/// A rollout as the API shows it: the stored record plus cohort counts. Serialised straight
+/// from the rollout (not through a `serde_json::Value` of ten thousand device entries).
+pub struct RolloutView {
+    rollout: Arc<Rollout>,
+    cohorts: Value,
+}
+
+impl Serialize for RolloutView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            rollout: &'a Rollout,
+            model: &'a str,
+            version: &'a str,
+            current_stage: Option<&'a Stage>,
+            cohorts: &'a Value,
+        }
+        let r = &*self.rollout;
+        Shown {
+            rollout: r,
+            model: r.model(),
+            version: r.version(),
+            current_stage: r.spec.stages.get(r.stage),
+            cohorts: &self.cohorts,
+        }
+        .serialize(s)
+    }
+}
+
+fn view(app: &App, r: Arc<Rollout>) -> RolloutView {
     let count = |s: DeviceState| r.devices.values().filter(|p| p.state == s).count();
     let selected = app
         .fleet
@@ -74,11 +106,7 @@ fn view(app: &App, r: &Rollout) -> Value {
                 .count()
         })
         .unwrap_or(0);
-    let mut v = serde_json::to_value(r).unwrap_or_default();
-    v["model"] = json!(r.model());
-    v["version"] = json!(r.version());
-    v["current_stage"] = json!(r.spec.stages.get(r.stage));
-    v["cohorts"] = json!({
+    let cohorts = json!({
         "selected": selected,
         "canary": {
             "devices": r.devices.len(),
@@ -90,5 +118,8 @@ fn view(app: &App, r: &Rollout) -> Value {
         },
         "control": {"devices": selected.saturating_sub(r.devices.len())},
     });
-    v
+    RolloutView {
+        rollout: r,
+        cohorts,
+    }
 }

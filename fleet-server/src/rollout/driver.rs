@@ -47,6 +47,10 @@ pub const DEFAULT_STAGE_RESEND_AFTER: Duration = Duration::from_secs(30);
 /// Events read from the log per batch when a rollout's event feed catches up.
 const FEED_BATCH: usize = 10_000;
 
+/// Rollouts kept decoded in memory (see [`Rollouts`]'s `stored`); beyond this the oldest read
+/// is dropped and read again from the store when needed.
+const STORED_ROLLOUTS: usize = 16;
+
 /// A rollout's failure events, read from the event log incrementally: the first tick that sees
 /// the rollout (after its creation or a server restart) scans the log back to the rollout's
 /// `rollout_created` event; every later tick reads only the events stored since. So a tick costs
@@ -104,6 +108,11 @@ impl std::str::FromStr for Intervention {
 pub struct Rollouts {
     fleet: Arc<Fleet>,
     tick: tokio::sync::Mutex<()>,
+    /// Rollouts as this process last stored or read them, so that neither a tick nor an API
+    /// read decodes a row per device (ten thousand for a fleet-wide rollout) each time.
+    /// Invariant: every rollout is written through [`Rollouts::put`], which replaces the entry
+    /// after its commit and drops it if the commit failed, so an entry is the stored rollout.
+    stored: std::sync::Mutex<StoredRollouts>,
     feeds: std::sync::Mutex<HashMap<String, EventFeed>>,
     /// Each pending stage command this process has handed to the outbox: `None` while it waits
     /// there, then when it was published.
@@ -112,6 +121,39 @@ pub struct Rollouts {
     outbox: tokio::sync::mpsc::UnboundedSender<Vec<Outgoing>>,
     /// The outbox's receiving end, until [`Rollouts::spawn`] starts its publisher.
     outbox_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<Outgoing>>>>,
+}
+
+/// The rollouts kept in memory, with the order they were last stored or read in.
+#[derive(Default)]
+struct StoredRollouts {
+    by_id: HashMap<String, (u64, Arc<Rollout>)>,
+    clock: u64,
+}
+
+impl StoredRollouts {
+    fn get(&mut self, id: &str) -> Option<Arc<Rollout>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.by_id.get_mut(id).map(|(used, r)| {
+            *used = clock;
+            r.clone()
+        })
+    }
+
+    fn insert(&mut self, r: Arc<Rollout>) {
+        self.clock += 1;
+        if self.by_id.len() >= STORED_ROLLOUTS && !self.by_id.contains_key(&r.id) {
+            let oldest = self
+                .by_id
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.by_id.remove(&oldest);
+            }
+        }
+        self.by_id.insert(r.id.clone(), (self.clock, r));
+    }
 }
 
 /// A command on its way to the broker.
@@ -133,6 +175,7 @@ impl Rollouts {
         Rollouts {
             fleet,
             tick: tokio::sync::Mutex::new(()),
+            stored: Default::default(),
             feeds: Default::default(),
             published: Default::default(),
             stage_resend_after,
@@ -186,18 +229,54 @@ impl Rollouts {
             actor,
             json!({"spec": rollout.spec}),
         );
-        self.fleet.store.put_rollout(&rollout, vec![event])?;
+        self.put(&rollout, None, vec![event], &[], &[])?;
         Ok(rollout)
     }
 
-    pub fn get(&self, id: &str) -> Result<Rollout, FleetError> {
-        self.fleet
+    /// A rollout with its devices.
+    pub fn get(&self, id: &str) -> Result<Arc<Rollout>, FleetError> {
+        if let Some(r) = self.stored.lock().expect("stored lock").get(id) {
+            return Ok(r);
+        }
+        let r = self
+            .fleet
             .store
             .rollout(id)?
             .ok_or_else(|| FleetError::NotFound {
                 what: "rollout",
                 id: id.to_string(),
-            })
+            })?;
+        let r = Arc::new(r);
+        self.stored.lock().expect("stored lock").insert(r.clone());
+        Ok(r)
+    }
+
+    /// Stores `r` (see [`Store::put_rollout_with_commands`]) and keeps it as the stored rollout.
+    ///
+    /// [`Store::put_rollout_with_commands`]: crate::store::Store::put_rollout_with_commands
+    fn put(
+        &self,
+        r: &Rollout,
+        before: Option<&Rollout>,
+        events: Vec<Event>,
+        sent: &[(String, Vec<u8>)],
+        settled: &[String],
+    ) -> Result<(), FleetError> {
+        let stored = self
+            .fleet
+            .store
+            .put_rollout_with_commands(r, before, events, sent, settled);
+        let mut kept = self.stored.lock().expect("stored lock");
+        match stored {
+            Ok(()) => {
+                kept.insert(Arc::new(r.clone()));
+                Ok(())
+            }
+            Err(e) => {
+                kept.by_id.remove(&r.id);
+                Err(e.into())
+            }
+        }
     }
 
     /// Every rollout, newest first, without its devices, each with how many devices it has
@@ -220,8 +299,8 @@ impl Rollouts {
         actor: &str,
     ) -> Result<Rollout, FleetError> {
         let _guard = self.tick.lock().await;
-        let mut r = self.get(id)?;
-        let snapshot = r.clone();
+        let snapshot = self.get(id)?;
+        let mut r = Rollout::clone(&snapshot);
         let now = Utc::now();
         let before = r.decisions.len();
         let result = match what {
@@ -233,9 +312,7 @@ impl Rollouts {
         result.map_err(FleetError::Conflict)?;
         let events = decision_events(&r, before, actor);
         let settled = settled_commands(&snapshot, &r);
-        self.fleet
-            .store
-            .put_rollout_with_commands(&r, Some(&snapshot), events, &[], &settled)?;
+        self.put(&r, Some(&snapshot), events, &[], &settled)?;
         self.forget_published(&settled);
         Ok(r)
     }
@@ -249,7 +326,7 @@ impl Rollouts {
                 header.state,
                 RolloutState::Pending | RolloutState::Running | RolloutState::RolledBack
             ) {
-                stepping.extend(self.fleet.store.rollout(&header.id)?);
+                stepping.push(self.get(&header.id)?);
             }
         }
         // Every device record is read only when a rollout needs the observation (a read of the
@@ -260,18 +337,18 @@ impl Rollouts {
             self.devices()?
         };
         let mut stepped = Vec::new();
-        for mut r in stepping {
-            stepped.push(r.id.clone());
+        for snapshot in stepping {
+            stepped.push(snapshot.id.clone());
+            let mut r = Rollout::clone(&snapshot);
             // The observation borrows the devices for the step and gives them back.
             let obs = self.observe(&r, std::mem::take(&mut devices))?;
             let before = r.decisions.len();
-            let snapshot = r.clone();
             let orders = engine::step(&mut r, &obs);
             devices = obs.devices;
             let actor = format!("rollout:{}", r.id);
             let sealed = self.seal_orders(&mut r, &orders, &actor);
             let settled = settled_commands(&snapshot, &r);
-            if r != snapshot || !sealed.is_empty() {
+            if r != *snapshot || !sealed.is_empty() {
                 let mut events = decision_events(&r, before, &actor);
                 let mut pending = Vec::new();
                 for (command, event, is_stage) in &sealed {
@@ -280,13 +357,7 @@ impl Rollouts {
                         pending.push((command.command_id.clone(), command.payload.clone()));
                     }
                 }
-                self.fleet.store.put_rollout_with_commands(
-                    &r,
-                    Some(&snapshot),
-                    events,
-                    &pending,
-                    &settled,
-                )?;
+                self.put(&r, Some(&snapshot), events, &pending, &settled)?;
             }
             protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
