@@ -109,6 +109,11 @@ impl DeviceRecord {
     pub fn has_label(&self, key: &str, value: &str) -> bool {
         self.labels.get(key).is_some_and(|v| v == value)
     }
+
+    /// What the device last reported of model `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelSummary> {
+        self.models.iter().find(|m| m.name == name)
+    }
 }
 
 /// A stored bundle (its bytes are `DATA_DIR/bundles/<id>.mfb`).

@@ -33,12 +33,10 @@ use serde_json::json;
 
 use protocol::link::BundleRef;
 
-use super::engine::{
-    self, DeviceState, DeviceView, EventView, Observation, Order, Rollout, RolloutState,
-};
+use super::engine::{self, DeviceState, EventView, Observation, Order, Rollout, RolloutState};
 use super::spec::RolloutSpec;
 use crate::fleet::{Fleet, FleetError, SealedCommand};
-use crate::store::Event;
+use crate::store::{DeviceRecord, Event};
 
 /// How long a running rollout waits for a staged device to answer its stage command before
 /// publishing the command again (the default of `--stage-resend-after`).
@@ -584,22 +582,15 @@ impl Rollouts {
         tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
     }
 
-    fn devices(&self) -> Result<Vec<DeviceView>, FleetError> {
-        Ok(self
-            .fleet
-            .store
-            .device_records()?
-            .iter()
-            .map(|d| DeviceView {
-                id: d.id.clone(),
-                online: d.online,
-                labels: d.labels.clone(),
-                models: d.models.clone(),
-            })
-            .collect())
+    fn devices(&self) -> Result<Vec<Arc<DeviceRecord>>, FleetError> {
+        Ok(self.fleet.store.device_records()?)
     }
 
-    fn observe(&self, r: &Rollout, devices: Vec<DeviceView>) -> Result<Observation, FleetError> {
+    fn observe(
+        &self,
+        r: &Rollout,
+        devices: Vec<Arc<DeviceRecord>>,
+    ) -> Result<Observation, FleetError> {
         let events = self.failure_events(r)?;
         let mut windows = HashMap::new();
         if let Some(since) = r.bake_started_at {

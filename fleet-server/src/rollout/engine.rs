@@ -20,12 +20,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use protocol::link::{BundleRef, ModelSummary};
+use protocol::link::BundleRef;
 use protocol::telemetry::WindowRecord;
 
 use super::cohort;
 use super::gates::{judge, CohortFigures, Judgement, Verdict};
 use super::spec::{OnFailure, RolloutSpec};
+use crate::store::DeviceRecord;
 
 /// Where a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,21 +119,6 @@ pub struct Rollout {
     pub last_judgement: Option<Judgement>,
 }
 
-/// A device as the registry knows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeviceView {
-    pub id: String,
-    pub online: bool,
-    pub labels: BTreeMap<String, String>,
-    pub models: Vec<ModelSummary>,
-}
-
-impl DeviceView {
-    fn model(&self, name: &str) -> Option<&ModelSummary> {
-        self.models.iter().find(|m| m.name == name)
-    }
-}
-
 /// A device event the rollout cares about (`rejected`, `reverted`, `transfer_failed`, …).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventView {
@@ -148,7 +134,8 @@ pub struct EventView {
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub now: DateTime<Utc>,
-    pub devices: Vec<DeviceView>,
+    /// Every device as the registry knows it (shared with the store's copy, not copied).
+    pub devices: Vec<Arc<DeviceRecord>>,
     /// Failure events ([`FAILURE_KINDS`]) of the rollout's model since the rollout was created.
     pub events: Vec<EventView>,
     /// Telemetry windows of the rollout's model, by device, since the current bake began
@@ -248,10 +235,11 @@ impl Rollout {
     }
 
     /// The devices this rollout selects, by id.
-    pub fn selected<'o>(&self, obs: &'o Observation) -> Vec<&'o DeviceView> {
+    pub fn selected<'o>(&self, obs: &'o Observation) -> Vec<&'o DeviceRecord> {
         obs.devices
             .iter()
             .filter(|d| self.spec.selector.matches(&d.labels))
+            .map(|d| &**d)
             .collect()
     }
 
@@ -329,8 +317,8 @@ pub const FAILURE_KINDS: [&str; 4] = ["rejected", "transfer_failed", "load_faile
 fn track_devices(r: &mut Rollout, obs: &Observation) {
     let model = r.bundle.name.clone();
     let version = r.bundle.version.clone();
-    let by_id: HashMap<&str, &DeviceView> =
-        obs.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    let by_id: HashMap<&str, &DeviceRecord> =
+        obs.devices.iter().map(|d| (d.id.as_str(), &**d)).collect();
     // Each device's events, oldest first (not a scan of every event per device).
     let mut events_of: HashMap<&str, Vec<&EventView>> = HashMap::new();
     for e in &obs.events {
@@ -422,7 +410,8 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     // Stage this stage's canaries, at most `max_in_flight` unsettled at once.
     let selected = r.selected(obs);
     let ids: Vec<String> = selected.iter().map(|d| d.id.clone()).collect();
-    let by_id: HashMap<&str, &DeviceView> = selected.iter().map(|d| (d.id.as_str(), *d)).collect();
+    let by_id: HashMap<&str, &DeviceRecord> =
+        selected.iter().map(|d| (d.id.as_str(), *d)).collect();
     let targets = cohort::canaries(&r.id, &ids, stage.percent);
     let in_flight = r
         .devices
@@ -513,7 +502,7 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
         reverts,
         failures,
     );
-    let control_ids: Vec<&DeviceView> = selected
+    let control_ids: Vec<&DeviceRecord> = selected
         .iter()
         .copied()
         .filter(|d| !r.devices.contains_key(&d.id))
@@ -623,8 +612,8 @@ fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     let now = obs.now;
     let version = r.bundle.version.clone();
     let model = r.bundle.name.clone();
-    let by_id: HashMap<&str, &DeviceView> =
-        obs.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    let by_id: HashMap<&str, &DeviceRecord> =
+        obs.devices.iter().map(|d| (d.id.as_str(), &**d)).collect();
     let mut orders = Vec::new();
     for (id, p) in r.devices.iter_mut() {
         // Staged devices may still finish installing: they are reverted when they report it.
@@ -690,6 +679,7 @@ mod tests {
     use super::*;
     use crate::rollout::gates::Gates;
     use crate::rollout::spec::{Selector, Stage};
+    use protocol::link::ModelSummary;
     use protocol::stats::Histogram;
     use protocol::telemetry::{ClassificationWindow, LatencyWindow};
 
@@ -747,11 +737,18 @@ mod tests {
     impl Fleet {
         fn new(n: usize) -> Fleet {
             let devices = (0..n)
-                .map(|i| DeviceView {
-                    id: format!("d{i:02}"),
-                    online: true,
-                    labels: BTreeMap::new(),
-                    models: vec![summary(V1)],
+                .map(|i| {
+                    Arc::new(DeviceRecord {
+                        id: format!("d{i:02}"),
+                        online: true,
+                        last_seen: t(0),
+                        first_seen: t(0),
+                        status_time: t(0),
+                        labels: BTreeMap::new(),
+                        target: None,
+                        agent_version: None,
+                        models: vec![summary(V1)],
+                    })
                 })
                 .collect();
             Fleet {
@@ -766,8 +763,8 @@ mod tests {
             }
         }
 
-        fn device(&mut self, id: &str) -> &mut DeviceView {
-            self.obs.devices.iter_mut().find(|d| d.id == id).unwrap()
+        fn device(&mut self, id: &str) -> &mut DeviceRecord {
+            Arc::make_mut(self.obs.devices.iter_mut().find(|d| d.id == id).unwrap())
         }
 
         /// Carries out orders, then lets `secs` seconds of traffic pass.
@@ -1035,7 +1032,7 @@ mod tests {
         let mut fleet = Fleet::new(10);
         fleet.device("d00").models = vec![summary(V2)];
         for d in fleet.obs.devices.iter_mut().skip(5) {
-            d.online = false;
+            Arc::make_mut(d).online = false;
         }
         let mut r = rollout(spec(&[(100, 0)], OnFailure::Rollback));
         let orders = step(&mut r, &fleet.obs);
@@ -1046,7 +1043,7 @@ mod tests {
         assert_eq!(r.devices["d00"].state, DeviceState::Installed);
         fleet.apply(&orders, 10);
         for d in fleet.obs.devices.iter_mut() {
-            d.online = true;
+            Arc::make_mut(d).online = true;
         }
         let orders = step(&mut r, &fleet.obs);
         assert_eq!(orders.len(), 5, "the devices that came back: {orders:?}");
@@ -1074,6 +1071,7 @@ mod tests {
             .all(|p| p.state == DeviceState::RolledBack));
         // Later a fixed rollout brings 2.0.0 back: the old rollback leaves it alone.
         for d in fleet.obs.devices.iter_mut() {
+            let d = Arc::make_mut(d);
             d.models[0].active = V2.into();
             d.models[0].previous = Some(V1.into());
         }
@@ -1087,13 +1085,13 @@ mod tests {
     fn a_first_install_is_not_asked_to_revert_to_nothing() {
         let mut fleet = Fleet::new(4);
         for d in fleet.obs.devices.iter_mut() {
-            d.models = vec![];
+            Arc::make_mut(d).models = vec![];
         }
         let mut r = rollout(spec(&[(100, 0)], OnFailure::Rollback));
         let orders = step(&mut r, &fleet.obs);
         assert_eq!(orders.len(), 4);
         for d in fleet.obs.devices.iter_mut() {
-            d.models = vec![summary(V2)]; // no previous version
+            Arc::make_mut(d).models = vec![summary(V2)]; // no previous version
         }
         step(&mut r, &fleet.obs);
         r.rollback(fleet.obs.now, "ops".into()).unwrap();
