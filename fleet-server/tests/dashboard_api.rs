@@ -234,6 +234,19 @@ fn a_rollout_series_sums_canary_and_control_telemetry_and_bundles_show_their_man
     let id = r["id"].as_str().unwrap().to_string();
     let canaries: Vec<String> = r["devices"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(canaries.len(), 2, "{r:#}");
+    // The page for polling a large rollout: no map of its devices, the same counts.
+    let (s, full) = api.get(&format!("/api/v1/rollouts/{id}"));
+    assert_eq!(s, 200, "{full}");
+    let (s, light) = api.get(&format!("/api/v1/rollouts/{id}?devices=false"));
+    assert_eq!(s, 200, "{light}");
+    assert!(light.get("devices").is_none(), "{light:#}");
+    assert_eq!(light["cohorts"], full["cohorts"]);
+    assert_eq!(light["cohorts"]["canary"]["devices"], 2);
+    let mut rest = full.clone();
+    rest.as_object_mut().unwrap().remove("devices");
+    assert_eq!(light, rest, "everything else as on the full page");
+    let (s, bad) = api.get(&format!("/api/v1/rollouts/{id}?devices=some"));
+    assert_eq!(s, 400, "{bad}");
     let (mut canary_req, mut canary_err, mut control_req, mut control_err) = (0, 0, 0, 0);
     for (i, d) in devs.iter().enumerate() {
         let canary = canaries.contains(&d.id);

@@ -2,13 +2,14 @@
 //! pause / resume / abort / rollback interventions.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Extension;
 use axum::Json;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{bad_request, ApiResult, App};
@@ -47,8 +48,23 @@ pub async fn list(State(app): State<App>) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "rollouts": rollouts })))
 }
 
-pub async fn one(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<RolloutView>> {
-    Ok(Json(view(&app, app.rollouts.get(&id)?)))
+/// Query of `GET /api/v1/rollouts/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct OneQuery {
+    /// `false`: leave out the `devices` map (one entry per device of the rollout); the
+    /// `cohorts` counts are there either way. For polling a large rollout's progress.
+    devices: Option<bool>,
+}
+
+pub async fn one(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    query: Result<Query<OneQuery>, QueryRejection>,
+) -> ApiResult<Json<RolloutView>> {
+    let Query(q) = query.map_err(|e| bad_request(e.to_string()))?;
+    let mut shown = view(&app, app.rollouts.get(&id)?);
+    shown.devices = q.devices.unwrap_or(true);
+    Ok(Json(shown))
 }
 
 pub async fn intervene(
@@ -69,6 +85,8 @@ pub async fn intervene(
 pub struct RolloutView {
     rollout: Arc<Rollout>,
     cohorts: Value,
+    /// Whether the `devices` map is shown.
+    devices: bool,
 }
 
 impl Serialize for RolloutView {
@@ -83,14 +101,28 @@ impl Serialize for RolloutView {
             cohorts: &'a Value,
         }
         let r = &*self.rollout;
-        Shown {
-            rollout: r,
+        let header;
+        let shown = Shown {
+            rollout: if self.devices {
+                r
+            } else {
+                header = r.without_devices();
+                &header
+            },
             model: r.model(),
             version: r.version(),
             current_stage: r.spec.stages.get(r.stage),
             cohorts: &self.cohorts,
+        };
+        if self.devices {
+            return shown.serialize(s);
         }
-        .serialize(s)
+        // Without the devices: a small value, from which the (empty) map is taken out.
+        let mut v = serde_json::to_value(shown).map_err(serde::ser::Error::custom)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("devices");
+        }
+        v.serialize(s)
     }
 }
 
@@ -121,5 +153,6 @@ fn view(app: &App, r: Arc<Rollout>) -> RolloutView {
     RolloutView {
         rollout: r,
         cohorts,
+        devices: true,
     }
 }
