@@ -24,7 +24,12 @@ pub(crate) struct Rewrites {
     pub convolutions: usize,
     pub depthwise_convolutions: usize,
     pub max_pools: usize,
-    /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution.
+    /// Pointwise convolutions (tract `EinSum`s) run by the engine's matrix product.
+    pub pointwise_convolutions: usize,
+    /// Bias additions folded into the engine's matrix product.
+    pub fused_biases: usize,
+    /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution or the
+    /// engine's matrix product.
     pub fused_clamps: usize,
 }
 
@@ -53,9 +58,14 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     // Depthwise first: it also takes convolutions of one input channel (a depthwise one with
     // a channel multiplier), which im2col would otherwise take, when the batch size is known.
     let depthwise_convolutions = crate::depthwise::install(model)?;
+    let convolutions = crate::im2col::install(model)?;
+    let pointwise_convolutions = crate::pointwise::install(model)?;
     Ok(Rewrites {
         depthwise_convolutions,
-        convolutions: crate::im2col::install(model)?,
+        convolutions,
+        pointwise_convolutions,
+        // Biases before clamps: a clamp is fused only right after the bias.
+        fused_biases: crate::pointwise::fuse_bias(model)?,
         max_pools: crate::maxpool::install(model)?,
         fused_clamps: crate::depthwise::fuse_clamp(model)?,
     })
@@ -147,17 +157,24 @@ mod tests {
     /// (the batch-1 plan's model).
     #[test]
     fn passes_rewrite_nnef_models_as_onnx_ones() {
+        // The engine's matrix product (pointwise convolutions, im2col's products) is installed
+        // only where its AVX2 kernel runs.
+        let fast = usize::from(crate::pointwise::fast_kernel());
         let expected = [
             ("digits_mlp", Rewrites::default()),
             (
                 "digits_cnn",
                 Rewrites {
+                    // conv2, its bias in the engine's product when installed.
                     convolutions: 1,
                     // conv1: one input channel, a depthwise convolution with multiplier 32,
                     // its ReLU fused.
                     depthwise_convolutions: 1,
                     max_pools: 1,
-                    fused_clamps: 1,
+                    pointwise_convolutions: 0,
+                    fused_biases: 0,
+                    // conv1's ReLU, and conv2's into the engine's product.
+                    fused_clamps: 1 + fast,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -167,8 +184,11 @@ mod tests {
                     convolutions: 0,
                     depthwise_convolutions: 17,
                     max_pools: 0,
-                    // The ReLU6 (`Max`, `Min`) after every depthwise convolution.
-                    fused_clamps: 34,
+                    pointwise_convolutions: 34 * fast,
+                    fused_biases: 34 * fast,
+                    // The ReLU6 (`Max`, `Min`) after every depthwise convolution, and after
+                    // the 17 pointwise ones that have one.
+                    fused_clamps: 34 + 34 * fast,
                 },
             ),
         ];
