@@ -210,7 +210,13 @@ pub(crate) fn gemm(
             // (`Kernel::best`); the slices cover every element the tile reads and writes
             // (asserted above: `k` rows of `x` from `col`, `rows` rows of `out`).
             Kernel::Avx2Fma => unsafe {
-                tile_avx2(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp)
+                // A block of at most 8 points (the last one of a 7x7 or 14x14 plane): one
+                // vector per row, not two half-empty ones.
+                if cols <= NR / 2 {
+                    tile_avx2::<1>(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp)
+                } else {
+                    tile_avx2::<2>(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp)
+                }
             },
         }
     };
@@ -273,10 +279,12 @@ fn tile_portable(
     }
 }
 
+/// One tile of `V` vectors (8 points each) per row: `V = 2` for up to [`NR`] points, `V = 1`
+/// for up to 8.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(
+unsafe fn tile_avx2<const V: usize>(
     k: usize,
     w: &[f32],
     x: &[f32],
@@ -289,39 +297,47 @@ unsafe fn tile_avx2(
     clamp: Clamp,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(cols >= 1 && cols <= NR && rows >= 1 && rows <= MR);
+    debug_assert!(cols >= 1 && cols <= 8 * V && rows >= 1 && rows <= MR);
     debug_assert!(w.len() >= k * MR && x.len() >= (k - 1) * ldx + cols);
     debug_assert!(out.len() >= (rows - 1) * ldo + cols);
-    // Lanes of the two vectors inside the tile: loads and stores past `cols` are masked off.
+    // Lanes of the vectors inside the tile: loads and stores past `cols` are masked off.
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32), lane);
-    let mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8), lane);
-    let full = cols == NR;
-    let mut acc = [_mm256_setzero_ps(); 2 * MR];
+    let mut mask = [_mm256_setzero_si256(); V];
+    for (v, m) in mask.iter_mut().enumerate() {
+        *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
+    }
+    let full = cols == 8 * V;
+    let mut acc = [[_mm256_setzero_ps(); V]; MR];
     let mut xp = x.as_ptr();
     let mut wp = w.as_ptr();
     // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` points
     // of each (masked past them); `wp` walks the `k * MR` packed weights.
     if full {
         for _ in 0..k {
-            let x0 = _mm256_loadu_ps(xp);
-            let x1 = _mm256_loadu_ps(xp.add(8));
-            for r in 0..MR {
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (v, xv) in xv.iter_mut().enumerate() {
+                *xv = _mm256_loadu_ps(xp.add(8 * v));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let b = _mm256_broadcast_ss(&*wp.add(r));
-                acc[2 * r] = _mm256_fmadd_ps(b, x0, acc[2 * r]);
-                acc[2 * r + 1] = _mm256_fmadd_ps(b, x1, acc[2 * r + 1]);
+                for v in 0..V {
+                    acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
+                }
             }
             xp = xp.add(ldx);
             wp = wp.add(MR);
         }
     } else {
         for _ in 0..k {
-            let x0 = _mm256_maskload_ps(xp, mask0);
-            let x1 = _mm256_maskload_ps(xp.add(8), mask1);
-            for r in 0..MR {
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (v, xv) in xv.iter_mut().enumerate() {
+                *xv = _mm256_maskload_ps(xp.add(8 * v), mask[v]);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let b = _mm256_broadcast_ss(&*wp.add(r));
-                acc[2 * r] = _mm256_fmadd_ps(b, x0, acc[2 * r]);
-                acc[2 * r + 1] = _mm256_fmadd_ps(b, x1, acc[2 * r + 1]);
+                for v in 0..V {
+                    acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
+                }
             }
             xp = xp.add(ldx);
             wp = wp.add(MR);
@@ -330,22 +346,20 @@ unsafe fn tile_avx2(
     let clamped = clamp != Clamp::NONE;
     let (low, high) = (_mm256_set1_ps(clamp.low()), _mm256_set1_ps(clamp.high()));
     let op = out.as_mut_ptr();
-    for r in 0..rows {
+    for (r, acc) in acc.iter().enumerate().take(rows) {
         let b = _mm256_set1_ps(bias[r]);
-        let mut v0 = _mm256_add_ps(acc[2 * r], b);
-        let mut v1 = _mm256_add_ps(acc[2 * r + 1], b);
-        if clamped {
-            // `max(v, low)` gives `low` for a NaN `v`, as `f32::max` (tract's `Max`) does.
-            v0 = _mm256_min_ps(_mm256_max_ps(v0, low), high);
-            v1 = _mm256_min_ps(_mm256_max_ps(v1, low), high);
-        }
         let to = op.add(r * ldo);
-        if full {
-            _mm256_storeu_ps(to, v0);
-            _mm256_storeu_ps(to.add(8), v1);
-        } else {
-            _mm256_maskstore_ps(to, mask0, v0);
-            _mm256_maskstore_ps(to.add(8), mask1, v1);
+        for v in 0..V {
+            let mut y = _mm256_add_ps(acc[v], b);
+            if clamped {
+                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
+                y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+            }
+            if full {
+                _mm256_storeu_ps(to.add(8 * v), y);
+            } else {
+                _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
+            }
         }
     }
 }
