@@ -154,7 +154,7 @@ mod tests {
     }
 
     /// The passes find the same operators in a model read back from NNEF as in the ONNX one
-    /// (the batch-1 plan's model).
+    /// (the batch-1 plan's model), but for the NNEF form of pointwise convolutions.
     #[test]
     fn passes_rewrite_nnef_models_as_onnx_ones() {
         // The engine's matrix product (pointwise convolutions, im2col's products) is installed
@@ -213,6 +213,19 @@ mod tests {
             };
             let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
             assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
+            // Except mobilenetish's pointwise convolutions: tract's declutter of the NNEF
+            // graph gives them channels-last operands (`akbm,nk->bmn`, `mk,nk->nm`), which the
+            // engine's product does not take; tract runs them, as before.
+            let want = if name == "mobilenetish" {
+                Rewrites {
+                    pointwise_convolutions: 0,
+                    fused_biases: 0,
+                    fused_clamps: 34,
+                    ..want
+                }
+            } else {
+                want
+            };
             assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
         }
     }
