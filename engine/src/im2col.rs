@@ -20,9 +20,13 @@
 //! the bias addition fused into it. The sums are tract's matrix-product kernels over the same
 //! products, so outputs differ from tract's own convolution by float rounding only.
 //!
-//! Pointwise convolutions (1x1 kernel, stride 1, no padding) are left to tract, which already
-//! runs them as a plain matrix product; so are grouped ones (depthwise: `depthwise`) and large
-//! ones ([`MAX_COLUMN_MATRIX`]).
+//! Where the engine's AVX2 matrix product runs (`pointwise::fast_kernel`), the `EinSum`, bias
+//! and reshape are instead one [`crate::pointwise::Pointwise`] op reading the column matrix in
+//! place, bias and output shape in it (so the ReLU after it fuses too).
+//!
+//! Pointwise convolutions (1x1 kernel, stride 1, no padding) are left to [`crate::pointwise`]
+//! (or tract), which run them as a plain matrix product; so are grouped ones (depthwise:
+//! `depthwise`) and large ones ([`MAX_COLUMN_MATRIX`]).
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;

@@ -5,10 +5,14 @@
 //!
 //! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
 //! edge models with one of the engine's, and leaves anything it does not recognise to tract:
-//! - [`crate::im2col`]: a convolution as a column-matrix copy and tract's matrix product;
+//! - [`crate::im2col`]: a convolution as a column-matrix copy and a matrix product (the
+//!   engine's, [`crate::pointwise`], where its AVX2 kernel runs; tract's otherwise);
+//! - [`crate::pointwise`]: a pointwise (1x1) convolution as the engine's matrix product over the
+//!   activation in place, with the bias addition after it folded in (`pointwise::fuse_bias`),
+//!   on x86_64 CPUs with AVX2 + FMA only;
 //! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only),
 //!   also for convolutions of one input channel (a channel multiplier), with the `Max`/`Min`
-//!   activation after it fused (`depthwise::fuse_clamp`);
+//!   activation after it (or after a pointwise one) fused (`depthwise::fuse_clamp`);
 //! - [`crate::maxpool`]: a max pool walking rows instead of points.
 //!
 //! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
