@@ -48,16 +48,23 @@ pub(crate) struct Clamp {
 }
 
 impl Clamp {
-    const NONE: Clamp = Clamp {
+    pub(crate) const NONE: Clamp = Clamp {
         low: f32::NEG_INFINITY.to_bits(),
         high: f32::INFINITY.to_bits(),
     };
 
-    fn low(self) -> f32 {
+    pub(crate) fn new(low: f32, high: f32) -> Clamp {
+        Clamp {
+            low: low.to_bits(),
+            high: high.to_bits(),
+        }
+    }
+
+    pub(crate) fn low(self) -> f32 {
         f32::from_bits(self.low)
     }
 
-    fn high(self) -> f32 {
+    pub(crate) fn high(self) -> f32 {
         f32::from_bits(self.high)
     }
 }
@@ -303,10 +310,12 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// Fuses the element-wise `Max` and `Min` with a constant scalar that follow a
-/// [`DepthwiseConv`] (ReLU is `Max(x, 0)`, ReLU6 and ONNX's `Clip` are `Max` then `Min`, once
-/// decluttered) into its [`Clamp`], when the convolution's output feeds nothing else: one pass
-/// over the output fewer, and one node fewer, per activation. Returns how many were fused.
+/// [`DepthwiseConv`] or a [`crate::pointwise::Pointwise`] (ReLU is `Max(x, 0)`, ReLU6 and ONNX's
+/// `Clip` are `Max` then `Min`, once decluttered) into its [`Clamp`], when the convolution's
+/// output feeds nothing else: one pass over the output fewer, and one node fewer, per
+/// activation. Returns how many were fused.
 pub(crate) fn fuse_clamp(model: &mut TypedModel) -> TractResult<usize> {
+    use crate::pointwise::Pointwise;
     use tract_nnef::tract_core::ops::binary::TypedBinOp;
     use tract_nnef::tract_core::ops::math::{Max, Min};
     crate::passes::patch_each(model, |model, node| {
@@ -317,11 +326,16 @@ pub(crate) fn fuse_clamp(model: &mut TypedModel) -> TractResult<usize> {
         if !(is_max || bin.0.is::<Min>()) || node.inputs.len() != 2 {
             return Ok(None);
         }
-        // One input from a depthwise convolution feeding only this node, the other a constant
-        // f32 scalar (of any rank up to the output's: the output shape stays the conv's).
+        // One input from a depthwise or pointwise convolution feeding only this node, the
+        // other a constant f32 scalar (of any rank up to the output's: the output shape stays
+        // the conv's).
         for (conv_input, bound_input) in [(0, 1), (1, 0)] {
             let prev = model.node(node.inputs[conv_input].node);
-            let Some(conv) = prev.op_as::<DepthwiseConv>() else {
+            let current = if let Some(conv) = prev.op_as::<DepthwiseConv>() {
+                conv.clamp
+            } else if let Some(pw) = prev.op_as::<Pointwise>() {
+                pw.clamp
+            } else {
                 continue;
             };
             let bound = model.outlet_fact(node.inputs[bound_input])?;
@@ -338,28 +352,34 @@ pub(crate) fn fuse_clamp(model: &mut TypedModel) -> TractResult<usize> {
                 continue;
             }
             let v = value.try_as_plain_ram()?.as_slice::<f32>()?[0];
-            let (low, high) = (conv.clamp.low(), conv.clamp.high());
+            let (low, high) = (current.low(), current.high());
             let clamp = if is_max {
                 // max(min(max(a, low), high), v) = min(max(a, max(low, v)), high) only when
                 // `high` is unbounded.
                 if high != f32::INFINITY || v.is_nan() {
                     continue;
                 }
-                (low.max(v), high)
+                Clamp::new(low.max(v), high)
             } else {
                 if v.is_nan() {
                     continue;
                 }
-                (low, high.min(v))
+                Clamp::new(low, high.min(v))
             };
-            let op = DepthwiseConv {
-                clamp: Clamp {
-                    low: clamp.0.to_bits(),
-                    high: clamp.1.to_bits(),
-                },
-                ..conv.clone()
-            };
-            return TypedModelPatch::fuse_with_next(model, prev, op).map(Some);
+            if let Some(conv) = prev.op_as::<DepthwiseConv>() {
+                let op = DepthwiseConv {
+                    clamp,
+                    ..conv.clone()
+                };
+                return TypedModelPatch::fuse_with_next(model, prev, op).map(Some);
+            }
+            if let Some(pw) = prev.op_as::<Pointwise>() {
+                let op = Pointwise {
+                    clamp,
+                    ..pw.clone()
+                };
+                return TypedModelPatch::fuse_with_next(model, prev, op).map(Some);
+            }
         }
         Ok(None)
     })
@@ -490,10 +510,7 @@ mod tests {
             (5, 5, 3, 3, (3, 2), 1, 0, 0, 1),
         ];
         // (multiplier, clamp): plain, a channel multiplier, ReLU6 fused, both.
-        let relu6 = Clamp {
-            low: 0f32.to_bits(),
-            high: 6f32.to_bits(),
-        };
+        let relu6 = Clamp::new(0.0, 6.0);
         let variants = [(1, Clamp::NONE), (4, Clamp::NONE), (1, relu6), (3, relu6)];
         for (i, &(h, w, kh, kw, stride, pt, pl, pb, pr)) in cases.iter().enumerate() {
             for &(multiplier, clamp) in &variants {

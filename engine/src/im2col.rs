@@ -20,9 +20,13 @@
 //! the bias addition fused into it. The sums are tract's matrix-product kernels over the same
 //! products, so outputs differ from tract's own convolution by float rounding only.
 //!
-//! Pointwise convolutions (1x1 kernel, stride 1, no padding) are left to tract, which already
-//! runs them as a plain matrix product; so are grouped ones (depthwise: `depthwise`) and large
-//! ones ([`MAX_COLUMN_MATRIX`]).
+//! Where the engine's AVX2 matrix product runs (`pointwise::fast_kernel`), the `EinSum`, bias
+//! and reshape are instead one [`crate::pointwise::Pointwise`] op reading the column matrix in
+//! place, bias and output shape in it (so the ReLU after it fuses too).
+//!
+//! Pointwise convolutions (1x1 kernel, stride 1, no padding) are left to [`crate::pointwise`]
+//! (or tract), which run them as a plain matrix product; so are grouped ones (depthwise:
+//! `depthwise`) and large ones ([`MAX_COLUMN_MATRIX`]).
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -257,6 +261,27 @@ fn rewrite(
         EngineIm2col { window },
         &[x],
     )?;
+    if crate::pointwise::fast_kernel() {
+        // The engine's matrix product reads the column matrix in place, bias and shape in it.
+        let (m, k) = (kernel.shape()[0], kernel.shape()[1]);
+        let op = crate::pointwise::Pointwise {
+            m,
+            k,
+            k_axis: if has_n { 1 } else { 0 },
+            keep_batch: true,
+            spatial: tvec![oh, ow],
+            clamp: crate::depthwise::Clamp::NONE,
+        };
+        let weights = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let bias = match bias {
+            Some(b) => Some(b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
+            None => None,
+        };
+        let wire = crate::pointwise::wire(&mut patch, name, op, columns[0], &weights, bias)?;
+        patch.shunt_outside(model, node.id.into(), wire)?;
+        patch.obliterate(node.id)?;
+        return Ok(patch);
+    }
     let kernel = patch.add_const(format!("{name}.engine_kernel"), kernel)?;
     let axes = if has_n { "mk,nkp->nmp" } else { "mk,kp->mp" };
     let mut wire = patch.wire_node(

@@ -55,6 +55,7 @@ mod model;
 mod nnef;
 pub mod npy;
 mod passes;
+mod pointwise;
 mod runner;
 mod spec;
 pub mod tensor;

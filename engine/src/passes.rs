@@ -5,10 +5,14 @@
 //!
 //! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
 //! edge models with one of the engine's, and leaves anything it does not recognise to tract:
-//! - [`crate::im2col`]: a convolution as a column-matrix copy and tract's matrix product;
+//! - [`crate::im2col`]: a convolution as a column-matrix copy and a matrix product (the
+//!   engine's, [`crate::pointwise`], where its AVX2 kernel runs; tract's otherwise);
+//! - [`crate::pointwise`]: a pointwise (1x1) convolution as the engine's matrix product over the
+//!   activation in place, with the bias addition after it folded in (`pointwise::fuse_bias`),
+//!   on x86_64 CPUs with AVX2 + FMA only;
 //! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only),
 //!   also for convolutions of one input channel (a channel multiplier), with the `Max`/`Min`
-//!   activation after it fused (`depthwise::fuse_clamp`);
+//!   activation after it (or after a pointwise one) fused (`depthwise::fuse_clamp`);
 //! - [`crate::maxpool`]: a max pool walking rows instead of points.
 //!
 //! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
@@ -24,7 +28,12 @@ pub(crate) struct Rewrites {
     pub convolutions: usize,
     pub depthwise_convolutions: usize,
     pub max_pools: usize,
-    /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution.
+    /// Pointwise convolutions (tract `EinSum`s) run by the engine's matrix product.
+    pub pointwise_convolutions: usize,
+    /// Bias additions folded into the engine's matrix product.
+    pub fused_biases: usize,
+    /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution or the
+    /// engine's matrix product.
     pub fused_clamps: usize,
 }
 
@@ -53,9 +62,14 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     // Depthwise first: it also takes convolutions of one input channel (a depthwise one with
     // a channel multiplier), which im2col would otherwise take, when the batch size is known.
     let depthwise_convolutions = crate::depthwise::install(model)?;
+    let convolutions = crate::im2col::install(model)?;
+    let pointwise_convolutions = crate::pointwise::install(model)?;
     Ok(Rewrites {
         depthwise_convolutions,
-        convolutions: crate::im2col::install(model)?,
+        convolutions,
+        pointwise_convolutions,
+        // Biases before clamps: a clamp is fused only right after the bias.
+        fused_biases: crate::pointwise::fuse_bias(model)?,
         max_pools: crate::maxpool::install(model)?,
         fused_clamps: crate::depthwise::fuse_clamp(model)?,
     })
@@ -144,20 +158,27 @@ mod tests {
     }
 
     /// The passes find the same operators in a model read back from NNEF as in the ONNX one
-    /// (the batch-1 plan's model).
+    /// (the batch-1 plan's model), but for the NNEF form of pointwise convolutions.
     #[test]
     fn passes_rewrite_nnef_models_as_onnx_ones() {
+        // The engine's matrix product (pointwise convolutions, im2col's products) is installed
+        // only where its AVX2 kernel runs.
+        let fast = usize::from(crate::pointwise::fast_kernel());
         let expected = [
             ("digits_mlp", Rewrites::default()),
             (
                 "digits_cnn",
                 Rewrites {
+                    // conv2, its bias in the engine's product when installed.
                     convolutions: 1,
                     // conv1: one input channel, a depthwise convolution with multiplier 32,
                     // its ReLU fused.
                     depthwise_convolutions: 1,
                     max_pools: 1,
-                    fused_clamps: 1,
+                    pointwise_convolutions: 0,
+                    fused_biases: 0,
+                    // conv1's ReLU, and conv2's into the engine's product.
+                    fused_clamps: 1 + fast,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -167,8 +188,11 @@ mod tests {
                     convolutions: 0,
                     depthwise_convolutions: 17,
                     max_pools: 0,
-                    // The ReLU6 (`Max`, `Min`) after every depthwise convolution.
-                    fused_clamps: 34,
+                    pointwise_convolutions: 34 * fast,
+                    fused_biases: 34 * fast,
+                    // The ReLU6 (`Max`, `Min`) after every depthwise convolution, and after
+                    // the 17 pointwise ones that have one.
+                    fused_clamps: 34 + 34 * fast,
                 },
             ),
         ];
@@ -193,6 +217,19 @@ mod tests {
             };
             let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
             assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
+            // Except mobilenetish's pointwise convolutions: tract's declutter of the NNEF
+            // graph gives them channels-last operands (`akbm,nk->bmn`, `mk,nk->nm`), which the
+            // engine's product does not take; tract runs them, as before.
+            let want = if name == "mobilenetish" {
+                Rewrites {
+                    pointwise_convolutions: 0,
+                    fused_biases: 0,
+                    fused_clamps: 34,
+                    ..want
+                }
+            } else {
+                want
+            };
             assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
         }
     }
