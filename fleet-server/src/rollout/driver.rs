@@ -126,6 +126,9 @@ pub struct Rollouts {
 struct StoredRollouts {
     by_id: HashMap<String, (u64, Arc<Rollout>)>,
     clock: u64,
+    /// Rollout writes so far: a rollout read from the store is kept only if none happened
+    /// during the read (an API read races the ticks; it must not put back an older version).
+    writes: u64,
 }
 
 impl StoredRollouts {
@@ -233,9 +236,13 @@ impl Rollouts {
 
     /// A rollout with its devices.
     pub fn get(&self, id: &str) -> Result<Arc<Rollout>, FleetError> {
-        if let Some(r) = self.stored.lock().expect("stored lock").get(id) {
-            return Ok(r);
-        }
+        let writes = {
+            let mut stored = self.stored.lock().expect("stored lock");
+            if let Some(r) = stored.get(id) {
+                return Ok(r);
+            }
+            stored.writes
+        };
         let r = self
             .fleet
             .store
@@ -245,7 +252,10 @@ impl Rollouts {
                 id: id.to_string(),
             })?;
         let r = Arc::new(r);
-        self.stored.lock().expect("stored lock").insert(r.clone());
+        let mut stored = self.stored.lock().expect("stored lock");
+        if stored.writes == writes {
+            stored.insert(r.clone());
+        }
         Ok(r)
     }
 
@@ -265,6 +275,7 @@ impl Rollouts {
             .store
             .put_rollout_with_commands(r, before, events, sent, settled);
         let mut kept = self.stored.lock().expect("stored lock");
+        kept.writes += 1;
         match stored {
             Ok(()) => {
                 kept.insert(Arc::new(r.clone()));
