@@ -802,6 +802,30 @@ fn all<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    fn device_record(id: &str, online: bool) -> DeviceRecord {
+        DeviceRecord {
+            id: id.into(),
+            online,
+            last_seen: Utc::now(),
+            first_seen: Utc::now(),
+            status_time: Utc::now(),
+            labels: BTreeMap::new(),
+            target: None,
+            agent_version: None,
+            models: vec![],
+        }
+    }
+
+    /// Writes a device record that is not JSON, behind the store's back.
+    fn write_unreadable_device(s: &Store, id: &str) {
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(DEVICES)
+            .unwrap()
+            .insert(id, b"not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
     fn device_event(device: &str, dseq: u64) -> Event {
         let mut e = Event::new(
             "installed",
@@ -848,17 +872,7 @@ mod tests {
     fn a_batch_stores_every_change_once_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("server.redb")).unwrap();
-        let record = |id: &str| DeviceRecord {
-            id: id.into(),
-            online: true,
-            last_seen: Utc::now(),
-            first_seen: Utc::now(),
-            status_time: Utc::now(),
-            labels: BTreeMap::new(),
-            target: None,
-            agent_version: None,
-            models: vec![],
-        };
+        let record = |id: &str| device_record(id, true);
         let fresh = s
             .batch(|b| {
                 let mut fresh = Vec::new();
@@ -902,12 +916,7 @@ mod tests {
     fn an_unreadable_record_fails_its_change_alone() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("server.redb")).unwrap();
-        let tx = s.db.begin_write().unwrap();
-        tx.open_table(DEVICES)
-            .unwrap()
-            .insert("bad", b"not json".as_slice())
-            .unwrap();
-        tx.commit().unwrap();
+        write_unreadable_device(&s, "bad");
         let results = s
             .batch(|b| {
                 let bad = b.update_device("bad", |_| (None, vec![]));
@@ -1035,17 +1044,7 @@ mod tests {
     fn the_device_copy_follows_commits_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.redb");
-        let record = |id: &str, online: bool| DeviceRecord {
-            id: id.into(),
-            online,
-            last_seen: Utc::now(),
-            first_seen: Utc::now(),
-            status_time: Utc::now(),
-            labels: BTreeMap::new(),
-            target: None,
-            agent_version: None,
-            models: vec![],
-        };
+        let record = device_record;
         {
             let s = Store::open(&path).unwrap();
             s.update_device("d1", |_| (Some(record("d1", true)), vec![]))
@@ -1086,12 +1085,7 @@ mod tests {
         let path = dir.path().join("server.redb");
         {
             let s = Store::open(&path).unwrap();
-            let tx = s.db.begin_write().unwrap();
-            tx.open_table(DEVICES)
-                .unwrap()
-                .insert("bad", b"not json".as_slice())
-                .unwrap();
-            tx.commit().unwrap();
+            write_unreadable_device(&s, "bad");
         }
         let s = Store::open(&path).unwrap();
         let e = s.devices().unwrap_err().to_string();
