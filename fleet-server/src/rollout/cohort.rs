@@ -28,10 +28,14 @@ pub fn canary_count(selected: usize, percent: u32) -> usize {
 }
 
 /// The canaries of a stage: the `canary_count` lowest-ranked of `devices`, in rank order.
-pub fn canaries<'d>(rollout_id: &str, devices: &'d [String], percent: u32) -> Vec<&'d str> {
+pub fn canaries<'d, S: AsRef<str>>(
+    rollout_id: &str,
+    devices: &'d [S],
+    percent: u32,
+) -> Vec<&'d str> {
     let mut ranked: Vec<(u64, &str)> = devices
         .iter()
-        .map(|d| (rank(rollout_id, d), d.as_str()))
+        .map(|d| (rank(rollout_id, d.as_ref()), d.as_ref()))
         .collect();
     ranked.sort_unstable();
     ranked

@@ -186,7 +186,7 @@ impl Rollouts {
     }
 
     /// Checks and stores a new rollout (state `pending`; the next tick starts it).
-    pub async fn create(&self, spec: RolloutSpec, actor: &str) -> Result<Rollout, FleetError> {
+    pub async fn create(&self, spec: RolloutSpec, actor: &str) -> Result<Arc<Rollout>, FleetError> {
         spec.validate().map_err(FleetError::BadRequest)?;
         let bundle = self.fleet.bundle(&spec.bundle_id)?;
         let _guard = self.tick.lock().await;
@@ -230,8 +230,7 @@ impl Rollouts {
             actor,
             json!({"spec": rollout.spec}),
         );
-        self.put(&rollout, None, vec![event], &[], &[])?;
-        Ok(rollout)
+        self.put(rollout, None, vec![event], &[], &[])
     }
 
     /// A rollout with its devices.
@@ -259,27 +258,29 @@ impl Rollouts {
         Ok(r)
     }
 
-    /// Stores `r` (see [`Store::put_rollout_with_commands`]) and keeps it as the stored rollout.
+    /// Stores `r` (see [`Store::put_rollout_with_commands`]) and keeps it as the stored rollout
+    /// (moved, not copied: ten thousand device entries for a fleet-wide rollout).
     ///
     /// [`Store::put_rollout_with_commands`]: crate::store::Store::put_rollout_with_commands
     fn put(
         &self,
-        r: &Rollout,
+        r: Rollout,
         before: Option<&Rollout>,
         events: Vec<Event>,
         sent: &[(String, Vec<u8>)],
         settled: &[String],
-    ) -> Result<(), FleetError> {
+    ) -> Result<Arc<Rollout>, FleetError> {
         let stored = self
             .fleet
             .store
-            .put_rollout_with_commands(r, before, events, sent, settled);
+            .put_rollout_with_commands(&r, before, events, sent, settled);
         let mut kept = self.stored.lock().expect("stored lock");
         kept.writes += 1;
         match stored {
             Ok(()) => {
-                kept.insert(Arc::new(r.clone()));
-                Ok(())
+                let r = Arc::new(r);
+                kept.insert(r.clone());
+                Ok(r)
             }
             Err(e) => {
                 kept.by_id.remove(&r.id);
@@ -306,7 +307,7 @@ impl Rollouts {
         id: &str,
         what: Intervention,
         actor: &str,
-    ) -> Result<Rollout, FleetError> {
+    ) -> Result<Arc<Rollout>, FleetError> {
         let _guard = self.tick.lock().await;
         let snapshot = self.get(id)?;
         let mut r = Rollout::clone(&snapshot);
@@ -321,7 +322,7 @@ impl Rollouts {
         result.map_err(FleetError::Conflict)?;
         let events = decision_events(&r, before, actor);
         let settled = settled_commands(&snapshot, &r);
-        self.put(&r, Some(&snapshot), events, &[], &settled)?;
+        let r = self.put(r, Some(&snapshot), events, &[], &settled)?;
         self.forget_published(&settled);
         Ok(r)
     }
@@ -357,7 +358,7 @@ impl Rollouts {
             let actor = format!("rollout:{}", r.id);
             let sealed = self.seal_orders(&mut r, &orders, &actor);
             let settled = settled_commands(&snapshot, &r);
-            if r != *snapshot || !sealed.is_empty() {
+            let r = if r != *snapshot || !sealed.is_empty() {
                 let mut events = decision_events(&r, before, &actor);
                 let mut pending = Vec::new();
                 for (command, event, is_stage) in &sealed {
@@ -366,8 +367,10 @@ impl Rollouts {
                         pending.push((command.command_id.clone(), command.payload.clone()));
                     }
                 }
-                self.put(&r, Some(&snapshot), events, &pending, &settled)?;
-            }
+                self.put(r, Some(&snapshot), events, &pending, &settled)?
+            } else {
+                snapshot
+            };
             protocol::testing::crash_point("rollout_orders_recorded");
             self.forget_published(&settled);
             let outgoing = sealed

@@ -409,7 +409,7 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
 
     // Stage this stage's canaries, at most `max_in_flight` unsettled at once.
     let selected = r.selected(obs);
-    let ids: Vec<String> = selected.iter().map(|d| d.id.clone()).collect();
+    let ids: Vec<&str> = selected.iter().map(|d| d.id.as_str()).collect();
     let by_id: HashMap<&str, &DeviceRecord> =
         selected.iter().map(|d| (d.id.as_str(), *d)).collect();
     let targets = cohort::canaries(&r.id, &ids, stage.percent);
