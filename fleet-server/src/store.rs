@@ -326,15 +326,6 @@ impl Store {
         Ok(copy.records.get(id).map(|d| (**d).clone()))
     }
 
-    /// Every device record, sorted by id.
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        Ok(self
-            .device_records()?
-            .into_iter()
-            .map(Arc::unwrap_or_clone)
-            .collect())
-    }
-
     /// Every device record, sorted by id, shared with the store's copy (no record is copied).
     pub fn device_records(&self) -> Result<Vec<Arc<DeviceRecord>>, StoreError> {
         let copy = self.devices.read().expect("devices lock");
@@ -423,11 +414,6 @@ impl Store {
             n += 1;
         }
         Ok(n)
-    }
-
-    /// Stores a new rollout together with the events describing it.
-    pub fn put_rollout(&self, rollout: &Rollout, events: Vec<Event>) -> Result<(), StoreError> {
-        self.put_rollout_with_commands(rollout, None, events, &[], &[])
     }
 
     /// Stores a rollout, its events, the stage commands it is about to send (`sent`: command
@@ -899,7 +885,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(fresh, vec![true, false, true]);
-        assert_eq!(s.devices().unwrap().len(), 2);
+        assert_eq!(s.device_records().unwrap().len(), 2);
         let events = s.events(&EventFilter::default(), 10).unwrap();
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
         assert_eq!(
@@ -965,7 +951,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("server.redb")).unwrap();
         let first = rollout_with(&[("d1", DeviceState::Staged), ("d2", DeviceState::Staged)]);
-        s.put_rollout(&first, vec![]).unwrap();
+        s.put_rollout_with_commands(&first, None, vec![], &[], &[])
+            .unwrap();
         assert_eq!(s.rollout("r-1").unwrap().unwrap(), first);
         assert_eq!(s.rollout_device_count("r-1").unwrap(), 2);
         let headers = s.rollout_headers().unwrap();
@@ -991,7 +978,8 @@ mod tests {
         // A device gone from the rollout loses its row; another rollout's rows stay apart.
         let mut other = rollout_with(&[("d1", DeviceState::Failed)]);
         other.id = "r-0".into();
-        s.put_rollout(&other, vec![]).unwrap();
+        s.put_rollout_with_commands(&other, None, vec![], &[], &[])
+            .unwrap();
         let mut fewer = next.clone();
         fewer.devices.remove("d3");
         s.put_rollout_with_commands(&fewer, Some(&next), vec![], &[], &[])
@@ -1066,7 +1054,7 @@ mod tests {
                 (Some(d), vec![])
             })
             .unwrap();
-            let all = s.devices().unwrap();
+            let all = s.device_records().unwrap();
             assert_eq!(
                 all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
                 ["d1", "d2"]
@@ -1088,7 +1076,7 @@ mod tests {
             write_unreadable_device(&s, "bad");
         }
         let s = Store::open(&path).unwrap();
-        let e = s.devices().unwrap_err().to_string();
+        let e = s.device_records().unwrap_err().to_string();
         assert!(e.contains("'bad'"), "{e}");
         assert!(s.device("bad").is_err());
     }

@@ -190,7 +190,7 @@ impl Rollouts {
         spec.validate().map_err(FleetError::BadRequest)?;
         let bundle = self.fleet.bundle(&spec.bundle_id)?;
         let _guard = self.tick.lock().await;
-        let devices = self.devices()?;
+        let devices = self.fleet.store.device_records()?;
         for other in self.fleet.store.rollout_headers()? {
             if !other.state.is_active() || other.model() != bundle.name {
                 continue;
@@ -344,7 +344,7 @@ impl Rollouts {
         let mut devices = if stepping.is_empty() {
             Vec::new()
         } else {
-            self.devices()?
+            self.fleet.store.device_records()?
         };
         let mut stepped = Vec::new();
         for snapshot in stepping {
@@ -594,10 +594,6 @@ impl Rollouts {
     /// `install_timeout_seconds` fails it.
     fn order_failed(r: &Rollout, order: &Order, e: &FleetError) {
         tracing::warn!("rollout {}: {order:?} failed: {e}", r.id);
-    }
-
-    fn devices(&self) -> Result<Vec<Arc<DeviceRecord>>, FleetError> {
-        Ok(self.fleet.store.device_records()?)
     }
 
     fn observe(
