@@ -312,36 +312,31 @@ unsafe fn tile_avx2<const V: usize>(
     let mut wp = w.as_ptr();
     // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` points
     // of each (masked past them); `wp` walks the `k * MR` packed weights.
+    // One loop, written once, expanded twice: with plain loads for a full tile and masked ones
+    // otherwise, so the choice is not made again in the inner loop.
+    macro_rules! accumulate {
+        (|$p:ident, $v:ident| $load:expr) => {
+            for _ in 0..k {
+                let mut xv = [_mm256_setzero_ps(); V];
+                for ($v, xv) in xv.iter_mut().enumerate() {
+                    let $p = xp.add(8 * $v);
+                    *xv = $load;
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*wp.add(r));
+                    for v in 0..V {
+                        acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
+                    }
+                }
+                xp = xp.add(ldx);
+                wp = wp.add(MR);
+            }
+        };
+    }
     if full {
-        for _ in 0..k {
-            let mut xv = [_mm256_setzero_ps(); V];
-            for (v, xv) in xv.iter_mut().enumerate() {
-                *xv = _mm256_loadu_ps(xp.add(8 * v));
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let b = _mm256_broadcast_ss(&*wp.add(r));
-                for v in 0..V {
-                    acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
-                }
-            }
-            xp = xp.add(ldx);
-            wp = wp.add(MR);
-        }
+        accumulate!(|p, _v| _mm256_loadu_ps(p));
     } else {
-        for _ in 0..k {
-            let mut xv = [_mm256_setzero_ps(); V];
-            for (v, xv) in xv.iter_mut().enumerate() {
-                *xv = _mm256_maskload_ps(xp.add(8 * v), mask[v]);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let b = _mm256_broadcast_ss(&*wp.add(r));
-                for v in 0..V {
-                    acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
-                }
-            }
-            xp = xp.add(ldx);
-            wp = wp.add(MR);
-        }
+        accumulate!(|p, v| _mm256_maskload_ps(p, mask[v]));
     }
     let clamped = clamp != Clamp::NONE;
     let (low, high) = (_mm256_set1_ps(clamp.low()), _mm256_set1_ps(clamp.high()));
