@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example fleet_scale -- [--devices 1000,10000] [--broker embedded,mosquitto]
 //!     [--rps 0.2] [--telemetry-seconds 10] [--measure-seconds 60] [--max-in-flight N]
-//!     [--sim-workers 8] [--sim-data DIR] [--trace] [--fanout-only]
+//!     [--sim-workers 8] [--sim-data DIR] [--idle-seconds 10] [--trace] [--fanout-only]
 //! cargo run --example fleet_scale -- --smoke     # CI: 1,000 devices, embedded broker, checks
 //! ```
 //!
@@ -16,7 +16,11 @@
 //! 2. **fan-out**: a rollout of `digits_cnn` 1.0.0 (a ≈ 100 KB bundle) to every device in one
 //!    stage: time from the rollout's creation until every device reports it installed, and the
 //!    server's peak RSS (the server streams chunks from its store; it never holds a bundle per
-//!    device).
+//!    device). Before it the fleet idles online for `--idle-seconds` (no rollout, no API reads)
+//!    to measure the server's background; the fan-out's server CPU is then split into that
+//!    background times the fan-out's length and the rest, the fan-out's own work, per device and
+//!    per message handled (status, events, telemetry and chunk requests received, commands sent,
+//!    from the server's `/metrics`).
 //! 3. **stages**: a rollout of 1.1.0 (the same model) in stages of 1 %, 10 %, 50 %, 100 % (no
 //!    bake; a stage is judged once canaries and control have served 100 requests): per stage,
 //!    the time from the stage's decision until all its canaries report installed, and until the
@@ -81,6 +85,9 @@ struct Settings {
     max_in_flight: Option<u32>,
     /// Tokio worker threads per simulator process (`--sim-workers`).
     sim_workers: usize,
+    /// Seconds the fleet idles online before the fan-out, to measure the server's background
+    /// (`--idle-seconds`).
+    idle_seconds: u64,
     /// Where the simulated devices' data directories go (`--sim-data`; default: the run's
     /// temporary directory under the system's temp dir).
     sim_data: Option<PathBuf>,
@@ -98,6 +105,7 @@ fn parse(args: &[String]) -> Result<Settings> {
         fanout_only: false,
         max_in_flight: None,
         sim_workers: SIM_WORKERS,
+        idle_seconds: 10,
         sim_data: None,
     };
     let mut i = 0;
@@ -115,6 +123,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             s.telemetry_seconds = 2;
             s.measure_seconds = 10;
             s.rps = 1.0;
+            s.idle_seconds = 2;
             i += 1;
             continue;
         }
@@ -131,6 +140,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             "--broker" => s.brokers = value.split(',').map(str::to_string).collect(),
             "--sim-workers" => s.sim_workers = value.parse().context("--sim-workers")?,
             "--sim-data" => s.sim_data = Some(PathBuf::from(value)),
+            "--idle-seconds" => s.idle_seconds = value.parse().context("--idle-seconds")?,
             "--max-in-flight" => {
                 s.max_in_flight = Some(value.parse().context("--max-in-flight takes a number")?)
             }
@@ -143,7 +153,7 @@ fn parse(args: &[String]) -> Result<Settings> {
             }
             other => bail!(
                 "unknown flag {other}: use --devices 1000,10000 --broker embedded,mosquitto \
-                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--max-in-flight N] [--sim-workers N] [--sim-data DIR] [--trace] [--fanout-only], or --smoke"
+                 --rps 0.2 --telemetry-seconds 10 --measure-seconds 60 [--max-in-flight N] [--sim-workers N] [--sim-data DIR] [--idle-seconds S] [--trace] [--fanout-only], or --smoke"
             ),
         }
         i += 2;
@@ -294,6 +304,15 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
         sim_rss_online_kb / 1024
     );
 
+    // The server's own background with the fleet online and nothing asked of it (no rollout,
+    // no API reads): what a fan-out that takes longer pays for longer, apart from its own work.
+    let idle = Duration::from_secs(s.idle_seconds);
+    let idle_ticks_before = cpu_ticks(server_pid)?;
+    std::thread::sleep(idle);
+    let idle_server_cores = (cpu_ticks(server_pid)? - idle_ticks_before) as f64
+        / clock_ticks_per_second()
+        / idle.as_secs_f64().max(1e-9);
+
     // Fan-out: 1.0.0 to everyone in one stage.
     let v1 = api.upload(&bundles[0])?;
     // The same model under a new version number: these gates measure the machinery, not the
@@ -302,6 +321,7 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
                        "max_prediction_psi": 1.0});
     let started = Instant::now();
     let server_ticks_before = cpu_ticks(server_pid)?;
+    let messages_before = MessageCounts::take(&api)?;
     let mut spec = json!({
         "bundle_id": v1, "gates": gates, "stages": [{"percent": 100, "bake_seconds": 0}],
     });
@@ -342,12 +362,16 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
     let fanout_s = started.elapsed().as_secs_f64();
     let fanout_server_cpu_s =
         (cpu_ticks(server_pid)? - server_ticks_before) as f64 / clock_ticks_per_second();
+    let messages = MessageCounts::take(&api)?.since(&messages_before);
     println!(
         "fan-out: {MODEL} 1.0.0 ({} bytes) on all {n} devices after {fanout_s:.1} s; server CPU \
          {fanout_server_cpu_s:.1} s, peak RSS {} MB",
         bundles[0].len(),
         server_peak_rss / 1024
     );
+    let fanout_accounting =
+        messages.accounting(n, fanout_server_cpu_s, fanout_s, idle_server_cores);
+    println!("fan-out accounting: {fanout_accounting}");
 
     if let Some(t) = &trace {
         t.print();
@@ -356,7 +380,8 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
         return Ok(
             json!({"broker": broker, "devices": n, "online_s": round(online_s),
                          "fanout_s": round(fanout_s),
-                         "fanout_server_cpu_s": round(fanout_server_cpu_s)}),
+                         "fanout_server_cpu_s": round(fanout_server_cpu_s),
+                         "fanout_accounting": fanout_accounting}),
         );
     }
 
@@ -406,6 +431,7 @@ fn run(s: &Settings, broker: &str, n: usize) -> Result<Value> {
         "online_s": round(online_s),
         "fanout_s": round(fanout_s),
         "fanout_server_cpu_s": round(fanout_server_cpu_s),
+        "fanout_accounting": fanout_accounting,
         "bundle_bytes": bundles[0].len(),
         "stages": stage_times.iter().zip(stages).map(|((i, d), p)| json!({"percent": p, "installed_s": round(*i), "decided_s": round(*d)})).collect::<Vec<_>>(),
         "server_cpu_cores": round(after.cpu(&before, "server", secs)),
@@ -808,6 +834,74 @@ fn pid_listening_on(port: u16) -> Result<u32> {
 }
 
 /// The value of the Prometheus sample `name{labels}` on the server's `/metrics`.
+/// What the server received and sent, from its `/metrics` counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct MessageCounts {
+    status: f64,
+    events: f64,
+    telemetry: f64,
+    chunk_requests: f64,
+    commands: f64,
+}
+
+impl MessageCounts {
+    fn take(api: &ApiClient) -> Result<MessageCounts> {
+        let text = metrics_text(api)?;
+        let get = |sample: &str| -> Result<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+                .with_context(|| format!("{sample} is not on /metrics"))
+        };
+        let received = |channel: &str| {
+            get(&format!(
+                "fleet_mqtt_messages_received_total{{channel=\"{channel}\"}}"
+            ))
+        };
+        Ok(MessageCounts {
+            status: received("status")?,
+            events: received("events")?,
+            telemetry: received("telemetry")?,
+            chunk_requests: received("transfer_req")?,
+            commands: get("fleet_commands_sent_total")?,
+        })
+    }
+
+    fn since(&self, before: &MessageCounts) -> MessageCounts {
+        MessageCounts {
+            status: self.status - before.status,
+            events: self.events - before.events,
+            telemetry: self.telemetry - before.telemetry,
+            chunk_requests: self.chunk_requests - before.chunk_requests,
+            commands: self.commands - before.commands,
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.status + self.events + self.telemetry + self.chunk_requests + self.commands
+    }
+
+    /// The fan-out's server CPU split into the fleet's idle background (the idle rate times the
+    /// fan-out's length) and the rest, per device and per message handled.
+    fn accounting(&self, n: usize, cpu_s: f64, fanout_s: f64, idle_cores: f64) -> Value {
+        let background_s = idle_cores * fanout_s;
+        let work_s = (cpu_s - background_s).max(0.0);
+        let per_device = |x: f64| round(x / n.max(1) as f64);
+        json!({
+            "messages_per_device": {
+                "status": per_device(self.status), "events": per_device(self.events),
+                "telemetry": per_device(self.telemetry),
+                "chunk_requests": per_device(self.chunk_requests),
+                "commands": per_device(self.commands),
+            },
+            "idle_server_cores": (idle_cores * 1e4).round() / 1e4,
+            "background_cpu_s": round(background_s),
+            "work_cpu_s": round(work_s),
+            "work_cpu_ms_per_device": round(work_s * 1e3 / n.max(1) as f64),
+            "work_cpu_us_per_message": round(work_s * 1e6 / self.total().max(1.0)),
+        })
+    }
+}
+
 fn metric(api: &ApiClient, sample: &str) -> Result<f64> {
     metrics_text(api)?
         .lines()

@@ -8,8 +8,9 @@
 //! Each size is a fleet-wide rollout in the middle of its fan-out: half the devices installed,
 //! `max_in_flight` (1,000) staged and waiting, the rest not yet staged. A tick here is what the
 //! driver (`rollout/driver.rs`, `Rollouts::tick`) does in memory: clone the kept rollout,
-//! [`engine::step`] it against an observation of every device, compare it with the rollout
-//! before (to know whether to store it), and keep the result. Nothing changes from tick to
+//! [`engine::step_ranked`] it against an observation of every device (with the devices' rank
+//! order kept from the tick before), compare it with the rollout before (to know whether to
+//! store it), and keep the result. Nothing changes from tick to
 //! tick, so every tick costs the same; the median of `--ticks` is printed, with the time per
 //! device. Storing and publishing are not included.
 
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use fleet_server::rollout::cohort::Ranking;
 use fleet_server::rollout::engine::{self, DeviceProgress, DeviceState, Observation, Rollout};
 use fleet_server::rollout::spec::RolloutSpec;
 use fleet_server::store::DeviceRecord;
@@ -47,10 +49,12 @@ fn main() {
         let kept = Arc::new(rollout);
         let mut times = Vec::with_capacity(ticks);
         let mut orders = 0;
+        // Kept between ticks, as the driver keeps one per rollout.
+        let mut ranking = Ranking::default();
         for _ in 0..ticks {
             let started = Instant::now();
             let mut r = Rollout::clone(&kept);
-            orders += engine::step(&mut r, &obs).len();
+            orders += engine::step_ranked(&mut r, &obs, &mut ranking).len();
             let changed = r != *kept;
             std::hint::black_box((changed, Arc::new(r)));
             times.push(started.elapsed());

@@ -33,16 +33,52 @@ pub fn canaries<'d, S: AsRef<str>>(
     devices: &'d [S],
     percent: u32,
 ) -> Vec<&'d str> {
-    let mut ranked: Vec<(u64, &str)> = devices
+    let mut ranking = Ranking::default();
+    ranking.update(rollout_id, devices);
+    ranking
+        .canaries(percent)
         .iter()
-        .map(|d| (rank(rollout_id, d.as_ref()), d.as_ref()))
-        .collect();
-    ranked.sort_unstable();
-    ranked
-        .into_iter()
-        .take(canary_count(devices.len(), percent))
-        .map(|(_, d)| d)
+        .map(|&i| devices[i as usize].as_ref())
         .collect()
+}
+
+/// The rank order of a rollout's selected devices, kept from one step of the rollout to the
+/// next: ranking is a sha256 per device and a sort, which a rollout ticking once a second over
+/// ten thousand devices would otherwise redo every second for the same devices.
+#[derive(Debug, Default)]
+pub struct Ranking {
+    rollout_id: String,
+    /// The devices ranked, as given to [`Ranking::update`].
+    ids: Vec<String>,
+    /// Indices into `ids`, lowest rank first (ties, which need a sha256 collision, by id).
+    order: Vec<u32>,
+}
+
+impl Ranking {
+    /// Ranks `devices` for `rollout_id`, unless they are the devices (in the same order) that
+    /// it ranked last for that rollout.
+    pub fn update<S: AsRef<str>>(&mut self, rollout_id: &str, devices: &[S]) {
+        let same = self.rollout_id == rollout_id
+            && self.ids.len() == devices.len()
+            && self.ids.iter().zip(devices).all(|(a, b)| a == b.as_ref());
+        if same {
+            return;
+        }
+        self.rollout_id = rollout_id.to_string();
+        self.ids = devices.iter().map(|d| d.as_ref().to_string()).collect();
+        let ranks: Vec<u64> = self.ids.iter().map(|d| rank(rollout_id, d)).collect();
+        self.order = (0..self.ids.len() as u32).collect();
+        self.order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            (ranks[a], &self.ids[a]).cmp(&(ranks[b], &self.ids[b]))
+        });
+    }
+
+    /// The canaries of a stage of `percent`: indices into the devices last given to
+    /// [`Ranking::update`], lowest rank first.
+    pub fn canaries(&self, percent: u32) -> &[u32] {
+        &self.order[..canary_count(self.ids.len(), percent)]
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +107,29 @@ mod tests {
         let a = canaries("r-1", &devices, 10);
         assert_eq!(a, canaries("r-1", &devices, 10));
         assert_ne!(a, canaries("r-2", &devices, 10));
+    }
+
+    #[test]
+    fn a_kept_ranking_follows_the_devices_and_the_rollout() {
+        let devices = fleet(50);
+        let mut ranking = Ranking::default();
+        ranking.update("r-1", &devices);
+        let names = |r: &Ranking, d: &[String], p| -> Vec<String> {
+            r.canaries(p)
+                .iter()
+                .map(|&i| d[i as usize].clone())
+                .collect()
+        };
+        assert_eq!(names(&ranking, &devices, 20), canaries("r-1", &devices, 20));
+        // Another rollout ranks afresh.
+        ranking.update("r-2", &devices);
+        assert_eq!(names(&ranking, &devices, 20), canaries("r-2", &devices, 20));
+        // So does a changed fleet: a device gone, another joined (indices are into the new list).
+        let mut changed = devices[1..].to_vec();
+        changed.push("dev-new".into());
+        ranking.update("r-2", &changed);
+        assert_eq!(names(&ranking, &changed, 20), canaries("r-2", &changed, 20));
+        assert_eq!(ranking.canaries(100).len(), 50);
     }
 
     #[test]

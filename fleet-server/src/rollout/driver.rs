@@ -33,6 +33,7 @@ use serde_json::json;
 
 use protocol::link::BundleRef;
 
+use super::cohort::Ranking;
 use super::engine::{self, DeviceState, EventView, Observation, Order, Rollout, RolloutState};
 use super::spec::RolloutSpec;
 use crate::fleet::{Fleet, FleetError, SealedCommand};
@@ -112,6 +113,8 @@ pub struct Rollouts {
     /// after its commit and drops it if the commit failed, so an entry is the stored rollout.
     stored: std::sync::Mutex<StoredRollouts>,
     feeds: std::sync::Mutex<HashMap<String, EventFeed>>,
+    /// The rank order of each stepping rollout's devices, kept between ticks.
+    rankings: std::sync::Mutex<HashMap<String, Ranking>>,
     /// Each pending stage command this process has handed to the outbox: `None` while it waits
     /// there, then when it was published.
     published: std::sync::Mutex<HashMap<String, Option<Instant>>>,
@@ -178,6 +181,7 @@ impl Rollouts {
             tick: tokio::sync::Mutex::new(()),
             stored: Default::default(),
             feeds: Default::default(),
+            rankings: Default::default(),
             published: Default::default(),
             stage_resend_after,
             outbox,
@@ -353,7 +357,12 @@ impl Rollouts {
             // The observation borrows the devices for the step and gives them back.
             let obs = self.observe(&r, std::mem::take(&mut devices))?;
             let before = r.decisions.len();
-            let orders = engine::step(&mut r, &obs);
+            let mut ranking = self.ranking(&r.id);
+            let orders = engine::step_ranked(&mut r, &obs, &mut ranking);
+            self.rankings
+                .lock()
+                .expect("rankings lock")
+                .insert(r.id.clone(), ranking);
             devices = obs.devices;
             let actor = format!("rollout:{}", r.id);
             let sealed = self.seal_orders(&mut r, &orders, &actor);
@@ -388,6 +397,10 @@ impl Rollouts {
         self.feeds
             .lock()
             .expect("feeds lock")
+            .retain(|id, _| stepped.contains(id));
+        self.rankings
+            .lock()
+            .expect("rankings lock")
             .retain(|id, _| stepped.contains(id));
         Ok(())
     }
@@ -577,6 +590,15 @@ impl Rollouts {
         }
         self.send_to_outbox(outgoing);
         Ok(())
+    }
+
+    /// The ranking kept for rollout `id` (taken out while its step runs), or a new one.
+    fn ranking(&self, id: &str) -> Ranking {
+        self.rankings
+            .lock()
+            .expect("rankings lock")
+            .remove(id)
+            .unwrap_or_default()
     }
 
     fn forget_published(&self, commands: &[String]) {

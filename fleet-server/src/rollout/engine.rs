@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use protocol::link::BundleRef;
 use protocol::telemetry::WindowRecord;
 
-use super::cohort;
+use super::cohort::Ranking;
 use super::gates::{judge, CohortFigures, Judgement, Verdict};
 use super::spec::{OnFailure, RolloutSpec};
 use crate::store::DeviceRecord;
@@ -134,7 +134,8 @@ pub struct EventView {
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub now: DateTime<Utc>,
-    /// Every device as the registry knows it (shared with the store's copy, not copied).
+    /// Every device as the registry knows it (shared with the store's copy, not copied), in
+    /// the store's order, by id (in any other order a step sorts its own list of them first).
     pub devices: Vec<Arc<DeviceRecord>>,
     /// Failure events ([`FAILURE_KINDS`]) of the rollout's model since the rollout was created.
     pub events: Vec<EventView>,
@@ -234,12 +235,12 @@ impl Rollout {
         });
     }
 
-    /// The devices this rollout selects, by id.
-    pub fn selected<'o>(&self, obs: &'o Observation) -> Vec<&'o DeviceRecord> {
-        obs.devices
+    /// The devices this rollout selects, of `devices` (in their order).
+    fn selected<'o>(&self, devices: &[&'o DeviceRecord]) -> Vec<&'o DeviceRecord> {
+        devices
             .iter()
+            .copied()
             .filter(|d| self.spec.selector.matches(&d.labels))
-            .map(|d| &**d)
             .collect()
     }
 
@@ -286,8 +287,16 @@ impl Rollout {
 
 /// Advances the rollout given what the fleet looks like; returns what to do.
 pub fn step(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
+    step_ranked(r, obs, &mut Ranking::default())
+}
+
+/// [`step`], with the rank order of the rollout's devices kept from its previous step (the
+/// driver keeps one [`Ranking`] per rollout it steps): a step then costs no hashing of every
+/// device when the fleet has not changed.
+pub fn step_ranked(r: &mut Rollout, obs: &Observation, ranking: &mut Ranking) -> Vec<Order> {
     let now = obs.now;
-    track_devices(r, obs);
+    let devices = in_id_order(&obs.devices);
+    track_devices(r, obs, &devices);
     match r.state {
         RolloutState::Pending => {
             r.state = RolloutState::Running;
@@ -302,11 +311,43 @@ pub fn step(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
                 },
                 None,
             );
-            run_stage(r, obs)
+            run_stage(r, obs, &devices, ranking)
         }
-        RolloutState::Running => run_stage(r, obs),
-        RolloutState::RolledBack => revert_orders(r, obs),
+        RolloutState::Running => run_stage(r, obs, &devices, ranking),
+        RolloutState::RolledBack => revert_orders(r, obs, &devices),
         _ => Vec::new(),
+    }
+}
+
+/// The observed devices in id order: the order in which a rollout keeps its own devices, so
+/// that the two lists are walked side by side (see [`Finder`]) instead of one looked up in a
+/// map built every step.
+fn in_id_order(devices: &[Arc<DeviceRecord>]) -> Vec<&DeviceRecord> {
+    let mut sorted: Vec<&DeviceRecord> = devices.iter().map(|d| &**d).collect();
+    if !sorted.is_sorted_by(|a, b| a.id <= b.id) {
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    sorted
+}
+
+/// Finds items of a list sorted by id, for ids asked in ascending order: all the lookups of a
+/// walk over another sorted list cost one walk over this one.
+struct Finder<'l, T> {
+    items: &'l [T],
+    at: usize,
+}
+
+impl<'l, T> Finder<'l, T> {
+    fn new(items: &'l [T]) -> Finder<'l, T> {
+        Finder { items, at: 0 }
+    }
+
+    /// The index of the item whose id is `id`; `id` must not be below the previous one asked.
+    fn find(&mut self, id: &str, id_of: impl Fn(&T) -> &str) -> Option<usize> {
+        while self.at < self.items.len() && id_of(&self.items[self.at]) < id {
+            self.at += 1;
+        }
+        (self.at < self.items.len() && id_of(&self.items[self.at]) == id).then_some(self.at)
     }
 }
 
@@ -314,11 +355,10 @@ pub fn step(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
 pub const FAILURE_KINDS: [&str; 4] = ["rejected", "transfer_failed", "load_failed", "reverted"];
 
 /// Updates each staged device's state from its reported models and its events.
-fn track_devices(r: &mut Rollout, obs: &Observation) {
+fn track_devices(r: &mut Rollout, obs: &Observation, devices: &[&DeviceRecord]) {
     let model = r.bundle.name.clone();
     let version = r.bundle.version.clone();
-    let by_id: HashMap<&str, &DeviceRecord> =
-        obs.devices.iter().map(|d| (d.id.as_str(), &**d)).collect();
+    let mut finder = Finder::new(devices);
     // Each device's events, oldest first (not a scan of every event per device).
     let mut events_of: HashMap<&str, Vec<&EventView>> = HashMap::new();
     for e in &obs.events {
@@ -327,9 +367,9 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
     let install_timeout = Duration::seconds(r.spec.install_timeout_seconds as i64);
     let rolling_back = r.state == RolloutState::RolledBack;
     for (id, p) in r.devices.iter_mut() {
-        let on_version = by_id
-            .get(id.as_str())
-            .and_then(|d| d.model(&model))
+        let on_version = finder
+            .find(id, |d| &d.id)
+            .and_then(|i| devices[i].model(&model))
             .map(|m| m.active == version);
         let events = events_of.get(id.as_str()).map_or(&[][..], |v| v.as_slice());
         let failure = events.iter().rev().copied().find(|e| {
@@ -379,7 +419,12 @@ fn track_devices(r: &mut Rollout, obs: &Observation) {
     }
 }
 
-fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
+fn run_stage(
+    r: &mut Rollout,
+    obs: &Observation,
+    devices: &[&DeviceRecord],
+    ranking: &mut Ranking,
+) -> Vec<Order> {
     let now = obs.now;
     let stage = r.spec.stages[r.stage];
     let model = r.bundle.name.clone();
@@ -404,15 +449,21 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
         };
         canary.devices = r.devices.len();
         let judgement = judge(&canary, None, &r.spec.gates);
-        return fail(r, now, judgement, obs);
+        return fail(r, now, judgement, obs, devices);
     }
 
     // Stage this stage's canaries, at most `max_in_flight` unsettled at once.
-    let selected = r.selected(obs);
+    let selected = r.selected(devices);
     let ids: Vec<&str> = selected.iter().map(|d| d.id.as_str()).collect();
-    let by_id: HashMap<&str, &DeviceRecord> =
-        selected.iter().map(|d| (d.id.as_str(), *d)).collect();
-    let targets = cohort::canaries(&r.id, &ids, stage.percent);
+    ranking.update(&r.id, &ids);
+    // Which of them the rollout has taken already (both in id order: one walk).
+    let mut taken = vec![false; ids.len()];
+    let mut finder = Finder::new(&ids);
+    for id in r.devices.keys() {
+        if let Some(i) = finder.find(id, |s| s) {
+            taken[i] = true;
+        }
+    }
     let in_flight = r
         .devices
         .values()
@@ -422,11 +473,12 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     // Online canaries left for a later tick for want of room: the stage is not settled.
     let mut waiting = 0;
     let mut orders = Vec::new();
-    for id in targets {
-        if r.devices.contains_key(id) {
+    for &i in ranking.canaries(stage.percent) {
+        let i = i as usize;
+        if taken[i] {
             continue;
         }
-        let device = by_id[id];
+        let (id, device) = (ids[i], selected[i]);
         let already = device.model(&model).is_some_and(|m| m.active == version);
         if already {
             r.devices.insert(
@@ -530,7 +582,7 @@ fn run_stage(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
     let judgement = judge(&canary, control.as_ref(), &r.spec.gates);
     r.last_judgement = Some(judgement.clone());
     match judgement.verdict {
-        Verdict::Fail => fail(r, now, judgement, obs),
+        Verdict::Fail => fail(r, now, judgement, obs, devices),
         Verdict::Pass => {
             promote(r, now, judgement);
             orders
@@ -591,6 +643,7 @@ fn fail(
     now: DateTime<Utc>,
     judgement: Judgement,
     obs: &Observation,
+    devices: &[&DeviceRecord],
 ) -> Vec<Order> {
     let reason = judgement.summary();
     r.last_judgement = Some(judgement.clone());
@@ -602,18 +655,17 @@ fn fail(
         }
         OnFailure::Rollback => {
             let _ = r.rollback(now, format!("on_failure = rollback: {reason}"));
-            revert_orders(r, obs)
+            revert_orders(r, obs, devices)
         }
     }
 }
 
 /// Revert orders for every device of the rollout still running the version.
-fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
+fn revert_orders(r: &mut Rollout, obs: &Observation, devices: &[&DeviceRecord]) -> Vec<Order> {
     let now = obs.now;
     let version = r.bundle.version.clone();
     let model = r.bundle.name.clone();
-    let by_id: HashMap<&str, &DeviceRecord> =
-        obs.devices.iter().map(|d| (d.id.as_str(), &**d)).collect();
+    let mut finder = Finder::new(devices);
     let mut orders = Vec::new();
     for (id, p) in r.devices.iter_mut() {
         // Staged devices may still finish installing: they are reverted when they report it.
@@ -622,7 +674,7 @@ fn revert_orders(r: &mut Rollout, obs: &Observation) -> Vec<Order> {
         if p.state != DeviceState::Installed {
             continue;
         }
-        let device = by_id.get(id.as_str()).copied();
+        let device = finder.find(id, |d| &d.id).map(|i| devices[i]);
         let summary = device.and_then(|d| d.model(&model));
         if !summary.is_some_and(|m| m.active == version) {
             p.state = DeviceState::RolledBack;
@@ -1025,6 +1077,37 @@ mod tests {
         assert_eq!(r.state, RolloutState::Succeeded, "{:#?}", r.decisions);
         assert_eq!(staged, 19, "each device not yet on v2 staged exactly once");
         assert_eq!(fleet.on(V2), 20);
+    }
+
+    #[test]
+    fn devices_in_any_order_and_a_kept_ranking_step_as_a_fresh_step_does() {
+        let mut fleet = Fleet::new(40);
+        fleet.device("d05").models = vec![summary(V2)];
+        Arc::make_mut(&mut fleet.obs.devices[9]).online = false;
+        let mut spec = spec(&[(10, 0), (50, 0), (100, 0)], OnFailure::Rollback);
+        spec.max_in_flight = 4;
+        let (mut fresh, mut kept) = (rollout(spec.clone()), rollout(spec));
+        let mut ranking = Ranking::default();
+        for step_no in 0..40 {
+            let orders = step(&mut fresh, &fleet.obs);
+            let mut shuffled = fleet.obs.clone();
+            shuffled.devices.reverse();
+            shuffled.devices.swap(3, 17);
+            let same = step_ranked(&mut kept, &shuffled, &mut ranking);
+            assert_eq!(orders, same, "step {step_no}");
+            assert_eq!(fresh, kept, "step {step_no}");
+            fleet.apply(&orders, 10);
+            if fresh.state != RolloutState::Running {
+                break;
+            }
+        }
+        assert_eq!(
+            fresh.state,
+            RolloutState::Succeeded,
+            "{:#?}",
+            fresh.decisions
+        );
+        assert_eq!(fleet.on(V2), 39, "all but the offline device");
     }
 
     #[test]
