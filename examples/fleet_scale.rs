@@ -847,11 +847,7 @@ struct MessageCounts {
 impl MessageCounts {
     fn take(api: &ApiClient) -> Result<MessageCounts> {
         let text = metrics_text(api)?;
-        let get = |sample: &str| -> Result<f64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-                .with_context(|| format!("{sample} is not on /metrics"))
-        };
+        let get = |sample: &str| sample_in(&text, sample);
         let received = |channel: &str| {
             get(&format!(
                 "fleet_mqtt_messages_received_total{{channel=\"{channel}\"}}"
@@ -903,8 +899,12 @@ impl MessageCounts {
 }
 
 fn metric(api: &ApiClient, sample: &str) -> Result<f64> {
-    metrics_text(api)?
-        .lines()
+    sample_in(&metrics_text(api)?, sample)
+}
+
+/// The value of `sample` (a metric name with its labels) in a `/metrics` page.
+fn sample_in(text: &str, sample: &str) -> Result<f64> {
+    text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .with_context(|| format!("{sample} is not on /metrics"))
 }
