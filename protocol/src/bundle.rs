@@ -686,7 +686,9 @@ pub fn write_bundle(
 ) -> Result<Vec<u8>, BundleError> {
     manifest.payloads = payloads.iter().map(|p| p.entry.clone()).collect();
     check_manifest(manifest)?;
-    let manifest_bytes = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+    // Compact: the manifest is signed as the bytes it is, so readers of every version take any
+    // spelling, and the indentation of a pretty one was a third of a small bundle's manifest.
+    let manifest_bytes = serde_json::to_vec(manifest).expect("manifest serialises");
     let sig = SignatureFile {
         signatures: signers.iter().map(|k| k.sign(&manifest_bytes)).collect(),
     };

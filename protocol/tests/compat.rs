@@ -66,8 +66,13 @@ fn telemetry_samples_is_signed_and_left_out_only_when_full() {
         let signed = write_bundle(&mut out, &mut m, &payloads, &[&key]).unwrap();
         let v = verify(&out, &keyring).unwrap();
         assert_eq!(v.manifest.telemetry_samples, mode);
+        assert_eq!(
+            serde_json::to_vec(&v.manifest).unwrap(),
+            signed,
+            "the writer signs compact JSON, which re-serialises to the signed bytes"
+        );
         let text = String::from_utf8(signed).unwrap();
-        let field = format!("\"telemetry_samples\": \"{mode}\"");
+        let field = format!("\"telemetry_samples\":\"{mode}\"");
         assert_eq!(text.contains(&field), !mode.is_full(), "{text}");
         assert_eq!(text.contains("telemetry_samples"), !mode.is_full());
     }
@@ -101,7 +106,7 @@ fn model_format_is_signed_and_left_out_only_when_onnx() {
         assert_eq!(v.manifest.model_file, model_file);
         let text = String::from_utf8(signed).unwrap();
         assert_eq!(
-            text.contains("\"model_format\": \"nnef\""),
+            text.contains("\"model_format\":\"nnef\""),
             format == ModelFormat::Nnef,
             "{text}"
         );
