@@ -12,7 +12,6 @@ use protocol::manifest::{
 use protocol::stats::{Histogram, Moments};
 
 use crate::error::BuildError;
-use crate::golden::{rows, slice_rows};
 
 /// Bins of every baseline histogram.
 pub const HISTOGRAM_BINS: usize = 20;
@@ -237,7 +236,7 @@ pub(crate) fn regression_statistic(
     first_input: &Tensor,
     statistic: OutputStatistic,
 ) -> Vec<f64> {
-    let n = rows(out);
+    let n = out.rows();
     let per = per_sample(out).max(1);
     let outs: Vec<f64> = values(out).collect();
     match statistic {
@@ -273,7 +272,7 @@ pub(crate) fn latency(
     inputs: &[Tensor],
     runs: usize,
 ) -> Result<LatencyBaseline, BuildError> {
-    let one: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, 0, 1)).collect();
+    let one: Vec<Tensor> = inputs.iter().map(|t| t.slice_rows(0, 1)).collect();
     let run = || {
         model.run(&one).map_err(|source| BuildError::Run {
             what: "latency sample",

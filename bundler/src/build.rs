@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::baseline::{self, TaskKind};
 use crate::error::BuildError;
-use crate::golden::{self, rows};
+use crate::golden;
 use crate::keys::load_secret_key;
 use crate::progress::Progress;
 use crate::quality::Gate;
@@ -362,7 +362,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         Some(path) => Some(load_single(path, "calibration inputs")?),
         None => None,
     };
-    let evaluated = golden_inputs.first().map(rows).unwrap_or(0);
+    let evaluated = golden_inputs.first().map(Tensor::rows).unwrap_or(0);
     let labels = match &opts.golden_labels {
         Some(path) => Some(golden::load_labels(path, evaluated)?),
         None => None,
@@ -377,7 +377,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         ),
     ] {
         if let (Some(k), Some(ts)) = (batch_fixed, tensors) {
-            let n = rows(&ts[0]);
+            let n = ts[0].rows();
             if !n.is_multiple_of(k) {
                 return Err(BuildError::Samples {
                     what,
@@ -592,7 +592,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         spec.range = baseline::range_of(std::iter::once(&golden_outputs[i]).chain(cal));
     }
     let baseline = Baseline {
-        samples: rows(&base_inputs[0]),
+        samples: base_inputs[0].rows(),
         source: base_source,
         inputs: input_specs
             .iter()

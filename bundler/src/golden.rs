@@ -119,47 +119,6 @@ pub(crate) fn synthetic_inputs(specs: &[TensorSpec], count: usize) -> Vec<Tensor
         .collect()
 }
 
-/// Number of samples (axis 0) of a sample tensor.
-pub(crate) fn rows(t: &Tensor) -> usize {
-    t.shape.first().copied().unwrap_or(1)
-}
-
-/// Samples `start..end` (axis 0) of `t`.
-pub(crate) fn slice_rows(t: &Tensor, start: usize, end: usize) -> Tensor {
-    let per: usize = t.shape.iter().skip(1).product();
-    let (a, b) = (start * per, end * per);
-    let data = match &t.data {
-        TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
-        TensorData::I32(v) => TensorData::I32(v[a..b].to_vec()),
-        TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
-        TensorData::U8(v) => TensorData::U8(v[a..b].to_vec()),
-    };
-    let mut shape = t.shape.clone();
-    if let Some(first) = shape.first_mut() {
-        *first = end - start;
-    }
-    Tensor { shape, data }
-}
-
-/// Concatenates sample tensors along axis 0 (all of the same dtype and trailing shape).
-pub(crate) fn concat_rows(parts: Vec<Tensor>) -> Tensor {
-    let mut parts = parts.into_iter();
-    let mut acc = parts.next().expect("at least one batch");
-    for t in parts {
-        if let Some(first) = acc.shape.first_mut() {
-            *first += rows(&t);
-        }
-        match (&mut acc.data, t.data) {
-            (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
-            (TensorData::I32(a), TensorData::I32(b)) => a.extend(b),
-            (TensorData::I64(a), TensorData::I64(b)) => a.extend(b),
-            (TensorData::U8(a), TensorData::U8(b)) => a.extend(b),
-            _ => unreachable!("a model output keeps its element type across batches"),
-        }
-    }
-    acc
-}
-
 /// Runs `model` on all samples of `inputs`, `batch` samples at a time (the last batch may be
 /// smaller), and returns each output with all samples concatenated.
 pub(crate) fn evaluate(
@@ -169,13 +128,13 @@ pub(crate) fn evaluate(
     what: &'static str,
     progress: &Progress,
 ) -> Result<Vec<Tensor>, BuildError> {
-    let count = inputs.first().map(rows).unwrap_or(0);
+    let count = inputs.first().map(Tensor::rows).unwrap_or(0);
     let bar = progress.bar(count as u64, &format!("evaluating {what}"));
     let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); model.outputs().len()];
     let mut start = 0;
     while start < count {
         let end = (start + batch).min(count);
-        let batch_inputs: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, start, end)).collect();
+        let batch_inputs: Vec<Tensor> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
         let outputs = model
             .run(&batch_inputs)
             .map_err(|source| BuildError::Run { what, source })?;
@@ -186,7 +145,7 @@ pub(crate) fn evaluate(
         start = end;
     }
     bar.finish_and_clear();
-    Ok(per_output.into_iter().map(concat_rows).collect())
+    Ok(per_output.into_iter().map(Tensor::concat_rows).collect())
 }
 
 /// How far re-runs of the golden samples strayed from the stored outputs: the absolute
@@ -224,13 +183,13 @@ pub(crate) fn reproducibility(
         worst: None,
     };
     for (start, end) in runs {
-        let batch: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, start, end)).collect();
+        let batch: Vec<Tensor> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
         let again = model.run(&batch).map_err(|source| BuildError::Run {
             what: "golden inputs (reproducibility check)",
             source,
         })?;
         for ((spec, want), got) in output_specs.iter().zip(outputs).zip(&again) {
-            let (need, worst) = needed_atol(&slice_rows(want, start, end), got, rtol);
+            let (need, worst) = needed_atol(&want.slice_rows(start, end), got, rtol);
             if need > result.needed_atol {
                 result.needed_atol = need;
                 result.worst =
@@ -294,7 +253,7 @@ pub(crate) fn golden_payload(
             .iter()
             .zip(tensors)
             .map(|(spec, t)| {
-                let part = slice_rows(t, 0, count);
+                let part = t.slice_rows(0, count);
                 bytes.extend_from_slice(&part.to_le_bytes());
                 GoldenTensor {
                     name: spec.name.clone(),

@@ -14,7 +14,11 @@
 //! element types, shapes with free dimensions such as the batch size left open), declutters it,
 //! and builds two optimised plans: one with the batch dimension fixed to 1, the common case when
 //! serving single requests, where tract can specialise every kernel for known shapes; and one
-//! with the batch dimension left symbolic, for every other batch size. Before tract optimises a
+//! with the batch dimension left symbolic, for every other batch size. A graph with integer
+//! activations (static `int8`) gets only the first, and a batch of several samples runs on it
+//! sample by sample: tract optimises the two plans of such a graph into integer kernels that
+//! round differently, so otherwise a sample's outputs would depend on the batch it came in
+//! ([`Model::runs_sample_by_sample`]). Before tract optimises a
 //! plan, the engine's own passes (`passes`) replace the tract operators that are slow on the
 //! small inputs of edge models: small convolutions (`im2col`), depthwise convolutions and
 //! convolutions of one input channel, with the ReLU/ReLU6 after them fused (`depthwise`), and

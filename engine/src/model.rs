@@ -40,19 +40,36 @@ impl Default for EngineOptions {
 /// of threads at once. Each call borrows a private execution state from a small pool.
 pub struct Model {
     signature: Signature,
-    /// Plan with the batch dimension fixed to 1 (the common serving case), fully optimised.
-    batch_one: Option<Runner>,
-    /// Plan for every other batch size (symbolic batch dimension).
-    general: Runner,
+    plans: Plans,
     from_cache: bool,
+}
+
+/// The optimised plans of a [`Model`], and which batch sizes each runs.
+enum Plans {
+    /// No free batch dimension: one plan for every request.
+    Single(Runner),
+    /// A batch of 1 (the common serving case) on a plan with the batch dimension fixed to 1,
+    /// every other batch size on the plan for a symbolic batch dimension.
+    OneAndGeneral { one: Runner, general: Runner },
+    /// Every batch run sample by sample on the batch-1 plan. For graphs with integer
+    /// activations (static `int8`): tract 0.23.9 optimises their batch-1 plan into other
+    /// integer kernels than the symbolic-batch plan, which round differently, so the two plans
+    /// disagree on the same sample — by more than 1.0 on `mobilenetish`'s logits — and a
+    /// sample's result would depend on the batch it came in. Sample by sample it cannot.
+    OneBySample(Runner),
 }
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plans = match self.plans {
+            Plans::Single(_) => "single",
+            Plans::OneAndGeneral { .. } => "batch one and general",
+            Plans::OneBySample(_) => "batch one, sample by sample",
+        };
         f.debug_struct("Model")
             .field("inputs", &self.signature.inputs)
             .field("outputs", &self.signature.outputs)
-            .field("batch_one_plan", &self.batch_one.is_some())
+            .field("plans", &plans)
             .finish()
     }
 }
@@ -122,25 +139,32 @@ impl Model {
         let signature = Signature::of(&typed, names, path)?;
 
         let run_options = run_options(opts.threads);
-        let batch_one = match signature.batch_symbol(&typed) {
+        let optimised = |typed: TypedModel, what: &str| {
+            optimize(typed)
+                .and_then(|m| m.into_runnable_with_options(&run_options))
+                .map(Runner::new)
+                .map_err(|e| load_err(format!("optimising{what}: {e:#}")))
+        };
+        let plans = match signature.batch_symbol(&typed) {
+            None => Plans::Single(optimised(typed, "")?),
             Some(sym) => {
+                let by_sample = integer_activations(&typed) && batch_leads(&typed, &sym);
                 let subs = [(sym, TDim::Val(1))].into_iter().collect();
                 let fixed = typed
                     .set_symbols(&subs)
-                    .and_then(optimize)
-                    .and_then(|m| m.into_runnable_with_options(&run_options))
-                    .map_err(|e| load_err(format!("optimising for batch size 1: {e:#}")))?;
-                Some(Runner::new(fixed))
+                    .map_err(|e| load_err(format!("fixing the batch size to 1: {e:#}")))?;
+                let one = optimised(fixed, " for batch size 1")?;
+                if by_sample {
+                    Plans::OneBySample(one)
+                } else {
+                    let general = optimised(typed, "")?;
+                    Plans::OneAndGeneral { one, general }
+                }
             }
-            None => None,
         };
-        let general = optimize(typed)
-            .and_then(|m| m.into_runnable_with_options(&run_options))
-            .map_err(|e| load_err(format!("optimising: {e:#}")))?;
         Ok(Model {
             signature,
-            batch_one,
-            general: Runner::new(general),
+            plans,
             from_cache,
         })
     }
@@ -169,10 +193,39 @@ impl Model {
     /// accepted.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
         let batch_one = self.signature.validate(inputs)?;
-        let runner = match (&self.batch_one, batch_one) {
-            (Some(runner), true) => runner,
-            _ => &self.general,
-        };
+        match (&self.plans, batch_one) {
+            (Plans::Single(runner), _)
+            | (
+                Plans::OneAndGeneral {
+                    general: runner, ..
+                },
+                false,
+            ) => self.run_on(runner, inputs),
+            (Plans::OneAndGeneral { one, .. } | Plans::OneBySample(one), true) => {
+                self.run_on(one, inputs)
+            }
+            (Plans::OneBySample(one), false) => {
+                let samples = inputs.first().map_or(0, Tensor::rows);
+                if samples == 0 {
+                    return Err(EngineError::Run(
+                        "an empty batch (0 samples): this model runs batches sample by sample"
+                            .into(),
+                    ));
+                }
+                let mut per_output: Vec<Vec<Tensor>> = vec![vec![]; self.signature.outputs.len()];
+                for i in 0..samples {
+                    let sample: Vec<Tensor> =
+                        inputs.iter().map(|t| t.slice_rows(i, i + 1)).collect();
+                    for (acc, out) in per_output.iter_mut().zip(self.run_on(one, &sample)?) {
+                        acc.push(out);
+                    }
+                }
+                Ok(per_output.into_iter().map(Tensor::concat_rows).collect())
+            }
+        }
+    }
+
+    fn run_on(&self, runner: &Runner, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
         let tract_inputs: TVec<TValue> = inputs
             .iter()
             .map(|t| convert::to_tract(t).into())
@@ -186,6 +239,45 @@ impl Model {
             .map(|(t, spec)| convert::from_tract(t, &spec.name))
             .collect()
     }
+
+    /// Whether batches of more than one sample run sample by sample on the batch-1 plan
+    /// (graphs with integer activations, see `Plans::OneBySample`), so that a sample's outputs
+    /// do not depend on the batch it comes in.
+    pub fn runs_sample_by_sample(&self) -> bool {
+        matches!(self.plans, Plans::OneBySample(_))
+    }
+}
+
+/// Whether some value computed at run time is an 8-bit integer: the activations of a static
+/// `int8` graph (its `QuantizeLinear` outputs). Model inputs (a `UINT8` image) and constants
+/// (int8 weights before they are dequantized) do not count.
+fn integer_activations(model: &TypedModel) -> bool {
+    model.nodes().iter().any(|node| {
+        !model.inputs.iter().any(|i| i.node == node.id)
+            && node.outputs.iter().any(|o| {
+                o.fact.konst.is_none()
+                    && matches!(
+                        o.fact.datum_type.unquantized(),
+                        DatumType::I8 | DatumType::U8
+                    )
+            })
+    })
+}
+
+/// Whether `batch` is axis 0 of every input and output and appears nowhere else in them, so a
+/// batch can be cut into samples and their outputs put back together.
+fn batch_leads(model: &TypedModel, batch: &Symbol) -> bool {
+    let leads = |shape: &ShapeFact| {
+        let dims = shape.dims();
+        matches!(dims.first(), Some(TDim::Sym(s)) if s == batch)
+            && dims[1..].iter().all(|d| d.to_i64().is_ok())
+    };
+    let facts = (0..model.inputs.len())
+        .map(|i| model.input_fact(i))
+        .chain((0..model.outputs.len()).map(|i| model.output_fact(i)));
+    facts
+        .into_iter()
+        .all(|f| f.map(|f| leads(&f.shape)).unwrap_or(false))
 }
 
 /// Whether this build of the engine can load models in `format`: NNEF always, ONNX with the

@@ -59,6 +59,49 @@ impl Tensor {
         }
     }
 
+    /// Number of samples: the size of axis 0, the batch axis of every sample tensor (1 for a
+    /// scalar).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Samples `start..end` (axis 0). Panics when the range is outside `0..=rows()`.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Tensor {
+        let per: usize = self.shape.iter().skip(1).product();
+        let (a, b) = (start * per, end * per);
+        let data = match &self.data {
+            TensorData::F32(v) => TensorData::F32(v[a..b].to_vec()),
+            TensorData::I32(v) => TensorData::I32(v[a..b].to_vec()),
+            TensorData::I64(v) => TensorData::I64(v[a..b].to_vec()),
+            TensorData::U8(v) => TensorData::U8(v[a..b].to_vec()),
+        };
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = end - start;
+        }
+        Tensor { shape, data }
+    }
+
+    /// Concatenates sample tensors along axis 0. Panics on an empty list or on parts of
+    /// different element types (the outputs of one model never are).
+    pub fn concat_rows(parts: Vec<Tensor>) -> Tensor {
+        let mut parts = parts.into_iter();
+        let mut acc = parts.next().expect("at least one part");
+        for t in parts {
+            if let Some(first) = acc.shape.first_mut() {
+                *first += t.rows();
+            }
+            match (&mut acc.data, t.data) {
+                (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
+                (TensorData::I32(a), TensorData::I32(b)) => a.extend(b),
+                (TensorData::I64(a), TensorData::I64(b)) => a.extend(b),
+                (TensorData::U8(a), TensorData::U8(b)) => a.extend(b),
+                _ => panic!("concatenating tensors of different element types"),
+            }
+        }
+        acc
+    }
+
     /// The elements as little-endian bytes (the layout of golden payloads and of the binary
     /// tensor extension of the inference protocol).
     pub fn to_le_bytes(&self) -> Vec<u8> {

@@ -11,7 +11,6 @@ use engine::{EngineOptions, Model, Tensor};
 
 use super::graph;
 use super::QuantizeError;
-use crate::golden::{rows, slice_rows};
 use crate::onnx_pb::{type_proto, TypeProto, ValueInfoProto};
 
 /// `--calibration-method`.
@@ -131,11 +130,11 @@ pub(crate) fn observe(
     let runner = Model::load(file.path(), &EngineOptions::default())
         .map_err(|e| err("loading the model with exposed activations", &e))?;
     let mut seen: HashMap<String, Seen> = HashMap::new();
-    let n = rows(inputs);
+    let n = inputs.rows();
     let mut start = 0;
     while start < n {
         let end = (start + batch).min(n);
-        let chunk = slice_rows(inputs, start, end);
+        let chunk = inputs.slice_rows(start, end);
         if tensors.contains(&input_name) {
             let values = chunk.as_f32().unwrap_or(&[]);
             seen.entry(input_name.clone()).or_default().add(values);

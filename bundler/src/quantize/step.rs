@@ -75,7 +75,7 @@ pub(crate) fn quantize_and_gate(
                     RangeMethod::Percentile(p) => Some(p),
                     RangeMethod::MinMax => None,
                 },
-                samples: golden::rows(&inputs[0]),
+                samples: inputs[0].rows(),
                 source,
                 activations,
             };
