@@ -211,8 +211,8 @@ fn file_name(path: &Path) -> String {
 
 /// Refuses a model whose golden outputs differ at other batch sizes by more than the golden
 /// tolerance: the device's self-test would fail on it, or pass by luck of its batch size.
-/// (Seen: `mobilenetish` quantized to `int8` in tract 0.23.9 — logits differ by more than 1.0
-/// between a batch of 4 and single samples — so the bundler refuses it.)
+/// (Seen: `mobilenetish` quantized to `int8` in tract 0.23.9, logits more than 1.0 apart between
+/// a batch of 4 and single samples, until the engine ran integer graphs sample by sample.)
 fn check_golden_tolerance(
     opts: &BuildOptions,
     repro: &golden::Reproducibility,
