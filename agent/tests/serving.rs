@@ -367,3 +367,79 @@ fn admin_token_guards_the_admin_api_only() {
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("serves version 1.0.0, not 0.9.0"), "{body}");
 }
+
+#[test]
+fn every_quantized_bundle_serves_over_oip_with_the_accuracy_its_manifest_records() {
+    // Each quantization mode of digits_cnn, installed on a running agent (hot swaps through the
+    // admin API) and served over OIP: all 450 test samples in one batched request and each
+    // alone. The accuracy is the one the manifest records, and a sample's scores are the same
+    // in the batch and alone: bit for bit for static int8 (batches run sample by sample on the
+    // batch-1 plan), within the golden tolerance for the others (two plans, float rounding).
+    use bundler::{Int8Form, QuantizeMode};
+    let fx = Fixture::new();
+    let calibration = models_dir().join("digits_cnn/calib_input.npy");
+    let keyring = bundler::load_keyring(std::slice::from_ref(&fx.keyring)).unwrap();
+    let modes = [
+        ("1.0.1", QuantizeMode::Int8Weights, None),
+        ("1.0.2", QuantizeMode::F16, None),
+        ("1.0.3", QuantizeMode::Int8, Some(Int8Form::Qdq)),
+        ("1.0.4", QuantizeMode::Int8, Some(Int8Form::QOperator)),
+    ];
+    let data = fx.path("data");
+    let agent = AgentProcess::start(&fx, &data, &[]);
+    let infer = format!("{}/v2/models/digits_cnn/infer", agent.url);
+    let inputs = engine::npy::read_npy(models_dir().join("digits_cnn/test_input.npy")).unwrap();
+    let labels = labels("digits_cnn");
+    for (version, mode, form) in modes {
+        let bundle = fx.bundle_with("digits_cnn", version, 1, |o| {
+            o.quantize = mode;
+            o.int8_form = form;
+            o.calibration = Some(calibration.clone());
+        });
+        let manifest = bundler::verify(&bundle, &keyring).unwrap().manifest;
+        let what = format!("{mode:?} {form:?} ({:?})", manifest.model_format);
+        let installed = ureq::post(&format!("{}/admin/v1/bundles", agent.url))
+            .send_bytes(&std::fs::read(&bundle).unwrap())
+            .unwrap();
+        assert_eq!(installed.status(), 201, "{what}");
+
+        let response = post_json(&infer, &json_request("input", &inputs)).unwrap();
+        assert_eq!(response["model_version"], version, "{what}");
+        let out = &response["outputs"][0];
+        assert_eq!(
+            out["shape"],
+            serde_json::json!([labels.len(), 10]),
+            "{what}"
+        );
+        let batch: Vec<f32> = serde_json::from_value(out["data"].clone()).unwrap();
+        let correct = batch
+            .chunks(10)
+            .zip(&labels)
+            .filter(|(row, &label)| argmax(row) as i64 == label)
+            .count();
+        let accuracy = correct as f64 / labels.len() as f64;
+        assert_eq!(Some(accuracy), manifest.baseline.accuracy, "{what}");
+        assert!(
+            manifest.baseline.accuracy.unwrap() >= 0.9889 - 0.01,
+            "{what}: within a point of float"
+        );
+        for i in [0, 1, 200, 449] {
+            let alone = post_json(&infer, &json_request("input", &sample(&inputs, i))).unwrap();
+            let alone: Vec<f32> =
+                serde_json::from_value(alone["outputs"][0]["data"].clone()).unwrap();
+            let in_batch = &batch[i * 10..(i + 1) * 10];
+            if mode == QuantizeMode::Int8 {
+                assert_eq!(alone, in_batch, "{what}: sample {i}");
+            } else {
+                // Float activations: two plans, equal within float rounding.
+                let g = &manifest.golden;
+                for (a, b) in alone.iter().zip(in_batch) {
+                    assert!(
+                        (a - b).abs() <= g.atol + g.rtol * b.abs(),
+                        "{what}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
