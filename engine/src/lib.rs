@@ -53,6 +53,7 @@ mod cache;
 mod convert;
 mod depthwise;
 mod error;
+mod fold;
 mod im2col;
 mod maxpool;
 mod model;

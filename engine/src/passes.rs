@@ -3,7 +3,8 @@
 //! (`Conv`, `MaxPool`), which is what both front ends produce, and never reach a file (the NNEF
 //! conversion and the model cache write the model before them).
 //!
-//! Each replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
+//! First [`crate::fold`] folds constants computed from constants (a quantized model's
+//! dequantized weights) that tract leaves unfolded. Each pass after it replaces an operator whose tract 0.23.9 implementation is slow on the small inputs of
 //! edge models with one of the engine's, and leaves anything it does not recognise to tract:
 //! - [`crate::im2col`]: a convolution as a column-matrix copy and a matrix product (the
 //!   engine's, [`crate::pointwise`], where its AVX2 kernel runs; tract's otherwise);
@@ -25,6 +26,8 @@ use tract_nnef::tract_core::internal::TypedModelPatch;
 /// How many operators each pass replaced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Rewrites {
+    /// Nodes computing constants from constants, folded into constants (`fold`).
+    pub folded_constants: usize,
     pub convolutions: usize,
     pub depthwise_convolutions: usize,
     pub max_pools: usize,
@@ -59,12 +62,15 @@ pub(crate) fn patch_each(
 
 /// Runs every pass on `model` (decluttered, not yet optimised).
 pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
+    // First, so the passes below see dequantized weights as the constants they are.
+    let folded_constants = crate::fold::fold_constants(model)?;
     // Depthwise first: it also takes convolutions of one input channel (a depthwise one with
     // a channel multiplier), which im2col would otherwise take, when the batch size is known.
     let depthwise_convolutions = crate::depthwise::install(model)?;
     let convolutions = crate::im2col::install(model)?;
     let pointwise_convolutions = crate::pointwise::install(model)?;
     Ok(Rewrites {
+        folded_constants,
         depthwise_convolutions,
         convolutions,
         pointwise_convolutions,
@@ -169,6 +175,8 @@ mod tests {
             (
                 "digits_cnn",
                 Rewrites {
+                    // Float weights: nothing tract leaves unfolded.
+                    folded_constants: 0,
                     // conv2, its bias in the engine's product when installed.
                     convolutions: 1,
                     // conv1: one input channel, a depthwise convolution with multiplier 32,
@@ -185,6 +193,7 @@ mod tests {
             (
                 "mobilenetish",
                 Rewrites {
+                    folded_constants: 0,
                     convolutions: 0,
                     depthwise_convolutions: 17,
                     max_pools: 0,
