@@ -1,9 +1,10 @@
 //! Where the time goes: per-node timings of the batch-1 plan the engine builds.
 //!
-//! `cargo run --release -p modelfleet-engine --example engine_profile -- mobilenetish [runs] [FILE.onnx]`
+//! `cargo run --release -p modelfleet-engine --example engine_profile -- mobilenetish [runs] [FILE.onnx [nnef]]`
 //!
 //! With `FILE.onnx`, profiles that file (e.g. a quantized variant of the model, as
-//! `quant_bench --save-dir` writes them) on the named model's first test input.
+//! `quant_bench --save-dir` writes them) on the named model's first test input; with a fourth
+//! argument `nnef`, profiles that file converted to NNEF and read back, as a device loads it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,10 +27,19 @@ fn main() -> TractResult<()> {
         .nth(3)
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.join(format!("{name}.onnx")));
-    let typed = tract_onnx::onnx()
-        .model_for_path(file)?
-        .into_typed()?
-        .into_decluttered()?;
+    let typed = if std::env::args().nth(4).as_deref() == Some("nnef") {
+        // As a device loads it: converted to NNEF (what the bundler ships), read back.
+        let (archive, _) = engine::onnx_to_nnef(&file, &std::fs::read(&file)?).unwrap();
+        use tract_onnx_opl::WithOnnx;
+        tract_nnef::nnef()
+            .with_onnx()
+            .model_for_read(&mut std::io::Cursor::new(archive))?
+    } else {
+        tract_onnx::onnx()
+            .model_for_path(&file)?
+            .into_typed()?
+            .into_decluttered()?
+    };
     let n = typed.symbols.sym("N");
     let model = typed.set_symbols(&[(n, TDim::Val(1))].into_iter().collect())?;
     // The engine's own declutter, passes and optimisation, as `Model::load` runs them.
