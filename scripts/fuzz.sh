@@ -24,7 +24,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 fuzz="$root/fuzz"
 seconds="${1:-60}"
 shift || true
-all=(bundle_reader manifest_parser command_envelope command_body chunk_frame keyring_chain
+all=(bundle_reader manifest_parser command_envelope command_body chunk_frame narrow_weights keyring_chain
      keyring_update_body server_presence device_status device_event telemetry chunk_request oip_json oip_binary)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")

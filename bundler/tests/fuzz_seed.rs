@@ -232,6 +232,30 @@ fn oip_requests() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Every committed seed: (target, file name, bytes).
+/// A narrow-weights payload with one tensor of each encoding (placed for the fuzz target's
+/// 12-byte model file: a `splice` of it succeeds).
+fn narrow_weights() -> Vec<u8> {
+    use protocol::narrow_weights::{encode, Encoding, NarrowTensor};
+    encode(&[
+        NarrowTensor {
+            offset: 5,
+            shape: vec![2, 3],
+            encoding: Encoding::Int8 {
+                axis: 0,
+                scales: vec![0.5, 0.25],
+                values: vec![1, -2, 127, 4, 0, -127],
+            },
+        },
+        NarrowTensor {
+            offset: 5 + 24 + 3,
+            shape: vec![3],
+            encoding: Encoding::F16 {
+                bits: vec![0x3c00, 0xc000, 0x0001],
+            },
+        },
+    ])
+}
+
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let key = fuzz_key();
     let (bundle, manifest) = seed();
@@ -260,6 +284,11 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "keyring_chain",
         "two-rotations.json".into(),
         link::encode(&KeyringChain::new(updates)),
+    ));
+    seeds.push((
+        "narrow_weights",
+        "int8-and-f16.bin".into(),
+        narrow_weights(),
     ));
     seeds.push(("chunk_frame", "chunk.bin".into(), chunk_frame(1, &[7; 64])));
     seeds.push((
@@ -389,4 +418,16 @@ fn every_byte_change_and_truncation_of_the_seed_is_refused() {
     let mut longer = bytes.clone();
     longer.push(0);
     assert!(read_bundle(&longer[..], &opts(&keyring), &mut DiscardSink).is_err());
+}
+
+#[test]
+fn the_narrow_weights_seed_decodes_and_splices_into_the_targets_model_file() {
+    use protocol::narrow_weights::{decode, encode, splice, strip};
+    let seed = narrow_weights();
+    let tensors = decode(&seed).unwrap();
+    assert_eq!(encode(&tensors), seed);
+    let stripped = b"head!midtail";
+    let spliced = splice(stripped, &tensors).unwrap();
+    assert_eq!(spliced.len(), stripped.len() + 4 * 9);
+    assert_eq!(strip(&spliced, &tensors), stripped);
 }

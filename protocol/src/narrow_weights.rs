@@ -471,6 +471,39 @@ mod tests {
         assert_eq!(expand(&stripped, &payload, &entry(&file)).unwrap(), file);
     }
 
+    /// What the `narrow_weights` fuzz target checks, on every truncation of a valid payload and
+    /// every single-byte change of it (each byte xor'ed with 1, 0x80 and 0xff): no panic, and a
+    /// payload that decodes re-encodes to its exact bytes and splices into a model file of the
+    /// size its tensors say, which `strip` cuts back to what was spliced into.
+    #[test]
+    fn truncated_and_altered_payloads_decode_to_an_error_or_round_trip() {
+        let (file, tensors) = expanded_file();
+        let stripped = strip(&file, &tensors);
+        let payload = encode(&tensors);
+        let mut cases: Vec<Vec<u8>> = (0..payload.len()).map(|n| payload[..n].to_vec()).collect();
+        for at in 0..payload.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut p = payload.clone();
+                p[at] ^= flip;
+                cases.push(p);
+            }
+        }
+        let mut decoded = 0;
+        for case in &cases {
+            let Ok(ts) = decode(case) else { continue };
+            decoded += 1;
+            assert_eq!(&encode(&ts), case, "decode then encode is the identity");
+            if let Ok(spliced) = splice(&stripped, &ts) {
+                let added: u64 = ts.iter().map(NarrowTensor::f32_bytes).sum();
+                assert_eq!(spliced.len() as u64, stripped.len() as u64 + added);
+                assert_eq!(strip(&spliced, &ts), stripped);
+            }
+        }
+        // Changed values and scales still decode (the sha256 in the manifest catches them).
+        assert!(decoded > 10, "{decoded}");
+        assert!(decode(&payload[..payload.len() - 1]).is_err());
+    }
+
     #[test]
     fn f16_widening_is_exact_everywhere() {
         for h in 0..=u16::MAX {
