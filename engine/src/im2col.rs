@@ -270,6 +270,8 @@ fn rewrite(
             k_axis: if has_n { 1 } else { 0 },
             keep_batch: true,
             spatial: tvec![oh, ow],
+            out_spatial: tvec![oh, ow],
+            layout: crate::pointwise::Layout::ChannelsFirst,
             clamp: crate::depthwise::Clamp::NONE,
         };
         let weights = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();

@@ -164,7 +164,7 @@ mod tests {
     }
 
     /// The passes find the same operators in a model read back from NNEF as in the ONNX one
-    /// (the batch-1 plan's model), but for the NNEF form of pointwise convolutions.
+    /// (the batch-1 plan's model), channels-last pointwise convolutions included.
     #[test]
     fn passes_rewrite_nnef_models_as_onnx_ones() {
         // The engine's matrix product (pointwise convolutions, im2col's products) is installed
@@ -226,19 +226,9 @@ mod tests {
             };
             let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
             assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
-            // Except mobilenetish's pointwise convolutions: tract's declutter of the NNEF
-            // graph gives them channels-last operands (`akbm,nk->bmn`, `mk,nk->nm`), which the
-            // engine's product does not take; tract runs them, as before.
-            let want = if name == "mobilenetish" {
-                Rewrites {
-                    pointwise_convolutions: 0,
-                    fused_biases: 0,
-                    fused_clamps: 34,
-                    ..want
-                }
-            } else {
-                want
-            };
+            // Including mobilenetish's pointwise convolutions, to which tract's declutter of
+            // the NNEF graph gives channels-last operands (`akbm,nk->bmn`, `mk,nk->nm`): the
+            // engine's product takes those layouts too.
             assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
         }
     }

@@ -11,6 +11,15 @@
 //! fused multiply-adds from zero, then the bias is added: what tract's matrix product followed
 //! by its bias addition computes.
 //!
+//! Models read from NNEF reach the pass with channels-last operands: tract's NNEF writer emits
+//! each 1x1 convolution as a 2-D matrix product between axis moves, and its declutter folds
+//! those into the `EinSum` (`akbm,nk->bmn`, `kam,nk->amn`, `mk,nk->nm`, and with a symbolic
+//! batch `akbm,nk->abmn`, `amk,nk->anm`). [`Layout`] says which operand is channels-last; every
+//! layout runs the same tile: for a channels-last output the operands swap roles (the weights,
+//! packed transposed, are the `N`-side operand), and a channels-last input is transposed 8x8 into
+//! a small block buffer before the tile reads it. A reshape after the product is folded into the
+//! op's output shape.
+//!
 //! The kernel is AVX2 + FMA (x86_64, detected at run time); every other CPU gets a portable
 //! kernel (same tiles, plain multiply and add). The passes install the op only where the AVX2
 //! kernel runs ([`fast_kernel`]): on ARM tract's hand-written NEON kernels stay in charge, as
@@ -20,6 +29,7 @@
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
 use tract_nnef::tract_core::ops::binary::TypedBinOp;
+use tract_nnef::tract_core::ops::change_axes::AxisOp;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::math::Add;
 
@@ -39,10 +49,31 @@ pub(crate) const NR: usize = 16;
 pub(crate) struct Pointwise {
     pub m: usize,
     pub k: usize,
+    /// The axis of `x` holding the input channels: after the batch axes, before the spatial
+    /// ones, or last ([`Layout::InChannelsLast`]).
     pub k_axis: usize,
     pub keep_batch: bool,
+    /// The spatial axes of `x` (product `n`).
     pub spatial: TVec<usize>,
+    /// The spatial axes of the output (product `n`): `spatial`, or a reshape of it folded in.
+    pub out_spatial: TVec<usize>,
+    pub layout: Layout,
     pub clamp: Clamp,
+}
+
+/// Where the channels lie in the activation and in the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Layout {
+    /// `x` `[batch.., k, spatial..]`, output `[(batch..), m, spatial..]` (ONNX's NCHW forms).
+    ChannelsFirst,
+    /// `x` `[batch.., spatial.., k]`, output `[(batch..), m, spatial..]` (NNEF's `mk,nk->nm`,
+    /// `amk,nk->anm`): each block of [`NR`] points is transposed into a `k x NR` buffer.
+    InChannelsLast,
+    /// `x` `[batch.., k, spatial..]`, output `[(batch..), spatial.., m]` (NNEF's
+    /// `akbm,nk->bmn`, `kam,nk->amn`, `akbm,nk->abmn`): the operands' roles in the tile are
+    /// swapped (points broadcast from `x` in place, output channels as vectors from the
+    /// transposed weights), the bias added per column.
+    OutChannelsLast,
 }
 
 impl Pointwise {
@@ -50,23 +81,40 @@ impl Pointwise {
         self.spatial.iter().product()
     }
 
+    /// How many leading axes of `x` are batch axes.
+    fn batch_rank(&self) -> usize {
+        match self.layout {
+            Layout::InChannelsLast => self.k_axis - self.spatial.len(),
+            _ => self.k_axis,
+        }
+    }
+
     fn output_shape<D: DimLike>(&self, input: &[D]) -> TVec<D> {
         let mut shape: TVec<D> = if self.keep_batch {
-            input[..self.k_axis].iter().cloned().collect()
+            input[..self.batch_rank()].iter().cloned().collect()
         } else {
             tvec![]
         };
-        shape.push(self.m.into());
-        shape.extend(self.spatial.iter().map(|d| D::from(*d)));
+        if self.layout != Layout::OutChannelsLast {
+            shape.push(self.m.into());
+        }
+        shape.extend(self.out_spatial.iter().map(|d| D::from(*d)));
+        if self.layout == Layout::OutChannelsLast {
+            shape.push(self.m.into());
+        }
         shape
     }
 
     /// The axis of the output holding the output channels.
     fn channel_axis(&self) -> usize {
-        if self.keep_batch {
-            self.k_axis
+        let prefix = if self.keep_batch {
+            self.batch_rank()
         } else {
             0
+        };
+        match self.layout {
+            Layout::OutChannelsLast => prefix + self.out_spatial.len(),
+            _ => prefix,
         }
     }
 }
@@ -99,7 +147,10 @@ impl EvalOp for Pointwise {
         let bs = b.try_as_plain_ram()?;
         let bs = bs.as_slice::<f32>()?;
         let (k, n) = (self.k, self.n());
-        if xs.len() % (k * n) != 0 || bs.len() != self.m || ws.len() != packed_len(self.m, k) {
+        if xs.len() % (k * n) != 0
+            || bs.len() != self.m
+            || ws.len() != packed_len(self.layout, self.m, k)
+        {
             bail!("EnginePointwise: input sizes do not match {self:?}");
         }
         // Every element is written by `gemm`.
@@ -108,7 +159,18 @@ impl EvalOp for Pointwise {
             let mut out_ram = out.try_as_plain_ram_mut()?;
             let os = out_ram.as_slice_mut::<f32>()?;
             for (x, out) in xs.chunks_exact(k * n).zip(os.chunks_exact_mut(self.m * n)) {
-                gemm(self.m, k, n, ws, x, bs, self.clamp, out, Kernel::best());
+                gemm(
+                    self.layout,
+                    self.m,
+                    k,
+                    n,
+                    ws,
+                    x,
+                    bs,
+                    self.clamp,
+                    out,
+                    Kernel::best(),
+                );
             }
         }
         Ok(tvec!(out.into_tvalue()))
@@ -121,7 +183,7 @@ impl TypedOp for Pointwise {
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let batch: TDim = inputs[0].shape[..self.k_axis].iter().product();
+        let batch: TDim = inputs[0].shape[..self.batch_rank()].iter().product();
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
             batch * (self.m * self.k * self.n())
@@ -131,15 +193,29 @@ impl TypedOp for Pointwise {
     as_op!();
 }
 
-/// Length of the packed weights of an `m x k` matrix: `ceil(m / MR)` panels of `k x MR`.
-pub(crate) fn packed_len(m: usize, k: usize) -> usize {
-    m.div_ceil(MR) * k * MR
+/// Length of the packed weights of an `m x k` matrix: `ceil(m / MR)` panels of `k x MR`, or
+/// the transposed `k x m` matrix for [`Layout::OutChannelsLast`].
+pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
+    match layout {
+        Layout::OutChannelsLast => k * m,
+        _ => m.div_ceil(MR) * k * MR,
+    }
 }
 
-/// Packs the row-major `m x k` weights into panels of [`MR`] rows, `k`-major (element `(r, i)`
-/// of panel `p` at `(p * k + i) * MR + r`), rows past `m` zero.
-pub(crate) fn pack_weights(m: usize, k: usize, w: &[f32]) -> Vec<f32> {
-    let mut packed = vec![0f32; packed_len(m, k)];
+/// Packs the row-major `m x k` weights for `layout`: panels of [`MR`] rows, `k`-major (element
+/// `(r, i)` of panel `p` at `(p * k + i) * MR + r`), rows past `m` zero; for
+/// [`Layout::OutChannelsLast`] the transposed matrix, row-major `k x m`.
+pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec<f32> {
+    if layout == Layout::OutChannelsLast {
+        let mut t = vec![0f32; k * m];
+        for (o, row) in w.chunks_exact(k).take(m).enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                t[i * m + o] = *v;
+            }
+        }
+        return t;
+    }
+    let mut packed = vec![0f32; packed_len(layout, m, k)];
     for (o, row) in w.chunks_exact(k).take(m).enumerate() {
         let (panel, r) = (o / MR, o % MR);
         for (i, v) in row.iter().enumerate() {
@@ -180,9 +256,13 @@ pub(crate) fn fast_kernel() -> bool {
     Kernel::best() != Kernel::Portable
 }
 
-/// `out (m x n) = clamp(W · x + bias)`, `W` packed by [`pack_weights`], `x` row-major `k x n`.
+/// `out = clamp(W · x + bias)` for one batch element in `layout`: `W` packed by
+/// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
+/// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
+/// `k x n`, `out` `n x m`. Every layout runs the same tile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
+    layout: Layout,
     m: usize,
     k: usize,
     n: usize,
@@ -193,84 +273,197 @@ pub(crate) fn gemm(
     out: &mut [f32],
     kernel: Kernel,
 ) {
-    assert!(w.len() >= packed_len(m, k) && x.len() >= k * n && out.len() >= m * n);
+    assert!(w.len() >= packed_len(layout, m, k) && x.len() >= k * n && out.len() >= m * n);
     assert!(bias.len() >= m);
     let panels = m.div_ceil(MR);
-    let tile = |panel: usize, col: usize, out: &mut [f32]| {
-        let rows = MR.min(m - panel * MR);
-        let cols = NR.min(n - col);
-        let wp = &w[panel * k * MR..(panel + 1) * k * MR];
-        let mut b = [0f32; MR];
-        b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
-        let out = &mut out[panel * MR * n + col..];
-        match kernel {
-            Kernel::Portable => tile_portable(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA
-            // (`Kernel::best`); the slices cover every element the tile reads and writes
-            // (asserted above: `k` rows of `x` from `col`, `rows` rows of `out`).
-            Kernel::Avx2Fma => unsafe {
-                // A block of at most 8 points (the last one of a 7x7 or 14x14 plane): one
-                // vector per row, not two half-empty ones.
-                if cols <= NR / 2 {
-                    tile_avx2::<1>(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp)
-                } else {
-                    tile_avx2::<2>(k, wp, &x[col..], n, cols, out, n, rows, &b, clamp)
+    match layout {
+        Layout::ChannelsFirst => {
+            let tile = |panel: usize, col: usize, out: &mut [f32]| {
+                let rows = MR.min(m - panel * MR);
+                let cols = NR.min(n - col);
+                let wp = &w[panel * k * MR..(panel + 1) * k * MR];
+                let mut b = [0f32; MR];
+                b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
+                let out = &mut out[panel * MR * n + col..];
+                let t = Tile {
+                    k,
+                    w: wp,
+                    ldw: MR,
+                    x: &x[col..],
+                    ldx: n,
+                    cols,
+                    ldo: n,
+                    rows,
+                    bias: &b,
+                    col_bias: None,
+                    clamp,
+                };
+                t.run(out, kernel);
+            };
+            // Small right-hand operand (in L2): each weight panel against every column block,
+            // the panel staying in L1. Large one (the 112x112 and 56x56 planes): each column
+            // block (`k x NR`, in L1) against every panel, so `x` is read from memory once.
+            if k * n * 4 <= 192 * 1024 {
+                for panel in 0..panels {
+                    for col in (0..n).step_by(NR) {
+                        tile(panel, col, out);
+                    }
                 }
-            },
-        }
-    };
-    // Small right-hand operand (in L2): each weight panel against every column block, the
-    // panel staying in L1. Large one (the 112x112 and 56x56 planes): each column block (`k x
-    // NR`, in L1) against every panel, so `x` is read from memory once.
-    if k * n * 4 <= 192 * 1024 {
-        for panel in 0..panels {
-            for col in (0..n).step_by(NR) {
-                tile(panel, col, out);
+            } else {
+                for col in (0..n).step_by(NR) {
+                    for panel in 0..panels {
+                        tile(panel, col, out);
+                    }
+                }
             }
         }
-    } else {
-        for col in (0..n).step_by(NR) {
-            for panel in 0..panels {
-                tile(panel, col, out);
+        Layout::InChannelsLast => {
+            // Each block of NR points (rows of `x`) transposed into `k x NR`, then every panel.
+            let mut block = vec![0f32; k * NR];
+            for col in (0..n).step_by(NR) {
+                let cols = NR.min(n - col);
+                transpose_block(&x[col * k..(col + cols) * k], k, cols, &mut block);
+                for panel in 0..panels {
+                    let rows = MR.min(m - panel * MR);
+                    let mut b = [0f32; MR];
+                    b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
+                    let t = Tile {
+                        k,
+                        w: &w[panel * k * MR..(panel + 1) * k * MR],
+                        ldw: MR,
+                        x: &block,
+                        ldx: NR,
+                        cols,
+                        ldo: n,
+                        rows,
+                        bias: &b,
+                        col_bias: None,
+                        clamp,
+                    };
+                    t.run(&mut out[panel * MR * n + col..], kernel);
+                }
+            }
+        }
+        Layout::OutChannelsLast => {
+            // Roles swapped: the tile's rows are MR points, broadcast from `x` in place (a
+            // column of `x`, rows `n` apart; the last partial block copied, zero-padded), its
+            // columns NR output channels, vectors of the transposed weights (`k x m`).
+            let mut tail = vec![0f32; k * MR];
+            let zero = [0f32; MR];
+            for p in (0..n).step_by(MR) {
+                let rows = MR.min(n - p);
+                let (xs, ldw): (&[f32], usize) = if rows == MR {
+                    (&x[p..], n)
+                } else {
+                    for i in 0..k {
+                        tail[i * MR..i * MR + rows]
+                            .copy_from_slice(&x[i * n + p..i * n + p + rows]);
+                    }
+                    (&tail, MR)
+                };
+                for col in (0..m).step_by(NR) {
+                    let cols = NR.min(m - col);
+                    let mut cb = [0f32; NR];
+                    cb[..cols].copy_from_slice(&bias[col..col + cols]);
+                    let t = Tile {
+                        k,
+                        w: xs,
+                        ldw,
+                        x: &w[col..],
+                        ldx: m,
+                        cols,
+                        ldo: m,
+                        rows,
+                        bias: &zero,
+                        col_bias: Some(&cb),
+                        clamp,
+                    };
+                    t.run(&mut out[p * m + col..], kernel);
+                }
             }
         }
     }
 }
 
-/// One tile: `rows` (≤ MR) output rows by `cols` (≤ NR) points; `x` and `out` start at the
-/// tile's first point, rows `ldx` and `ldo` apart.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn tile_portable(
+/// `block[i * NR + j] = x[j * k + i]` for the `cols` rows of `x` (`cols x k`, row-major).
+fn transpose_block(x: &[f32], k: usize, cols: usize, block: &mut [f32]) {
+    for (j, row) in x.chunks_exact(k).take(cols).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            block[i * NR + j] = *v;
+        }
+    }
+}
+
+/// One tile: `rows` (≤ MR) output rows by `cols` (≤ NR) columns; `out[r, j] = clamp(Σ_i w[i *
+/// ldw + r] · x[i * ldx + j] + bias[r] + col_bias[j])`, `out` rows `ldo` apart. `w` is read for
+/// all MR rows (`(k - 1) * ldw + MR` elements), `x` for `cols` columns only.
+struct Tile<'a> {
     k: usize,
-    w: &[f32],
-    x: &[f32],
+    w: &'a [f32],
+    ldw: usize,
+    x: &'a [f32],
     ldx: usize,
     cols: usize,
-    out: &mut [f32],
     ldo: usize,
     rows: usize,
-    bias: &[f32; MR],
+    bias: &'a [f32; MR],
+    col_bias: Option<&'a [f32; NR]>,
     clamp: Clamp,
-) {
+}
+
+impl Tile<'_> {
+    #[inline(always)]
+    fn run(&self, out: &mut [f32], kernel: Kernel) {
+        assert!(self.k >= 1 && self.rows >= 1 && self.rows <= MR);
+        assert!(self.cols >= 1 && self.cols <= NR);
+        assert!(self.w.len() >= (self.k - 1) * self.ldw + MR);
+        assert!(self.x.len() >= (self.k - 1) * self.ldx + self.cols);
+        assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
+        match kernel {
+            Kernel::Portable => tile_portable(self, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA
+            // (`Kernel::best`); the slices cover every element the tile reads and writes
+            // (asserted above).
+            Kernel::Avx2Fma => unsafe {
+                // A block of at most 8 columns (the last one of a 7x7 or 14x14 plane): one
+                // vector per row, not two half-empty ones.
+                match (self.cols <= NR / 2, self.col_bias.is_some()) {
+                    (true, false) => tile_avx2::<1, false>(self, out),
+                    (false, false) => tile_avx2::<2, false>(self, out),
+                    (true, true) => tile_avx2::<1, true>(self, out),
+                    (false, true) => tile_avx2::<2, true>(self, out),
+                }
+            },
+        }
+    }
+}
+
+#[inline(always)]
+fn tile_portable(t: &Tile, out: &mut [f32]) {
+    let (k, cols) = (t.k, t.cols);
     let mut acc = [[0f32; NR]; MR];
     let mut xr = [0f32; NR];
     for i in 0..k {
-        xr[..cols].copy_from_slice(&x[i * ldx..i * ldx + cols]);
-        let wr = &w[i * MR..(i + 1) * MR];
+        xr[..cols].copy_from_slice(&t.x[i * t.ldx..i * t.ldx + cols]);
+        let wr = &t.w[i * t.ldw..i * t.ldw + MR];
         for r in 0..MR {
             for j in 0..NR {
                 acc[r][j] += wr[r] * xr[j];
             }
         }
     }
-    let (low, high) = (clamp.low(), clamp.high());
-    for r in 0..rows {
-        let to = &mut out[r * ldo..r * ldo + cols];
-        for (t, a) in to.iter_mut().zip(&acc[r]) {
-            let v = *a + bias[r];
-            *t = if clamp == Clamp::NONE {
+    let (low, high) = (t.clamp.low(), t.clamp.high());
+    let cb = t.col_bias.copied().unwrap_or([0f32; NR]);
+    for r in 0..t.rows {
+        let to = &mut out[r * t.ldo..r * t.ldo + cols];
+        for (j, (o, a)) in to.iter_mut().zip(&acc[r]).enumerate() {
+            let v = if t.col_bias.is_some() {
+                *a + cb[j]
+            } else {
+                *a + t.bias[r]
+            };
+            *o = if t.clamp == Clamp::NONE {
                 v
             } else {
                 v.max(low).min(high)
@@ -279,27 +472,14 @@ fn tile_portable(
     }
 }
 
-/// One tile of `V` vectors (8 points each) per row: `V = 2` for up to [`NR`] points, `V = 1`
-/// for up to 8.
+/// One tile of `V` vectors (8 columns each) per row: `V = 2` for up to [`NR`] columns, `V = 1`
+/// for up to 8; `COL_BIAS`: the bias is per column (`t.col_bias`), else per row (`t.bias`).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const V: usize>(
-    k: usize,
-    w: &[f32],
-    x: &[f32],
-    ldx: usize,
-    cols: usize,
-    out: &mut [f32],
-    ldo: usize,
-    rows: usize,
-    bias: &[f32; MR],
-    clamp: Clamp,
-) {
+unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (k, cols, ldx, ldw, ldo, rows) = (t.k, t.cols, t.ldx, t.ldw, t.ldo, t.rows);
     debug_assert!(cols >= 1 && cols <= 8 * V && rows >= 1 && rows <= MR);
-    debug_assert!(w.len() >= k * MR && x.len() >= (k - 1) * ldx + cols);
-    debug_assert!(out.len() >= (rows - 1) * ldo + cols);
     // Lanes of the vectors inside the tile: loads and stores past `cols` are masked off.
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let mut mask = [_mm256_setzero_si256(); V];
@@ -308,10 +488,11 @@ unsafe fn tile_avx2<const V: usize>(
     }
     let full = cols == 8 * V;
     let mut acc = [[_mm256_setzero_ps(); V]; MR];
-    let mut xp = x.as_ptr();
-    let mut wp = w.as_ptr();
-    // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` points
-    // of each (masked past them); `wp` walks the `k * MR` packed weights.
+    let mut xp = t.x.as_ptr();
+    let mut wp = t.w.as_ptr();
+    // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` columns
+    // of each (masked past them); `wp` walks `k` rows of MR values of `w`, `ldw` apart (both
+    // asserted by `Tile::run`).
     // One loop, written once, expanded twice: with plain loads for a full tile and masked ones
     // otherwise, so the choice is not made again in the inner loop.
     macro_rules! accumulate {
@@ -329,7 +510,7 @@ unsafe fn tile_avx2<const V: usize>(
                     }
                 }
                 xp = xp.add(ldx);
-                wp = wp.add(MR);
+                wp = wp.add(ldw);
             }
         };
     }
@@ -338,14 +519,28 @@ unsafe fn tile_avx2<const V: usize>(
     } else {
         accumulate!(|p, v| _mm256_maskload_ps(p, mask[v]));
     }
-    let clamped = clamp != Clamp::NONE;
-    let (low, high) = (_mm256_set1_ps(clamp.low()), _mm256_set1_ps(clamp.high()));
+    let clamped = t.clamp != Clamp::NONE;
+    let (low, high) = (
+        _mm256_set1_ps(t.clamp.low()),
+        _mm256_set1_ps(t.clamp.high()),
+    );
+    let mut cb = [_mm256_setzero_ps(); V];
+    if COL_BIAS {
+        let c = t.col_bias.unwrap_or(&[0f32; NR]).as_ptr();
+        for (v, cb) in cb.iter_mut().enumerate() {
+            *cb = _mm256_loadu_ps(c.add(8 * v));
+        }
+    }
     let op = out.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate().take(rows) {
-        let b = _mm256_set1_ps(bias[r]);
+        let b = _mm256_set1_ps(t.bias[r]);
         let to = op.add(r * ldo);
         for v in 0..V {
-            let mut y = _mm256_add_ps(acc[v], b);
+            let mut y = if COL_BIAS {
+                _mm256_add_ps(acc[v], cb[v])
+            } else {
+                _mm256_add_ps(acc[v], b)
+            };
             if clamped {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm256_min_ps(_mm256_max_ps(y, low), high);
@@ -371,16 +566,64 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         let Some(einsum) = node.op_as::<EinSum>() else {
             return Ok(None);
         };
-        let Some((op, x, weights)) = candidate(model, node, einsum)? else {
+        let Some((mut op, x, weights)) = candidate(model, node, einsum)? else {
             return Ok(None);
         };
         let mut patch = TypedModelPatch::new(format!("engine pointwise {}", node.name));
         let x = patch.tap_model(model, x)?;
+        // NNEF's channels-last forms are followed by a reshape merging the spatial axes: the
+        // op writes that shape (the same memory), so the bias addition after it is its
+        // successor.
+        let mut replaced: OutletId = node.id.into();
+        if let Some(reshape) = folded_reshape(model, node, &op)? {
+            op.out_spatial = reshape.1;
+            replaced = reshape.0.into();
+            patch.obliterate(reshape.0)?;
+        }
         let wire = wire(&mut patch, &node.name, op, x, &weights, None)?;
-        patch.shunt_outside(model, node.id.into(), wire)?;
+        patch.shunt_outside(model, replaced, wire)?;
         patch.obliterate(node.id)?;
         Ok(Some(patch))
     })
+}
+
+/// The reshape after a channels-last [`Pointwise`] candidate that only regroups its spatial
+/// axes (the einsum feeding nothing else): its node and the output's new spatial axes.
+fn folded_reshape(
+    model: &TypedModel,
+    node: &TypedNode,
+    op: &Pointwise,
+) -> TractResult<Option<(usize, TVec<usize>)>> {
+    if op.layout == Layout::ChannelsFirst || model.outputs.contains(&node.id.into()) {
+        return Ok(None);
+    }
+    let Some(next) = model.single_succ(node.id)? else {
+        return Ok(None);
+    };
+    if !matches!(next.op_as::<AxisOp>(), Some(AxisOp::Reshape(..))) {
+        return Ok(None);
+    }
+    let from = model.outlet_fact(node.id.into())?.shape.to_tvec();
+    let to = model.outlet_fact(next.id.into())?.shape.to_tvec();
+    let prefix = from.len() - 1 - op.out_spatial.len();
+    if to.len() < prefix + 1 || to[..prefix] != from[..prefix] {
+        return Ok(None);
+    }
+    let Some(rest) = to[prefix..]
+        .iter()
+        .map(|d| d.as_i64().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<TVec<usize>>>()
+    else {
+        return Ok(None);
+    };
+    let (channels, spatial) = match op.layout {
+        Layout::OutChannelsLast => (rest[rest.len() - 1], &rest[..rest.len() - 1]),
+        _ => (rest[0], &rest[1..]),
+    };
+    if channels != op.m || spatial.iter().product::<usize>() != op.n() {
+        return Ok(None);
+    }
+    Ok(Some((next.id, spatial.into())))
 }
 
 /// Adds [`Pointwise`] to `patch` on `x`, its weights (`[m, k]` row-major, packed here) and bias
@@ -393,7 +636,7 @@ pub(crate) fn wire(
     weights: &[f32],
     bias: Option<Vec<f32>>,
 ) -> TractResult<OutletId> {
-    let packed = pack_weights(op.m, op.k, weights);
+    let packed = pack_weights(op.layout, op.m, op.k, weights);
     let packed_len = packed.len();
     let packed = patch.add_const(
         format!("{name}.engine_packed_weights"),
@@ -447,29 +690,69 @@ fn candidate(
         {
             continue;
         }
-        // Weights `[o, i]`; `x` = batch axes, `i`, spatial axes; out = (batch axes), o, spatial.
+        // Weights `[o, i]`. `x` = batch axes, `i`, spatial axes; out = (batch axes), o,
+        // spatial (channels first), or (batch axes), spatial, o (NNEF's channels-last output).
+        // Or `x` = batch axes, spatial axes, `i`; out = (batch axes), o, spatial (NNEF's
+        // channels-last input).
         let (o, i) = (wa[0], wa[1]);
         let Some(k_axis) = xa.iter().position(|c| *c == i) else {
             continue;
         };
-        let (batch, spatial) = (&xa[..k_axis], &xa[k_axis + 1..]);
+        if out.contains(&i) || xa.contains(&o) {
+            continue;
+        }
         let keep_batch = out.len() == xa.len();
-        let mut want: Vec<char> = if keep_batch { batch.to_vec() } else { vec![] };
-        want.push(o);
-        want.extend(spatial);
-        if out != want || out.contains(&i) || xa.contains(&o) {
+        let Some(o_pos) = out.iter().position(|c| *c == o) else {
             continue;
+        };
+        let mut found = None;
+        for layout in [
+            Layout::ChannelsFirst,
+            Layout::OutChannelsLast,
+            Layout::InChannelsLast,
+        ] {
+            let (batch_rank, spatial_axes) = match layout {
+                Layout::InChannelsLast => {
+                    if k_axis + 1 != xa.len() {
+                        continue;
+                    }
+                    let batch_rank = if keep_batch {
+                        o_pos
+                    } else {
+                        match xa.len().checked_sub(out.len()) {
+                            Some(b) => b,
+                            None => continue,
+                        }
+                    };
+                    if batch_rank > k_axis {
+                        continue;
+                    }
+                    (batch_rank, batch_rank..k_axis)
+                }
+                _ => (k_axis, k_axis + 1..xa.len()),
+            };
+            let (batch, spatial) = (&xa[..batch_rank], &xa[spatial_axes.clone()]);
+            let mut want: Vec<char> = if keep_batch { batch.to_vec() } else { vec![] };
+            if layout != Layout::OutChannelsLast {
+                want.push(o);
+            }
+            want.extend(spatial);
+            if layout == Layout::OutChannelsLast {
+                want.push(o);
+            }
+            if out == want {
+                found = Some((layout, batch_rank, spatial_axes));
+                break;
+            }
         }
+        let Some((layout, batch_rank, spatial_axes)) = found else {
+            continue;
+        };
         // Dropped batch axes are summed over: only size 1 makes that the identity.
-        if !keep_batch
-            && batch
-                .iter()
-                .enumerate()
-                .any(|(ax, _)| xf.shape[ax] != 1.into())
-        {
+        if !keep_batch && (0..batch_rank).any(|ax| xf.shape[ax] != 1.into()) {
             continue;
         }
-        let Some(spatial_dims) = xf.shape[k_axis + 1..]
+        let Some(spatial_dims) = xf.shape[spatial_axes]
             .iter()
             .map(|d| d.as_i64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<TVec<usize>>>()
@@ -486,7 +769,9 @@ fn candidate(
             k,
             k_axis,
             keep_batch,
+            out_spatial: spatial_dims.clone(),
             spatial: spatial_dims,
+            layout,
             clamp: Clamp::NONE,
         };
         return Ok(Some((op, node.inputs[xi], values)));
@@ -615,7 +900,12 @@ mod tests {
             (24, 16, 3136),
             (20, 17, 200),
         ];
-        for kernel in kernels() {
+        let layouts = [
+            Layout::ChannelsFirst,
+            Layout::InChannelsLast,
+            Layout::OutChannelsLast,
+        ];
+        for (kernel, layout) in kernels().into_iter().flat_map(|k| layouts.map(|l| (k, l))) {
             for &(m, k, n) in &cases {
                 for clamp in [Clamp::NONE, relu6] {
                     let w: Vec<f32> = (0..m * k)
@@ -625,22 +915,41 @@ mod tests {
                         .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
                         .collect();
                     let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.5 - 2.0).collect();
-                    let packed = pack_weights(m, k, &w);
+                    let packed = pack_weights(layout, m, k, &w);
+                    let x_in = match layout {
+                        Layout::InChannelsLast => transpose(&x, k, n),
+                        _ => x.clone(),
+                    };
                     // Sentinels past the output must survive (masked stores).
                     let mut out = vec![f32::NAN; m * n + 3];
                     out[m * n..].fill(1234.5);
-                    gemm(m, k, n, &packed, &x, &b, clamp, &mut out, kernel);
-                    assert_eq!(&out[m * n..], &[1234.5; 3], "{kernel:?} {m}x{k}x{n}");
-                    let want = naive(m, k, n, &w, &x, &b, clamp);
+                    gemm(layout, m, k, n, &packed, &x_in, &b, clamp, &mut out, kernel);
+                    let what = format!("{kernel:?} {layout:?} {m}x{k}x{n} {clamp:?}");
+                    assert_eq!(&out[m * n..], &[1234.5; 3], "{what}");
+                    let mut want = naive(m, k, n, &w, &x, &b, clamp);
+                    if layout == Layout::OutChannelsLast {
+                        want = transpose(&want, m, n);
+                    }
                     for (j, (g, w)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                            "{kernel:?} {m}x{k}x{n} {clamp:?} element {j}: {g} vs {w}"
+                            "{what} element {j}: {g} vs {w}"
                         );
                     }
                 }
             }
         }
+    }
+
+    /// Row-major `rows x cols` to `cols x rows`.
+    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = a[r * cols + c];
+            }
+        }
+        t
     }
 
     /// The portable kernel is the one ARM devices would run; on x86 it must agree with AVX2.
@@ -654,32 +963,19 @@ mod tests {
         let w: Vec<f32> = (0..m * k).map(|v| (v % 7) as f32 - 3.0).collect();
         let x: Vec<f32> = (0..k * n).map(|v| (v % 5) as f32 * 0.25).collect();
         let b = vec![0.5; m];
-        let packed = pack_weights(m, k, &w);
-        let mut a = vec![0f32; m * n];
-        let mut c = vec![0f32; m * n];
-        gemm(
-            m,
-            k,
-            n,
-            &packed,
-            &x,
-            &b,
-            Clamp::NONE,
-            &mut a,
-            Kernel::Portable,
-        );
-        gemm(
-            m,
-            k,
-            n,
-            &packed,
-            &x,
-            &b,
-            Clamp::NONE,
-            &mut c,
-            Kernel::Avx2Fma,
-        );
-        // Small integers and quarters: exact in both.
-        assert_eq!(a, c);
+        for layout in [
+            Layout::ChannelsFirst,
+            Layout::InChannelsLast,
+            Layout::OutChannelsLast,
+        ] {
+            let packed = pack_weights(layout, m, k, &w);
+            let mut a = vec![0f32; m * n];
+            let mut c = vec![0f32; m * n];
+            for (out, kernel) in [(&mut a, Kernel::Portable), (&mut c, Kernel::Avx2Fma)] {
+                gemm(layout, m, k, n, &packed, &x, &b, Clamp::NONE, out, kernel);
+            }
+            // Small integers and quarters: exact in both.
+            assert_eq!(a, c, "{layout:?}");
+        }
     }
 }
