@@ -260,6 +260,15 @@ pub(crate) fn fast_kernel() -> bool {
 /// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
 /// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
 /// `k x n`, `out` `n x m`. Every layout runs the same tile.
+/// The rows of weight panel `panel` (the last may be short) and their biases, zero-padded to
+/// [`MR`].
+fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
+    let rows = MR.min(m - panel * MR);
+    let mut b = [0f32; MR];
+    b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
+    (rows, b)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     layout: Layout,
@@ -279,11 +288,9 @@ pub(crate) fn gemm(
     match layout {
         Layout::ChannelsFirst => {
             let tile = |panel: usize, col: usize, out: &mut [f32]| {
-                let rows = MR.min(m - panel * MR);
+                let (rows, b) = panel_bias(bias, m, panel);
                 let cols = NR.min(n - col);
                 let wp = &w[panel * k * MR..(panel + 1) * k * MR];
-                let mut b = [0f32; MR];
-                b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
                 let out = &mut out[panel * MR * n + col..];
                 let t = Tile {
                     k,
@@ -324,9 +331,7 @@ pub(crate) fn gemm(
                 let cols = NR.min(n - col);
                 transpose_block(&x[col * k..(col + cols) * k], k, cols, &mut block);
                 for panel in 0..panels {
-                    let rows = MR.min(m - panel * MR);
-                    let mut b = [0f32; MR];
-                    b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
+                    let (rows, b) = panel_bias(bias, m, panel);
                     let t = Tile {
                         k,
                         w: &w[panel * k * MR..(panel + 1) * k * MR],
