@@ -16,8 +16,8 @@
 //! those into the `EinSum` (`akbm,nk->bmn`, `kam,nk->amn`, `mk,nk->nm`, and with a symbolic
 //! batch `akbm,nk->abmn`, `amk,nk->anm`). [`Layout`] says which operand is channels-last; every
 //! layout runs the same tile: for a channels-last output the operands swap roles (the weights,
-//! packed transposed, are the `N`-side operand), and a channels-last input is transposed 8x8 into
-//! a small block buffer before the tile reads it. A reshape after the product is folded into the
+//! packed transposed, are the `N`-side operand), and a channels-last input is transposed, 16 points
+//! at a time (a plain scalar loop), into a `k x 16` block buffer before the tile reads it. A reshape after the product is folded into the
 //! op's output shape.
 //!
 //! The kernel is AVX2 + FMA (x86_64, detected at run time); every other CPU gets a portable
