@@ -39,6 +39,11 @@ pub struct AgentConfig {
     pub backend: Arc<dyn Backend>,
     /// Intra-op threads per inference.
     pub engine_threads: usize,
+    /// Compute in half precision the `f16` bundles that offer it (`golden.f16_compute`), when
+    /// this CPU has native f16 arithmetic ([`engine::native_f16`]: ARMv8.2 FP16, in a build
+    /// with tract's FP16 kernels). `f16_compute = false` in `agent.toml` keeps every model in
+    /// float32.
+    pub f16_compute: bool,
     /// Accept bundles up to this long after their expiry (offline devices, clock skew).
     pub expiry_slack: Duration,
     /// Target triple reported and matched against bundles' `targets`.
@@ -81,6 +86,7 @@ impl AgentConfig {
             queue_limit: 64,
             backend: Arc::new(crate::backend::Tract),
             engine_threads: 1,
+            f16_compute: true,
             expiry_slack: Duration::from_secs(7 * 24 * 3600),
             target: BUILD_TARGET.to_string(),
             health_watch: true,
@@ -147,6 +153,10 @@ pub struct ModelStatus {
     pub activated_at: chrono::DateTime<Utc>,
     /// Loaded and answering requests.
     pub serving: bool,
+    /// The float precision the serving model computes in (`f32`, or `f16` for an `f16` bundle
+    /// on a CPU with native half precision); absent when not serving.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute: Option<&'static str>,
 }
 
 impl ModelStatus {
@@ -160,6 +170,7 @@ impl ModelStatus {
             bundle_sha256: rec.active.bundle_sha256.clone(),
             activated_at: rec.activated_at,
             serving,
+            compute: None,
         }
     }
 }
@@ -268,8 +279,14 @@ impl Agent {
     }
 
     fn engine_options(&self) -> engine::EngineOptions {
+        let precision = if self.config.f16_compute && engine::native_f16() {
+            engine::Precision::F16
+        } else {
+            engine::Precision::F32
+        };
         engine::EngineOptions {
             threads: self.config.engine_threads,
+            precision,
             ..Default::default()
         }
     }
@@ -658,11 +675,11 @@ impl Agent {
     }
 
     fn model_status(&self, name: &str, rec: &ModelRecord) -> ModelStatus {
-        let serving = self
-            .registry
-            .get(name)
-            .is_some_and(|m| m.slot == rec.active);
-        ModelStatus::of(name, rec, serving)
+        let serving = self.registry.get(name).filter(|m| m.slot == rec.active);
+        ModelStatus {
+            compute: serving.as_ref().map(|m| m.engine.precision().name()),
+            ..ModelStatus::of(name, rec, serving.is_some())
+        }
     }
 
     pub fn status(&self) -> Result<Status, AgentError> {

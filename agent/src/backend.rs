@@ -32,7 +32,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use engine::{EngineError, EngineOptions, IoNames, Tensor};
+use engine::{EngineError, EngineOptions, IoNames, Precision, Tensor};
 use protocol::manifest::{Manifest, ModelFormat, TensorSpec};
 
 /// A slot's model file and what the verified manifest says about it.
@@ -68,6 +68,10 @@ pub trait LoadedModel: Send + Sync {
     fn outputs(&self) -> &[TensorSpec];
     /// Runs the model on `inputs` (model input order), checking them against the signature.
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError>;
+    /// The float precision the model computes in ([`EngineOptions::precision`] as loaded).
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
 }
 
 /// Turns a model file into a [`LoadedModel`].
@@ -123,6 +127,10 @@ impl LoadedModel for engine::Model {
 
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
         engine::Model::run(self, inputs)
+    }
+
+    fn precision(&self) -> Precision {
+        engine::Model::precision(self)
     }
 }
 

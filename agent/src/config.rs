@@ -7,6 +7,7 @@
 //! workers = 2             # concurrent inference requests
 //! queue_limit = 64        # waiting requests before 503
 //! engine_threads = 1      # intra-op threads per request
+//! f16_compute = true      # f16 bundles in half precision where the CPU has it natively (ARMv8.2 FP16)
 //! backend = "tract"       # inference backend (the only one this build has)
 //! expiry_slack_seconds = 604800
 //! admin_token = "…"       # optional: required as a bearer token on /admin/v1
@@ -62,6 +63,7 @@ pub struct ConfigFile {
     pub workers: Option<usize>,
     pub queue_limit: Option<usize>,
     pub engine_threads: Option<usize>,
+    pub f16_compute: Option<bool>,
     pub backend: Option<String>,
     pub expiry_slack_seconds: Option<u64>,
     pub admin_token: Option<String>,

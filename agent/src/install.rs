@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use protocol::bundle::{read_bundle, BundleError, DirSink, VerifiedBundle, VerifyOptions};
-use protocol::manifest::{Golden, Manifest};
+use protocol::manifest::{F16Compute, Golden, Manifest};
 
-use engine::{EngineOptions, Tensor};
+use engine::{EngineOptions, Precision, Tensor};
 
 use crate::backend::{Backend, LoadedModel, ModelFile};
 
@@ -201,20 +201,68 @@ pub fn load_slot(
     }
     let started = Instant::now();
     let model_file = ModelFile::of(manifest, &model_path);
-    let load = || backend.load(&model_file, opts).map_err(InstallError::Load);
-    let model = match (shared, model_sha256) {
-        (Some(cache), Some(sha256)) => {
-            cache
-                .get_or_load(&ModelKey::new(backend, sha256, opts), load)?
-                .0
+    let load_in = |precision: Precision| {
+        let opts = EngineOptions {
+            precision,
+            ..opts.clone()
+        };
+        let load = || backend.load(&model_file, &opts).map_err(InstallError::Load);
+        match (shared, model_sha256) {
+            (Some(cache), Some(sha256)) => cache
+                .get_or_load(&ModelKey::new(backend, sha256, &opts), load)
+                .map(|(m, _)| m),
+            // No payload entry to key on (a verified manifest always has one): load unshared.
+            _ => load(),
         }
-        // No payload entry to key on (a verified manifest always has one): load unshared.
-        _ => load()?,
     };
-    let load_time = started.elapsed();
+    let half = match (opts.precision, manifest.golden.f16_compute) {
+        (Precision::F16, Some(gate)) => {
+            match load_in(Precision::F16).and_then(|m| judge_half(slot, manifest, &gate, m)) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(
+                        "{} {}: computing in float32, not float16: {e}",
+                        manifest.name,
+                        manifest.version
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let model = match half {
+        Some(m) => m,
+        None => {
+            let model = load_in(Precision::F32)?;
+            check_schema(manifest, model.as_ref())?;
+            golden_self_test(slot, manifest, model.as_ref())?;
+            model
+        }
+    };
+    Ok((model, started.elapsed()))
+}
+
+/// The half-precision model if its golden outputs pass the bundle's `f16_compute` gate
+/// ([`protocol::manifest::F16Compute`]); otherwise the reason.
+fn judge_half(
+    slot: &Path,
+    manifest: &Manifest,
+    gate: &F16Compute,
+    model: Arc<dyn LoadedModel>,
+) -> Result<Arc<dyn LoadedModel>, InstallError> {
     check_schema(manifest, model.as_ref())?;
-    golden_self_test(slot, manifest, model.as_ref())?;
-    Ok((model, load_time))
+    let (expected, got) = golden_run(slot, manifest, model.as_ref())?;
+    let (want, have) = (Tensor::f32_slices(&expected), Tensor::f32_slices(&got));
+    let figures = gate
+        .judge(&manifest.task, &manifest.golden, &want, &have)
+        .map_err(InstallError::Golden)?;
+    tracing::info!(
+        "{} {}: computing in float16 ({figures})",
+        manifest.name,
+        manifest.version
+    );
+    Ok(model)
 }
 
 fn check_schema(m: &Manifest, model: &dyn LoadedModel) -> Result<(), InstallError> {
@@ -249,9 +297,20 @@ pub fn golden_self_test(
     m: &Manifest,
     model: &dyn LoadedModel,
 ) -> Result<(), InstallError> {
+    let (expected, outputs) = golden_run(slot, m, model)?;
+    compare_golden(&m.golden, &expected, &outputs).map_err(InstallError::Golden)
+}
+
+/// The golden outputs of `slot` and `model`'s outputs for the golden inputs (none when the
+/// golden set is empty).
+fn golden_run(
+    slot: &Path,
+    m: &Manifest,
+    model: &dyn LoadedModel,
+) -> Result<(Vec<Tensor>, Vec<Tensor>), InstallError> {
     let g = &m.golden;
     if g.count == 0 {
-        return Ok(());
+        return Ok((vec![], vec![]));
     }
     let bytes = fs::read(slot.join(&g.file))?;
     let (inputs, expected) =
@@ -259,7 +318,7 @@ pub fn golden_self_test(
     let outputs = model
         .run(&inputs)
         .map_err(|e| InstallError::Golden(format!("running the golden inputs: {e}")))?;
-    compare_golden(g, &expected, &outputs).map_err(InstallError::Golden)
+    Ok((expected, outputs))
 }
 
 /// Compares outputs with the golden outputs: `|y - g| <= atol + rtol * |g|` element-wise.
@@ -292,8 +351,7 @@ pub fn compare_golden(g: &Golden, expected: &[Tensor], got: &[Tensor]) -> Result
         let mut worst: Option<(usize, f32, f32, f32)> = None;
         for (i, (&y, &e)) in h.iter().zip(w).enumerate() {
             let diff = (y - e).abs();
-            let tol = g.atol + g.rtol * e.abs();
-            let bad = !(diff <= tol);
+            let bad = !(diff <= g.atol + g.rtol * e.abs());
             if bad && worst.is_none_or(|(_, _, _, d)| diff.is_nan() || diff > d) {
                 worst = Some((i, y, e, diff));
             }
@@ -334,6 +392,7 @@ mod tests {
             }],
             atol: 1e-3,
             rtol: 0.0,
+            f16_compute: None,
         }
     }
 

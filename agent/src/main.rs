@@ -406,6 +406,9 @@ fn serve(args: RunArgs) -> Result<()> {
     if let Some(q) = file.queue_limit {
         config.queue_limit = q;
     }
+    if let Some(half) = file.f16_compute {
+        config.f16_compute = half;
+    }
     if let Some(t) = args.engine_threads.or(file.engine_threads) {
         config.engine_threads = t.max(1);
         if t > 1 && !engine::MULTITHREAD {

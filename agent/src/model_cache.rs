@@ -40,6 +40,8 @@ pub struct ModelKey {
     /// engine's `MODELFLEET_ENGINE_DEPTHWISE` switch is read from the environment and so is the
     /// same for every load in a process.)
     pub threads: usize,
+    /// [`engine::EngineOptions::precision`]: a half-precision plan is another model.
+    pub precision: engine::Precision,
 }
 
 impl ModelKey {
@@ -52,6 +54,7 @@ impl ModelKey {
             backend: backend.name(),
             model_sha256: model_sha256.to_ascii_lowercase(),
             threads: opts.threads,
+            precision: opts.precision,
         }
     }
 }
@@ -166,6 +169,7 @@ mod tests {
             backend: "tract",
             model_sha256: sha.into(),
             threads,
+            precision: engine::Precision::F32,
         }
     }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use engine::{EngineOptions, Model, Tensor};
+use engine::{EngineOptions, IoNames, Model, Tensor};
 use protocol::bundle::{
     compress_payload, read_bundle_file, write_bundle, DiscardSink, VerifyOptions,
 };
@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::baseline::{self, TaskKind};
 use crate::error::BuildError;
 use crate::golden;
+use crate::half::HalfCompute;
 use crate::keys::load_secret_key;
 use crate::progress::Progress;
 use crate::quality::Gate;
@@ -179,6 +180,9 @@ pub struct BuildReport {
     /// The absolute tolerance the golden samples needed at other batch sizes (at most
     /// `--golden-atol`, or the build fails).
     pub golden_atol_needed: f32,
+    /// `f16` bundles: whether devices with native float16 may compute in it, and within which
+    /// tolerance (the manifest's `golden.f16_compute`); `None` for other modes.
+    pub half_compute: Option<HalfCompute>,
     /// The format of the model payload (see [`BuildOptions::resolved_model_format`]).
     pub model_format: ModelFormat,
     pub payloads: Vec<PayloadEntry>,
@@ -469,6 +473,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let t = Instant::now();
     let model_format = opts.resolved_model_format();
     let mut narrow_weights: Option<(Vec<u8>, NarrowWeights)> = None;
+    // The NNEF archive a device loads, when it is not the payload itself.
+    let mut nnef_loaded: Option<Vec<u8>> = None;
     let (model, model_bytes, golden_outputs, calibration_outputs, model_file) = match model_format {
         ModelFormat::Onnx => (
             model,
@@ -481,6 +487,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             let nnef = to_nnef(opts, &model_bytes)?;
             let nnef_model = nnef.model;
             narrow_weights = nnef.narrow;
+            nnef_loaded = Some(nnef.loaded);
             let (golden_outputs, calibration_outputs) = {
                 let nnef_golden = golden::evaluate(
                     &nnef_model,
@@ -623,7 +630,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         opts.golden_rtol,
     )?;
     check_golden_tolerance(opts, &repro)?;
-    let (golden_bytes, golden) = golden::golden_payload(
+    let (golden_bytes, mut golden) = golden::golden_payload(
         &input_specs,
         &golden_inputs,
         &output_specs,
@@ -632,6 +639,26 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         opts.golden_atol,
         opts.golden_rtol,
     );
+    // `f16` bundles: the offer to devices with native float16 (`crate::half`).
+    let half_compute = (opts.quantize == QuantizeMode::F16).then(|| {
+        let names = IoNames {
+            inputs: input_specs.iter().map(|s| s.name.clone()).collect(),
+            outputs: output_specs.iter().map(|s| s.name.clone()).collect(),
+        };
+        let rows = |ts: &[Tensor]| -> Vec<Tensor> {
+            ts.iter().map(|t| t.slice_rows(0, golden_count)).collect()
+        };
+        crate::half::offer(
+            nnef_loaded.as_deref().unwrap_or(&model_bytes),
+            model_format,
+            &names,
+            &task,
+            opts.quality_gate,
+            &golden,
+            (&rows(&golden_inputs), &rows(&golden_outputs)),
+        )
+    });
+    golden.f16_compute = half_compute.as_ref().and_then(HalfCompute::offer);
     timings.evaluate_ms += ms(t);
     drop(model);
 
@@ -739,6 +766,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         latency,
         quantization,
         golden_atol_needed: repro.needed_atol,
+        half_compute,
         model_format,
         payloads: manifest.payloads,
         timings,
@@ -753,6 +781,8 @@ struct NnefModel {
     payload: Vec<u8>,
     /// The narrow-weights payload and its manifest entry.
     narrow: Option<(Vec<u8>, NarrowWeights)>,
+    /// The archive a device loads: `payload`, or with narrow weights the archive rebuilt.
+    loaded: Vec<u8>,
 }
 
 /// The ONNX model in `onnx` (the float or quantized bytes the bundle would otherwise carry) as
@@ -804,14 +834,15 @@ fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
     })?;
     let model =
         Model::load_nnef(file.path(), &names, &EngineOptions::default()).map_err(convert_err)?;
-    let (payload, narrow) = match narrowed {
-        None => (archive, None),
-        Some((_, stripped, narrow)) => (stripped, Some(narrow)),
+    let (payload, narrow, loaded) = match narrowed {
+        None => (archive.clone(), None, archive),
+        Some((expanded, stripped, narrow)) => (stripped, Some(narrow), expanded),
     };
     Ok(NnefModel {
         model,
         payload,
         narrow,
+        loaded,
     })
 }
 

@@ -272,6 +272,7 @@ pub(crate) fn golden_payload(
         outputs: golden_outputs,
         atol,
         rtol,
+        f16_compute: None,
     };
     (bytes, golden)
 }

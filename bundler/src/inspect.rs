@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use protocol::bundle::{read_head, BundleError, Limits};
 use protocol::keys::KeyId;
 use protocol::manifest::{
-    Baseline, GoldenTensor, HealthPolicy, Manifest, ModelFormat, NarrowWeights, PayloadEntry,
-    Quantization, Task, TelemetrySamples, TensorSpec,
+    Baseline, F16Compute, GoldenTensor, HealthPolicy, Manifest, ModelFormat, NarrowWeights,
+    PayloadEntry, Quantization, Task, TelemetrySamples, TensorSpec,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -70,6 +70,9 @@ pub struct GoldenSummary {
     pub outputs: Vec<GoldenTensor>,
     pub atol: f32,
     pub rtol: f32,
+    /// The gate offered to devices computing in float16 (`f16` bundles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub f16_compute: Option<F16Compute>,
 }
 
 /// Reads the manifest and signature list of the bundle at `path`.
@@ -116,6 +119,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport, InspectError> {
             outputs: m.golden.outputs,
             atol: m.golden.atol,
             rtol: m.golden.rtol,
+            f16_compute: m.golden.f16_compute,
         },
         accuracy: m.baseline.accuracy,
         baseline: m.baseline,
@@ -270,6 +274,17 @@ impl InspectReport {
             "golden           {} samples in {}, tolerance |y-g| <= {} + {}*|g|",
             self.golden.count, self.golden.file, self.golden.atol, self.golden.rtol
         );
+        if let Some(h) = &self.golden.f16_compute {
+            let gate = match (h.min_top1_agreement, h.min_snr_db) {
+                (Some(a), _) => format!("top-1 agreement with the golden outputs >= {a}"),
+                (None, Some(snr)) => format!("SNR against the golden outputs >= {snr} dB"),
+                (None, None) => "finite outputs".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "f16 compute      offered to devices with native float16, if {gate}"
+            );
+        }
         let b = &self.baseline;
         let _ = writeln!(
             s,

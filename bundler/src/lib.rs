@@ -81,6 +81,7 @@ pub mod build;
 pub mod cli;
 pub mod error;
 pub mod golden;
+pub mod half;
 pub mod inspect;
 pub mod keyring_update;
 pub mod keys;

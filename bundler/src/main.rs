@@ -73,6 +73,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         bundler::quality::summary(&r.quality)
                     );
                 }
+                match &report.half_compute {
+                    Some(bundler::half::HalfCompute::Offered { here, .. }) => println!(
+                        "  f16 compute: offered to devices with native float16 (here in float16: {here})"
+                    ),
+                    Some(bundler::half::HalfCompute::NotOffered { reason }) => {
+                        println!("  f16 compute: not offered, devices compute in float32: {reason}")
+                    }
+                    None => {}
+                }
                 println!(
                     "  latency batch 1: p50 {:.0} us, p95 {:.0} us",
                     report.latency.p50_us, report.latency.p95_us

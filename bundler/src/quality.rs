@@ -10,6 +10,7 @@
 
 use engine::Tensor;
 use protocol::manifest::{QuantizationQuality, Task};
+use protocol::quality::{snr_db, top1_agreement};
 
 use crate::baseline;
 
@@ -29,38 +30,6 @@ impl Default for Gate {
             min_snr_db: 20.0,
         }
     }
-}
-
-/// Signal-to-noise ratio of `got` against `reference` in dB; `None` when identical, NaN when
-/// `got` holds a non-finite value.
-pub(crate) fn snr_db(reference: &[f32], got: &[f32]) -> Option<f64> {
-    let (mut signal, mut noise) = (0f64, 0f64);
-    for (&r, &g) in reference.iter().zip(got) {
-        signal += f64::from(r) * f64::from(r);
-        noise += (f64::from(r) - f64::from(g)).powi(2);
-    }
-    if noise.is_nan() {
-        return Some(f64::NAN);
-    }
-    (noise > 0.0).then(|| 10.0 * (signal / noise).log10())
-}
-
-fn argmax_rows(scores: &[f32], classes: usize) -> Vec<usize> {
-    scores
-        .chunks(classes.max(1))
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0
-        })
-        .collect()
 }
 
 /// The figures of the quantized outputs against the float outputs of the task's output.
@@ -103,9 +72,7 @@ pub(crate) fn compare(
     };
     match task {
         Task::Classification { classes, .. } => {
-            let (a, b) = (argmax_rows(reference, *classes), argmax_rows(got, *classes));
-            let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-            let agreement = agree as f64 / a.len().max(1) as f64;
+            let agreement = top1_agreement(reference, got, *classes);
             q.argmax_agreement = Some(agreement);
             q.accuracy_drop = Some(100.0 * (1.0 - agreement));
             if let Some(labels) = labels {

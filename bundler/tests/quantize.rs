@@ -277,6 +277,56 @@ fn f16_nnef_bundle_carries_half_precision_weights_and_installs() {
     let narrow = m.narrow_weights.as_ref().expect("narrow weights");
     assert!(narrow.tensors >= 2, "{narrow:?}");
     assert_eq!(Some(accuracy(&model, "digits_mlp")), m.baseline.accuracy);
+
+    // Half-precision compute: offered by the f16 bundle only, with the quality gate's
+    // threshold (top-1 agreement for a classifier, from --max-accuracy-drop 1).
+    assert_eq!(float.half_compute, None);
+    assert_eq!(
+        bundler::inspect(&float.output).unwrap().golden.f16_compute,
+        None
+    );
+    let offer = protocol::manifest::F16Compute {
+        min_top1_agreement: Some(0.99),
+        min_snr_db: None,
+    };
+    assert_eq!(m.golden.f16_compute, Some(offer));
+    match &half.half_compute {
+        Some(bundler::half::HalfCompute::Offered { gate, here }) => {
+            assert_eq!(*gate, offer);
+            assert!(here.contains("top-1 agreement 1.0000"), "{here}");
+        }
+        other => panic!("no offer: {other:?}"),
+    }
+    let text = bundler::inspect(&half.output).unwrap().to_text();
+    assert!(
+        text.contains("f16 compute      offered to devices with native float16, if top-1 agreement with the golden outputs >= 0.99"),
+        "{text}"
+    );
+}
+
+/// `mobilenetish` (random weights) computed in half precision changes the top-1 class of a
+/// golden sample already on this machine: its f16 bundle makes no offer, and says why.
+#[test]
+fn f16_compute_is_not_offered_for_a_model_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bundler::build(&options(
+        dir.path(),
+        "mobilenetish",
+        "m.mfb",
+        QuantizeMode::F16,
+    ))
+    .unwrap();
+    match &r.half_compute {
+        Some(bundler::half::HalfCompute::NotOffered { reason }) => {
+            assert!(reason.contains("'logits': top-1 agreement"), "{reason}");
+            assert!(reason.contains("agreement below 0.99"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        bundler::inspect(&r.output).unwrap().golden.f16_compute,
+        None
+    );
 }
 
 #[test]

@@ -108,6 +108,7 @@ fn main() {
     let opts = EngineOptions {
         threads: a.threads,
         cache_dir: a.cache.clone(),
+        ..EngineOptions::default()
     };
     println!(
         "# engine_bench threads={} cache={:?} batch=1 (times in µs; load in ms)",

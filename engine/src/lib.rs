@@ -69,7 +69,7 @@ mod window;
 pub use error::EngineError;
 #[cfg(feature = "onnx")]
 pub use model::onnx_to_nnef;
-pub use model::{can_load, threads_unsupported, EngineOptions, Model};
+pub use model::{can_load, native_f16, threads_unsupported, EngineOptions, Model, Precision};
 pub use protocol::manifest::ModelFormat;
 pub use spec::IoNames;
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use protocol::manifest::{ModelFormat, TensorSpec};
 use tract_nnef::prelude::*;
+use tract_nnef::tract_core::floats::FloatPrecisionTranslator;
+use tract_nnef::tract_core::internal::translator::Translate;
 
 use crate::convert;
 use crate::error::EngineError;
@@ -23,6 +25,11 @@ pub struct EngineOptions {
     /// Directory where a preprocessed copy of the model may be cached to speed up later
     /// loads of the same file. `None`: no cache is read or written.
     pub cache_dir: Option<PathBuf>,
+    /// The float precision the model computes in. [`Precision::F16`] is for CPUs with native
+    /// half-precision arithmetic ([`native_f16`]); elsewhere tract runs it on portable kernels,
+    /// correct but slow (the bundler does so on purpose, to measure what half precision does to
+    /// a model's outputs).
+    pub precision: Precision,
 }
 
 impl Default for EngineOptions {
@@ -30,8 +37,43 @@ impl Default for EngineOptions {
         EngineOptions {
             threads: 1,
             cache_dir: None,
+            precision: Precision::F32,
         }
     }
+}
+
+/// What a model's float operations compute in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// As the model was written: float32 (every model modelfleet serves is float32 at its
+    /// boundary, whatever its weights were stored as).
+    #[default]
+    F32,
+    /// Every float32 operation and constant of the graph translated to float16 (tract's
+    /// `FloatPrecisionTranslator`) before it is optimised; inputs are rounded to float16 on the
+    /// way in and outputs widened back to float32 on the way out, so the model's signature does
+    /// not change. The engine's own rewrite passes (float32 kernels) are not applied; constants
+    /// are still folded. Outputs differ from float32 ones by half-precision rounding: a caller
+    /// compares them with a tolerance measured for it (the bundle's `golden.f16_compute`).
+    F16,
+}
+
+impl Precision {
+    /// `f32` or `f16`, as the agent reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// Whether this CPU has native half-precision arithmetic that tract's kernels use (ARMv8.2
+/// FP16, detected by tract-linalg) and this build of the engine has those kernels (not built
+/// with `no-fp16`): where [`Precision::F16`] pays. Always false on x86_64, whose tract kernels
+/// have no native f16 matrix product.
+pub fn native_f16() -> bool {
+    cfg!(all(target_arch = "aarch64", not(feature = "no-fp16"))) && tract_linalg::has_fp16()
 }
 
 /// A loaded, optimised model, ready to run.
@@ -42,6 +84,7 @@ pub struct Model {
     signature: Signature,
     plans: Plans,
     from_cache: bool,
+    precision: Precision,
 }
 
 /// The optimised plans of a [`Model`], and which batch sizes each runs.
@@ -137,10 +180,16 @@ impl Model {
             reason,
         };
         let signature = Signature::of(&typed, names, path)?;
+        let typed = match opts.precision {
+            Precision::F32 => typed,
+            Precision::F16 => FloatPrecisionTranslator::new(DatumType::F32, DatumType::F16)
+                .translate_model(&typed)
+                .map_err(|e| load_err(format!("translating to half precision: {e:#}")))?,
+        };
 
         let run_options = run_options(opts.threads);
         let optimised = |typed: TypedModel, what: &str| {
-            optimize(typed)
+            optimize_in(typed, opts.precision)
                 .and_then(|m| m.into_runnable_with_options(&run_options))
                 .map(Runner::new)
                 .map_err(|e| load_err(format!("optimising{what}: {e:#}")))
@@ -166,6 +215,7 @@ impl Model {
             signature,
             plans,
             from_cache,
+            precision: opts.precision,
         })
     }
 
@@ -226,18 +276,38 @@ impl Model {
     }
 
     fn run_on(&self, runner: &Runner, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
-        let tract_inputs: TVec<TValue> = inputs
+        let run_err = |e: TractError| EngineError::Run(format!("{e:#}"));
+        let tract_inputs = inputs
             .iter()
-            .map(|t| convert::to_tract(t).into())
-            .collect::<TVec<_>>();
-        let outputs = runner
-            .run(tract_inputs)
-            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+            .map(|t| {
+                let t = convert::to_tract(t);
+                match self.precision {
+                    Precision::F16 if t.datum_type() == DatumType::F32 => {
+                        Ok(t.cast_to_dt(DatumType::F16)?.into_owned().into())
+                    }
+                    _ => Ok(t.into()),
+                }
+            })
+            .collect::<TractResult<TVec<TValue>>>()
+            .map_err(run_err)?;
+        let outputs = runner.run(tract_inputs).map_err(run_err)?;
         outputs
             .iter()
             .zip(&self.signature.outputs)
-            .map(|(t, spec)| convert::from_tract(t, &spec.name))
+            .map(|(t, spec)| {
+                if t.datum_type() == DatumType::F16 {
+                    let wide = t.cast_to_dt(DatumType::F32).map_err(run_err)?;
+                    convert::from_tract(&wide, &spec.name)
+                } else {
+                    convert::from_tract(t, &spec.name)
+                }
+            })
             .collect()
+    }
+
+    /// The float precision this model computes in ([`EngineOptions::precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Whether batches of more than one sample run sample by sample on the batch-1 plan
@@ -330,9 +400,22 @@ pub fn onnx_to_nnef(path: &Path, onnx: &[u8]) -> Result<(Vec<u8>, IoNames), Engi
 }
 
 /// Declutter, the engine's own passes (`passes`), then tract's optimisation.
-pub fn optimize(mut model: TypedModel) -> TractResult<TypedModel> {
+pub fn optimize(model: TypedModel) -> TractResult<TypedModel> {
+    optimize_in(model, Precision::F32)
+}
+
+/// [`optimize`] for a model computing in `precision`: a half-precision model gets only the
+/// constant fold of the engine's passes (the rewrites install float32 kernels).
+fn optimize_in(mut model: TypedModel, precision: Precision) -> TractResult<TypedModel> {
     model.declutter()?;
-    crate::passes::apply(&mut model)?;
+    match precision {
+        Precision::F32 => {
+            crate::passes::apply(&mut model)?;
+        }
+        Precision::F16 => {
+            crate::fold::fold_constants(&mut model)?;
+        }
+    }
     model.into_optimized()
 }
 

@@ -59,6 +59,11 @@ impl Tensor {
         }
     }
 
+    /// The float values of each tensor of `ts`, empty for a tensor of another element type.
+    pub fn f32_slices(ts: &[Tensor]) -> Vec<&[f32]> {
+        ts.iter().map(|t| t.as_f32().unwrap_or(&[])).collect()
+    }
+
     /// Number of samples: the size of axis 0, the batch axis of every sample tensor (1 for a
     /// scalar).
     pub fn rows(&self) -> usize {

@@ -421,3 +421,56 @@ fn nnef_loads_refuse_wrong_names_and_damaged_archives() {
     let e = Model::load_as(&path, ModelFormat::Nnef, &names, &opts).unwrap_err();
     assert!(e.to_string().contains("reading NNEF"), "{e}");
 }
+
+/// `Precision::F16` computes in half precision (here on tract's portable kernels: this CPU has
+/// no native f16 matrix product) behind the same float32 signature: outputs are close to the
+/// float32 model's but not the same bits, top-1 classes agree, batches and single samples work,
+/// from ONNX and from the NNEF a device loads.
+#[test]
+fn half_precision_keeps_the_signature_and_stays_close_to_float() {
+    let half = EngineOptions {
+        precision: engine::Precision::F16,
+        ..EngineOptions::default()
+    };
+    for name in ["digits_mlp", "digits_cnn"] {
+        let onnx = dir(name).join(format!("{name}.onnx"));
+        let float = load(name);
+        let (archive, names) = engine::onnx_to_nnef(&onnx, &std::fs::read(&onnx).unwrap()).unwrap();
+        let nnef = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(nnef.path(), archive).unwrap();
+        let input = read_npy(dir(name).join("test_input.npy")).unwrap();
+        let batch = rows(&input, 0, 64);
+        let want = float.run(&[batch.clone()]).unwrap();
+        for model in [
+            Model::load(&onnx, &half).unwrap(),
+            Model::load_nnef(nnef.path(), &names, &half).unwrap(),
+        ] {
+            assert_eq!(model.precision(), engine::Precision::F16);
+            assert_eq!(model.inputs(), float.inputs(), "{name}: inputs");
+            assert_eq!(model.outputs(), float.outputs(), "{name}: outputs");
+            let got = model.run(&[batch.clone()]).unwrap();
+            assert_eq!(got[0].dtype(), DType::F32, "{name}: outputs widened back");
+            // Softmax probabilities: half precision keeps ~3 significant digits.
+            assert_close(&got[0], &want[0], 1e-2, 1e-2, name);
+            assert_ne!(
+                got[0], want[0],
+                "{name}: the same bits as float32: not computed in f16"
+            );
+            let classes = |t: &Tensor| -> Vec<usize> {
+                t.as_f32()
+                    .unwrap()
+                    .chunks(10)
+                    .map(|r| (0..10).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
+                    .collect()
+            };
+            let agree = classes(&got[0])
+                .iter()
+                .zip(classes(&want[0]))
+                .filter(|(a, b)| **a == *b)
+                .count();
+            assert!(agree >= 63, "{name}: top-1 agreement {agree}/64");
+            let single = model.run(&[rows(&input, 5, 6)]).unwrap();
+            assert_close(&single[0], &rows(&got[0], 5, 6), 1e-3, 1e-3, name);
+        }
+    }
+}

@@ -48,6 +48,7 @@ pub mod keys;
 pub mod link;
 pub mod manifest;
 pub mod narrow_weights;
+pub mod quality;
 pub mod stats;
 pub mod tar;
 pub mod telemetry;

@@ -178,6 +178,82 @@ pub struct Golden {
     /// A device output `y` matches the golden `g` when `|y - g| <= atol + rtol * |g|`.
     pub atol: f32,
     pub rtol: f32,
+    /// `f16` bundles: devices with native float16 arithmetic may compute the model in it, on
+    /// the conditions given ([`F16Compute`]). Absent: every device computes in float32. Added
+    /// within format version 1: readers from before it ignore it (unknown fields inside
+    /// `golden` are not refused) and compute in float32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f16_compute: Option<F16Compute>,
+}
+
+/// Half-precision compute, offered by an `f16` bundle to devices whose CPU computes in float16
+/// natively (ARMv8.2 FP16). Such a device loads the model computing in float16 and runs the
+/// golden inputs through it. Its outputs differ from the golden ones by more than a float32
+/// tolerance — by how much depends on the device's kernels (native float16 matrix products sum
+/// in float16), which a build machine cannot reproduce — so they are judged as the bundler
+/// judges a quantized model against the float one: every output finite, and on the task's
+/// output the top-1 agreement (classification) or the SNR (regression) at least what is given
+/// here. If the judgement passes the device serves the float16 model; otherwise it loads the
+/// model in float32 and self-tests it within `atol`/`rtol` as every other device does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct F16Compute {
+    /// Classification: the smallest fraction of golden samples whose top-1 class must be the
+    /// golden outputs' one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_top1_agreement: Option<f64>,
+    /// Regression: the smallest signal-to-noise ratio of the task's output against the golden
+    /// one, in dB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_snr_db: Option<f64>,
+}
+
+impl F16Compute {
+    /// Judges outputs computed in half precision (`got`, one float slice per output of
+    /// `golden`, in its order) against the golden outputs (`expected`). `Ok` carries the
+    /// figures, `Err` the reason, both for people to read.
+    pub fn judge(
+        &self,
+        task: &Task,
+        golden: &Golden,
+        expected: &[&[f32]],
+        got: &[&[f32]],
+    ) -> Result<String, String> {
+        for ((spec, e), g) in golden.outputs.iter().zip(expected).zip(got) {
+            if e.len() != g.len() || g.iter().any(|v| !v.is_finite()) {
+                return Err(format!(
+                    "output '{}' in float16 is not finite or has another shape",
+                    spec.name
+                ));
+            }
+        }
+        let (name, classes) = match task {
+            Task::Classification {
+                output, classes, ..
+            } => (output, Some(*classes)),
+            Task::Regression { output, .. } => (output, None),
+        };
+        let ix = golden
+            .outputs
+            .iter()
+            .position(|o| &o.name == name)
+            .ok_or_else(|| format!("the task's output '{name}' is not in the golden set"))?;
+        let (e, g) = (expected[ix], got[ix]);
+        let snr = crate::quality::snr_db(e, g);
+        let snr_text = snr.map_or("identical".to_string(), |s| format!("SNR {s:.1} dB"));
+        if let (Some(min), Some(classes)) = (self.min_top1_agreement, classes) {
+            let agreement = crate::quality::top1_agreement(e, g, classes);
+            let figures = format!("'{name}': top-1 agreement {agreement:.4}, {snr_text}");
+            if agreement + 1e-9 < min {
+                return Err(format!("{figures}: agreement below {min}"));
+            }
+            return Ok(figures);
+        }
+        let figures = format!("'{name}': {snr_text}");
+        match (self.min_snr_db, snr) {
+            (Some(min), Some(s)) if s < min => Err(format!("{figures} < {min} dB")),
+            _ => Ok(figures),
+        }
+    }
 }
 
 impl Golden {

@@ -58,6 +58,7 @@ pub fn sample_manifest() -> Manifest {
             outputs: vec![],
             atol: 1e-5,
             rtol: 1e-4,
+            f16_compute: None,
         },
         baseline: Baseline {
             samples: 0,

@@ -496,6 +496,26 @@ pub fn redate_bundle(
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     tag: &str,
 ) -> PathBuf {
+    rewrite_manifest(
+        world,
+        bundle,
+        |m| {
+            m.created_at = created_at;
+            m.expires_at = expires_at;
+        },
+        tag,
+    )
+}
+
+/// Rewrites a bundle with its manifest changed by `edit` (same payloads, re-signed by this
+/// world's key): a manifest the bundler would not write. Returns the new file,
+/// `{stem}-{tag}.mfb`.
+pub fn rewrite_manifest(
+    world: &World,
+    bundle: &Path,
+    edit: impl FnOnce(&mut protocol::manifest::Manifest),
+    tag: &str,
+) -> PathBuf {
     use protocol::bundle::{
         compress_payload, read_bundle, write_bundle, MemorySink, VerifyOptions,
     };
@@ -507,8 +527,7 @@ pub fn redate_bundle(
     )
     .unwrap();
     let mut manifest = verified.manifest;
-    manifest.created_at = created_at;
-    manifest.expires_at = expires_at;
+    edit(&mut manifest);
     // Payloads in the manifest's order, so the tar layout stays canonical.
     let payloads: Vec<_> = manifest
         .payloads
