@@ -509,7 +509,8 @@ impl Agent {
         let detail = json!({"bundle_sha256": verified.sha256, "security_version": m.security_version,
                             "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
                             "previous": record.previous.as_ref().map(|p| p.version.clone()),
-                            "load_ms": load_time.as_secs_f64() * 1e3});
+                            "load_ms": load_time.as_secs_f64() * 1e3,
+                            "compute": engine.precision().name()});
         let mut activated = detail.clone();
         let mut events = vec![Event::new(
             "installed",

@@ -565,17 +565,18 @@ fn print_status(s: &serde_json::Value) {
         return;
     }
     println!(
-        "{:<24} {:<12} {:<12} {:<10}",
-        "MODEL", "ACTIVE", "PREVIOUS", "STATE"
+        "{:<24} {:<12} {:<12} {:<10} {:<7}",
+        "MODEL", "ACTIVE", "PREVIOUS", "STATE", "COMPUTE"
     );
     for m in &models {
         let field = |k: &str| m[k].as_str().unwrap_or("-").to_string();
         println!(
-            "{:<24} {:<12} {:<12} {:<10}",
+            "{:<24} {:<12} {:<12} {:<10} {:<7}",
             field("name"),
             field("active"),
             field("previous"),
-            field("state")
+            field("state"),
+            field("compute")
         );
     }
 }

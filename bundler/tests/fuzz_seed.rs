@@ -134,6 +134,7 @@ fn status() -> DeviceStatus {
             state: "trial".into(),
             security_version: 3,
             bundle_sha256: link::sha256_hex(b"bundle"),
+            compute: None,
         }]),
     }
 }

@@ -94,6 +94,7 @@ fn mid_fanout(n: usize) -> (Rollout, Observation) {
         state: "committed".into(),
         security_version: 1,
         bundle_sha256: String::new(),
+        compute: None,
     };
     let mut devices: Vec<Arc<DeviceRecord>> = (0..n)
         .map(|i| {

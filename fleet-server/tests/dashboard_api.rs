@@ -22,6 +22,7 @@ fn model(name: &str, version: &str, state: &str) -> ModelSummary {
         state: state.into(),
         security_version: 1,
         bundle_sha256: String::new(),
+        compute: None,
     }
 }
 

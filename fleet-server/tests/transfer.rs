@@ -26,6 +26,7 @@ fn staged_bundle_travels_in_chunks_and_events_are_logged_once() {
         state: "committed".into(),
         security_version: 1,
         bundle_sha256: "00".into(),
+        compute: None,
     };
     dev.publish_status(&dev.status(&[("site", "lab")], Some(vec![model])));
     let other = FakeDevice::connect(server.broker_url(), "dev-2");
@@ -304,6 +305,7 @@ fn a_last_will_marks_the_device_offline_and_keeps_its_models() {
         state: "trial".into(),
         security_version: 1,
         bundle_sha256: String::new(),
+        compute: None,
     };
     dev.publish_status(&dev.status(&[("k", "v")], Some(vec![model])));
     wait_for(20, "device online", || {

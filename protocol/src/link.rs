@@ -211,6 +211,11 @@ pub struct ModelSummary {
     /// sha256 of the bundle the active version came from (its `bundle_id`).
     #[serde(default)]
     pub bundle_sha256: String,
+    /// The float precision the serving model computes in: `f32`, or `f16` for an `f16` bundle
+    /// on a CPU with native half precision. Absent while not serving, and from agents that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<String>,
 }
 
 /// A device's presence and inventory: published retained on every connect and change, and as

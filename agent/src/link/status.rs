@@ -23,6 +23,7 @@ pub fn summaries(status: &Status) -> Vec<ModelSummary> {
                 .unwrap_or_default(),
             security_version: m.security_version,
             bundle_sha256: m.bundle_sha256.clone(),
+            compute: m.compute.map(str::to_string),
         })
         .collect()
 }

@@ -450,6 +450,7 @@ mod tests {
                             state: ["committed", "trial", "reverted", "committed"][i % 4].into(),
                             security_version: 1,
                             bundle_sha256: String::new(),
+                            compute: None,
                         }],
                     };
                     let id = d.id.clone();

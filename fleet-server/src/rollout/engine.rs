@@ -880,6 +880,7 @@ mod tests {
             state: "committed".into(),
             security_version: 1,
             bundle_sha256: String::new(),
+            compute: None,
         }
     }
 
