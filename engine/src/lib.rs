@@ -43,6 +43,11 @@
 //! they install (`im2col`, `depthwise`, `maxpool`, `window`), `model` (the public entry point)
 //! and `error`.
 //!
+//! Precision: a model computes in float32 unless [`EngineOptions::precision`] asks for
+//! [`Precision::F16`], which translates the graph to float16 behind the same float32 signature
+//! (where [`native_f16`] says the CPU and the build have tract's native float16 kernels, the agent
+//! does so for `f16` bundles that offer it).
+//!
 //! Features: `onnx` (default) is the ONNX front end (tract-onnx, tract-hir, protobuf); without it
 //! ([`ONNX`] is false) the engine reads NNEF only and refuses ONNX with
 //! [`EngineError::FormatNotBuilt`] — the agent's device build, which is what makes it small.

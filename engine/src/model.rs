@@ -27,8 +27,8 @@ pub struct EngineOptions {
     pub cache_dir: Option<PathBuf>,
     /// The float precision the model computes in. [`Precision::F16`] is for CPUs with native
     /// half-precision arithmetic ([`native_f16`]); elsewhere tract runs it on portable kernels,
-    /// correct but slow (the bundler does so on purpose, to measure what half precision does to
-    /// a model's outputs).
+    /// correct but slow (the bundler does so on purpose, to judge its own float16 path before it
+    /// offers half precision to devices).
     pub precision: Precision,
 }
 
@@ -53,8 +53,10 @@ pub enum Precision {
     /// `FloatPrecisionTranslator`) before it is optimised; inputs are rounded to float16 on the
     /// way in and outputs widened back to float32 on the way out, so the model's signature does
     /// not change. The engine's own rewrite passes (float32 kernels) are not applied; constants
-    /// are still folded. Outputs differ from float32 ones by half-precision rounding: a caller
-    /// compares them with a tolerance measured for it (the bundle's `golden.f16_compute`).
+    /// are still folded. Outputs differ from float32 ones by half-precision rounding, by how
+    /// much depends on the kernels (native float16 matrix products sum in float16, tract's
+    /// portable route in float32): a caller judges them by what it accepts (the agent: the
+    /// bundle's `golden.f16_compute` gate).
     F16,
 }
 
