@@ -171,6 +171,13 @@ fn copy_short(to: &mut [f32], from: &[f32]) {
 /// (1.9 ms rewritten, 2.0-2.3 ms as tract runs it, dev build, `engine_profile`).
 const MAX_COLUMN_MATRIX: usize = 1 << 16;
 
+/// The same limit where the engine's matrix product takes the product
+/// (`pointwise::fast_kernel`): it reads the column matrix in place (no packed copy) and fuses
+/// the bias and clamp, so even `mobilenetish`'s 224x224 first layer (1.35 MB of column matrix)
+/// is faster rewritten than as tract's lazy im2col + `Pad` + clip (BENCHMARKS.md, "Engine
+/// latency (batch 1)", session 15). 16 MiB.
+const MAX_COLUMN_MATRIX_FAST: usize = 1 << 22;
+
 /// Rewrites every tract `Conv` this form applies to (f32, channels-first 2-D, one group,
 /// constant OIHW kernel and bias, known channels and spatial size, not pointwise, column matrix
 /// at most [`MAX_COLUMN_MATRIX`]) as
@@ -218,7 +225,12 @@ fn candidate(
     };
     let column_matrix = window.c * window.kh * window.kw * window.oh * window.ow;
     if pointwise
-        || column_matrix > MAX_COLUMN_MATRIX
+        || column_matrix
+            > if crate::pointwise::fast_kernel() {
+                MAX_COLUMN_MATRIX_FAST
+            } else {
+                MAX_COLUMN_MATRIX
+            }
         || window.c != conv.pool_spec.input_channels
         || kernel.datum_type() != f32::datum_type()
         || bias.datum_type() != f32::datum_type()
