@@ -225,6 +225,10 @@ pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec
     packed
 }
 
+/// The most of a channels-first `x` (`k` rows of a stripe of columns) [`gemm`] runs every
+/// weight panel over before moving on: 192 KiB, in L2.
+const STRIPE_BYTES: usize = 192 * 1024;
+
 /// Which tile kernel [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -307,18 +311,15 @@ pub(crate) fn gemm(
                 };
                 t.run(out, kernel);
             };
-            // Small right-hand operand (in L2): each weight panel against every column block,
-            // the panel staying in L1. Large one (the 112x112 and 56x56 planes): each column
-            // block (`k x NR`, in L1) against every panel, so `x` is read from memory once.
-            if k * n * 4 <= 192 * 1024 {
+            // Each weight panel (in L1) against every column block of a stripe of `x` small
+            // enough to stay in L2 ([`STRIPE_BYTES`]; all of `x` when it fits), so `x` is read
+            // from memory once and each panel writes runs of `stripe` points to its rows. (A
+            // stripe of one column block, as before session 15, had every block of a 112x112
+            // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
+            let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
+            for start in (0..n).step_by(stripe) {
                 for panel in 0..panels {
-                    for col in (0..n).step_by(NR) {
-                        tile(panel, col, out);
-                    }
-                }
-            } else {
-                for col in (0..n).step_by(NR) {
-                    for panel in 0..panels {
+                    for col in (start..n.min(start + stripe)).step_by(NR) {
                         tile(panel, col, out);
                     }
                 }
