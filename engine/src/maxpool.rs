@@ -114,7 +114,7 @@ fn pool(win: &Window2d, x: &[f32], out: &mut [f32]) {
 
 /// The classic 2x2 stride-2 pool without padding (`digits_cnn`'s), every window inside the
 /// input: each output point the maximum of its four taps, as [`pool`] computes it (from
-/// `f32::MIN`, a NaN never picked), without its per-row window tables. 47.7k → 5.9k
+/// `f32::MIN`, a NaN never picked), without its per-row window tables. 47.7k → 14.1k
 /// instructions per `digits_cnn` request (callgrind, BENCHMARKS.md session 15).
 fn pool_2x2(win: &Window2d, x: &[f32], out: &mut [f32]) {
     let (w, ow) = (win.w, win.ow);
