@@ -5,7 +5,10 @@
 //! (BENCHMARKS.md, "Engine latency (batch 1)"). This op pads each channel plane once into a
 //! scratch buffer, split by column phase for strided convolutions (filled a row at a time, a
 //! phase at a time), so that every tap is a contiguous multiply-add over an output row, which the
-//! compiler vectorises (AVX2 when the CPU has it). It computes what tract's depthwise kernel
+//! compiler vectorises (AVX2 when the CPU has it). 3x3 kernels on x86_64 with AVX2 + FMA
+//! (every depthwise layer of the reference models) instead run `plane3x3_avx2`: 8 output points
+//! at a time, the sum kept in a register over the nine taps and stored once (BENCHMARKS.md,
+//! session 15: half the instructions of the row-accumulator loop). It computes what tract's depthwise kernel
 //! computes, in the same order: the bias, then each tap's product added in turn, no fused
 //! multiply-add (a padded tap adds an exact zero), so results are the same on every CPU.
 //! (An earlier version, off by default, measured no faster than tract: it filled the padded

@@ -221,8 +221,9 @@ fn copy_short(to: &mut [f32], from: &[f32]) {
     }
 }
 
-/// Largest column matrix (elements) the rewrite builds: 256 KiB, which stays in cache between
-/// the copy and the packing. Above it tract's lazy im2col, which packs from the (padded) input
+/// Largest column matrix (elements) the rewrite builds for tract's matrix product (where the
+/// engine's does not run: [`MAX_COLUMN_MATRIX_FAST`] otherwise): 256 KiB, which stays in cache
+/// between the copy and the packing. Above it tract's lazy im2col, which packs from the (padded) input
 /// directly, keeps two large buffers out of the agent's memory (the column matrix and its packed
 /// copy: 1.35 MB each for `mobilenetish`'s 224x224 first layer), for about the same time there
 /// (1.9 ms rewritten, 2.0-2.3 ms as tract runs it, dev build, `engine_profile`).
