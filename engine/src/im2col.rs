@@ -108,6 +108,9 @@ impl TypedOp for EngineIm2col {
 fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
     let (sh, sw) = win.stride;
     let (dh, dw) = win.dilation;
+    if sw > 1 && dw == 1 {
+        return im2col_by_phase(win, x, out);
+    }
     // The padded plane: every row and column any tap reads.
     let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
     let pw = (win.ow - 1) * sw + (win.kw - 1) * dw + 1;
@@ -140,6 +143,60 @@ fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`im2col`] for a column stride `sw` > 1 (no column dilation): the padded plane is stored by
+/// column phase (phase `p` holds padded columns `p`, `p + sw`, ...; as `depthwise` does), so a
+/// tap's output row is a contiguous run of `ow` points in it, copied whole instead of point by
+/// point (`mobilenetish`'s 224x224 stride-2 first layer: 202 → 144 µs, the copy alone, min of 100;
+/// BENCHMARKS.md, session 15).
+fn im2col_by_phase(win: &Window2d, x: &[f32], out: &mut [f32]) {
+    let (sh, sw) = win.stride;
+    let dh = win.dilation.0;
+    let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
+    let pw = (win.ow - 1) * sw + win.kw;
+    let phase_len = pw.div_ceil(sw);
+    let row_len = phase_len * sw;
+    let mut padded = vec![0f32; ph * row_len];
+    let rows_in = win.h.min(ph.saturating_sub(win.pad_top));
+    let cols_in = win.w.min(pw.saturating_sub(win.pad_left));
+    let plane = win.h * win.w;
+    let columns = win.oh * win.ow;
+    let mut rows = out.chunks_exact_mut(columns);
+    for channel in x.chunks_exact(plane) {
+        for y in 0..rows_in {
+            let row = &mut padded[(y + win.pad_top) * row_len..][..row_len];
+            let src = &channel[y * win.w..][..cols_in];
+            // The input columns before the first of phase 0 one by one, then `sw` at a time
+            // (phases 0, 1, ... at the same place).
+            let lead = ((sw - win.pad_left % sw) % sw).min(src.len());
+            for (xx, v) in src[..lead].iter().enumerate() {
+                let px = xx + win.pad_left;
+                row[(px % sw) * phase_len + px / sw] = *v;
+            }
+            let at = (lead + win.pad_left) / sw;
+            let groups = src[lead..].chunks_exact(sw);
+            let rest = groups.remainder();
+            let n = groups.len();
+            for (j, group) in groups.enumerate() {
+                for (phase, v) in group.iter().enumerate() {
+                    row[phase * phase_len + at + j] = *v;
+                }
+            }
+            for (phase, v) in rest.iter().enumerate() {
+                row[phase * phase_len + at + n] = *v;
+            }
+        }
+        for ky in 0..win.kh {
+            for kx in 0..win.kw {
+                let row = rows.next().expect("output sized for every tap");
+                let start = ky * dh * row_len + (kx % sw) * phase_len + kx / sw;
+                for (oy, to) in row.chunks_exact_mut(win.ow).enumerate() {
+                    to.copy_from_slice(&padded[start + oy * sh * row_len..][..win.ow]);
+                }
+            }
+        }
+    }
+}
+
 /// `to.copy_from_slice(from)` for the short rows of small feature maps: blocks of eight and
 /// four as fixed-size moves, inline, where `copy_from_slice` calls `memcpy` for every row (a
 /// call costs more than moving a 4-point row).
@@ -164,12 +221,20 @@ fn copy_short(to: &mut [f32], from: &[f32]) {
     }
 }
 
-/// Largest column matrix (elements) the rewrite builds: 256 KiB, which stays in cache between
-/// the copy and the packing. Above it tract's lazy im2col, which packs from the (padded) input
+/// Largest column matrix (elements) the rewrite builds for tract's matrix product (where the
+/// engine's does not run: [`MAX_COLUMN_MATRIX_FAST`] otherwise): 256 KiB, which stays in cache
+/// between the copy and the packing. Above it tract's lazy im2col, which packs from the (padded) input
 /// directly, keeps two large buffers out of the agent's memory (the column matrix and its packed
 /// copy: 1.35 MB each for `mobilenetish`'s 224x224 first layer), for about the same time there
 /// (1.9 ms rewritten, 2.0-2.3 ms as tract runs it, dev build, `engine_profile`).
 const MAX_COLUMN_MATRIX: usize = 1 << 16;
+
+/// The same limit where the engine's matrix product takes the product
+/// (`pointwise::fast_kernel`): it reads the column matrix in place (no packed copy) and fuses
+/// the bias and clamp, so even `mobilenetish`'s 224x224 first layer (1.35 MB of column matrix)
+/// is faster rewritten than as tract's lazy im2col + `Pad` + clip (BENCHMARKS.md, "Engine
+/// latency (batch 1)", session 15). 16 MiB.
+const MAX_COLUMN_MATRIX_FAST: usize = 1 << 22;
 
 /// Rewrites every tract `Conv` this form applies to (f32, channels-first 2-D, one group,
 /// constant OIHW kernel and bias, known channels and spatial size, not pointwise, column matrix
@@ -218,7 +283,12 @@ fn candidate(
     };
     let column_matrix = window.c * window.kh * window.kw * window.oh * window.ow;
     if pointwise
-        || column_matrix > MAX_COLUMN_MATRIX
+        || column_matrix
+            > if crate::pointwise::fast_kernel() {
+                MAX_COLUMN_MATRIX_FAST
+            } else {
+                MAX_COLUMN_MATRIX
+            }
         || window.c != conv.pool_spec.input_channels
         || kernel.datum_type() != f32::datum_type()
         || bias.datum_type() != f32::datum_type()
@@ -361,6 +431,10 @@ mod tests {
             (9, 9, 3, 3, (1, 2), (2, 2), 2, 0, 9, 3),
             (6, 6, 1, 1, (2, 2), (1, 1), 0, 0, 3, 3),
             (3, 3, 3, 3, (1, 1), (1, 1), 2, 2, 5, 5),
+            // By column phase: stride 2 and 3 with padding, mobilenetish's first layer's form.
+            (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7),
+            (11, 14, 3, 4, (1, 3), (1, 1), 0, 2, 9, 5),
+            (10, 10, 3, 3, (2, 2), (1, 1), 0, 0, 4, 4),
         ];
         for (i, &case) in cases.iter().enumerate() {
             let (n, c) = (2, 3);

@@ -194,14 +194,16 @@ mod tests {
                 "mobilenetish",
                 Rewrites {
                     folded_constants: 0,
-                    convolutions: 0,
+                    // The 224x224 first layer: its column matrix (1.35 MB) is rewritten only
+                    // for the engine's product.
+                    convolutions: fast,
                     depthwise_convolutions: 17,
                     max_pools: 0,
                     pointwise_convolutions: 34 * fast,
                     fused_biases: 34 * fast,
                     // The ReLU6 (`Max`, `Min`) after every depthwise convolution, and after
-                    // the 17 pointwise ones that have one.
-                    fused_clamps: 34 + 34 * fast,
+                    // the 17 pointwise ones that have one and the first layer.
+                    fused_clamps: 34 + 36 * fast,
                 },
             ),
         ];

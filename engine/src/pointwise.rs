@@ -225,6 +225,10 @@ pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec
     packed
 }
 
+/// The most of a channels-first `x` (`k` rows of a stripe of columns) [`gemm`] runs every
+/// weight panel over before moving on: 192 KiB, in L2.
+const STRIPE_BYTES: usize = 192 * 1024;
+
 /// Which tile kernel [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -307,18 +311,15 @@ pub(crate) fn gemm(
                 };
                 t.run(out, kernel);
             };
-            // Small right-hand operand (in L2): each weight panel against every column block,
-            // the panel staying in L1. Large one (the 112x112 and 56x56 planes): each column
-            // block (`k x NR`, in L1) against every panel, so `x` is read from memory once.
-            if k * n * 4 <= 192 * 1024 {
+            // Each weight panel (in L1) against every column block of a stripe of `x` small
+            // enough to stay in L2 ([`STRIPE_BYTES`]; all of `x` when it fits), so `x` is read
+            // from memory once and each panel writes runs of `stripe` points to its rows. (A
+            // stripe of one column block, as before session 15, had every block of a 112x112
+            // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
+            let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
+            for start in (0..n).step_by(stripe) {
                 for panel in 0..panels {
-                    for col in (0..n).step_by(NR) {
-                        tile(panel, col, out);
-                    }
-                }
-            } else {
-                for col in (0..n).step_by(NR) {
-                    for panel in 0..panels {
+                    for col in (start..n.min(start + stripe)).step_by(NR) {
                         tile(panel, col, out);
                     }
                 }
@@ -942,6 +943,90 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Every einsum form [`install`] takes, as a one-node model, against tract's own optimised
+    /// plan for the same `EinSum`: random data, sizes that are not multiples of 8 or 16 (partial
+    /// tiles everywhere), weights as either operand.
+    #[test]
+    fn pointwise_einsum_forms_match_tract() {
+        use tract_nnef::tract_core::axes::AxesMapping;
+        if !fast_kernel() {
+            return;
+        }
+        let mut seed = 0x2545_f491_u64;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (m, k) = (13, 11);
+        // (expression, shape of x, whether the weights are the first operand); `m`/`n` in the
+        // weights' letters are the output channels, `k` the input ones.
+        let forms: [(&str, &[usize], bool); 11] = [
+            // Channels first (ONNX's NCHW forms): batch kept, batch of one dropped, no batch.
+            ("akhw,nk->anhw", &[2, k, 5, 7], false),
+            ("akhw,nk->nhw", &[1, k, 5, 7], false),
+            ("kp,nk->np", &[k, 35], false),
+            ("nk,akp->anp", &[3, k, 19], true),
+            // Channels-last output (NNEF): `akbm,nk->bmn`, `kam,nk->amn`, symbolic-batch form.
+            ("akbm,nk->bmn", &[1, k, 5, 7], false),
+            ("kam,nk->amn", &[k, 3, 9], false),
+            ("akbm,nk->abmn", &[2, k, 3, 5], false),
+            // Channels-last input (NNEF): `mk,nk->nm`, the symbolic-batch form.
+            ("mk,nk->nm", &[37, k], false),
+            ("amk,nk->anm", &[2, 21, k], false),
+            ("amk,nk->nm", &[1, 21, k], false),
+            ("nk,mk->nm", &[19, k], true),
+        ];
+        for (expr, x_shape, weights_first) in forms {
+            let axes: AxesMapping = expr.parse().unwrap();
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact(x_shape)).unwrap();
+            let w = model
+                .add_const("w", Tensor::from_shape(&[m, k], &random(m * k)).unwrap())
+                .unwrap();
+            let inputs = if weights_first { [w, x] } else { [x, w] };
+            let y = model
+                .wire_node("einsum", EinSum::new(axes, f32::datum_type()), &inputs)
+                .unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let stock = model
+                .clone()
+                .into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap();
+            assert_eq!(install(&mut model).unwrap(), 1, "{expr} not taken");
+            let ours = model.into_optimized().unwrap();
+            assert!(
+                ours.nodes().iter().any(|n| n.op_is::<Pointwise>()),
+                "{expr}: no EnginePointwise in the optimised plan"
+            );
+            let ours = ours.into_runnable().unwrap();
+            let len: usize = x_shape.iter().product();
+            let input = Tensor::from_shape(x_shape, &random(len)).unwrap();
+            let want = stock.run(tvec!(input.clone().into())).unwrap();
+            let got = ours.run(tvec!(input.into())).unwrap();
+            assert_eq!(got[0].shape(), want[0].shape(), "{expr}");
+            let want = want[0].try_as_plain_ram().unwrap();
+            let got = got[0].try_as_plain_ram().unwrap();
+            let (want, got) = (
+                want.as_slice::<f32>().unwrap(),
+                got.as_slice::<f32>().unwrap(),
+            );
+            for (j, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                    "{expr} element {j}: engine {g}, tract {w}"
+                );
             }
         }
     }
