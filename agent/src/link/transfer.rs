@@ -555,12 +555,15 @@ pub fn finish(
     discard(agent, &bundle.bundle_id);
 }
 
-/// Deletes a transfer's partial file and record.
+/// Deletes a transfer's record, then its partial file. In this order a crash between the two
+/// leaves a partial file without a record, which the next start deletes; the other order left a
+/// record whose file was gone, and the next start took the transfer of a bundle already
+/// installed over again from nothing.
 pub fn discard(agent: &Agent, bundle_id: &str) {
-    let _ = fs::remove_file(part_path(&agent.layout().transfers(), bundle_id));
     if let Err(e) = agent.store().remove_transfer(bundle_id) {
         tracing::error!(bundle = %bundle_id, "cannot delete the transfer record: {e}");
     }
+    let _ = fs::remove_file(part_path(&agent.layout().transfers(), bundle_id));
 }
 
 #[cfg(test)]
