@@ -58,6 +58,23 @@ impl Cross {
         c.args(&self.emulator_args).arg(&self.agent).args(args);
         c
     }
+
+    /// `fleet-agent install BUNDLE` into `data`, with `env`; fails the test with the agent's
+    /// output (`what` says which install) if it fails.
+    fn install(&self, bundle: &Path, data: &Path, keyring: &str, env: &[(&str, &str)], what: &str) {
+        let out = self
+            .cmd(&["install", bundle.to_str().unwrap()])
+            .args(["--data-dir", data.to_str().unwrap(), "--keyring", keyring])
+            .envs(env.iter().copied())
+            .output()
+            .expect("the emulator runs");
+        assert!(
+            out.status.success(),
+            "install {what}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
@@ -79,16 +96,7 @@ fn cross_built_agent_installs_and_serves_digits_cnn_under_qemu() {
     let data = world.path("device");
     let keyring = world.keyring_file.to_str().unwrap();
 
-    let out = cmd(&["install", bundle.to_str().unwrap()])
-        .args(["--data-dir", data.to_str().unwrap(), "--keyring", keyring])
-        .output()
-        .expect("the emulator runs");
-    assert!(
-        out.status.success(),
-        "install under {emulator}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cross.install(&bundle, &data, keyring, &[], &format!("under {emulator}"));
 
     let out = cmd(&["status", "--json", "--data-dir", data.to_str().unwrap()])
         .output()
@@ -242,17 +250,12 @@ fn cross_built_agent_computes_an_f16_bundle_in_half_precision_where_the_cpu_has_
     ];
     for (i, (model, bundle, cpu, env, compute)) in cases.into_iter().enumerate() {
         let data = world.path(&format!("device-{i}"));
-        let out = cross
-            .cmd(&["install", bundle.to_str().unwrap()])
-            .args(["--data-dir", data.to_str().unwrap(), "--keyring", keyring])
-            .envs(env.iter().copied())
-            .output()
-            .expect("the emulator runs");
-        assert!(
-            out.status.success(),
-            "install of {model} on a CPU {cpu}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        cross.install(
+            bundle,
+            &data,
+            keyring,
+            env,
+            &format!("of {model} on a CPU {cpu}"),
         );
         let (_server, url) = serve(&cross, &data, keyring, env);
         let status: serde_json::Value = ureq::get(&format!("{url}/admin/v1/status"))

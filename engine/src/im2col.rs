@@ -102,6 +102,35 @@ impl TypedOp for EngineIm2col {
     as_op!();
 }
 
+/// The padded plane both column-matrix copies read taps from: `ph` x `pw`, every row and
+/// column any tap reads; `rows_in` x `cols_in` of an input plane land in it; `plane` values per
+/// input plane, `columns` per column-matrix row.
+struct Padded {
+    ph: usize,
+    pw: usize,
+    rows_in: usize,
+    cols_in: usize,
+    plane: usize,
+    columns: usize,
+}
+
+impl Padded {
+    fn of(win: &Window2d) -> Padded {
+        let (sh, sw) = win.stride;
+        let (dh, dw) = win.dilation;
+        let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
+        let pw = (win.ow - 1) * sw + (win.kw - 1) * dw + 1;
+        Padded {
+            ph,
+            pw,
+            rows_in: win.h.min(ph.saturating_sub(win.pad_top)),
+            cols_in: win.w.min(pw.saturating_sub(win.pad_left)),
+            plane: win.h * win.w,
+            columns: win.oh * win.ow,
+        }
+    }
+}
+
 /// Writes the column matrix of every image of `x` into `out` (every element written): each
 /// channel plane is first copied into a zero-padded plane, from which every tap's row of the
 /// column matrix is `oh` slices of `ow` points (every `stride_w`-th point).
@@ -111,14 +140,15 @@ fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
     if sw > 1 && dw == 1 {
         return im2col_by_phase(win, x, out);
     }
-    // The padded plane: every row and column any tap reads.
-    let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
-    let pw = (win.ow - 1) * sw + (win.kw - 1) * dw + 1;
+    let Padded {
+        ph,
+        pw,
+        rows_in,
+        cols_in,
+        plane,
+        columns,
+    } = Padded::of(win);
     let mut padded = vec![0f32; ph * pw];
-    let rows_in = win.h.min(ph.saturating_sub(win.pad_top));
-    let cols_in = win.w.min(pw.saturating_sub(win.pad_left));
-    let plane = win.h * win.w;
-    let columns = win.oh * win.ow;
     let mut rows = out.chunks_exact_mut(columns);
     for channel in x.chunks_exact(plane) {
         for y in 0..rows_in {
@@ -151,15 +181,17 @@ fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
 fn im2col_by_phase(win: &Window2d, x: &[f32], out: &mut [f32]) {
     let (sh, sw) = win.stride;
     let dh = win.dilation.0;
-    let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
-    let pw = (win.ow - 1) * sw + win.kw;
+    let Padded {
+        ph,
+        pw,
+        rows_in,
+        cols_in,
+        plane,
+        columns,
+    } = Padded::of(win);
     let phase_len = pw.div_ceil(sw);
     let row_len = phase_len * sw;
     let mut padded = vec![0f32; ph * row_len];
-    let rows_in = win.h.min(ph.saturating_sub(win.pad_top));
-    let cols_in = win.w.min(pw.saturating_sub(win.pad_left));
-    let plane = win.h * win.w;
-    let columns = win.oh * win.ow;
     let mut rows = out.chunks_exact_mut(columns);
     for channel in x.chunks_exact(plane) {
         for y in 0..rows_in {
