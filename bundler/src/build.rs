@@ -180,8 +180,8 @@ pub struct BuildReport {
     /// The absolute tolerance the golden samples needed at other batch sizes (at most
     /// `--golden-atol`, or the build fails).
     pub golden_atol_needed: f32,
-    /// `f16` bundles: whether devices with native float16 may compute in it, and within which
-    /// tolerance (the manifest's `golden.f16_compute`); `None` for other modes.
+    /// `f16` bundles: whether devices with native float16 may compute in it, and on which gate
+    /// (the manifest's `golden.f16_compute`), or why not; `None` for other modes.
     pub half_compute: Option<HalfCompute>,
     /// The format of the model payload (see [`BuildOptions::resolved_model_format`]).
     pub model_format: ModelFormat,
@@ -473,7 +473,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let t = Instant::now();
     let model_format = opts.resolved_model_format();
     let mut narrow_weights: Option<(Vec<u8>, NarrowWeights)> = None;
-    // The NNEF archive a device loads, when it is not the payload itself.
+    // The NNEF archive a device loads, when it is not the model payload itself (narrow weights).
     let mut nnef_loaded: Option<Vec<u8>> = None;
     let (model, model_bytes, golden_outputs, calibration_outputs, model_file) = match model_format {
         ModelFormat::Onnx => (
@@ -487,7 +487,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             let nnef = to_nnef(opts, &model_bytes)?;
             let nnef_model = nnef.model;
             narrow_weights = nnef.narrow;
-            nnef_loaded = Some(nnef.loaded);
+            nnef_loaded = nnef.loaded;
             let (golden_outputs, calibration_outputs) = {
                 let nnef_golden = golden::evaluate(
                     &nnef_model,
@@ -781,8 +781,8 @@ struct NnefModel {
     payload: Vec<u8>,
     /// The narrow-weights payload and its manifest entry.
     narrow: Option<(Vec<u8>, NarrowWeights)>,
-    /// The archive a device loads: `payload`, or with narrow weights the archive rebuilt.
-    loaded: Vec<u8>,
+    /// With narrow weights, the archive a device loads (rebuilt); without, that is `payload`.
+    loaded: Option<Vec<u8>>,
 }
 
 /// The ONNX model in `onnx` (the float or quantized bytes the bundle would otherwise carry) as
@@ -835,8 +835,8 @@ fn to_nnef(opts: &BuildOptions, onnx: &[u8]) -> Result<NnefModel, BuildError> {
     let model =
         Model::load_nnef(file.path(), &names, &EngineOptions::default()).map_err(convert_err)?;
     let (payload, narrow, loaded) = match narrowed {
-        None => (archive.clone(), None, archive),
-        Some((expanded, stripped, narrow)) => (stripped, Some(narrow), expanded),
+        None => (archive, None, None),
+        Some((expanded, stripped, narrow)) => (stripped, Some(narrow), Some(expanded)),
     };
     Ok(NnefModel {
         model,
