@@ -18,7 +18,7 @@ pub fn snr_db(reference: &[f32], got: &[f32]) -> Option<f64> {
 }
 
 /// The top-1 class of each row of `classes` scores (the first of equal scores).
-pub fn argmax_rows(scores: &[f32], classes: usize) -> Vec<usize> {
+fn argmax_rows(scores: &[f32], classes: usize) -> Vec<usize> {
     scores
         .chunks(classes.max(1))
         .map(|row| {
