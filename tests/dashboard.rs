@@ -607,7 +607,12 @@ fn dashboard_pages_show_the_api_figures_and_pause_and_resume_a_rollout() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| (format!("active-{}", text(&m["name"])), text(&m["active"])))
+                .flat_map(|m| {
+                    [
+                        (format!("active-{}", text(&m["name"])), text(&m["active"])),
+                        (format!("compute-{}", text(&m["name"])), text(&m["compute"])),
+                    ]
+                })
                 .chain([(
                     "device-online".into(),
                     if d["online"] == true { "online" } else { "offline" }.into(),

@@ -237,8 +237,10 @@ fn main() {
                 &out,
             );
             o.golden_inputs = Some(dir(model).join("test_input.npy"));
-            if model.starts_with("digits") {
-                o.golden_labels = Some(dir(model).join("test_labels.npy"));
+            // Class labels (digits), anomaly labels (vibration_ae: its gate is then the AUC).
+            let labels = dir(model).join("test_labels.npy");
+            if labels.exists() {
+                o.golden_labels = Some(labels);
             }
             let calib = dir(model).join("calib_input.npy");
             o.calibration = Some(if calib.exists() {

@@ -1,7 +1,8 @@
 //! Baseline statistics: what the model's inputs and outputs looked like at build time, the
 //! reference the device's health monitor compares live traffic against. Also task detection,
-//! accuracy and reference latency.
+//! accuracy, the ROC AUC of anomaly labels and reference latency.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use engine::{Model, Tensor, TensorData};
@@ -9,6 +10,7 @@ use protocol::manifest::{
     ClassificationBaseline, InputBaseline, LatencyBaseline, OutputStatistic, RegressionBaseline,
     ScoreKind, Task, TensorSpec,
 };
+use protocol::quality::roc_auc;
 use protocol::stats::{Histogram, Moments};
 
 use crate::error::BuildError;
@@ -113,15 +115,17 @@ fn classification_fit(spec: &TensorSpec, t: &Tensor) -> Result<usize, String> {
 
 /// Decides what the model computes from its outputs on the sample inputs.
 ///
-/// Classification when labels are given, when a rank-2 output's rows are probabilities, or when
-/// an output's name contains "logit"; regression otherwise (reconstruction error when the first
-/// output and the first input have the same number of elements per sample, else the mean).
+/// Classification when a rank-2 output's rows are probabilities, when an output's name contains
+/// "logit", or when labels are given — unless they are all 0 or 1 and the model reconstructs
+/// its input: those are anomaly labels; regression otherwise (reconstruction error when the
+/// first output and the first input have the same number of elements per sample, else the
+/// mean). `requested` (`--task`) overrides the detection.
 pub(crate) fn detect_task(
     input_specs: &[TensorSpec],
     inputs: &[Tensor],
     output_specs: &[TensorSpec],
     outputs: &[Tensor],
-    labels_given: bool,
+    labels: Option<&[i64]>,
     requested: Option<TaskKind>,
 ) -> Result<Task, BuildError> {
     let pairs = || output_specs.iter().zip(outputs);
@@ -136,10 +140,20 @@ pub(crate) fn detect_task(
             classes: classification_fit(spec, t)?,
         })
     };
+    let (spec, out) = (&output_specs[0], &outputs[0]);
+    let reconstructs = inputs
+        .first()
+        .is_some_and(|i| per_sample(i) == per_sample(out) && input_specs.len() == inputs.len());
+    // Labels of 0 and 1 given to a model that reconstructs its input and has no class scores
+    // are anomaly labels (judged by the ROC AUC of the reconstruction error), not classes.
+    let anomaly_labels =
+        labels.is_some_and(|l| l.iter().all(|&v| v == 0 || v == 1)) && reconstructs;
     let want_classification = match requested {
         Some(TaskKind::Classification) => true,
         Some(TaskKind::Regression) => false,
-        None => labels_given || probabilities.is_some() || logits.is_some(),
+        None => {
+            probabilities.is_some() || logits.is_some() || (labels.is_some() && !anomaly_labels)
+        }
     };
     if want_classification {
         let task = if let Some((s, t)) = probabilities {
@@ -156,13 +170,9 @@ pub(crate) fn detect_task(
             reason,
         });
     }
-    let (spec, out) = (&output_specs[0], &outputs[0]);
-    let same_size = inputs
-        .first()
-        .is_some_and(|i| per_sample(i) == per_sample(out) && input_specs.len() == inputs.len());
     Ok(Task::Regression {
         output: spec.name.clone(),
-        statistic: if same_size {
+        statistic: if reconstructs {
             OutputStatistic::ReconstructionError
         } else {
             OutputStatistic::Mean
@@ -256,6 +266,42 @@ pub(crate) fn regression_statistic(
     }
 }
 
+/// ROC AUC of a reconstruction model's per-sample reconstruction error against anomaly labels
+/// (1 anomalous, 0 normal, one per sample of `out`): how well the error tells them apart.
+pub(crate) fn anomaly_auc(
+    out: &Tensor,
+    first_input: &Tensor,
+    statistic: OutputStatistic,
+    labels: &[i64],
+    path: &Path,
+) -> Result<f64, BuildError> {
+    let refuse = |reason: String| BuildError::Labels {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if statistic != OutputStatistic::ReconstructionError {
+        return Err(refuse(
+            "labels need a classifier (class labels) or a model that reconstructs its input \
+             (anomaly labels 0 and 1); this model's first output is neither"
+                .into(),
+        ));
+    }
+    if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l != 0 && l != 1) {
+        return Err(refuse(format!(
+            "label {l} of sample {i}: the labels of a reconstruction model are anomaly labels, \
+             1 for anomalous and 0 for normal"
+        )));
+    }
+    let errors = regression_statistic(out, first_input, statistic);
+    roc_auc(&errors, labels).ok_or_else(|| {
+        refuse(
+            "the ROC AUC needs both normal (0) and anomalous (1) samples, and finite \
+             reconstruction errors"
+                .into(),
+        )
+    })
+}
+
 pub(crate) fn regression_baseline(stat: &[f64]) -> RegressionBaseline {
     let m = moments(stat.iter().copied());
     RegressionBaseline {
@@ -344,7 +390,7 @@ mod tests {
             &xin,
             &[spec("y", &[None, Some(2)])],
             &[probs],
-            false,
+            None,
             None,
         );
         assert!(matches!(
@@ -357,7 +403,7 @@ mod tests {
         ));
         let scores = t(&[2, 2], &[3.0, -1.0, 0.5, 0.5]);
         let o = [spec("Logits", &[None, Some(2)])];
-        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), false, None);
+        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), None, None);
         assert!(matches!(
             task.unwrap(),
             Task::Classification {
@@ -367,7 +413,7 @@ mod tests {
         ));
         // Same numbers under another name: regression; same size as the input → reconstruction.
         let o = [spec("y", &[None, Some(2)])];
-        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), false, None).unwrap();
+        let task = detect_task(&x, &xin, &o, std::slice::from_ref(&scores), None, None).unwrap();
         assert_eq!(
             task,
             Task::Regression {
@@ -381,7 +427,7 @@ mod tests {
             &xin,
             &[spec("y", &[None, Some(1)])],
             std::slice::from_ref(&one),
-            false,
+            None,
             None,
         );
         assert!(matches!(
@@ -392,8 +438,41 @@ mod tests {
             }
         ));
         // Labels ask for classification, which a single column cannot be.
-        let e = detect_task(&x, &xin, &[spec("y", &[None, Some(1)])], &[one], true, None);
+        let e = detect_task(
+            &x,
+            &xin,
+            &[spec("y", &[None, Some(1)])],
+            &[one],
+            Some(&[0, 1]),
+            None,
+        );
         assert!(matches!(e, Err(BuildError::Task { .. })));
+        // Labels of 0 and 1 for a model that reconstructs its input: anomaly labels, the task
+        // stays a reconstruction; other labels for the same model are classes.
+        let task = detect_task(
+            &x,
+            &xin,
+            &o,
+            std::slice::from_ref(&scores),
+            Some(&[0, 1]),
+            None,
+        );
+        assert!(matches!(
+            task.unwrap(),
+            Task::Regression {
+                statistic: OutputStatistic::ReconstructionError,
+                ..
+            }
+        ));
+        let task = detect_task(
+            &x,
+            &xin,
+            &o,
+            std::slice::from_ref(&scores),
+            Some(&[0, 2]),
+            None,
+        );
+        assert!(matches!(task.unwrap(), Task::Classification { .. }));
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub struct BuildOptions {
     /// `.npy` with a batch of inputs for the model's single input. Without it, a few synthetic
     /// inputs make up the golden set and there is no accuracy.
     pub golden_inputs: Option<PathBuf>,
-    /// `.npy` of integer class labels, one per golden input.
+    /// `.npy` of integer labels, one per golden input: classes of a classifier, or anomaly
+    /// labels (1 anomalous, 0 normal) of a model that reconstructs its input.
     pub golden_labels: Option<PathBuf>,
     /// `.npy` of inputs the baseline statistics are computed on instead of the golden inputs.
     pub calibration: Option<PathBuf>,
@@ -80,6 +81,10 @@ pub struct BuildOptions {
     pub task: Option<TaskKind>,
     /// At most this many golden samples are stored (all of them are evaluated). Default 64.
     pub golden_max: usize,
+    /// And no more than fit in this many bytes of golden payload (inputs and outputs,
+    /// decompressed), but at least one sample. Default 1 MiB: one `mobilenetish` sample
+    /// (3 × 224 × 224 floats), 64 of the digits models.
+    pub golden_max_bytes: u64,
     /// Default 1e-4.
     pub golden_atol: f32,
     /// Default 1e-3.
@@ -131,6 +136,7 @@ impl BuildOptions {
             quality_gate: Gate::default(),
             task: None,
             golden_max: 64,
+            golden_max_bytes: 1 << 20,
             golden_atol: 1e-4,
             golden_rtol: 1e-3,
             zstd_level: 10,
@@ -421,7 +427,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         &golden_inputs,
         &output_specs,
         &golden_outputs,
-        labels.is_some(),
+        labels.as_deref(),
         opts.task,
     )?;
 
@@ -548,7 +554,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             .position(|s| s.name == name)
             .unwrap_or(0)
     };
-    let (mut classification, mut regression, mut accuracy) = (None, None, None);
+    let (mut classification, mut regression, mut accuracy, mut auc) = (None, None, None, None);
     match &task {
         Task::Classification {
             output,
@@ -582,6 +588,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             let stat =
                 baseline::regression_statistic(&base_outputs[ix], &base_inputs[0], *statistic);
             regression = Some(baseline::regression_baseline(&stat));
+            if let (Some(labels), Some(path)) = (&labels, &opts.golden_labels) {
+                auc = Some(baseline::anomaly_auc(
+                    &golden_outputs[ix],
+                    &golden_inputs[0],
+                    *statistic,
+                    labels,
+                    path,
+                )?);
+            }
         }
     }
     let t = Instant::now();
@@ -609,11 +624,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         classification,
         regression,
         accuracy,
+        auc,
         latency: latency.clone(),
     };
 
     // 7. Golden set and compression.
-    let mut golden_count = evaluated.min(opts.golden_max);
+    let mut golden_count = golden::stored_count(
+        &golden_inputs
+            .iter()
+            .chain(&golden_outputs)
+            .collect::<Vec<_>>(),
+        evaluated,
+        opts.golden_max,
+        opts.golden_max_bytes,
+    );
     if let Some(k) = batch_fixed {
         golden_count = (golden_count / k).max(1) * k;
     }

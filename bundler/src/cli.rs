@@ -106,7 +106,9 @@ pub struct BuildArgs {
     /// Golden inputs (.npy, batch on axis 0) for a single-input model.
     #[arg(long, value_name = "X.npy")]
     pub golden_inputs: Option<PathBuf>,
-    /// Integer class labels (.npy, int32 or int64) for the golden inputs: records accuracy.
+    /// Integer labels (.npy, int32 or int64) for the golden inputs: class labels of a
+    /// classifier (records accuracy), or anomaly labels (1 anomalous, 0 normal) of a model that
+    /// reconstructs its input (records the ROC AUC of the reconstruction error).
     #[arg(long, value_name = "Y.npy")]
     pub golden_labels: Option<PathBuf>,
     /// Inputs the baseline statistics are computed on (default: the golden inputs); with
@@ -157,6 +159,10 @@ pub struct BuildArgs {
     /// Golden samples stored in the bundle (all golden inputs are evaluated).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub golden_max: usize,
+    /// And no more than fit in this many bytes of golden payload (inputs and outputs,
+    /// decompressed); at least one sample is always stored.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub golden_max_bytes: u64,
     /// Absolute tolerance of the device's golden self-test.
     #[arg(long, value_name = "ATOL", default_value_t = 1e-4)]
     pub golden_atol: f32,
@@ -280,6 +286,7 @@ impl BuildArgs {
             TaskArg::Regression => Some(TaskKind::Regression),
         };
         o.golden_max = self.golden_max;
+        o.golden_max_bytes = self.golden_max_bytes;
         o.golden_atol = self.golden_atol;
         o.golden_rtol = self.golden_rtol;
         o.zstd_level = self.zstd_level;

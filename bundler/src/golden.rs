@@ -238,6 +238,24 @@ pub(crate) fn needed_atol(
 }
 
 /// The `golden.bin` bytes and its manifest description for the first `count` samples.
+/// How many of the `evaluated` golden samples the bundle stores: at most `max`, and no more
+/// than fit in `max_bytes` of golden payload (inputs and outputs, decompressed) — but always
+/// at least one, so every bundle has a self-test.
+pub(crate) fn stored_count(
+    tensors: &[&Tensor],
+    evaluated: usize,
+    max: usize,
+    max_bytes: u64,
+) -> usize {
+    let per_sample: u64 = tensors
+        .iter()
+        .map(|t| (t.len() / t.rows().max(1) * t.dtype().size()) as u64)
+        .sum();
+    let fit = max_bytes.checked_div(per_sample).unwrap_or(u64::MAX);
+    let fit = usize::try_from(fit).unwrap_or(usize::MAX);
+    evaluated.min(max).min(fit.max(1))
+}
+
 pub(crate) fn golden_payload(
     input_specs: &[TensorSpec],
     inputs: &[Tensor],

@@ -17,7 +17,8 @@
 //! The bundler also runs that judgement here first, on tract's portable float16 path: a model
 //! whose half-precision outputs overflow (an infinity or a NaN), fail the gate already here or
 //! do not load in float16 gets no offer, with the reason in the build report, and its devices
-//! compute in float32.
+//! compute in float32. So does a classifier whose bundle stores fewer than
+//! [`MIN_AGREEMENT_SAMPLES`] golden samples: too few for an agreement to mean anything.
 
 use engine::{EngineOptions, IoNames, Model, ModelFormat, Precision, Tensor};
 use protocol::manifest::{F16Compute, Golden, Task};
@@ -47,6 +48,10 @@ impl HalfCompute {
         }
     }
 }
+
+/// Fewest stored golden samples a classifier's offer is judged on: top-1 agreement over fewer
+/// says little (one sample agrees or not).
+pub const MIN_AGREEMENT_SAMPLES: usize = 16;
 
 /// The gate of the quantization quality gate, as the device applies it to float16 outputs.
 pub(crate) fn device_gate(task: &Task, gate: Gate) -> F16Compute {
@@ -85,6 +90,17 @@ pub(crate) fn offer(
     let (want, have) = (Tensor::f32_slices(&expected), Tensor::f32_slices(&got));
     let device_gate = device_gate(task, gate);
     match device_gate.judge(task, golden, &want, &have) {
+        Ok(_)
+            if matches!(task, Task::Classification { .. })
+                && golden.count < MIN_AGREEMENT_SAMPLES =>
+        {
+            not_offered(format!(
+                "a device would judge top-1 agreement on {} stored golden sample(s), too few \
+                 to tell; the offer needs at least {MIN_AGREEMENT_SAMPLES} (--golden-max, \
+                 --golden-max-bytes)",
+                golden.count
+            ))
+        }
         Ok(here) => HalfCompute::Offered {
             gate: device_gate,
             here,

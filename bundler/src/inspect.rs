@@ -313,6 +313,12 @@ impl InspectReport {
         if let Some(a) = b.accuracy {
             let _ = writeln!(s, "  accuracy {a:.4}");
         }
+        if let Some(a) = b.auc {
+            let _ = writeln!(
+                s,
+                "  ROC AUC of the reconstruction error {a:.4} (anomaly labels)"
+            );
+        }
         let _ = writeln!(
             s,
             "  latency batch {}: p50 {:.0} us, p95 {:.0} us on {}",

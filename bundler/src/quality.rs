@@ -3,14 +3,16 @@
 //!
 //! Figures (recorded in the manifest whether or not the gate passes): SNR of the task output
 //! in dB, the largest absolute difference, for classification the top-1 agreement with the
-//! float model and, with labels, both accuracies. The gate refuses when the accuracy drops by
-//! more than `max_accuracy_drop` points — against the labels when given, else against the
-//! float model's own top-1 classes — and, for models without a class output (regression), when
-//! the SNR is below `min_snr_db`. Any non-finite output fails.
+//! float model and, with labels, both accuracies — or, for a model that reconstructs its input
+//! given anomaly labels, both ROC AUCs of its reconstruction error. The gate refuses when the
+//! accuracy (or the AUC, × 100) drops by more than `max_accuracy_drop` points — against the
+//! labels when given, else against the float model's own top-1 classes — and, for models
+//! without a class output (regression), when the SNR is below `min_snr_db`. Any non-finite
+//! output fails.
 
 use engine::Tensor;
-use protocol::manifest::{QuantizationQuality, Task};
-use protocol::quality::{snr_db, top1_agreement};
+use protocol::manifest::{OutputStatistic, QuantizationQuality, Task};
+use protocol::quality::{roc_auc, snr_db, top1_agreement};
 
 use crate::baseline;
 
@@ -32,10 +34,12 @@ impl Default for Gate {
     }
 }
 
-/// The figures of the quantized outputs against the float outputs of the task's output.
+/// The figures of the quantized outputs against the float outputs of the task's output, both
+/// computed from `inputs`, which `labels` label.
 pub(crate) fn compare(
     task: &Task,
     output_names: &[String],
+    inputs: &[Tensor],
     float_outputs: &[Tensor],
     quantized_outputs: &[Tensor],
     labels: Option<&[i64]>,
@@ -66,6 +70,8 @@ pub(crate) fn compare(
         argmax_agreement: None,
         float_accuracy: None,
         accuracy: None,
+        float_auc: None,
+        auc: None,
         accuracy_drop: None,
         max_accuracy_drop: gate.max_accuracy_drop,
         min_snr_db: None,
@@ -83,7 +89,24 @@ pub(crate) fn compare(
                 q.accuracy_drop = Some(100.0 * (fa - qa));
             }
         }
-        Task::Regression { .. } => q.min_snr_db = Some(gate.min_snr_db),
+        Task::Regression { statistic, .. } => {
+            q.min_snr_db = Some(gate.min_snr_db);
+            let anomaly_auc = |outputs: &Tensor| {
+                let labels = labels?;
+                let errors = baseline::regression_statistic(outputs, inputs.first()?, *statistic);
+                roc_auc(&errors, labels)
+            };
+            if *statistic == OutputStatistic::ReconstructionError {
+                if let (Some(fa), Some(qa)) = (
+                    anomaly_auc(&float_outputs[ix]),
+                    anomaly_auc(&quantized_outputs[ix]),
+                ) {
+                    q.float_auc = Some(fa);
+                    q.auc = Some(qa);
+                    q.accuracy_drop = Some(100.0 * (fa - qa));
+                }
+            }
+        }
     }
     q
 }
@@ -96,8 +119,9 @@ pub fn check(q: &QuantizationQuality) -> Result<(), String> {
     }
     if let Some(drop) = q.accuracy_drop {
         if drop > q.max_accuracy_drop + 1e-9 {
-            let against = match (q.float_accuracy, q.accuracy) {
-                (Some(f), Some(a)) => format!("accuracy {a:.4} vs float {f:.4}"),
+            let against = match (q.float_accuracy, q.accuracy, q.float_auc, q.auc) {
+                (Some(f), Some(a), ..) => format!("accuracy {a:.4} vs float {f:.4}"),
+                (.., Some(f), Some(a)) => format!("ROC AUC {a:.4} vs float {f:.4}"),
                 _ => format!(
                     "top-1 agreement with the float model {:.4} (no labels)",
                     q.argmax_agreement.unwrap_or(0.0)
@@ -129,6 +153,9 @@ pub fn summary(q: &QuantizationQuality) -> String {
     }
     if let (Some(f), Some(a)) = (q.float_accuracy, q.accuracy) {
         s += &format!(", accuracy {a:.4} (float {f:.4})");
+    }
+    if let (Some(f), Some(a)) = (q.float_auc, q.auc) {
+        s += &format!(", ROC AUC {a:.4} (float {f:.4})");
     }
     if let Some(d) = q.accuracy_drop {
         s += &format!(", drop {d:.2} points (max {})", q.max_accuracy_drop);
@@ -163,6 +190,7 @@ mod tests {
         let q = compare(
             &task,
             &names,
+            &[],
             &float,
             &worse,
             Some(&labels),
@@ -183,13 +211,14 @@ mod tests {
         assert!(check(&compare(
             &task,
             &names,
+            &[],
             &float,
             &worse,
             Some(&labels),
             lenient
         ))
         .is_ok());
-        let same = compare(&task, &names, &float, &float, None, Gate::default());
+        let same = compare(&task, &names, &[], &float, &float, None, Gate::default());
         assert_eq!((same.snr_db, same.accuracy_drop), (None, Some(0.0)));
         assert!(check(&same).is_ok());
     }
@@ -208,15 +237,87 @@ mod tests {
         assert!(check(&compare(
             &task,
             &names,
+            &[],
             &float,
             &close,
             None,
             Gate::default()
         ))
         .is_ok());
-        let err = check(&compare(&task, &names, &float, &far, None, Gate::default())).unwrap_err();
+        let err = check(&compare(
+            &task,
+            &names,
+            &[],
+            &float,
+            &far,
+            None,
+            Gate::default(),
+        ))
+        .unwrap_err();
         assert!(err.contains("< --min-snr-db 20"), "{err}");
-        let err = check(&compare(&task, &names, &float, &nan, None, Gate::default())).unwrap_err();
+        let err = check(&compare(
+            &task,
+            &names,
+            &[],
+            &float,
+            &nan,
+            None,
+            Gate::default(),
+        ))
+        .unwrap_err();
         assert!(err.contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn gate_judges_a_reconstruction_model_by_the_auc_of_its_anomaly_labels() {
+        let task = Task::Regression {
+            output: "y".into(),
+            statistic: OutputStatistic::ReconstructionError,
+        };
+        let names = vec!["y".to_string()];
+        let inputs = [t(4, vec![1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0])];
+        let labels = [0, 0, 1, 1];
+        // The float model reconstructs the normal samples exactly and the anomalous ones badly
+        // (errors 0, 0, 4, 4: AUC 1); the quantized one mixes them up (errors 4, 0, 0, 4).
+        let float = [t(4, vec![1.0; 8])];
+        let worse = [t(4, vec![3.0, 3.0, 1.0, 1.0, 3.0, 3.0, 1.0, 1.0])];
+        let q = compare(
+            &task,
+            &names,
+            &inputs,
+            &float,
+            &worse,
+            Some(&labels),
+            Gate::default(),
+        );
+        assert_eq!((q.float_auc, q.auc), (Some(1.0), Some(0.5)));
+        assert_eq!(q.accuracy_drop, Some(50.0));
+        let err = check(&q).unwrap_err();
+        assert!(
+            err.contains("ROC AUC 0.5000 vs float 1.0000: a drop of 50.00 points"),
+            "{err}"
+        );
+        let same = compare(
+            &task,
+            &names,
+            &inputs,
+            &float,
+            &float,
+            Some(&labels),
+            Gate::default(),
+        );
+        assert_eq!((same.auc, same.accuracy_drop), (Some(1.0), Some(0.0)));
+        assert!(check(&same).is_ok());
+        // Without labels there is no AUC, only the SNR gate.
+        let unlabelled = compare(
+            &task,
+            &names,
+            &inputs,
+            &float,
+            &float,
+            None,
+            Gate::default(),
+        );
+        assert_eq!((unlabelled.auc, unlabelled.accuracy_drop), (None, None));
     }
 }

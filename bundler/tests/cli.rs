@@ -441,6 +441,9 @@ fn mobilenetish_builds_with_its_test_inputs() {
         &"3",
         &"--zstd-level",
         &"3",
+        // Room for two of the four samples (606,112 bytes each: input and logits).
+        &"--golden-max-bytes",
+        &"1300000",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = bundler(&[&"inspect", &bundle, &"--json"]);
@@ -448,7 +451,11 @@ fn mobilenetish_builds_with_its_test_inputs() {
     assert_eq!(v["task"]["kind"], "classification");
     assert_eq!(v["task"]["scores"], "logits");
     assert_eq!(v["task"]["classes"], 1000);
-    assert_eq!(v["golden"]["count"], 4);
+    assert_eq!(v["golden"]["count"], 2);
+    assert_eq!(
+        v["baseline"]["samples"], 4,
+        "statistics over every golden input"
+    );
     assert!(v["accuracy"].is_null());
     assert_eq!(v["telemetry_samples"], "full", "the default");
     assert!(v["payload_bytes"].as_u64().unwrap() > 13_900_000);

@@ -58,6 +58,29 @@ fn vibration_ae_is_a_regression_on_reconstruction_error() {
     );
     assert!(info.baseline.classification.is_none());
     assert_eq!(info.baseline.inputs[0].histogram.total(), 100 * 128);
+    assert_eq!(info.baseline.auc, None, "no labels");
+
+    // Its labels (0 normal, 1 anomalous) are anomaly labels: the task stays a reconstruction
+    // and the bundle records the ROC AUC of the reconstruction error (the model card: 0.9332),
+    // not an accuracy over 128 "classes".
+    o.golden_labels = Some(model("vibration_ae", "test_labels.npy"));
+    let report = bundler::build(&o).unwrap();
+    assert!(matches!(report.task, Task::Regression { .. }));
+    assert_eq!(report.accuracy, None);
+    let auc = bundler::inspect(&o.output).unwrap().baseline.auc.unwrap();
+    assert!((auc - 0.933176).abs() < 1e-3, "{auc}");
+
+    // Labels for a regression that is not a reconstruction are refused, naming the file.
+    let mut o = options(dir.path(), "digits_mlp", "digits_mlp.onnx");
+    o.golden_inputs = Some(model("digits_mlp", "test_input.npy"));
+    o.golden_labels = Some(model("digits_mlp", "test_labels.npy"));
+    o.task = Some(TaskKind::Regression);
+    let err = bundler::build(&o).unwrap_err();
+    assert!(
+        matches!(&err, BuildError::Labels { reason, .. }
+            if reason.contains("reconstructs its input")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -649,7 +649,7 @@ async function devicePage(root, id) {
         h("dt", { text: "transfer" }), h("dd", { text: d.transfer ? `${d.transfer.bundle_id.slice(0, 12)}… ${d.transfer.chunks_served}/${d.transfer.total_chunks} chunks served, ${d.transfer.last_event || "no event yet"}` : "none" }),
       );
       const models = d.models.map((m) =>
-        h("tr", { "data-model": m.name }, td(m.name), td(h("span", { "data-figure": `active-${m.name}`, text: m.active })), td(m.previous || "–"), td(badge(m.state)), tdn(m.security_version), td(h("span", { class: "mono", text: (m.bundle_sha256 || "").slice(0, 12) }))),
+        h("tr", { "data-model": m.name }, td(m.name), td(h("span", { "data-figure": `active-${m.name}`, text: m.active })), td(m.previous || "–"), td(badge(m.state)), td(h("span", { "data-figure": `compute-${m.name}`, text: m.compute || "–", title: "precision the device computes this model in (agents before it reported it: –)" })), tdn(m.security_version), td(h("span", { class: "mono", text: (m.bundle_sha256 || "").slice(0, 12) }))),
       );
       const events = ev.events.map((e) =>
         h(
@@ -696,7 +696,7 @@ async function devicePage(root, id) {
         h("h1", {}, "Device ", h("span", { class: "mono", text: d.id })),
         info,
         h("h2", { text: "Models" }),
-        table(["model", "active", "previous", "state", "security version num", "bundle"], models, { id: "device-models" }),
+        table(["model", "active", "previous", "state", "compute", "security version num", "bundle"], models, { id: "device-models" }),
         ...sections,
         h("h2", { text: "Recent events" }),
         table(["time", "kind", "model", "detail", "rollout"], events, { id: "device-events" }),
@@ -727,6 +727,21 @@ async function bundlesPage(root) {
     });
     root.append(form);
   }
+  // A bundle's recorded quality: accuracy on the labels (classifiers) or the ROC AUC of the
+  // reconstruction error on anomaly labels (autoencoders), with the float model's beside a
+  // quantized bundle's.
+  function qualityCell(b) {
+    const quantized = b.quantization && b.quantization !== "none";
+    if (b.accuracy != null) {
+      return h("td", { class: "num", "data-accuracy": b.accuracy }, pct(b.accuracy),
+        quantized && b.float_accuracy != null ? ` (float ${pct(b.float_accuracy)})` : "");
+    }
+    if (b.auc != null) {
+      return h("td", { class: "num", "data-auc": b.auc }, `AUC ${b.auc.toFixed(4)}`,
+        quantized && b.float_auc != null ? ` (float ${b.float_auc.toFixed(4)})` : "");
+    }
+    return h("td", { class: "num" }, "–");
+  }
   return {
     async refresh() {
       const { bundles } = await api.get("/api/v1/bundles");
@@ -739,7 +754,7 @@ async function bundlesPage(root) {
           tdn(b.security_version),
           h("td", { class: "num", "data-size": b.size, text: bytes(b.size) }),
           td(b.quantization || "–"),
-          h("td", { class: "num", "data-accuracy": b.accuracy ?? "" }, pct(b.accuracy), b.float_accuracy != null && b.quantization !== "none" ? ` (float ${pct(b.float_accuracy)})` : ""),
+          qualityCell(b),
           td(b.task ? b.task.kind + (b.task.classes ? ` (${b.task.classes} classes)` : "") : "–"),
           td(when(b.uploaded_at), " by ", b.uploaded_by),
           td(h("span", { class: "mono", text: b.id.slice(0, 16) + "…", title: b.id })),
@@ -747,7 +762,7 @@ async function bundlesPage(root) {
       );
       list.replaceChildren(
         h("p", {}, figure("bundles-count", bundles.length), " bundles, newest upload first"),
-        table(["name", "version", "security version num", "size num", "quantization", "accuracy num", "task", "uploaded", "id"], rows, { id: "bundles" }),
+        table(["name", "version", "security version num", "size num", "quantization", "accuracy / AUC num", "task", "uploaded", "id"], rows, { id: "bundles" }),
       );
     },
   };

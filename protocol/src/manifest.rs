@@ -314,9 +314,14 @@ pub struct Baseline {
     pub classification: Option<ClassificationBaseline>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regression: Option<RegressionBaseline>,
-    /// Accuracy on the golden labels, when labels were given.
+    /// Accuracy on the golden labels, when labels were given to a classifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
+    /// ROC AUC of the reconstruction error against the golden labels read as anomaly labels
+    /// (1 anomalous, 0 normal), when labels were given to a reconstruction model
+    /// ([`OutputStatistic::ReconstructionError`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auc: Option<f64>,
     pub latency: LatencyBaseline,
 }
 
@@ -446,8 +451,15 @@ pub struct QuantizationQuality {
     pub float_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<f64>,
-    /// Accuracy lost, in percentage points: against the labels when given, else against the
-    /// float model's own top-1 classes (classification only).
+    /// ROC AUC of the reconstruction error against anomaly labels, float and quantized, when
+    /// labels were given to a reconstruction model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub float_auc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auc: Option<f64>,
+    /// Quality lost, in percentage points: accuracy against the labels when given to a
+    /// classifier, ROC AUC (× 100) when given to a reconstruction model, else the share of
+    /// samples whose top-1 class differs from the float model's (classification only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_drop: Option<f64>,
     /// The gate: largest accuracy drop accepted (points), and for models without a class

@@ -1,7 +1,9 @@
 //! Figures that compare a model's outputs with reference outputs of the same inputs: the
 //! bundler's quantization gate (quantized against float model) and the agent's judgement of
 //! half-precision compute (`manifest::F16Compute`: the device's float16 outputs against the
-//! golden ones) use the same ones.
+//! golden ones) use the same ones. And one figure of a model against labels that is not a
+//! plain accuracy: the ROC AUC of an anomaly score ([`roc_auc`]), how an autoencoder's
+//! reconstruction error is judged against anomaly labels.
 
 /// Signal-to-noise ratio of `got` against `reference` in dB; `None` when identical, NaN when
 /// `got` holds a non-finite value.
@@ -43,6 +45,44 @@ pub fn top1_agreement(reference: &[f32], got: &[f32], classes: usize) -> f64 {
     agree as f64 / a.len().max(1) as f64
 }
 
+/// ROC AUC of `scores` against `labels` (1: anomalous, 0: normal): the probability that an
+/// anomalous sample scores higher than a normal one, ties counting one half (the Mann–Whitney
+/// U statistic over the product of the class sizes, from average ranks). `None` when either
+/// class is missing, a label is neither 0 nor 1, the lengths differ, or a score is NaN.
+pub fn roc_auc(scores: &[f64], labels: &[i64]) -> Option<f64> {
+    if scores.len() != labels.len()
+        || scores.iter().any(|s| s.is_nan())
+        || labels.iter().any(|&l| l != 0 && l != 1)
+    {
+        return None;
+    }
+    let positives = labels.iter().filter(|&&l| l == 1).count();
+    let negatives = labels.len() - positives;
+    if positives == 0 || negatives == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Sum of the (1-based, tie-averaged) ranks of the anomalous samples.
+    let mut positive_ranks = 0f64;
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && scores[order[end]] == scores[order[start]] {
+            end += 1;
+        }
+        let average_rank = (start + 1 + end) as f64 / 2.0;
+        let tied_positives = order[start..end]
+            .iter()
+            .filter(|&&i| labels[i] == 1)
+            .count();
+        positive_ranks += average_rank * tied_positives as f64;
+        start = end;
+    }
+    let (p, n) = (positives as f64, negatives as f64);
+    Some((positive_ranks - p * (p + 1.0) / 2.0) / (p * n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +102,25 @@ mod tests {
             top1_agreement(&r, &[0.2, 0.8, 0.1, 0.9, 0.4, 0.6], 2),
             2.0 / 3.0
         );
+    }
+
+    #[test]
+    fn roc_auc_counts_ordered_pairs_and_halves_ties() {
+        // Perfect separation, perfect inversion, and a chance-level ordering.
+        assert_eq!(roc_auc(&[0.1, 0.2, 0.8, 0.9], &[0, 0, 1, 1]), Some(1.0));
+        assert_eq!(roc_auc(&[0.9, 0.8, 0.2, 0.1], &[0, 0, 1, 1]), Some(0.0));
+        // Pairs (anomalous, normal): (0.5, 0.3) above, (0.5, 0.7) below, (0.9, 0.3) above,
+        // (0.9, 0.7) above: 3 of 4.
+        assert_eq!(roc_auc(&[0.3, 0.5, 0.7, 0.9], &[0, 1, 0, 1]), Some(0.75));
+        // Every score equal: every pair a tie.
+        assert_eq!(roc_auc(&[1.0; 4], &[0, 1, 0, 1]), Some(0.5));
+        // One tie among four pairs: (0.5, 0.5) counts one half.
+        assert_eq!(roc_auc(&[0.5, 0.5, 0.2, 0.9], &[0, 1, 0, 1]), Some(0.875));
+        // Not computable.
+        assert_eq!(roc_auc(&[0.1, 0.2], &[1, 1]), None);
+        assert_eq!(roc_auc(&[0.1, 0.2], &[0, 2]), None);
+        assert_eq!(roc_auc(&[0.1, f64::NAN], &[0, 1]), None);
+        assert_eq!(roc_auc(&[0.1], &[0, 1]), None);
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub fn sample_manifest() -> Manifest {
             classification: None,
             regression: None,
             accuracy: None,
+            auc: None,
             latency: LatencyBaseline {
                 batch: 1,
                 p50_us: 0.0,

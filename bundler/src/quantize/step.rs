@@ -96,6 +96,7 @@ pub(crate) fn quantize_and_gate(
     let figures = quality::compare(
         s.task,
         &s.output_names,
+        s.golden_inputs,
         s.float_golden_outputs,
         &golden_outputs,
         s.labels,

@@ -286,7 +286,7 @@ pub fn series(
     )
 }
 
-/// The manifest fields the bundles page shows (quantization, accuracy, task, targets), read
+/// The manifest fields the bundles page shows (quantization, accuracy or AUC, task, targets), read
 /// once per bundle from the stored file's head (verified at upload) and cached; `GET
 /// /api/v1/bundles` adds them to each record.
 pub fn bundle_details(app: &App, b: &BundleRecord) -> Value {
@@ -316,6 +316,8 @@ pub fn bundle_details(app: &App, b: &BundleRecord) -> Value {
             json!({"quantization": m.quantization.mode(),
                    "accuracy": quality.and_then(|q| q.accuracy).or(m.baseline.accuracy),
                    "float_accuracy": quality.and_then(|q| q.float_accuracy),
+                   "auc": quality.and_then(|q| q.auc).or(m.baseline.auc),
+                   "float_auc": quality.and_then(|q| q.float_auc),
                    "accuracy_drop": quality.and_then(|q| q.accuracy_drop),
                    "task": task, "targets": m.targets, "created_at": m.created_at,
                    "reference_p95_us": m.baseline.latency.p95_us})
