@@ -64,23 +64,6 @@ fn labels(model: &str) -> Option<Vec<i64>> {
         })
 }
 
-fn roc_auc(score: &[f64], labels: &[i64]) -> f64 {
-    let (mut hits, mut pairs) = (0.0, 0.0);
-    for (s, _) in score.iter().zip(labels).filter(|(_, &l)| l == 1) {
-        for (n, _) in score.iter().zip(labels).filter(|(_, &l)| l != 1) {
-            pairs += 1.0;
-            hits += if s > n {
-                1.0
-            } else if s == n {
-                0.5
-            } else {
-                0.0
-            };
-        }
-    }
-    hits / pairs
-}
-
 fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
@@ -105,7 +88,8 @@ fn quality(model: &str, x: &Tensor, out: &[f32], float: &[f32]) -> String {
                     / per as f64
             })
             .collect();
-        return format!("AUC {:.4}", roc_auc(&err, &labels(model).unwrap()));
+        let auc = protocol::quality::roc_auc(&err, &labels(model).unwrap());
+        return format!("AUC {:.4}", auc.expect("both classes"));
     }
     let classes = out.len() / n;
     if let Some(l) = labels(model) {
