@@ -266,8 +266,19 @@ pub(crate) fn regression_statistic(
     }
 }
 
-/// ROC AUC of a reconstruction model's per-sample reconstruction error against anomaly labels
-/// (1 anomalous, 0 normal, one per sample of `out`): how well the error tells them apart.
+/// ROC AUC of the per-sample reconstruction error of `out` against anomaly labels (1 anomalous,
+/// 0 normal, one per sample); `None` when it cannot be computed (`protocol::quality::roc_auc`).
+pub(crate) fn reconstruction_auc(
+    out: &Tensor,
+    first_input: &Tensor,
+    labels: &[i64],
+) -> Option<f64> {
+    let errors = regression_statistic(out, first_input, OutputStatistic::ReconstructionError);
+    roc_auc(&errors, labels)
+}
+
+/// [`reconstruction_auc`] for the bundle's baseline, or the error naming what is wrong with the
+/// labels: how well a reconstruction model's error tells anomalous from normal samples.
 pub(crate) fn anomaly_auc(
     out: &Tensor,
     first_input: &Tensor,
@@ -292,8 +303,7 @@ pub(crate) fn anomaly_auc(
              1 for anomalous and 0 for normal"
         )));
     }
-    let errors = regression_statistic(out, first_input, statistic);
-    roc_auc(&errors, labels).ok_or_else(|| {
+    reconstruction_auc(out, first_input, labels).ok_or_else(|| {
         refuse(
             "the ROC AUC needs both normal (0) and anomalous (1) samples, and finite \
              reconstruction errors"

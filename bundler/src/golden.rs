@@ -237,7 +237,6 @@ pub(crate) fn needed_atol(
     }
 }
 
-/// The `golden.bin` bytes and its manifest description for the first `count` samples.
 /// How many of the `evaluated` golden samples the bundle stores: at most `max`, and no more
 /// than fit in `max_bytes` of golden payload (inputs and outputs, decompressed) — but always
 /// at least one, so every bundle has a self-test.
@@ -256,6 +255,7 @@ pub(crate) fn stored_count(
     evaluated.min(max).min(fit.max(1))
 }
 
+/// The `golden.bin` bytes and its manifest description for the first `count` samples.
 pub(crate) fn golden_payload(
     input_specs: &[TensorSpec],
     inputs: &[Tensor],

@@ -12,7 +12,7 @@
 
 use engine::Tensor;
 use protocol::manifest::{OutputStatistic, QuantizationQuality, Task};
-use protocol::quality::{roc_auc, snr_db, top1_agreement};
+use protocol::quality::{snr_db, top1_agreement};
 
 use crate::baseline;
 
@@ -91,11 +91,8 @@ pub(crate) fn compare(
         }
         Task::Regression { statistic, .. } => {
             q.min_snr_db = Some(gate.min_snr_db);
-            let anomaly_auc = |outputs: &Tensor| {
-                let labels = labels?;
-                let errors = baseline::regression_statistic(outputs, inputs.first()?, *statistic);
-                roc_auc(&errors, labels)
-            };
+            let anomaly_auc =
+                |outputs: &Tensor| baseline::reconstruction_auc(outputs, inputs.first()?, labels?);
             if *statistic == OutputStatistic::ReconstructionError {
                 if let (Some(fa), Some(qa)) = (
                     anomaly_auc(&float_outputs[ix]),
