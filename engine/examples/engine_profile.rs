@@ -5,6 +5,7 @@
 //! With `FILE.onnx`, profiles that file (e.g. a quantized variant of the model, as
 //! `quant_bench --save-dir` writes them) on the named model's first test input; with a fourth
 //! argument `nnef`, profiles that file converted to NNEF and read back, as a device loads it.
+//! With `PROFILE_ALL` set in the environment, also prints every node in plan order.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -93,6 +94,15 @@ fn main() -> TractResult<()> {
                 .map(|f| format!("{:?}", f.shape))
                 .collect::<Vec<_>>()
         );
+    }
+    if std::env::var_os("PROFILE_ALL").is_some() {
+        // Every node in plan order (for a per-layer table against onnxruntime's profile).
+        println!("--- all nodes");
+        for id in plan.order_without_consts() {
+            let node = model.node(*id);
+            let t = per_node.get(id).copied().unwrap_or(0.0) / runs as f64;
+            println!("{t:>9.1} µs  {} {}", node.name, node.op().name());
+        }
     }
     Ok(())
 }
