@@ -19,6 +19,8 @@ use tract_nnef::tract_core::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_nnef::tract_core::ops::nn::DataFormat;
 
+use crate::window::{split_by_phase, Avx2};
+
 /// Depthwise convolution, NCHW or CHW, f32, dilation 1, kernel `[C·multiplier, 1, kh, kw]` and
 /// bias `[C·multiplier]` (or a single value) as second and third inputs: output channel `o`
 /// reads input channel `o / multiplier` (ONNX's grouped convolution with `group = C`; a
@@ -213,6 +215,7 @@ fn run_generic<const AVX2: bool>(
     let plane_out = op.oh * op.ow;
     let (low, high) = (op.clamp.low(), op.clamp.high());
     let taps = op.kh * op.kw;
+    let avx2 = if AVX2 { Avx2::detect() } else { None };
     for (plane, (xin, xouts)) in x
         .chunks_exact(plane_in)
         .zip(out.chunks_exact_mut(plane_out * op.multiplier))
@@ -231,34 +234,7 @@ fn run_generic<const AVX2: bool>(
             if sw == 1 {
                 row[op.pad_left..op.pad_left + src.len()].copy_from_slice(src);
             } else {
-                // Padded column px = xx + pad_left goes to phase px % sw at px / sw: the few
-                // input columns before the first of phase 0 one by one, then sw at a time
-                // (phases 0, 1, ... at the same position).
-                let lead = ((sw - op.pad_left % sw) % sw).min(src.len());
-                for (xx, v) in src[..lead].iter().enumerate() {
-                    let px = xx + op.pad_left;
-                    row[(px % sw) * phase_len + px / sw] = *v;
-                }
-                let at = (lead + op.pad_left) / sw;
-                if sw == 2 {
-                    let (even, odd) = row.split_at_mut(phase_len);
-                    let pairs = src[lead..].chunks_exact(2);
-                    let last = pairs.remainder().first().copied();
-                    let n = pairs.len();
-                    for ((e, o), pair) in even[at..].iter_mut().zip(&mut odd[at..]).zip(pairs) {
-                        *e = pair[0];
-                        *o = pair[1];
-                    }
-                    if let Some(v) = last {
-                        even[at + n] = v;
-                    }
-                } else {
-                    for (j, chunk) in src[lead..].chunks(sw).enumerate() {
-                        for (phase, v) in chunk.iter().enumerate() {
-                            row[phase * phase_len + at + j] = *v;
-                        }
-                    }
-                }
+                split_by_phase(src, row, phase_len, sw, op.pad_left, avx2);
             }
         }
         // Every output channel reading this input plane.
@@ -615,6 +591,10 @@ mod tests {
             (12, 16, 3, 3, (1, 1), 1, 1, 1, 1),
             (15, 37, 3, 3, (2, 2), 1, 1, 1, 1),
             (14, 34, 3, 3, (2, 2), 0, 0, 1, 1),
+            // Column stride 2 with an even and an odd left padding of 2 and 3 (the vector
+            // phase split), rows cut short by the padded width, 16-column chunks and a tail.
+            (9, 40, 3, 3, (2, 2), 1, 2, 0, 0),
+            (6, 17, 5, 5, (1, 2), 2, 3, 2, 0),
         ];
         // (multiplier, clamp): plain, a channel multiplier, ReLU6 fused, both.
         let relu6 = Clamp::new(0.0, 6.0);
