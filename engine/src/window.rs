@@ -181,6 +181,7 @@ impl Avx2 {
 /// a time: the even input columns are one contiguous run of a phase and the odd ones of the
 /// other (on 14x14 planes the per-column loop's bookkeeping cost more than the copy:
 /// BENCHMARKS.md, session 16).
+#[inline(always)]
 pub(crate) fn split_by_phase(
     src: &[f32],
     row: &mut [f32],
@@ -190,7 +191,7 @@ pub(crate) fn split_by_phase(
     avx2: Option<Avx2>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if sw == 2 && avx2.is_some() {
+    if sw == 2 && src.len() >= SPLIT_AVX2_MIN && avx2.is_some() {
         // SAFETY: an `Avx2` exists only where the CPU has AVX2.
         return unsafe { split_by_phase2_avx2(src, row, phase_len, pad_left) };
     }
@@ -216,9 +217,15 @@ pub(crate) fn split_by_phase(
     }
 }
 
+/// The shortest row [`split_by_phase`] splits with AVX2: on 112- and 224-column rows it takes
+/// two thirds of the loop's time, on 56- and 28-column rows up to a tenth more (a microbenchmark
+/// of the fill, BENCHMARKS.md, session 16).
+const SPLIT_AVX2_MIN: usize = 64;
+
 /// [`split_by_phase`] for `sw` = 2, 16 input columns at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, pad_left: usize) {
     use std::arch::x86_64::*;
     let len = src.len();
@@ -229,36 +236,38 @@ unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, p
         len / 2,
     );
     assert!(even.0 + even.1 <= row.len() && odd.0 + odd.1 <= row.len());
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let lanes = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lane);
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] reordered by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6], and
+    // the same for the odd lanes.
+    let split = |a: __m256, b: __m256| {
+        let e = _mm256_shuffle_ps::<0x88>(a, b);
+        let o = _mm256_shuffle_ps::<0xDD>(a, b);
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e))),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o))),
+        )
+    };
     let (s, r) = (src.as_ptr(), row.as_mut_ptr());
-    for c in (0..len).step_by(16) {
-        // SAFETY: loads cover `src[c..len]` (masked past it), stores `count` lanes from each
-        // run's start (inside `row`, asserted above).
+    // SAFETY: loads read `src[..len]` (masked past it); stores write the even and odd runs,
+    // `even.1` and `odd.1` values from their starts (masked past them; inside `row`, asserted
+    // above). Whole chunks of 16 columns hold 8 of each.
+    let full = len / 16 * 16;
+    let mut c = 0;
+    while c < full {
+        let (e, o) = split(_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + 8)));
+        _mm256_storeu_ps(r.add(even.0 + c / 2), e);
+        _mm256_storeu_ps(r.add(odd.0 + c / 2), o);
+        c += 16;
+    }
+    if c < len {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let lanes = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
         let left = len - c;
-        let (a, b) = if left >= 16 {
-            (_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + 8)))
-        } else {
-            (
-                _mm256_maskload_ps(s.add(c), lanes(left)),
-                _mm256_maskload_ps(s.add(c + 8), lanes(left.saturating_sub(8))),
-            )
-        };
-        // [a0 a2 b0 b2 | a4 a6 b4 b6] reordered by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6].
-        let evens = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
-            _mm256_shuffle_ps::<0x88>(a, b),
-        )));
-        let odds = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(
-            _mm256_shuffle_ps::<0xDD>(a, b),
-        )));
-        for ((start, count), v) in [(even, evens), (odd, odds)] {
-            let n = count.saturating_sub(c / 2);
-            if n >= 8 {
-                _mm256_storeu_ps(r.add(start + c / 2), v);
-            } else if n > 0 {
-                _mm256_maskstore_ps(r.add(start + c / 2), lanes(n), v);
-            }
-        }
+        let (e, o) = split(
+            _mm256_maskload_ps(s.add(c), lanes(left)),
+            _mm256_maskload_ps(s.add(c + 8), lanes(left.saturating_sub(8))),
+        );
+        _mm256_maskstore_ps(r.add(even.0 + c / 2), lanes(even.1 - c / 2), e);
+        _mm256_maskstore_ps(r.add(odd.0 + c / 2), lanes(odd.1 - c / 2), o);
     }
 }
 
@@ -308,17 +317,22 @@ mod tests {
     /// length around the 16-column chunks and both parities of the left padding.
     #[test]
     fn split_by_phase_avx2_matches_scalar() {
-        let Some(avx2) = Avx2::detect() else {
+        if Avx2::detect().is_none() {
             return;
-        };
-        for len in 0..40usize {
+        }
+        for len in (0..40usize).chain(60..100) {
             for pad_left in 0..4 {
                 let src: Vec<f32> = (0..len).map(|v| v as f32 + 1.0).collect();
                 let phase_len = (len + pad_left + 2).div_ceil(2);
                 let mut want = vec![0f32; 2 * phase_len + 9];
                 let mut got = want.clone();
                 split_by_phase(&src, &mut want, phase_len, 2, pad_left, None);
-                split_by_phase(&src, &mut got, phase_len, 2, pad_left, Some(avx2));
+                // SAFETY: `Avx2::detect` above found AVX2 (every length, not only the long
+                // rows `split_by_phase` gives it).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    split_by_phase2_avx2(&src, &mut got, phase_len, pad_left)
+                };
                 assert_eq!(got, want, "len {len} pad_left {pad_left}");
             }
         }
