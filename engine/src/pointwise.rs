@@ -6,7 +6,10 @@
 //! tract 0.23.9 packs that operand into panels on every call (`OptMatMulPack`: 11 % of a
 //! `mobilenetish` inference, BENCHMARKS.md) and then runs its kernel over the packed copy.
 //! [`Pointwise`] packs only the constant weights, once at load (panels of [`MR`] output channels,
-//! `k`-major), and reads `x` in place, [`NR`] points at a time; the bias and a clamp (ReLU,
+//! `k`-major), and reads `x` in place, [`NR`] points at a time (with 256 input channels or more
+//! it first copies a stripe of `x` into contiguous `k x NR` blocks, which L1 holds better; a
+//! last block of at most 4 points runs a narrow kernel, one multiply-add per point and input
+//! channel instead of [`MR`]); the bias and a clamp (ReLU,
 //! ReLU6: `depthwise::fuse_clamp`) are applied in the store. The sum over `i` runs in order with
 //! fused multiply-adds from zero, then the bias is added: what tract's matrix product followed
 //! by its bias addition computes.
@@ -230,7 +233,8 @@ pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec
 const STRIPE_BYTES: usize = 192 * 1024;
 
 /// From this many input channels on, [`gemm`] copies a channels-first `x` into contiguous
-/// blocks before the tiles read it (below, the strided reads are as fast: BENCHMARKS.md).
+/// blocks before the tiles read it (below 256 the strided reads are as fast: BENCHMARKS.md,
+/// session 16).
 const PACK_K_MIN: usize = 256;
 
 thread_local! {

@@ -177,10 +177,9 @@ impl Avx2 {
 /// Stores the input row `src` into the padded row `row` of a convolution with column stride
 /// `sw` > 1, by column phase: input column `xx` is padded column `px = xx + pad_left`, stored in
 /// phase `px % sw` at `px / sw` (phase `p` starts at `p * phase_len`), so that every tap of an
-/// output row reads a contiguous run (`im2col`, `depthwise`). For `sw` = 2 with AVX2, 16 columns at
-/// a time: the even input columns are one contiguous run of a phase and the odd ones of the
-/// other (on 14x14 planes the per-column loop's bookkeeping cost more than the copy:
-/// BENCHMARKS.md, session 16).
+/// output row reads a contiguous run (`im2col`, `depthwise`). For `sw` = 2 with AVX2 and rows of
+/// [`SPLIT_AVX2_MIN`] columns or more, 16 columns at a time: the even input columns are one
+/// contiguous run of a phase and the odd ones of the other (BENCHMARKS.md, session 16).
 #[inline(always)]
 pub(crate) fn split_by_phase(
     src: &[f32],
