@@ -216,6 +216,10 @@ fn run_generic<const AVX2: bool>(
     let (low, high) = (op.clamp.low(), op.clamp.high());
     let taps = op.kh * op.kw;
     let avx2 = if AVX2 { Avx2::detect() } else { None };
+    // Short rows with a partial last vector (14 or 7 points) store it whole but on the plane's
+    // last row ([`plane3x3_avx2`]); the spilled lanes stay inside the next row (at least 4 points
+    // wide).
+    let spill = op.oh > 1 && op.ow % 8 != 0 && (4..16).contains(&op.ow);
     for (plane, (xin, xouts)) in x
         .chunks_exact(plane_in)
         .zip(out.chunks_exact_mut(plane_out * op.multiplier))
@@ -248,7 +252,27 @@ fn run_generic<const AVX2: bool>(
                 // detected); `padded` holds `ph` rows of `row_len` plus `PLANE_SLACK`, `xout`
                 // `oh * ow` points.
                 unsafe {
-                    plane3x3_avx2(op, &padded, row_len, &tap_starts, kernel, bias, xout);
+                    if spill {
+                        plane3x3_avx2::<true>(
+                            op,
+                            &padded,
+                            row_len,
+                            &tap_starts,
+                            kernel,
+                            bias,
+                            xout,
+                        );
+                    } else {
+                        plane3x3_avx2::<false>(
+                            op,
+                            &padded,
+                            row_len,
+                            &tap_starts,
+                            kernel,
+                            bias,
+                            xout,
+                        );
+                    }
                 }
                 continue;
             }
@@ -295,12 +319,14 @@ fn run_generic<const AVX2: bool>(
 /// output points at a time with the sum in a register: the bias, then the nine taps' products
 /// added in order (a multiply, then an add: what tract's depthwise kernel and [`run_generic`]
 /// compute, bit for bit; fused multiply-adds moved `mobilenetish`'s outputs by 4e-5 relative
-/// over its 17 depthwise layers, more than the 1e-5 the passes keep to), then the clamp, one store (masked for a row's last partial block). The
+/// over its 17 depthwise layers, more than the 1e-5 the passes keep to), then the clamp, one store (masked for a row's last partial block; with `SPILL`, on the plane's
+/// last row only: whole stores took 0.78–0.91× the time on 7x7 and 14x14 planes in a microbenchmark,
+/// BENCHMARKS.md session 16). The
 /// vector loads of a partial block read past the row's last point (into the next row, or the
 /// slack), lanes that are never stored.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn plane3x3_avx2(
+unsafe fn plane3x3_avx2<const SPILL: bool>(
     op: &DepthwiseConv,
     padded: &[f32],
     row_len: usize,
@@ -349,7 +375,9 @@ unsafe fn plane3x3_avx2(
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 acc = _mm256_min_ps(_mm256_max_ps(acc, low), high);
             }
-            if ox + 8 <= ow {
+            if ox + 8 <= ow || (SPILL && oy + 1 < oh) {
+                // With `SPILL`, a partial vector's lanes past the row land on the next row's
+                // first points (`ow` ≥ 4, so inside it), which that row's stores overwrite.
                 _mm256_storeu_ps(to.add(ox), acc);
             } else {
                 _mm256_maskstore_ps(to.add(ox), mask, acc);
