@@ -5,6 +5,7 @@
 //! With `FILE.onnx`, profiles that file (e.g. a quantized variant of the model, as
 //! `quant_bench --save-dir` writes them) on the named model's first test input; with a fourth
 //! argument `nnef`, profiles that file converted to NNEF and read back, as a device loads it.
+//! With `PROFILE_ALL` set in the environment, also prints every node's median time in plan order.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,11 +53,14 @@ fn main() -> TractResult<()> {
     let x = Tensor::from_shape(&shape, &input.as_f32().unwrap()[..row])?;
     let mut state = plan.spawn()?;
     let mut per_node: HashMap<usize, f64> = HashMap::new();
+    let mut samples: HashMap<usize, Vec<f64>> = HashMap::new();
     for _ in 0..runs {
         state.run_plan_with_eval(tvec!(x.clone().into()), |ctx, st, node, inputs| {
             let t = Instant::now();
             let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
-            *per_node.entry(node.id).or_default() += t.elapsed().as_secs_f64() * 1e6;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            *per_node.entry(node.id).or_default() += us;
+            samples.entry(node.id).or_default().push(us);
             r
         })?;
     }
@@ -93,6 +97,17 @@ fn main() -> TractResult<()> {
                 .map(|f| format!("{:?}", f.shape))
                 .collect::<Vec<_>>()
         );
+    }
+    if std::env::var_os("PROFILE_ALL").is_some() {
+        // Every node in plan order (for a per-layer table against onnxruntime's profile).
+        println!("--- all nodes (median over the runs)");
+        for id in plan.order_without_consts() {
+            let node = model.node(*id);
+            let mut t = samples.get(id).cloned().unwrap_or_default();
+            t.sort_by(f64::total_cmp);
+            let median = t.get(t.len() / 2).copied().unwrap_or(0.0);
+            println!("{median:>9.1} µs  {} {}", node.name, node.op().name());
+        }
     }
     Ok(())
 }

@@ -19,6 +19,8 @@ use tract_nnef::tract_core::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_nnef::tract_core::ops::nn::DataFormat;
 
+use crate::window::{split_by_phase, Avx2};
+
 /// Depthwise convolution, NCHW or CHW, f32, dilation 1, kernel `[C·multiplier, 1, kh, kw]` and
 /// bias `[C·multiplier]` (or a single value) as second and third inputs: output channel `o`
 /// reads input channel `o / multiplier` (ONNX's grouped convolution with `group = C`; a
@@ -213,6 +215,11 @@ fn run_generic<const AVX2: bool>(
     let plane_out = op.oh * op.ow;
     let (low, high) = (op.clamp.low(), op.clamp.high());
     let taps = op.kh * op.kw;
+    let avx2 = if AVX2 { Avx2::detect() } else { None };
+    // Short rows with a partial last vector (14 or 7 points) store it whole but on the plane's
+    // last row ([`plane3x3_avx2`]); the spilled lanes stay inside the next row (at least 4 points
+    // wide).
+    let spill = op.oh > 1 && op.ow % 8 != 0 && (4..16).contains(&op.ow);
     for (plane, (xin, xouts)) in x
         .chunks_exact(plane_in)
         .zip(out.chunks_exact_mut(plane_out * op.multiplier))
@@ -231,34 +238,7 @@ fn run_generic<const AVX2: bool>(
             if sw == 1 {
                 row[op.pad_left..op.pad_left + src.len()].copy_from_slice(src);
             } else {
-                // Padded column px = xx + pad_left goes to phase px % sw at px / sw: the few
-                // input columns before the first of phase 0 one by one, then sw at a time
-                // (phases 0, 1, ... at the same position).
-                let lead = ((sw - op.pad_left % sw) % sw).min(src.len());
-                for (xx, v) in src[..lead].iter().enumerate() {
-                    let px = xx + op.pad_left;
-                    row[(px % sw) * phase_len + px / sw] = *v;
-                }
-                let at = (lead + op.pad_left) / sw;
-                if sw == 2 {
-                    let (even, odd) = row.split_at_mut(phase_len);
-                    let pairs = src[lead..].chunks_exact(2);
-                    let last = pairs.remainder().first().copied();
-                    let n = pairs.len();
-                    for ((e, o), pair) in even[at..].iter_mut().zip(&mut odd[at..]).zip(pairs) {
-                        *e = pair[0];
-                        *o = pair[1];
-                    }
-                    if let Some(v) = last {
-                        even[at + n] = v;
-                    }
-                } else {
-                    for (j, chunk) in src[lead..].chunks(sw).enumerate() {
-                        for (phase, v) in chunk.iter().enumerate() {
-                            row[phase * phase_len + at + j] = *v;
-                        }
-                    }
-                }
+                split_by_phase(src, row, phase_len, sw, op.pad_left, avx2);
             }
         }
         // Every output channel reading this input plane.
@@ -272,7 +252,27 @@ fn run_generic<const AVX2: bool>(
                 // detected); `padded` holds `ph` rows of `row_len` plus `PLANE_SLACK`, `xout`
                 // `oh * ow` points.
                 unsafe {
-                    plane3x3_avx2(op, &padded, row_len, &tap_starts, kernel, bias, xout);
+                    if spill {
+                        plane3x3_avx2::<true>(
+                            op,
+                            &padded,
+                            row_len,
+                            &tap_starts,
+                            kernel,
+                            bias,
+                            xout,
+                        );
+                    } else {
+                        plane3x3_avx2::<false>(
+                            op,
+                            &padded,
+                            row_len,
+                            &tap_starts,
+                            kernel,
+                            bias,
+                            xout,
+                        );
+                    }
                 }
                 continue;
             }
@@ -319,12 +319,14 @@ fn run_generic<const AVX2: bool>(
 /// output points at a time with the sum in a register: the bias, then the nine taps' products
 /// added in order (a multiply, then an add: what tract's depthwise kernel and [`run_generic`]
 /// compute, bit for bit; fused multiply-adds moved `mobilenetish`'s outputs by 4e-5 relative
-/// over its 17 depthwise layers, more than the 1e-5 the passes keep to), then the clamp, one store (masked for a row's last partial block). The
+/// over its 17 depthwise layers, more than the 1e-5 the passes keep to), then the clamp, one store (masked for a row's last partial block; with `SPILL`, on the plane's
+/// last row only: whole stores took 0.78–0.91× the time on 7x7 and 14x14 planes in a microbenchmark,
+/// BENCHMARKS.md session 16). The
 /// vector loads of a partial block read past the row's last point (into the next row, or the
 /// slack), lanes that are never stored.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn plane3x3_avx2(
+unsafe fn plane3x3_avx2<const SPILL: bool>(
     op: &DepthwiseConv,
     padded: &[f32],
     row_len: usize,
@@ -373,7 +375,9 @@ unsafe fn plane3x3_avx2(
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 acc = _mm256_min_ps(_mm256_max_ps(acc, low), high);
             }
-            if ox + 8 <= ow {
+            if ox + 8 <= ow || (SPILL && oy + 1 < oh) {
+                // With `SPILL`, a partial vector's lanes past the row land on the next row's
+                // first points (`ow` ≥ 4, so inside it), which that row's stores overwrite.
                 _mm256_storeu_ps(to.add(ox), acc);
             } else {
                 _mm256_maskstore_ps(to.add(ox), mask, acc);
@@ -615,6 +619,10 @@ mod tests {
             (12, 16, 3, 3, (1, 1), 1, 1, 1, 1),
             (15, 37, 3, 3, (2, 2), 1, 1, 1, 1),
             (14, 34, 3, 3, (2, 2), 0, 0, 1, 1),
+            // Column stride 2 with an even and an odd left padding of 2 and 3 (the vector
+            // phase split), rows cut short by the padded width, 16-column chunks and a tail.
+            (9, 40, 3, 3, (2, 2), 1, 2, 0, 0),
+            (6, 17, 5, 5, (1, 2), 2, 3, 2, 0),
         ];
         // (multiplier, clamp): plain, a channel multiplier, ReLU6 fused, both.
         let relu6 = Clamp::new(0.0, 6.0);

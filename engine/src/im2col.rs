@@ -33,7 +33,7 @@ use tract_nnef::tract_core::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_nnef::tract_core::ops::einsum::EinSum;
 
-use crate::window::Window2d;
+use crate::window::{split_by_phase, Avx2, Window2d};
 
 /// The column matrix of a convolution window: one row per input channel and kernel tap (in the
 /// kernel's OIHW order), one column per output point.
@@ -193,29 +193,12 @@ fn im2col_by_phase(win: &Window2d, x: &[f32], out: &mut [f32]) {
     let row_len = phase_len * sw;
     let mut padded = vec![0f32; ph * row_len];
     let mut rows = out.chunks_exact_mut(columns);
+    let avx2 = Avx2::detect();
     for channel in x.chunks_exact(plane) {
         for y in 0..rows_in {
             let row = &mut padded[(y + win.pad_top) * row_len..][..row_len];
             let src = &channel[y * win.w..][..cols_in];
-            // The input columns before the first of phase 0 one by one, then `sw` at a time
-            // (phases 0, 1, ... at the same place).
-            let lead = ((sw - win.pad_left % sw) % sw).min(src.len());
-            for (xx, v) in src[..lead].iter().enumerate() {
-                let px = xx + win.pad_left;
-                row[(px % sw) * phase_len + px / sw] = *v;
-            }
-            let at = (lead + win.pad_left) / sw;
-            let groups = src[lead..].chunks_exact(sw);
-            let rest = groups.remainder();
-            let n = groups.len();
-            for (j, group) in groups.enumerate() {
-                for (phase, v) in group.iter().enumerate() {
-                    row[phase * phase_len + at + j] = *v;
-                }
-            }
-            for (phase, v) in rest.iter().enumerate() {
-                row[phase * phase_len + at + n] = *v;
-            }
+            split_by_phase(src, row, phase_len, sw, win.pad_left, avx2);
         }
         for ky in 0..win.kh {
             for kx in 0..win.kw {

@@ -6,7 +6,10 @@
 //! tract 0.23.9 packs that operand into panels on every call (`OptMatMulPack`: 11 % of a
 //! `mobilenetish` inference, BENCHMARKS.md) and then runs its kernel over the packed copy.
 //! [`Pointwise`] packs only the constant weights, once at load (panels of [`MR`] output channels,
-//! `k`-major), and reads `x` in place, [`NR`] points at a time; the bias and a clamp (ReLU,
+//! `k`-major), and reads `x` in place, [`NR`] points at a time (with 256 input channels or more
+//! it first copies a stripe of `x` into contiguous `k x NR` blocks, which L1 holds better; a
+//! last block of at most 4 points runs a narrow kernel, one multiply-add per point and input
+//! channel instead of [`MR`]); the bias and a clamp (ReLU,
 //! ReLU6: `depthwise::fuse_clamp`) are applied in the store. The sum over `i` runs in order with
 //! fused multiply-adds from zero, then the bias is added: what tract's matrix product followed
 //! by its bias addition computes.
@@ -229,6 +232,17 @@ pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec
 /// weight panel over before moving on: 192 KiB, in L2.
 const STRIPE_BYTES: usize = 192 * 1024;
 
+/// From this many input channels on, [`gemm`] copies a channels-first `x` into contiguous
+/// blocks before the tiles read it (below 256 the strided reads are as fast: BENCHMARKS.md,
+/// session 16).
+const PACK_K_MIN: usize = 256;
+
+thread_local! {
+    /// The packed blocks of [`gemm`] (up to [`STRIPE_BYTES`] plus a block), kept between calls:
+    /// allocating and zeroing them on every call cost as much as the copy.
+    static PACKED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Which tile kernel [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -291,7 +305,9 @@ pub(crate) fn gemm(
     let panels = m.div_ceil(MR);
     match layout {
         Layout::ChannelsFirst => {
-            let tile = |panel: usize, col: usize, out: &mut [f32]| {
+            // The tile of weight panel `panel` and the block of points at `col`, read from `xb`
+            // (its first column) with rows `ldx` apart.
+            let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
                 let (rows, b) = panel_bias(bias, m, panel);
                 let cols = NR.min(n - col);
                 let wp = &w[panel * k * MR..(panel + 1) * k * MR];
@@ -300,8 +316,8 @@ pub(crate) fn gemm(
                     k,
                     w: wp,
                     ldw: MR,
-                    x: &x[col..],
-                    ldx: n,
+                    x: xb,
+                    ldx,
                     cols,
                     ldo: n,
                     rows,
@@ -317,13 +333,46 @@ pub(crate) fn gemm(
             // stripe of one column block, as before session 15, had every block of a 112x112
             // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
             let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
-            for start in (0..n).step_by(stripe) {
-                for panel in 0..panels {
-                    for col in (start..n.min(start + stripe)).step_by(NR) {
-                        tile(panel, col, out);
+            if k < PACK_K_MIN {
+                for start in (0..n).step_by(stripe) {
+                    for panel in 0..panels {
+                        for col in (start..n.min(start + stripe)).step_by(NR) {
+                            tile(&x[col..], n, panel, col, out);
+                        }
                     }
                 }
+                return;
             }
+            // Many input channels: a block's `k` rows of `x`, `n` apart, are more cache lines
+            // (two per row when unaligned) than L1 holds, re-read from L2 for every panel. The
+            // stripe's blocks are first copied into contiguous `k x NR` blocks.
+            PACKED_X.with_borrow_mut(|packed| {
+                let len = stripe.min(n.div_ceil(NR) * NR) * k;
+                if packed.len() < len {
+                    packed.resize(len, 0.0);
+                }
+                for start in (0..n).step_by(stripe) {
+                    let end = n.min(start + stripe);
+                    let blocks = packed.chunks_exact_mut(k * NR);
+                    for (block, col) in blocks.zip((start..end).step_by(NR)) {
+                        let cols = NR.min(n - col);
+                        for (i, to) in block.chunks_exact_mut(NR).enumerate() {
+                            let from = &x[i * n + col..];
+                            if cols == NR {
+                                to.copy_from_slice(&from[..NR]);
+                            } else {
+                                to[..cols].copy_from_slice(&from[..cols]);
+                            }
+                        }
+                    }
+                    for panel in 0..panels {
+                        let blocks = packed.chunks_exact(k * NR);
+                        for (block, col) in blocks.zip((start..end).step_by(NR)) {
+                            tile(block, NR, panel, col, out);
+                        }
+                    }
+                }
+            });
         }
         Layout::InChannelsLast => {
             // Each block of NR points (rows of `x`) transposed into `k x NR`, then every panel.
@@ -434,11 +483,17 @@ impl Tile<'_> {
             Kernel::Avx2Fma => unsafe {
                 // A block of at most 8 columns (the last one of a 7x7 or 14x14 plane): one
                 // vector per row, not two half-empty ones.
+                // At most NARROW columns (the last point of a 7x7 plane, the last 4 of a
+                // 14x14 one), with the weights as the panel's vector: one multiply-add per
+                // column and input channel instead of MR.
+                if self.cols <= NARROW && self.ldw == MR && self.col_bias.is_none() {
+                    return narrow_avx2(self, out);
+                }
                 match (self.cols <= NR / 2, self.col_bias.is_some()) {
-                    (true, false) => tile_avx2::<1, false>(self, out),
-                    (false, false) => tile_avx2::<2, false>(self, out),
-                    (true, true) => tile_avx2::<1, true>(self, out),
-                    (false, true) => tile_avx2::<2, true>(self, out),
+                    (true, false) => tile_rows::<1, false>(self, out),
+                    (false, false) => tile_rows::<2, false>(self, out),
+                    (true, true) => tile_rows::<1, true>(self, out),
+                    (false, true) => tile_rows::<2, true>(self, out),
                 }
             },
         }
@@ -478,14 +533,31 @@ fn tile_portable(t: &Tile, out: &mut [f32]) {
     }
 }
 
-/// One tile of `V` vectors (8 columns each) per row: `V = 2` for up to [`NR`] columns, `V = 1`
-/// for up to 8; `COL_BIAS`: the bias is per column (`t.col_bias`), else per row (`t.bias`).
+/// [`tile_avx2`] computing only the rows it stores, rounded up to 2, 4 or [`MR`]: the last panel
+/// of 16 or 32 output channels has 4 or 2 rows (`mobilenetish`'s first layer and five more),
+/// which the full tile computed for all six.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f32]) {
+unsafe fn tile_rows<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f32]) {
+    match t.rows {
+        1..=2 => tile_avx2::<V, COL_BIAS, 2>(t, out),
+        3..=4 => tile_avx2::<V, COL_BIAS, 4>(t, out),
+        _ => tile_avx2::<V, COL_BIAS, MR>(t, out),
+    }
+}
+
+/// One tile of `V` vectors (8 columns each) per row: `V = 2` for up to [`NR`] columns, `V = 1`
+/// for up to 8; `COL_BIAS`: the bias is per column (`t.col_bias`), else per row (`t.bias`);
+/// sums for the first `R` (at least `t.rows`) of the MR rows only.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool, const R: usize>(
+    t: &Tile,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let (k, cols, ldx, ldw, ldo, rows) = (t.k, t.cols, t.ldx, t.ldw, t.ldo, t.rows);
-    debug_assert!(cols >= 1 && cols <= 8 * V && rows >= 1 && rows <= MR);
+    debug_assert!(cols >= 1 && cols <= 8 * V && rows >= 1 && rows <= R && R <= MR);
     // Lanes of the vectors inside the tile: loads and stores past `cols` are masked off.
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let mut mask = [_mm256_setzero_si256(); V];
@@ -493,7 +565,7 @@ unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f
         *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
     }
     let full = cols == 8 * V;
-    let mut acc = [[_mm256_setzero_ps(); V]; MR];
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
     let mut xp = t.x.as_ptr();
     let mut wp = t.w.as_ptr();
     // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` columns
@@ -556,6 +628,56 @@ unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f
             } else {
                 _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
             }
+        }
+    }
+}
+
+/// Most columns [`narrow_avx2`] takes.
+const NARROW: usize = 4;
+
+/// A tile of at most [`NARROW`] columns whose weights are a packed panel (`ldw == MR`, bias per
+/// row): each column's sum is one vector over the panel's rows (lanes past MR masked), a
+/// multiply-add per input channel with the column's `x` value broadcast. The same sums in the
+/// same order as [`tile_avx2`] (fused multiply-adds from zero over `i`, then the bias, then the
+/// clamp), so the results are identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn narrow_avx2(t: &Tile, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (k, cols, ldx, ldo, rows) = (t.k, t.cols, t.ldx, t.ldo, t.rows);
+    debug_assert!(cols >= 1 && cols <= NARROW && rows >= 1 && rows <= MR && t.ldw == MR);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let wmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR as i32), lane);
+    let mut acc = [_mm256_setzero_ps(); NARROW];
+    let (mut xp, mut wp) = (t.x.as_ptr(), t.w.as_ptr());
+    // SAFETY: `xp` walks `k` rows of `x`, `ldx` apart, reading `cols` of each; `wp` walks the
+    // `k` rows of MR weights (masked load: no lane past them), as `Tile::run` asserts.
+    for _ in 0..k {
+        let wv = _mm256_maskload_ps(wp, wmask);
+        for (j, acc) in acc.iter_mut().enumerate().take(cols) {
+            *acc = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(&*xp.add(j)), *acc);
+        }
+        xp = xp.add(ldx);
+        wp = wp.add(MR);
+    }
+    let mut bias = [0f32; 8];
+    bias[..MR].copy_from_slice(t.bias);
+    let bias = _mm256_loadu_ps(bias.as_ptr());
+    let (low, high) = (
+        _mm256_set1_ps(t.clamp.low()),
+        _mm256_set1_ps(t.clamp.high()),
+    );
+    let clamped = t.clamp != Clamp::NONE;
+    let op = out.as_mut_ptr();
+    for (j, acc) in acc.iter().enumerate().take(cols) {
+        let mut y = _mm256_add_ps(*acc, bias);
+        if clamped {
+            y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+        for (r, v) in lanes.iter().enumerate().take(rows) {
+            *op.add(r * ldo + j) = *v;
         }
     }
 }
@@ -905,6 +1027,12 @@ mod tests {
             (64, 288, 16),
             (24, 16, 3136),
             (20, 17, 200),
+            // Columns left for the narrow kernel (2, 3, 4 past the last 16-block), and input
+            // channels enough for the packed blocks (PACK_K_MIN), with a partial stripe.
+            (7, 5, 18),
+            (9, 6, 35),
+            (10, 260, 196),
+            (13, 300, 180),
         ];
         let layouts = [
             Layout::ChannelsFirst,

@@ -159,6 +159,132 @@ pub(crate) type WindowCase = (
     usize,
 );
 
+/// Proof that this CPU has AVX2 and FMA (only [`Avx2::detect`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    pub(crate) fn detect() -> Option<Avx2> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(Avx2(()));
+        }
+        None
+    }
+}
+
+/// Stores the input row `src` into the padded row `row` of a convolution with column stride
+/// `sw` > 1, by column phase: input column `xx` is padded column `px = xx + pad_left`, stored in
+/// phase `px % sw` at `px / sw` (phase `p` starts at `p * phase_len`), so that every tap of an
+/// output row reads a contiguous run (`im2col`, `depthwise`). For `sw` = 2 with AVX2 and rows of
+/// [`SPLIT_AVX2_MIN`] columns or more, 16 columns at a time: the even input columns are one
+/// contiguous run of a phase and the odd ones of the other (BENCHMARKS.md, session 16).
+#[inline(always)]
+pub(crate) fn split_by_phase(
+    src: &[f32],
+    row: &mut [f32],
+    phase_len: usize,
+    sw: usize,
+    pad_left: usize,
+    avx2: Option<Avx2>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if sw == 2 && src.len() >= SPLIT_AVX2_MIN && avx2.is_some() {
+        // SAFETY: an `Avx2` exists only where the CPU has AVX2.
+        return unsafe { split_by_phase2_avx2(src, row, phase_len, pad_left) };
+    }
+    let _ = avx2;
+    // The input columns before the first of phase 0 one by one, then `sw` at a time (phases 0,
+    // 1, ... at the same place).
+    let lead = ((sw - pad_left % sw) % sw).min(src.len());
+    for (xx, v) in src[..lead].iter().enumerate() {
+        let px = xx + pad_left;
+        row[(px % sw) * phase_len + px / sw] = *v;
+    }
+    let at = (lead + pad_left) / sw;
+    if sw == 2 {
+        // Pairs into the two phases: a loop the compiler vectorises.
+        let (even, odd) = row.split_at_mut(phase_len);
+        let pairs = src[lead..].chunks_exact(2);
+        let last = pairs.remainder().first().copied();
+        let n = pairs.len();
+        for ((e, o), pair) in even[at..].iter_mut().zip(&mut odd[at..]).zip(pairs) {
+            *e = pair[0];
+            *o = pair[1];
+        }
+        if let Some(v) = last {
+            even[at + n] = v;
+        }
+        return;
+    }
+    let groups = src[lead..].chunks_exact(sw);
+    let rest = groups.remainder();
+    let n = groups.len();
+    for (j, group) in groups.enumerate() {
+        for (phase, v) in group.iter().enumerate() {
+            row[phase * phase_len + at + j] = *v;
+        }
+    }
+    for (phase, v) in rest.iter().enumerate() {
+        row[phase * phase_len + at + n] = *v;
+    }
+}
+
+/// The shortest row [`split_by_phase`] splits with AVX2: on 112- and 224-column rows it takes
+/// two thirds of the loop's time, on 56- and 28-column rows up to a tenth more (a microbenchmark
+/// of the fill, BENCHMARKS.md, session 16).
+const SPLIT_AVX2_MIN: usize = 64;
+
+/// [`split_by_phase`] for `sw` = 2, 16 input columns at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, pad_left: usize) {
+    use std::arch::x86_64::*;
+    let len = src.len();
+    // (first index in `row`, count) of the even and the odd input columns.
+    let even = ((pad_left % 2) * phase_len + pad_left / 2, len.div_ceil(2));
+    let odd = (
+        ((pad_left + 1) % 2) * phase_len + (pad_left + 1) / 2,
+        len / 2,
+    );
+    assert!(even.0 + even.1 <= row.len() && odd.0 + odd.1 <= row.len());
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] reordered by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6], and
+    // the same for the odd lanes.
+    let split = |a: __m256, b: __m256| {
+        let e = _mm256_shuffle_ps::<0x88>(a, b);
+        let o = _mm256_shuffle_ps::<0xDD>(a, b);
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e))),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o))),
+        )
+    };
+    let (s, r) = (src.as_ptr(), row.as_mut_ptr());
+    // SAFETY: loads read `src[..len]` (masked past it); stores write the even and odd runs,
+    // `even.1` and `odd.1` values from their starts (masked past them; inside `row`, asserted
+    // above). Whole chunks of 16 columns hold 8 of each.
+    let full = len / 16 * 16;
+    let mut c = 0;
+    while c < full {
+        let (e, o) = split(_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + 8)));
+        _mm256_storeu_ps(r.add(even.0 + c / 2), e);
+        _mm256_storeu_ps(r.add(odd.0 + c / 2), o);
+        c += 16;
+    }
+    if c < len {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let lanes = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+        let left = len - c;
+        let (e, o) = split(
+            _mm256_maskload_ps(s.add(c), lanes(left)),
+            _mm256_maskload_ps(s.add(c + 8), lanes(left.saturating_sub(8))),
+        );
+        _mm256_maskstore_ps(r.add(even.0 + c / 2), lanes(even.1 - c / 2), e);
+        _mm256_maskstore_ps(r.add(odd.0 + c / 2), lanes(odd.1 - c / 2), o);
+    }
+}
+
 #[cfg(test)]
 impl Window2d {
     pub(crate) fn of_case(c: usize, case: WindowCase) -> Window2d {
@@ -198,6 +324,31 @@ mod tests {
             pad_left,
             oh: 1,
             ow,
+        }
+    }
+
+    /// The AVX2 split of a stride-2 row stores what the per-column loop stores, for every row
+    /// length around the 16-column chunks and both parities of the left padding.
+    #[test]
+    fn split_by_phase_avx2_matches_scalar() {
+        if Avx2::detect().is_none() {
+            return;
+        }
+        for len in (0..40usize).chain(60..100) {
+            for pad_left in 0..4 {
+                let src: Vec<f32> = (0..len).map(|v| v as f32 + 1.0).collect();
+                let phase_len = (len + pad_left + 2).div_ceil(2);
+                let mut want = vec![0f32; 2 * phase_len + 9];
+                let mut got = want.clone();
+                split_by_phase(&src, &mut want, phase_len, 2, pad_left, None);
+                // SAFETY: `Avx2::detect` above found AVX2 (every length, not only the long
+                // rows `split_by_phase` gives it).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    split_by_phase2_avx2(&src, &mut got, phase_len, pad_left)
+                };
+                assert_eq!(got, want, "len {len} pad_left {pad_left}");
+            }
         }
     }
 
