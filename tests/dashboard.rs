@@ -610,7 +610,11 @@ fn dashboard_pages_show_the_api_figures_and_pause_and_resume_a_rollout() {
                 .flat_map(|m| {
                     [
                         (format!("active-{}", text(&m["name"])), text(&m["active"])),
-                        (format!("compute-{}", text(&m["name"])), text(&m["compute"])),
+                        // The page shows "–" where the API has no figure (null).
+                        (
+                            format!("compute-{}", text(&m["name"])),
+                            m["compute"].as_str().unwrap_or("–").to_string(),
+                        ),
                     ]
                 })
                 .chain([(
