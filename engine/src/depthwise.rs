@@ -160,25 +160,32 @@ const WHOLE_PLANE_MAX: usize = 4096;
 
 fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { run_avx2(op, x, k, b, out) };
+    if let Some(avx2) = Avx2::detect() {
+        // SAFETY: the CPU supports AVX2 and FMA (`avx2` is the proof).
+        return unsafe { run_avx2(op, x, k, b, out, avx2) };
     }
-    run_generic::<false>(op, x, k, b, out)
+    run_generic::<false>(op, x, k, b, out, None)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
-    run_generic::<true>(op, x, k, b, out)
+unsafe fn run_avx2(
+    op: &DepthwiseConv,
+    x: &[f32],
+    k: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    avx2: Avx2,
+) {
+    run_generic::<true>(op, x, k, b, out, Some(avx2))
 }
 
 /// Zero elements after the padded plane, so that [`plane3x3_avx2`] may load whole vectors past
 /// a row's last output point (lanes it never stores).
 const PLANE_SLACK: usize = 16;
 
-/// `AVX2`: the CPU has AVX2 and FMA (only ever true from [`run_avx2`]); 3x3 kernels then run
-/// [`plane3x3_avx2`].
+/// `AVX2`: the CPU has AVX2 and FMA (only ever true from [`run_avx2`], which passes its proof
+/// as `avx2`); 3x3 kernels then run [`plane3x3_avx2`].
 #[inline(always)]
 fn run_generic<const AVX2: bool>(
     op: &DepthwiseConv,
@@ -186,6 +193,7 @@ fn run_generic<const AVX2: bool>(
     k: &[f32],
     b: &[f32],
     out: &mut [f32],
+    avx2: Option<Avx2>,
 ) {
     let (sh, sw) = op.stride;
     // Padded plane, stored by column phase: phase p holds padded columns p, p + sw, p + 2sw...
@@ -215,7 +223,6 @@ fn run_generic<const AVX2: bool>(
     let plane_out = op.oh * op.ow;
     let (low, high) = (op.clamp.low(), op.clamp.high());
     let taps = op.kh * op.kw;
-    let avx2 = if AVX2 { Avx2::detect() } else { None };
     // Short rows with a partial last vector (14 or 7 points) store it whole but on the plane's
     // last row ([`plane3x3_avx2`]); the spilled lanes stay inside the next row (at least 4 points
     // wide).

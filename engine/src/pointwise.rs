@@ -257,16 +257,11 @@ impl Kernel {
     /// The fastest kernel this CPU runs.
     pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if avx2_fma() {
+        if crate::window::Avx2::detect().is_some() {
             return Kernel::Avx2Fma;
         }
         Kernel::Portable
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Whether this CPU runs the AVX2 + FMA kernel: the passes install [`Pointwise`] only then.
@@ -1007,7 +1002,7 @@ mod tests {
     fn kernels() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if avx2_fma() {
+        if crate::window::Avx2::detect().is_some() {
             kernels.push(Kernel::Avx2Fma);
         }
         kernels
@@ -1174,7 +1169,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn portable_and_avx2_agree() {
-        if !avx2_fma() {
+        if crate::window::Avx2::detect().is_none() {
             return;
         }
         let (m, k, n) = (20, 40, 37);
