@@ -226,6 +226,7 @@ fn run_generic<const AVX2: bool>(
     // Short rows with a partial last vector (14 or 7 points) store it whole but on the plane's
     // last row ([`plane3x3_avx2`]); the spilled lanes stay inside the next row (at least 4 points
     // wide).
+    #[cfg(target_arch = "x86_64")]
     let spill = op.oh > 1 && op.ow % 8 != 0 && (4..16).contains(&op.ow);
     for (plane, (xin, xouts)) in x
         .chunks_exact(plane_in)

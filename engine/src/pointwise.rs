@@ -628,6 +628,7 @@ unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool, const R: usize>(
 }
 
 /// Most columns [`narrow_avx2`] takes.
+#[cfg(target_arch = "x86_64")]
 const NARROW: usize = 4;
 
 /// A tile of at most [`NARROW`] columns whose weights are a packed panel (`ldw == MR`, bias per

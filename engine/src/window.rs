@@ -234,6 +234,7 @@ pub(crate) fn split_by_phase(
 /// The shortest row [`split_by_phase`] splits with AVX2: on 112- and 224-column rows it takes
 /// two thirds of the loop's time, on 56- and 28-column rows up to a tenth more (a microbenchmark
 /// of the fill, BENCHMARKS.md, session 16).
+#[cfg(target_arch = "x86_64")]
 const SPLIT_AVX2_MIN: usize = 64;
 
 /// [`split_by_phase`] for `sw` = 2, 16 input columns at a time.
