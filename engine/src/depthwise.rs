@@ -27,21 +27,26 @@ use crate::window::{split_by_phase, Avx2};
 /// convolution of a single input channel is one with `multiplier` = its output channels).
 /// The outputs are clamped to `[low, high]` (`max` then `min`, as tract's `Max` and `Min`
 /// compute them), which is how the activation after it is fused (`fuse_clamp`).
+///
+/// With `channels_last` (set by the layout pass, [`crate::layout`]; multiplier 1 only) the
+/// activations are NHWC or HWC instead, the kernel `[kh, kw, C]`
+/// ([`crate::depthwise_cl::pack_kernel`]), and [`crate::depthwise_cl`] runs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DepthwiseConv {
-    has_n: bool,
-    c: usize,
-    multiplier: usize,
-    clamp: Clamp,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    stride: (usize, usize),
-    pad_top: usize,
-    pad_left: usize,
-    oh: usize,
-    ow: usize,
+    pub has_n: bool,
+    pub c: usize,
+    pub multiplier: usize,
+    pub clamp: Clamp,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub channels_last: bool,
 }
 
 /// The bounds a [`DepthwiseConv`] clamps its outputs to, as f32 bits (for `Hash` and `Eq`);
@@ -80,11 +85,19 @@ impl DepthwiseConv {
     }
 
     fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
-        let mut shape: TVec<D> = tvec![
-            self.output_channels().into(),
-            self.oh.into(),
-            self.ow.into()
-        ];
+        let mut shape: TVec<D> = if self.channels_last {
+            tvec![
+                self.oh.into(),
+                self.ow.into(),
+                self.output_channels().into()
+            ]
+        } else {
+            tvec![
+                self.output_channels().into(),
+                self.oh.into(),
+                self.ow.into()
+            ]
+        };
         if self.has_n {
             shape.insert(0, n);
         }
@@ -124,7 +137,18 @@ impl EvalOp for DepthwiseConv {
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape(n))? };
         {
             let mut out_ram = out.try_as_plain_ram_mut()?;
-            run(self, xs, ks, bs, out_ram.as_slice_mut::<f32>()?);
+            let os = out_ram.as_slice_mut::<f32>()?;
+            if xs.len() != n * self.c * self.h * self.w
+                || ks.len() != self.output_channels() * self.kh * self.kw
+                || !(bs.len() == 1 || bs.len() == self.output_channels())
+            {
+                bail!("EngineDepthwiseConv: input sizes do not match {self:?}");
+            }
+            if self.channels_last {
+                crate::depthwise_cl::run(self, xs, ks, bs, os);
+            } else {
+                run(self, xs, ks, bs, os);
+            }
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -398,7 +422,7 @@ unsafe fn plane3x3_avx2<const SPILL: bool>(
 /// `to[i] = from[i].max(low).min(high)`: tract's `Max` then `Min` (a NaN becomes `low`, as
 /// `f32::max` makes it), a no-op on numbers when unbounded.
 #[inline(always)]
-fn store_clamped(to: &mut [f32], from: &[f32], low: f32, high: f32) {
+pub(crate) fn store_clamped(to: &mut [f32], from: &[f32], low: f32, high: f32) {
     if low == f32::NEG_INFINITY && high == f32::INFINITY {
         // Unbounded: a plain copy (NaN stays NaN).
         to.copy_from_slice(from);
@@ -576,6 +600,7 @@ fn candidate(
         pad_left: dims[1].pad_before,
         oh,
         ow,
+        channels_last: false,
     }))
 }
 
@@ -655,6 +680,7 @@ mod tests {
                     pad_left: pl,
                     oh,
                     ow,
+                    channels_last: false,
                 };
                 let x: Vec<f32> = (0..n * c * h * w)
                     .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
@@ -672,6 +698,97 @@ mod tests {
                         "case {i} multiplier {multiplier} {clamp:?} element {j}: {g} vs {w}"
                     );
                 }
+            }
+        }
+    }
+
+    /// `[n, c, s]` to `[n, s, c]` (`to_last`) or back.
+    fn transpose_channels(x: &[f32], n: usize, c: usize, s: usize, to_last: bool) -> Vec<f32> {
+        let mut t = vec![0f32; x.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..s {
+                    let (first, last) = ((b * c + ch) * s + p, (b * s + p) * c + ch);
+                    if to_last {
+                        t[last] = x[first];
+                    } else {
+                        t[first] = x[last];
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// The channels-last op computes what the channels-first one does, to the bit (the same
+    /// sums in the same order), on the AVX2 kernel and the portable one: channel counts with
+    /// and without a partial block of 8, strides 1 and 2, paddings that cut the window on every
+    /// side, kernels of 3x3 (registers) and others.
+    #[test]
+    fn channels_last_matches_channels_first() {
+        // (h, w, kh, kw, stride, pad_top, pad_left, pad_bottom, pad_right)
+        let cases = [
+            (7, 9, 3, 3, (1, 1), 1, 1, 1, 1),
+            (8, 8, 3, 3, (2, 2), 1, 1, 1, 1),
+            (14, 14, 3, 3, (2, 2), 0, 0, 1, 1),
+            (9, 7, 3, 3, (2, 2), 0, 0, 0, 0),
+            (10, 11, 5, 5, (2, 1), 2, 1, 2, 3),
+            (5, 5, 3, 3, (3, 2), 1, 0, 0, 1),
+            (3, 3, 3, 3, (1, 1), 2, 2, 2, 2),
+        ];
+        let relu6 = Clamp::new(0.0, 6.0);
+        for (i, &(h, w, kh, kw, stride, pt, pl, pb, pr)) in cases.iter().enumerate() {
+            for (c, clamp) in [(3, Clamp::NONE), (8, relu6), (19, relu6), (32, Clamp::NONE)] {
+                let n = 2;
+                let oh = (h + pt + pb - kh) / stride.0 + 1;
+                let ow = (w + pl + pr - kw) / stride.1 + 1;
+                let first = DepthwiseConv {
+                    has_n: true,
+                    c,
+                    multiplier: 1,
+                    clamp,
+                    h,
+                    w,
+                    kh,
+                    kw,
+                    stride,
+                    pad_top: pt,
+                    pad_left: pl,
+                    oh,
+                    ow,
+                    channels_last: false,
+                };
+                let last = DepthwiseConv {
+                    channels_last: true,
+                    ..first.clone()
+                };
+                let x: Vec<f32> = (0..n * c * h * w)
+                    .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
+                    .collect();
+                let k: Vec<f32> = (0..c * kh * kw)
+                    .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)
+                    .collect();
+                let b: Vec<f32> = (0..c).map(|v| v as f32 * 0.5 - 0.5).collect();
+                let mut want = vec![0.0; n * c * oh * ow];
+                run(&first, &x, &k, &b, &mut want);
+                let want = transpose_channels(&want, n, c, oh * ow, true);
+                let x_last = transpose_channels(&x, n, c, h * w, true);
+                let k_last = crate::depthwise_cl::pack_kernel(&k, c, kh * kw);
+                // Sentinels past the output must survive (masked stores).
+                let mut got = vec![f32::NAN; want.len() + 3];
+                got[want.len()..].fill(1234.5);
+                crate::depthwise_cl::run(&last, &x_last, &k_last, &b, &mut got);
+                assert_eq!(&got[want.len()..], &[1234.5; 3], "case {i} c {c}");
+                assert_eq!(&got[..want.len()], &want[..], "case {i} c {c} {clamp:?}");
+                let mut portable = vec![0.0; want.len()];
+                crate::depthwise_cl::run_portable_for_tests(
+                    &last,
+                    &x_last,
+                    &k_last,
+                    &b,
+                    &mut portable,
+                );
+                assert_eq!(portable, want, "portable: case {i} c {c} {clamp:?}");
             }
         }
     }

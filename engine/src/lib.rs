@@ -57,9 +57,11 @@
 mod cache;
 mod convert;
 mod depthwise;
+mod depthwise_cl;
 mod error;
 mod fold;
 mod im2col;
+mod layout;
 mod maxpool;
 mod model;
 mod nnef;

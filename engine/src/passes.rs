@@ -14,7 +14,10 @@
 //! - [`crate::depthwise`]: a depthwise convolution over padded rows (batch size known only),
 //!   also for convolutions of one input channel (a channel multiplier), with the `Max`/`Min`
 //!   activation after it (or after a pointwise one) fused (`depthwise::fuse_clamp`);
-//! - [`crate::maxpool`]: a max pool walking rows instead of points.
+//! - [`crate::maxpool`]: a max pool walking rows instead of points;
+//! - last, [`crate::layout`]: on a model with depthwise convolutions, those and the pointwise
+//!   ones run on channels-last activations, with transposes only where channels-last and
+//!   channels-first values meet (none on `mobilenetish`).
 //!
 //! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
 //! model, loaded from ONNX and from NNEF (tests below); each operator is also checked against a
@@ -38,6 +41,11 @@ pub(crate) struct Rewrites {
     /// Activations (`Max`/`Min` with a constant) fused into a depthwise convolution or the
     /// engine's matrix product.
     pub fused_clamps: usize,
+    /// Depthwise and pointwise convolutions switched to channels-last activations
+    /// ([`crate::layout`]).
+    pub channels_last: usize,
+    /// Transposes the layout pass left where channels-last and channels-first values meet.
+    pub layout_transposes: usize,
 }
 
 /// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
@@ -69,15 +77,22 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     let depthwise_convolutions = crate::depthwise::install(model)?;
     let convolutions = crate::im2col::install(model)?;
     let pointwise_convolutions = crate::pointwise::install(model)?;
+    // Biases before clamps: a clamp is fused only right after the bias.
+    let fused_biases = crate::pointwise::fuse_bias(model)?;
+    let max_pools = crate::maxpool::install(model)?;
+    let fused_clamps = crate::depthwise::fuse_clamp(model)?;
+    // Last: it switches the ops the passes above installed.
+    let layout = crate::layout::install(model)?;
     Ok(Rewrites {
         folded_constants,
         depthwise_convolutions,
         convolutions,
         pointwise_convolutions,
-        // Biases before clamps: a clamp is fused only right after the bias.
-        fused_biases: crate::pointwise::fuse_bias(model)?,
-        max_pools: crate::maxpool::install(model)?,
-        fused_clamps: crate::depthwise::fuse_clamp(model)?,
+        fused_biases,
+        max_pools,
+        fused_clamps,
+        channels_last: layout.switched,
+        layout_transposes: layout.transposes,
     })
 }
 
@@ -187,6 +202,9 @@ mod tests {
                     fused_biases: 0,
                     // conv1's ReLU, and conv2's into the engine's product.
                     fused_clamps: 1 + fast,
+                    // No depthwise convolution of multiplier 1: channels-first throughout.
+                    channels_last: 0,
+                    layout_transposes: 0,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -204,6 +222,12 @@ mod tests {
                     // The ReLU6 (`Max`, `Min`) after every depthwise convolution, and after
                     // the 17 pointwise ones that have one and the first layer.
                     fused_clamps: 34 + 36 * fast,
+                    // Every depthwise and pointwise convolution and the first layer's product
+                    // channels-last, where the engine's product runs...
+                    channels_last: 52 * fast,
+                    // ...with no transpose left: the first layer writes channels-last, the
+                    // residual additions and the global pool read it.
+                    layout_transposes: 0,
                 },
             ),
         ];

@@ -77,6 +77,23 @@ pub(crate) enum Layout {
     /// swapped (points broadcast from `x` in place, output channels as vectors from the
     /// transposed weights), the bias added per column.
     OutChannelsLast,
+    /// `x` `[batch.., spatial.., k]`, output `[(batch..), spatial.., m]`: both channels-last,
+    /// as the layout pass (`crate::layout`) runs the layers between depthwise convolutions.
+    /// A plain matrix product `x · Wᵀ`: tiles of [`MR`] points (rows of `x`, broadcast) by
+    /// [`NR`] output channels (vectors of the weights, packed in panels of [`NR`] columns).
+    ChannelsLast,
+}
+
+impl Layout {
+    /// Whether `x` holds its channels on its last axis.
+    pub(crate) fn input_channels_last(self) -> bool {
+        matches!(self, Layout::InChannelsLast | Layout::ChannelsLast)
+    }
+
+    /// Whether the output holds its channels on its last axis.
+    pub(crate) fn output_channels_last(self) -> bool {
+        matches!(self, Layout::OutChannelsLast | Layout::ChannelsLast)
+    }
 }
 
 impl Pointwise {
@@ -86,9 +103,10 @@ impl Pointwise {
 
     /// How many leading axes of `x` are batch axes.
     fn batch_rank(&self) -> usize {
-        match self.layout {
-            Layout::InChannelsLast => self.k_axis - self.spatial.len(),
-            _ => self.k_axis,
+        if self.layout.input_channels_last() {
+            self.k_axis - self.spatial.len()
+        } else {
+            self.k_axis
         }
     }
 
@@ -98,11 +116,11 @@ impl Pointwise {
         } else {
             tvec![]
         };
-        if self.layout != Layout::OutChannelsLast {
+        if !self.layout.output_channels_last() {
             shape.push(self.m.into());
         }
         shape.extend(self.out_spatial.iter().map(|d| D::from(*d)));
-        if self.layout == Layout::OutChannelsLast {
+        if self.layout.output_channels_last() {
             shape.push(self.m.into());
         }
         shape
@@ -115,9 +133,10 @@ impl Pointwise {
         } else {
             0
         };
-        match self.layout {
-            Layout::OutChannelsLast => prefix + self.out_spatial.len(),
-            _ => prefix,
+        if self.layout.output_channels_last() {
+            prefix + self.out_spatial.len()
+        } else {
+            prefix
         }
     }
 }
@@ -197,35 +216,49 @@ impl TypedOp for Pointwise {
 }
 
 /// Length of the packed weights of an `m x k` matrix: `ceil(m / MR)` panels of `k x MR`, or
-/// the transposed `k x m` matrix for [`Layout::OutChannelsLast`].
+/// the transposed `k x m` matrix for [`Layout::OutChannelsLast`], `ceil(m / NR)` panels of
+/// `k x NR` for [`Layout::ChannelsLast`].
 pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
     match layout {
         Layout::OutChannelsLast => k * m,
+        Layout::ChannelsLast => m.div_ceil(NR) * k * NR,
         _ => m.div_ceil(MR) * k * MR,
     }
 }
 
-/// Packs the row-major `m x k` weights for `layout`: panels of [`MR`] rows, `k`-major (element
-/// `(r, i)` of panel `p` at `(p * k + i) * MR + r`), rows past `m` zero; for
-/// [`Layout::OutChannelsLast`] the transposed matrix, row-major `k x m`.
-pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec<f32> {
-    if layout == Layout::OutChannelsLast {
-        let mut t = vec![0f32; k * m];
-        for (o, row) in w.chunks_exact(k).take(m).enumerate() {
-            for (i, v) in row.iter().enumerate() {
-                t[i * m + o] = *v;
-            }
-        }
-        return t;
+/// Where element `(o, i)` of the row-major `m x k` weights lies once packed for `layout`:
+/// panels of [`MR`] rows, `k`-major (element `(r, i)` of panel `p` at `(p * k + i) * MR + r`,
+/// rows past `m` zero); for [`Layout::OutChannelsLast`] the transposed matrix, row-major `k x
+/// m`; for [`Layout::ChannelsLast`] panels of [`NR`] columns of the transposed matrix,
+/// `k`-major (element `(i, c)` of panel `p` at `(p * k + i) * NR + c`, columns past `m` zero).
+fn packed_index(layout: Layout, m: usize, k: usize, o: usize, i: usize) -> usize {
+    match layout {
+        Layout::OutChannelsLast => i * m + o,
+        Layout::ChannelsLast => ((o / NR) * k + i) * NR + o % NR,
+        _ => ((o / MR) * k + i) * MR + o % MR,
     }
+}
+
+/// Packs the row-major `m x k` weights for `layout` ([`packed_index`]).
+pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec<f32> {
     let mut packed = vec![0f32; packed_len(layout, m, k)];
     for (o, row) in w.chunks_exact(k).take(m).enumerate() {
-        let (panel, r) = (o / MR, o % MR);
         for (i, v) in row.iter().enumerate() {
-            packed[(panel * k + i) * MR + r] = *v;
+            packed[packed_index(layout, m, k, o, i)] = *v;
         }
     }
     packed
+}
+
+/// The row-major `m x k` weights back from [`pack_weights`] (the layout pass repacks them).
+pub(crate) fn unpack_weights(layout: Layout, m: usize, k: usize, packed: &[f32]) -> Vec<f32> {
+    let mut w = vec![0f32; m * k];
+    for (o, row) in w.chunks_exact_mut(k).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = packed[packed_index(layout, m, k, o, i)];
+        }
+    }
+    w
 }
 
 /// The most of a channels-first `x` (`k` rows of a stripe of columns) [`gemm`] runs every
@@ -269,10 +302,6 @@ pub(crate) fn fast_kernel() -> bool {
     Kernel::best() != Kernel::Portable
 }
 
-/// `out = clamp(W · x + bias)` for one batch element in `layout`: `W` packed by
-/// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
-/// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
-/// `k x n`, `out` `n x m`. Every layout runs the same tile.
 /// The rows of weight panel `panel` (the last may be short) and their biases, zero-padded to
 /// [`MR`].
 fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
@@ -282,6 +311,11 @@ fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
     (rows, b)
 }
 
+/// `out = clamp(W · x + bias)` for one batch element in `layout`: `W` packed by
+/// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
+/// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
+/// `k x n`, `out` `n x m` (the same tile for these three); [`Layout::ChannelsLast`]: `x`
+/// `n x k`, `out` `n x m` ([`gemm_channels_last`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     layout: Layout,
@@ -299,6 +333,7 @@ pub(crate) fn gemm(
     assert!(bias.len() >= m);
     let panels = m.div_ceil(MR);
     match layout {
+        Layout::ChannelsLast => gemm_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
         Layout::ChannelsFirst => {
             // The tile of weight panel `panel` and the block of points at `col`, read from `xb`
             // (its first column) with rows `ldx` apart.
@@ -430,6 +465,173 @@ pub(crate) fn gemm(
                     };
                     t.run(&mut out[p * m + col..], kernel);
                 }
+            }
+        }
+    }
+}
+
+/// [`gemm`] for [`Layout::ChannelsLast`]: `out[p, o] = clamp(Σ_i x[p, i] · W[o, i] +
+/// bias[o])`, `x` `n x k` and `out` `n x m` row-major, `w` in panels of [`NR`] output channels.
+/// For each stripe of points small enough for L2 ([`STRIPE_BYTES`] of `x`), each weight panel
+/// runs over the stripe's blocks of [`MR`] points: the panel stays in L1, each of a tile's rows
+/// of `x` is read front to back, and each tile stores [`MR`] runs of [`NR`] channels.
+#[allow(clippy::too_many_arguments)]
+fn gemm_channels_last(
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    x: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    kernel: Kernel,
+) {
+    let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(MR) * MR;
+    for start in (0..n).step_by(stripe) {
+        let end = n.min(start + stripe);
+        for panel in 0..m.div_ceil(NR) {
+            let cols = NR.min(m - panel * NR);
+            let mut b = [0f32; NR];
+            b[..cols].copy_from_slice(&bias[panel * NR..panel * NR + cols]);
+            for p in (start..end).step_by(MR) {
+                let rows = MR.min(end - p);
+                let t = RowTile {
+                    k,
+                    x: &x[p * k..(p + rows) * k],
+                    rows,
+                    w: &w[panel * k * NR..(panel + 1) * k * NR],
+                    cols,
+                    ldo: m,
+                    bias: &b,
+                    clamp,
+                };
+                t.run(&mut out[p * m + panel * NR..], kernel);
+            }
+        }
+    }
+}
+
+/// One tile of [`gemm_channels_last`]: `rows` (≤ [`MR`]) points, rows of `x` (`k` apart), by
+/// `cols` (≤ [`NR`]) output channels of a weight panel (`k x NR`, zero past `cols`);
+/// `out[r, c] = clamp(Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows `ldo` apart. The sum runs
+/// over `i` in order with fused multiply-adds from zero, then the bias is added: the sums
+/// [`Tile`] computes for the channels-first layouts, so both give the same results.
+struct RowTile<'a> {
+    k: usize,
+    x: &'a [f32],
+    rows: usize,
+    w: &'a [f32],
+    cols: usize,
+    ldo: usize,
+    bias: &'a [f32; NR],
+    clamp: Clamp,
+}
+
+impl RowTile<'_> {
+    #[inline(always)]
+    fn run(&self, out: &mut [f32], kernel: Kernel) {
+        assert!(self.k >= 1 && self.rows >= 1 && self.rows <= MR);
+        assert!(self.cols >= 1 && self.cols <= NR);
+        assert!(self.x.len() >= self.rows * self.k && self.w.len() >= self.k * NR);
+        assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
+        match kernel {
+            Kernel::Portable => row_tile_portable(self, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA; the
+            // slices cover every element the tile reads and writes (asserted above).
+            Kernel::Avx2Fma => unsafe {
+                match (self.cols <= NR / 2, self.rows) {
+                    (true, 1..=2) => row_tile_avx2::<1, 2>(self, out),
+                    (true, 3..=4) => row_tile_avx2::<1, 4>(self, out),
+                    (true, _) => row_tile_avx2::<1, MR>(self, out),
+                    (false, 1..=2) => row_tile_avx2::<2, 2>(self, out),
+                    (false, 3..=4) => row_tile_avx2::<2, 4>(self, out),
+                    (false, _) => row_tile_avx2::<2, MR>(self, out),
+                }
+            },
+        }
+    }
+}
+
+#[inline(always)]
+fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
+    let mut acc = [[0f32; NR]; MR];
+    for i in 0..t.k {
+        let wr = &t.w[i * NR..(i + 1) * NR];
+        for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
+            let xv = t.x[r * t.k + i];
+            for (a, w) in acc.iter_mut().zip(wr) {
+                *a += xv * *w;
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(t.rows) {
+        let to = &mut out[r * t.ldo..r * t.ldo + t.cols];
+        for ((o, a), b) in to.iter_mut().zip(acc).zip(t.bias) {
+            let v = *a + *b;
+            *o = if t.clamp == Clamp::NONE {
+                v
+            } else {
+                v.max(t.clamp.low()).min(t.clamp.high())
+            };
+        }
+    }
+}
+
+/// [`RowTile`] with `V` vectors (8 channels each) per row, `V = 1` for up to 8 channels, and
+/// the sums of `R` (at least `t.rows`) rows: the rows past `t.rows` repeat the last one (never
+/// stored), so no read goes past `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
+    debug_assert!(rows >= 1 && rows <= R && R <= MR && cols >= 1 && cols <= 8 * V);
+    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]` (`RowTile::run` asserts
+    // `rows * k` of them); `wp` walks the panel's `k` rows of NR values.
+    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * k));
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    let mut wp = t.w.as_ptr();
+    for i in 0..k {
+        let mut wv = [_mm256_setzero_ps(); V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm256_loadu_ps(wp.add(8 * v));
+        }
+        for (acc, xr) in acc.iter_mut().zip(&xr) {
+            let b = _mm256_broadcast_ss(&*xr.add(i));
+            for v in 0..V {
+                acc[v] = _mm256_fmadd_ps(b, wv[v], acc[v]);
+            }
+        }
+        wp = wp.add(NR);
+    }
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let full = cols == 8 * V;
+    let clamped = t.clamp != Clamp::NONE;
+    let (low, high) = (
+        _mm256_set1_ps(t.clamp.low()),
+        _mm256_set1_ps(t.clamp.high()),
+    );
+    let mut bias = [_mm256_setzero_ps(); V];
+    let mut mask = [_mm256_setzero_si256(); V];
+    for v in 0..V {
+        bias[v] = _mm256_loadu_ps(t.bias.as_ptr().add(8 * v));
+        mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
+    }
+    let op = out.as_mut_ptr();
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let to = op.add(r * ldo);
+        for v in 0..V {
+            let mut y = _mm256_add_ps(acc[v], bias[v]);
+            if clamped {
+                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
+                y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+            }
+            if full {
+                _mm256_storeu_ps(to.add(8 * v), y);
+            } else {
+                _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
             }
         }
     }
@@ -1034,6 +1236,7 @@ mod tests {
             Layout::ChannelsFirst,
             Layout::InChannelsLast,
             Layout::OutChannelsLast,
+            Layout::ChannelsLast,
         ];
         for (kernel, layout) in kernels().into_iter().flat_map(|k| layouts.map(|l| (k, l))) {
             for &(m, k, n) in &cases {
@@ -1046,9 +1249,10 @@ mod tests {
                         .collect();
                     let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.5 - 2.0).collect();
                     let packed = pack_weights(layout, m, k, &w);
-                    let x_in = match layout {
-                        Layout::InChannelsLast => transpose(&x, k, n),
-                        _ => x.clone(),
+                    let x_in = if layout.input_channels_last() {
+                        transpose(&x, k, n)
+                    } else {
+                        x.clone()
                     };
                     // Sentinels past the output must survive (masked stores).
                     let mut out = vec![f32::NAN; m * n + 3];
@@ -1057,7 +1261,7 @@ mod tests {
                     let what = format!("{kernel:?} {layout:?} {m}x{k}x{n} {clamp:?}");
                     assert_eq!(&out[m * n..], &[1234.5; 3], "{what}");
                     let mut want = naive(m, k, n, &w, &x, &b, clamp);
-                    if layout == Layout::OutChannelsLast {
+                    if layout.output_channels_last() {
                         want = transpose(&want, m, n);
                     }
                     for (j, (g, w)) in out.iter().zip(&want).enumerate() {
@@ -1181,6 +1385,7 @@ mod tests {
             Layout::ChannelsFirst,
             Layout::InChannelsLast,
             Layout::OutChannelsLast,
+            Layout::ChannelsLast,
         ] {
             let packed = pack_weights(layout, m, k, &w);
             let mut a = vec![0f32; m * n];
