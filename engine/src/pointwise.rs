@@ -42,6 +42,12 @@ use crate::depthwise::Clamp;
 pub(crate) const MR: usize = 6;
 /// Points per tile (two AVX2 vectors).
 pub(crate) const NR: usize = 16;
+/// Output channels per weight panel of [`Layout::ChannelsLast`]: two AVX-512 vectors, or two
+/// AVX2 tiles of [`NR`].
+pub(crate) const NR_LAST: usize = 32;
+/// Points per [`Layout::ChannelsLast`] tile with AVX-512 (32 registers: 24 sums, 2 weights).
+#[cfg(target_arch = "x86_64")]
+const MR_AVX512: usize = 12;
 
 /// `out[b, o, p] = clamp(Σ_i W[o, i] · x[b, i, p] + bias[o])` for an input `x` read as
 /// `[batch, k, n]` (`batch`: the product of the axes before `k_axis`, `n`: of those after it).
@@ -79,8 +85,8 @@ pub(crate) enum Layout {
     OutChannelsLast,
     /// `x` `[batch.., spatial.., k]`, output `[(batch..), spatial.., m]`: both channels-last,
     /// as the layout pass (`crate::layout`) runs the layers between depthwise convolutions.
-    /// A plain matrix product `x · Wᵀ`: tiles of [`MR`] points (rows of `x`, broadcast) by
-    /// [`NR`] output channels (vectors of the weights, packed in panels of [`NR`] columns).
+    /// A plain matrix product `x · Wᵀ`: tiles of points (rows of `x`, broadcast) by output
+    /// channels (vectors of the weights, packed in panels of [`NR_LAST`] columns).
     ChannelsLast,
 }
 
@@ -221,7 +227,7 @@ impl TypedOp for Pointwise {
 pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
     match layout {
         Layout::OutChannelsLast => k * m,
-        Layout::ChannelsLast => m.div_ceil(NR) * k * NR,
+        Layout::ChannelsLast => m.div_ceil(NR_LAST) * k * NR_LAST,
         _ => m.div_ceil(MR) * k * MR,
     }
 }
@@ -229,12 +235,13 @@ pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
 /// Where element `(o, i)` of the row-major `m x k` weights lies once packed for `layout`:
 /// panels of [`MR`] rows, `k`-major (element `(r, i)` of panel `p` at `(p * k + i) * MR + r`,
 /// rows past `m` zero); for [`Layout::OutChannelsLast`] the transposed matrix, row-major `k x
-/// m`; for [`Layout::ChannelsLast`] panels of [`NR`] columns of the transposed matrix,
-/// `k`-major (element `(i, c)` of panel `p` at `(p * k + i) * NR + c`, columns past `m` zero).
+/// m`; for [`Layout::ChannelsLast`] panels of [`NR_LAST`] columns of the transposed matrix,
+/// `k`-major (element `(i, c)` of panel `p` at `(p * k + i) * NR_LAST + c`, columns past `m`
+/// zero).
 fn packed_index(layout: Layout, m: usize, k: usize, o: usize, i: usize) -> usize {
     match layout {
         Layout::OutChannelsLast => i * m + o,
-        Layout::ChannelsLast => ((o / NR) * k + i) * NR + o % NR,
+        Layout::ChannelsLast => ((o / NR_LAST) * k + i) * NR_LAST + o % NR_LAST,
         _ => ((o / MR) * k + i) * MR + o % MR,
     }
 }
@@ -284,6 +291,10 @@ pub(crate) enum Kernel {
     /// AVX2 + FMA intrinsics; only where the CPU has both.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// AVX-512 (F) for [`Layout::ChannelsLast`], AVX2 + FMA for the other layouts; only where
+    /// the CPU has all three.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Kernel {
@@ -291,6 +302,9 @@ impl Kernel {
     pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         if crate::window::Avx2::detect().is_some() {
+            if crate::window::avx512_detected() {
+                return Kernel::Avx512;
+            }
             return Kernel::Avx2Fma;
         }
         Kernel::Portable
@@ -471,10 +485,12 @@ pub(crate) fn gemm(
 }
 
 /// [`gemm`] for [`Layout::ChannelsLast`]: `out[p, o] = clamp(Σ_i x[p, i] · W[o, i] +
-/// bias[o])`, `x` `n x k` and `out` `n x m` row-major, `w` in panels of [`NR`] output channels.
-/// For each stripe of points small enough for L2 ([`STRIPE_BYTES`] of `x`), each weight panel
-/// runs over the stripe's blocks of [`MR`] points: the panel stays in L1, each of a tile's rows
-/// of `x` is read front to back, and each tile stores [`MR`] runs of [`NR`] channels.
+/// bias[o])`, `x` `n x k` and `out` `n x m` row-major, `w` in panels of [`NR_LAST`] output
+/// channels. For each stripe of points small enough for L2 ([`STRIPE_BYTES`] of `x`), each
+/// weight panel runs over the stripe's blocks of points: the panel stays in L1, each of a
+/// tile's rows of `x` is read front to back, and each tile stores a run of channels per point.
+/// AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other kernels
+/// in two of [`NR`] channels and [`MR`] points.
 #[allow(clippy::too_many_arguments)]
 fn gemm_channels_last(
     m: usize,
@@ -487,36 +503,47 @@ fn gemm_channels_last(
     out: &mut [f32],
     kernel: Kernel,
 ) {
-    let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(MR) * MR;
+    #[cfg(target_arch = "x86_64")]
+    let (rows_per_tile, cols_per_tile) = match kernel {
+        Kernel::Avx512 => (MR_AVX512, NR_LAST),
+        _ => (MR, NR),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (rows_per_tile, cols_per_tile) = (MR, NR);
+    let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(rows_per_tile) * rows_per_tile;
     for start in (0..n).step_by(stripe) {
         let end = n.min(start + stripe);
-        for panel in 0..m.div_ceil(NR) {
-            let cols = NR.min(m - panel * NR);
-            let mut b = [0f32; NR];
-            b[..cols].copy_from_slice(&bias[panel * NR..panel * NR + cols]);
-            for p in (start..end).step_by(MR) {
-                let rows = MR.min(end - p);
-                let t = RowTile {
-                    k,
-                    x: &x[p * k..(p + rows) * k],
-                    rows,
-                    w: &w[panel * k * NR..(panel + 1) * k * NR],
-                    cols,
-                    ldo: m,
-                    bias: &b,
-                    clamp,
-                };
-                t.run(&mut out[p * m + panel * NR..], kernel);
+        for panel in 0..m.div_ceil(NR_LAST) {
+            let cols = NR_LAST.min(m - panel * NR_LAST);
+            let mut b = [0f32; NR_LAST];
+            b[..cols].copy_from_slice(&bias[panel * NR_LAST..panel * NR_LAST + cols]);
+            let wp = &w[panel * k * NR_LAST..(panel + 1) * k * NR_LAST];
+            for p in (start..end).step_by(rows_per_tile) {
+                let rows = rows_per_tile.min(end - p);
+                for c0 in (0..cols).step_by(cols_per_tile) {
+                    let t = RowTile {
+                        k,
+                        x: &x[p * k..(p + rows) * k],
+                        rows,
+                        w: &wp[c0..],
+                        cols: cols_per_tile.min(cols - c0),
+                        ldo: m,
+                        bias: &b[c0..],
+                        clamp,
+                    };
+                    t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
+                }
             }
         }
     }
 }
 
-/// One tile of [`gemm_channels_last`]: `rows` (≤ [`MR`]) points, rows of `x` (`k` apart), by
-/// `cols` (≤ [`NR`]) output channels of a weight panel (`k x NR`, zero past `cols`);
-/// `out[r, c] = clamp(Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows `ldo` apart. The sum runs
-/// over `i` in order with fused multiply-adds from zero, then the bias is added: the sums
-/// [`Tile`] computes for the channels-first layouts, so both give the same results.
+/// One tile of [`gemm_channels_last`]: `rows` points, rows of `x` (`k` apart), by `cols`
+/// output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past the panel's
+/// channels); `out[r, c] = clamp(Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows `ldo` apart.
+/// The sum runs over `i` in order with fused multiply-adds from zero, then the bias is added:
+/// the sums [`Tile`] computes for the channels-first layouts, so every layout and kernel gives
+/// the same results.
 struct RowTile<'a> {
     k: usize,
     x: &'a [f32],
@@ -524,23 +551,29 @@ struct RowTile<'a> {
     w: &'a [f32],
     cols: usize,
     ldo: usize,
-    bias: &'a [f32; NR],
+    /// At least as many values as the kernel's vectors cover (zero past `cols`).
+    bias: &'a [f32],
     clamp: Clamp,
 }
 
 impl RowTile<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
-        assert!(self.k >= 1 && self.rows >= 1 && self.rows <= MR);
-        assert!(self.cols >= 1 && self.cols <= NR);
-        assert!(self.x.len() >= self.rows * self.k && self.w.len() >= self.k * NR);
+        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1);
+        assert!(self.x.len() >= self.rows * self.k);
         assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
         match kernel {
-            Kernel::Portable => row_tile_portable(self, out),
+            Kernel::Portable => {
+                assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= self.cols);
+                assert!(self.w.len() >= (self.k - 1) * NR_LAST + self.cols);
+                row_tile_portable(self, out)
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA; the
-            // slices cover every element the tile reads and writes (asserted above).
+            // slices cover every element the tile reads and writes (asserted here).
             Kernel::Avx2Fma => unsafe {
+                assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= NR);
+                assert!(self.w.len() >= (self.k - 1) * NR_LAST + NR);
                 match (self.cols <= NR / 2, self.rows) {
                     (true, 1..=2) => row_tile_avx2::<1, 2>(self, out),
                     (true, 3..=4) => row_tile_avx2::<1, 4>(self, out),
@@ -548,6 +581,24 @@ impl RowTile<'_> {
                     (false, 1..=2) => row_tile_avx2::<2, 2>(self, out),
                     (false, 3..=4) => row_tile_avx2::<2, 4>(self, out),
                     (false, _) => row_tile_avx2::<2, MR>(self, out),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx512` is only chosen when the CPU has AVX-512 F; the slices
+            // cover every element the tile reads and writes (asserted here).
+            Kernel::Avx512 => unsafe {
+                assert!(self.rows <= MR_AVX512 && self.cols <= NR_LAST);
+                assert!(self.bias.len() >= NR_LAST);
+                assert!(self.w.len() >= self.k * NR_LAST);
+                match (self.cols <= NR_LAST / 2, self.rows) {
+                    (true, 1..=2) => row_tile_avx512::<1, 2>(self, out),
+                    (true, 3..=4) => row_tile_avx512::<1, 4>(self, out),
+                    (true, 5..=8) => row_tile_avx512::<1, 8>(self, out),
+                    (true, _) => row_tile_avx512::<1, MR_AVX512>(self, out),
+                    (false, 1..=2) => row_tile_avx512::<2, 2>(self, out),
+                    (false, 3..=4) => row_tile_avx512::<2, 4>(self, out),
+                    (false, 5..=8) => row_tile_avx512::<2, 8>(self, out),
+                    (false, _) => row_tile_avx512::<2, MR_AVX512>(self, out),
                 }
             },
         }
@@ -558,7 +609,7 @@ impl RowTile<'_> {
 fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     let mut acc = [[0f32; NR]; MR];
     for i in 0..t.k {
-        let wr = &t.w[i * NR..(i + 1) * NR];
+        let wr = &t.w[i * NR_LAST..][..t.cols];
         for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
             let xv = t.x[r * t.k + i];
             for (a, w) in acc.iter_mut().zip(wr) {
@@ -589,7 +640,7 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
     let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
     debug_assert!(rows >= 1 && rows <= R && R <= MR && cols >= 1 && cols <= 8 * V);
     // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]` (`RowTile::run` asserts
-    // `rows * k` of them); `wp` walks the panel's `k` rows of NR values.
+    // `rows * k` of them); `wp` walks the panel's `k` rows, NR_LAST apart.
     let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * k));
     let mut acc = [[_mm256_setzero_ps(); V]; R];
     let mut wp = t.w.as_ptr();
@@ -604,7 +655,7 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
                 acc[v] = _mm256_fmadd_ps(b, wv[v], acc[v]);
             }
         }
-        wp = wp.add(NR);
+        wp = wp.add(NR_LAST);
     }
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let full = cols == 8 * V;
@@ -633,6 +684,63 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
             } else {
                 _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
             }
+        }
+    }
+}
+
+/// [`RowTile`] with AVX-512: `V` vectors (16 channels each) per row, `V = 1` for up to 16
+/// channels, and the sums of `R` (at least `t.rows`) rows: the rows past `t.rows` repeat the
+/// last one (never stored), so no read goes past `x`. The same sums as [`row_tile_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_tile_avx512<const V: usize, const R: usize>(t: &RowTile, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
+    debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= 16 * V);
+    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`; `wp` walks the panel's
+    // `k` rows, NR_LAST apart, 16 * V values each (`RowTile::run` asserts both).
+    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * k));
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let mut wp = t.w.as_ptr();
+    for i in 0..k {
+        let mut wv = [_mm512_setzero_ps(); V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm512_loadu_ps(wp.add(16 * v));
+        }
+        for (acc, xr) in acc.iter_mut().zip(&xr) {
+            let b = _mm512_set1_ps(*xr.add(i));
+            for v in 0..V {
+                acc[v] = _mm512_fmadd_ps(b, wv[v], acc[v]);
+            }
+        }
+        wp = wp.add(NR_LAST);
+    }
+    let clamped = t.clamp != Clamp::NONE;
+    let (low, high) = (
+        _mm512_set1_ps(t.clamp.low()),
+        _mm512_set1_ps(t.clamp.high()),
+    );
+    let mut bias = [_mm512_setzero_ps(); V];
+    let mut mask = [0u16; V];
+    for v in 0..V {
+        bias[v] = _mm512_loadu_ps(t.bias.as_ptr().add(16 * v));
+        let lanes = cols.saturating_sub(16 * v).min(16);
+        mask[v] = if lanes == 16 {
+            u16::MAX
+        } else {
+            (1u16 << lanes) - 1
+        };
+    }
+    let op = out.as_mut_ptr();
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let to = op.add(r * ldo);
+        for v in 0..V {
+            let mut y = _mm512_add_ps(acc[v], bias[v]);
+            if clamped {
+                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
+                y = _mm512_min_ps(_mm512_max_ps(y, low), high);
+            }
+            _mm512_mask_storeu_ps(to.add(16 * v), mask[v], y);
         }
     }
 }
@@ -677,7 +785,7 @@ impl Tile<'_> {
             // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA
             // (`Kernel::best`); the slices cover every element the tile reads and writes
             // (asserted above).
-            Kernel::Avx2Fma => unsafe {
+            Kernel::Avx2Fma | Kernel::Avx512 => unsafe {
                 // A block of at most 8 columns (the last one of a 7x7 or 14x14 plane): one
                 // vector per row, not two half-empty ones.
                 // At most NARROW columns (the last point of a 7x7 plane, the last 4 of a
@@ -1207,6 +1315,9 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if crate::window::Avx2::detect().is_some() {
             kernels.push(Kernel::Avx2Fma);
+            if crate::window::avx512_detected() {
+                kernels.push(Kernel::Avx512);
+            }
         }
         kernels
     }
@@ -1388,13 +1499,37 @@ mod tests {
             Layout::ChannelsLast,
         ] {
             let packed = pack_weights(layout, m, k, &w);
-            let mut a = vec![0f32; m * n];
-            let mut c = vec![0f32; m * n];
-            for (out, kernel) in [(&mut a, Kernel::Portable), (&mut c, Kernel::Avx2Fma)] {
-                gemm(layout, m, k, n, &packed, &x, &b, Clamp::NONE, out, kernel);
+            let mut portable = vec![0f32; m * n];
+            gemm(
+                layout,
+                m,
+                k,
+                n,
+                &packed,
+                &x,
+                &b,
+                Clamp::NONE,
+                &mut portable,
+                Kernel::Portable,
+            );
+            // AVX-512 too where the CPU has it (`kernels`).
+            for kernel in kernels().into_iter().skip(1) {
+                let mut out = vec![0f32; m * n];
+                gemm(
+                    layout,
+                    m,
+                    k,
+                    n,
+                    &packed,
+                    &x,
+                    &b,
+                    Clamp::NONE,
+                    &mut out,
+                    kernel,
+                );
+                // Small integers and quarters: exact in both.
+                assert_eq!(portable, out, "{layout:?} {kernel:?}");
             }
-            // Small integers and quarters: exact in both.
-            assert_eq!(a, c, "{layout:?}");
         }
     }
 }

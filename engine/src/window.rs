@@ -174,6 +174,16 @@ impl Avx2 {
     }
 }
 
+/// Whether this CPU has AVX-512 F besides AVX2 and FMA (the channels-last kernels' widest
+/// vectors).
+pub(crate) fn avx512_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if Avx2::detect().is_some() && std::arch::is_x86_feature_detected!("avx512f") {
+        return true;
+    }
+    false
+}
+
 /// Stores the input row `src` into the padded row `row` of a convolution with column stride
 /// `sw` > 1, by column phase: input column `xx` is padded column `px = xx + pad_left`, stored in
 /// phase `px % sw` at `px / sw` (phase `p` starts at `p * phase_len`), so that every tap of an
