@@ -484,13 +484,23 @@ pub(crate) fn gemm(
     }
 }
 
+/// Input channels per pass of [`gemm_channels_last`] over the output: a panel's block of
+/// weights (16 KiB) and a tile's rows of `x` stay in L1 while the tiles of a stripe reuse them.
+const KC: usize = 128;
+
+/// Weights small enough (all panels) that [`gemm_channels_last`] runs every panel for each
+/// block of points instead: each point's output row is written whole, front to back.
+const SMALL_WEIGHTS_BYTES: usize = 32 * 1024;
+
 /// [`gemm`] for [`Layout::ChannelsLast`]: `out[p, o] = clamp(Σ_i x[p, i] · W[o, i] +
 /// bias[o])`, `x` `n x k` and `out` `n x m` row-major, `w` in panels of [`NR_LAST`] output
-/// channels. For each stripe of points small enough for L2 ([`STRIPE_BYTES`] of `x`), each
-/// weight panel runs over the stripe's blocks of points: the panel stays in L1, each of a
-/// tile's rows of `x` is read front to back, and each tile stores a run of channels per point.
-/// AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other kernels
-/// in two of [`NR`] channels and [`MR`] points.
+/// channels. For each stripe of points small enough for L2 ([`STRIPE_BYTES`]), by blocks of
+/// [`KC`] input channels (the sums so far kept in `out` between blocks, the bias and clamp
+/// applied after the last: the same sums in the same order), each weight panel runs over the
+/// stripe's blocks of points, so its block of weights is read from L1. Small weights
+/// ([`SMALL_WEIGHTS_BYTES`], the 112x112 and 56x56 layers) run every panel per block of points
+/// instead. AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other
+/// kernels in two of [`NR`] channels and [`MR`] points.
 #[allow(clippy::too_many_arguments)]
 fn gemm_channels_last(
     m: usize,
@@ -510,43 +520,64 @@ fn gemm_channels_last(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let (rows_per_tile, cols_per_tile) = (MR, NR);
-    let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(rows_per_tile) * rows_per_tile;
+    let panels = m.div_ceil(NR_LAST);
+    let mut biases = vec![0f32; panels * NR_LAST];
+    biases[..m].copy_from_slice(&bias[..m]);
+    // The tiles of one panel, one block of points, input channels `ks`.
+    let mut tiles = |panel: usize, p: usize, rows: usize, ks: std::ops::Range<usize>| {
+        let cols = NR_LAST.min(m - panel * NR_LAST);
+        let wp = &w[(panel * k + ks.start) * NR_LAST..(panel + 1) * k * NR_LAST];
+        for c0 in (0..cols).step_by(cols_per_tile) {
+            let t = RowTile {
+                k: ks.len(),
+                x: &x[p * k + ks.start..(p + rows - 1) * k + ks.end],
+                ldx: k,
+                rows,
+                w: &wp[c0..],
+                cols: cols_per_tile.min(cols - c0),
+                ldo: m,
+                bias: &biases[panel * NR_LAST + c0..],
+                clamp,
+                accumulate: ks.start > 0,
+                finish: ks.end == k,
+            };
+            t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
+        }
+    };
+    if k * panels * NR_LAST * 4 <= SMALL_WEIGHTS_BYTES {
+        for p in (0..n).step_by(rows_per_tile) {
+            for panel in 0..panels {
+                tiles(panel, p, rows_per_tile.min(n - p), 0..k);
+            }
+        }
+        return;
+    }
+    let row_bytes = (KC.min(k) + m) * 4;
+    let stripe = (STRIPE_BYTES / row_bytes).max(1).div_ceil(rows_per_tile) * rows_per_tile;
     for start in (0..n).step_by(stripe) {
         let end = n.min(start + stripe);
-        for panel in 0..m.div_ceil(NR_LAST) {
-            let cols = NR_LAST.min(m - panel * NR_LAST);
-            let mut b = [0f32; NR_LAST];
-            b[..cols].copy_from_slice(&bias[panel * NR_LAST..panel * NR_LAST + cols]);
-            let wp = &w[panel * k * NR_LAST..(panel + 1) * k * NR_LAST];
-            for p in (start..end).step_by(rows_per_tile) {
-                let rows = rows_per_tile.min(end - p);
-                for c0 in (0..cols).step_by(cols_per_tile) {
-                    let t = RowTile {
-                        k,
-                        x: &x[p * k..(p + rows) * k],
-                        rows,
-                        w: &wp[c0..],
-                        cols: cols_per_tile.min(cols - c0),
-                        ldo: m,
-                        bias: &b[c0..],
-                        clamp,
-                    };
-                    t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
+        for k0 in (0..k).step_by(KC) {
+            for panel in 0..panels {
+                for p in (start..end).step_by(rows_per_tile) {
+                    tiles(panel, p, rows_per_tile.min(end - p), k0..k.min(k0 + KC));
                 }
             }
         }
     }
 }
 
-/// One tile of [`gemm_channels_last`]: `rows` points, rows of `x` (`k` apart), by `cols`
-/// output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past the panel's
-/// channels); `out[r, c] = clamp(Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows `ldo` apart.
-/// The sum runs over `i` in order with fused multiply-adds from zero, then the bias is added:
-/// the sums [`Tile`] computes for the channels-first layouts, so every layout and kernel gives
-/// the same results.
+/// One tile of [`gemm_channels_last`]: `rows` points, rows of `x` (`ldx` apart, `k` values
+/// each), by `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past
+/// the panel's channels); `out[r, c] = clamp(s + Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows
+/// `ldo` apart, where `s` is `out[r, c]` itself when `accumulate` (the sums of the input
+/// channels before these) or zero, and the bias and clamp are applied only when `finish`
+/// (the last input channels). The sum runs over `i` in order with fused multiply-adds, then
+/// the bias is added: the sums [`Tile`] computes for the channels-first layouts, so every
+/// layout and kernel gives the same results.
 struct RowTile<'a> {
     k: usize,
     x: &'a [f32],
+    ldx: usize,
     rows: usize,
     w: &'a [f32],
     cols: usize,
@@ -554,13 +585,15 @@ struct RowTile<'a> {
     /// At least as many values as the kernel's vectors cover (zero past `cols`).
     bias: &'a [f32],
     clamp: Clamp,
+    accumulate: bool,
+    finish: bool,
 }
 
 impl RowTile<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
-        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1);
-        assert!(self.x.len() >= self.rows * self.k);
+        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1 && self.ldx >= self.k);
+        assert!(self.x.len() >= (self.rows - 1) * self.ldx + self.k);
         assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
         match kernel {
             Kernel::Portable => {
@@ -608,10 +641,15 @@ impl RowTile<'_> {
 #[inline(always)]
 fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     let mut acc = [[0f32; NR]; MR];
+    if t.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
+            acc[..t.cols].copy_from_slice(&out[r * t.ldo..r * t.ldo + t.cols]);
+        }
+    }
     for i in 0..t.k {
         let wr = &t.w[i * NR_LAST..][..t.cols];
         for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
-            let xv = t.x[r * t.k + i];
+            let xv = t.x[r * t.ldx + i];
             for (a, w) in acc.iter_mut().zip(wr) {
                 *a += xv * *w;
             }
@@ -619,6 +657,10 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     }
     for (r, acc) in acc.iter().enumerate().take(t.rows) {
         let to = &mut out[r * t.ldo..r * t.ldo + t.cols];
+        if !t.finish {
+            to.copy_from_slice(&acc[..t.cols]);
+            continue;
+        }
         for ((o, a), b) in to.iter_mut().zip(acc).zip(t.bias) {
             let v = *a + *b;
             *o = if t.clamp == Clamp::NONE {
@@ -639,10 +681,25 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
     use std::arch::x86_64::*;
     let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
     debug_assert!(rows >= 1 && rows <= R && R <= MR && cols >= 1 && cols <= 8 * V);
-    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]` (`RowTile::run` asserts
-    // `rows * k` of them); `wp` walks the panel's `k` rows, NR_LAST apart.
-    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * k));
+    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart
+    // (`RowTile::run` asserts them); `wp` walks the panel's `k` rows, NR_LAST apart; `out`
+    // holds `rows` rows of `cols` values, `ldo` apart.
+    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let full = cols == 8 * V;
+    let mut mask = [_mm256_setzero_si256(); V];
+    for (v, mask) in mask.iter_mut().enumerate() {
+        *mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
+    }
+    let op = out.as_mut_ptr();
     let mut acc = [[_mm256_setzero_ps(); V]; R];
+    if t.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+            for v in 0..V {
+                acc[v] = _mm256_maskload_ps(op.add(r * ldo + 8 * v), mask[v]);
+            }
+        }
+    }
     let mut wp = t.w.as_ptr();
     for i in 0..k {
         let mut wv = [_mm256_setzero_ps(); V];
@@ -657,25 +714,23 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
         }
         wp = wp.add(NR_LAST);
     }
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let full = cols == 8 * V;
     let clamped = t.clamp != Clamp::NONE;
     let (low, high) = (
         _mm256_set1_ps(t.clamp.low()),
         _mm256_set1_ps(t.clamp.high()),
     );
     let mut bias = [_mm256_setzero_ps(); V];
-    let mut mask = [_mm256_setzero_si256(); V];
-    for v in 0..V {
-        bias[v] = _mm256_loadu_ps(t.bias.as_ptr().add(8 * v));
-        mask[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
+    for (v, bias) in bias.iter_mut().enumerate() {
+        *bias = _mm256_loadu_ps(t.bias.as_ptr().add(8 * v));
     }
-    let op = out.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate().take(rows) {
         let to = op.add(r * ldo);
         for v in 0..V {
-            let mut y = _mm256_add_ps(acc[v], bias[v]);
-            if clamped {
+            let mut y = acc[v];
+            if t.finish {
+                y = _mm256_add_ps(y, bias[v]);
+            }
+            if clamped && t.finish {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm256_min_ps(_mm256_max_ps(y, low), high);
             }
@@ -697,10 +752,28 @@ unsafe fn row_tile_avx512<const V: usize, const R: usize>(t: &RowTile, out: &mut
     use std::arch::x86_64::*;
     let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
     debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= 16 * V);
-    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`; `wp` walks the panel's
-    // `k` rows, NR_LAST apart, 16 * V values each (`RowTile::run` asserts both).
-    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * k));
+    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart; `wp`
+    // walks the panel's `k` rows, NR_LAST apart, 16 * V values each; `out` holds `rows` rows
+    // of `cols` values, `ldo` apart (`RowTile::run` asserts them).
+    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
+    let mut mask = [0u16; V];
+    for (v, mask) in mask.iter_mut().enumerate() {
+        let lanes = cols.saturating_sub(16 * v).min(16);
+        *mask = if lanes == 16 {
+            u16::MAX
+        } else {
+            (1u16 << lanes) - 1
+        };
+    }
+    let op = out.as_mut_ptr();
     let mut acc = [[_mm512_setzero_ps(); V]; R];
+    if t.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+            for v in 0..V {
+                acc[v] = _mm512_maskz_loadu_ps(mask[v], op.add(r * ldo + 16 * v));
+            }
+        }
+    }
     let mut wp = t.w.as_ptr();
     for i in 0..k {
         let mut wv = [_mm512_setzero_ps(); V];
@@ -721,22 +794,17 @@ unsafe fn row_tile_avx512<const V: usize, const R: usize>(t: &RowTile, out: &mut
         _mm512_set1_ps(t.clamp.high()),
     );
     let mut bias = [_mm512_setzero_ps(); V];
-    let mut mask = [0u16; V];
-    for v in 0..V {
-        bias[v] = _mm512_loadu_ps(t.bias.as_ptr().add(16 * v));
-        let lanes = cols.saturating_sub(16 * v).min(16);
-        mask[v] = if lanes == 16 {
-            u16::MAX
-        } else {
-            (1u16 << lanes) - 1
-        };
+    for (v, bias) in bias.iter_mut().enumerate() {
+        *bias = _mm512_loadu_ps(t.bias.as_ptr().add(16 * v));
     }
-    let op = out.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate().take(rows) {
         let to = op.add(r * ldo);
         for v in 0..V {
-            let mut y = _mm512_add_ps(acc[v], bias[v]);
-            if clamped {
+            let mut y = acc[v];
+            if t.finish {
+                y = _mm512_add_ps(y, bias[v]);
+            }
+            if clamped && t.finish {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm512_min_ps(_mm512_max_ps(y, low), high);
             }
