@@ -738,7 +738,13 @@ mod tests {
         ];
         let relu6 = Clamp::new(0.0, 6.0);
         for (i, &(h, w, kh, kw, stride, pt, pl, pb, pr)) in cases.iter().enumerate() {
-            for (c, clamp) in [(3, Clamp::NONE), (8, relu6), (19, relu6), (32, Clamp::NONE)] {
+            for (c, clamp) in [
+                (3, Clamp::NONE),
+                (8, relu6),
+                (19, relu6),
+                (32, Clamp::NONE),
+                (40, relu6),
+            ] {
                 let n = 2;
                 let oh = (h + pt + pb - kh) / stride.0 + 1;
                 let ow = (w + pl + pr - kw) / stride.1 + 1;
@@ -780,15 +786,16 @@ mod tests {
                 crate::depthwise_cl::run(&last, &x_last, &k_last, &b, &mut got);
                 assert_eq!(&got[want.len()..], &[1234.5; 3], "case {i} c {c}");
                 assert_eq!(&got[..want.len()], &want[..], "case {i} c {c} {clamp:?}");
-                let mut portable = vec![0.0; want.len()];
-                crate::depthwise_cl::run_portable_for_tests(
+                let outs = crate::depthwise_cl::run_each_kernel_for_tests(
                     &last,
                     &x_last,
                     &k_last,
                     &b,
-                    &mut portable,
+                    want.len(),
                 );
-                assert_eq!(portable, want, "portable: case {i} c {c} {clamp:?}");
+                for (kernel, out) in outs {
+                    assert_eq!(out, want, "{kernel}: case {i} c {c} {clamp:?}");
+                }
             }
         }
     }

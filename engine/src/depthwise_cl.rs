@@ -9,7 +9,8 @@
 //! tap is one load at any stride, padding is a skipped tap, and no plane is copied. This is
 //! what onnxruntime's NCHWc kernels do, with the whole of `C` as the block.
 //!
-//! Loop order: output row, then a block of 8 channels (its nine 3x3 weights held in registers),
+//! Loop order: output row, then a block of 8 channels (16 with AVX-512; its nine 3x3 weights
+//! held in registers),
 //! then the row's points. The sum is the bias, then each in-bounds tap's product added in
 //! order, a multiply then an add (no fused multiply-add): what the channels-first kernels and
 //! tract's compute, so the results are the same (a padded tap adds an exact zero there and is
@@ -48,6 +49,11 @@ pub(crate) fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut
         .collect();
     assert!(k.len() >= op.kh * op.kw * op.c && b.len() >= 1);
     #[cfg(target_arch = "x86_64")]
+    if crate::window::avx512_detected() {
+        // SAFETY: the CPU supports AVX-512 F.
+        return unsafe { run_avx512(op, x, k, &bias, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::window::Avx2::detect().is_some() {
         // SAFETY: the CPU supports AVX2 and FMA.
         return unsafe { run_avx2(op, x, k, &bias, out) };
@@ -55,19 +61,38 @@ pub(crate) fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut
     run_portable(op, x, k, &bias, out)
 }
 
-/// [`run_portable`] on any CPU (the tests compare it with the AVX2 kernel).
+/// The outputs of every kernel this CPU runs (portable, AVX2, AVX-512), by name: the tests
+/// compare each with the channels-first op.
 #[cfg(test)]
-pub(crate) fn run_portable_for_tests(
+pub(crate) fn run_each_kernel_for_tests(
     op: &DepthwiseConv,
     x: &[f32],
     k: &[f32],
     b: &[f32],
-    out: &mut [f32],
-) {
+    len: usize,
+) -> Vec<(&'static str, Vec<f32>)> {
     let bias: Vec<f32> = (0..op.c)
         .map(|ch| if b.len() == 1 { b[0] } else { b[ch] })
         .collect();
-    run_portable(op, x, k, &bias, out)
+    let mut outs = vec![];
+    let mut out = vec![0f32; len];
+    run_portable(op, x, k, &bias, &mut out);
+    outs.push(("portable", out));
+    #[cfg(target_arch = "x86_64")]
+    if crate::window::Avx2::detect().is_some() {
+        let mut out = vec![0f32; len];
+        // SAFETY: the CPU supports AVX2 and FMA.
+        unsafe { run_avx2(op, x, k, &bias, &mut out) };
+        outs.push(("avx2", out));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::window::avx512_detected() {
+        let mut out = vec![0f32; len];
+        // SAFETY: the CPU supports AVX-512 F.
+        unsafe { run_avx512(op, x, k, &bias, &mut out) };
+        outs.push(("avx512", out));
+    }
+    outs
 }
 
 /// Any CPU: each point's channels as one row of accumulators the compiler vectorises.
@@ -104,112 +129,252 @@ fn run_portable(op: &DepthwiseConv, x: &[f32], k: &[f32], bias: &[f32], out: &mu
     }
 }
 
-/// AVX2: blocks of 8 channels, the last one masked when `c` is not a multiple of 8. Points
-/// whose 3x3 window lies inside the input run with the nine weights in registers and no
-/// bounds checks; the others (the border) check each tap.
+/// The vector operations `channels_last_kernel!` needs, for AVX2 (8 lanes) and AVX-512 (16
+/// lanes). Every method is inlined into the `#[target_feature]` kernel that calls it, so it
+/// compiles to that instruction set; calling one anywhere else is unsound (hence `unsafe`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(op: &DepthwiseConv, x: &[f32], k: &[f32], bias: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let c = op.c;
-    let (sh, sw) = op.stride;
-    let (kh, kw) = (op.kh, op.kw);
-    let clamped = op.clamp != crate::depthwise::Clamp::NONE;
-    let (low, high) = (
-        _mm256_set1_ps(op.clamp.low()),
-        _mm256_set1_ps(op.clamp.high()),
-    );
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    // Output columns whose window lies inside the input's columns.
-    let ox_lo = op.pad_left.div_ceil(sw).min(op.ow);
-    let ox_hi = if op.w + op.pad_left >= kw {
-        ((op.w + op.pad_left - kw) / sw + 1).clamp(ox_lo, op.ow)
-    } else {
-        ox_lo
-    };
-    let fast3x3 = kh == 3 && kw == 3;
-    let row_stride = op.w * c;
-    for (xin, xout) in x
-        .chunks_exact(op.h * op.w * c)
-        .zip(out.chunks_exact_mut(op.oh * op.ow * c))
-    {
-        let (xp, op_out) = (xin.as_ptr(), xout.as_mut_ptr());
-        for oy in 0..op.oh {
-            let y0 = (oy * sh) as isize - op.pad_top as isize;
-            let (ky_lo, ky_hi) = taps_inside(y0, kh, op.h);
-            let full_rows = ky_lo == 0 && ky_hi == kh;
-            for ch in (0..c).step_by(8) {
-                let partial = ch + 8 > c;
-                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((c - ch) as i32), lane);
-                let load = |p: *const f32| {
-                    if partial {
-                        _mm256_maskload_ps(p, mask)
-                    } else {
-                        _mm256_loadu_ps(p)
-                    }
-                };
-                let vbias = load(bias.as_ptr().add(ch));
-                // SAFETY (every pointer below): `ch` < `c`; the taps read are inside the
-                // input plane (`taps_inside`, or the interior range `ox_lo..ox_hi` with full
-                // rows), masked past `c`; stores go to the point's `c` outputs.
-                let finish = |mut acc: __m256, to: *mut f32| {
-                    if clamped {
-                        // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` does.
-                        acc = _mm256_min_ps(_mm256_max_ps(acc, low), high);
-                    }
-                    if partial {
-                        _mm256_maskstore_ps(to, mask, acc);
-                    } else {
-                        _mm256_storeu_ps(to, acc);
-                    }
-                };
-                let border = |ox: usize| {
-                    let x0 = (ox * sw) as isize - op.pad_left as isize;
-                    let (kx_lo, kx_hi) = taps_inside(x0, kw, op.w);
-                    let mut acc = vbias;
-                    for ky in ky_lo..ky_hi {
-                        let row = xp.add((y0 + ky as isize) as usize * row_stride + ch);
-                        for kx in kx_lo..kx_hi {
-                            let s = load(row.add((x0 + kx as isize) as usize * c));
-                            let wgt = load(k.as_ptr().add((ky * kw + kx) * c + ch));
-                            acc = _mm256_add_ps(acc, _mm256_mul_ps(wgt, s));
+trait Lanes {
+    const N: usize;
+    type V: Copy;
+    type Mask: Copy;
+    /// The first `lanes` (at most [`Lanes::N`]) lanes.
+    unsafe fn mask(lanes: usize) -> Self::Mask;
+    unsafe fn splat(v: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `max(a, low)` then `min(.., high)`; a NaN `a` gives `low`, as `f32::max` does.
+    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V;
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2Lanes;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2Lanes {
+    const N: usize = 8;
+    type V = std::arch::x86_64::__m256;
+    type Mask = std::arch::x86_64::__m256i;
+    #[inline(always)]
+    unsafe fn mask(lanes: usize) -> Self::Mask {
+        use std::arch::x86_64::*;
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        std::arch::x86_64::_mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V {
+        std::arch::x86_64::_mm256_maskload_ps(p, m)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V) {
+        std::arch::x86_64::_mm256_maskstore_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        _mm256_min_ps(_mm256_max_ps(a, low), high)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512Lanes;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512Lanes {
+    const N: usize = 16;
+    type V = std::arch::x86_64::__m512;
+    type Mask = u16;
+    #[inline(always)]
+    unsafe fn mask(lanes: usize) -> Self::Mask {
+        if lanes >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << lanes) - 1
+        }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self::V {
+        std::arch::x86_64::_mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(m, p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V) {
+        std::arch::x86_64::_mm512_mask_storeu_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        _mm512_min_ps(_mm512_max_ps(a, low), high)
+    }
+}
+
+/// Defines `$name`, the channels-last kernel on the vectors of `$lanes` with `$features`
+/// enabled: blocks of [`Lanes::N`] channels, the last one masked when `c` is not a multiple.
+/// Points whose 3x3 window lies inside the input run with the nine weights in registers and
+/// no bounds checks; the others (the border) check each tap. A macro rather than a generic
+/// function so that its closures are compiled with the target features too (a closure
+/// inherits them only from a `#[target_feature]` function it is written in).
+#[cfg(target_arch = "x86_64")]
+macro_rules! channels_last_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:ty) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            op: &DepthwiseConv,
+            x: &[f32],
+            k: &[f32],
+            bias: &[f32],
+            out: &mut [f32],
+        ) {
+            type L = $lanes;
+            let c = op.c;
+            let (sh, sw) = op.stride;
+            let (kh, kw) = (op.kh, op.kw);
+            let clamped = op.clamp != crate::depthwise::Clamp::NONE;
+            let (low, high) = (L::splat(op.clamp.low()), L::splat(op.clamp.high()));
+            // Output columns whose window lies inside the input's columns.
+            let ox_lo = op.pad_left.div_ceil(sw).min(op.ow);
+            let ox_hi = if op.w + op.pad_left >= kw {
+                ((op.w + op.pad_left - kw) / sw + 1).clamp(ox_lo, op.ow)
+            } else {
+                ox_lo
+            };
+            let fast3x3 = kh == 3 && kw == 3;
+            let row_stride = op.w * c;
+            for (xin, xout) in x
+                .chunks_exact(op.h * op.w * c)
+                .zip(out.chunks_exact_mut(op.oh * op.ow * c))
+            {
+                let (xp, op_out) = (xin.as_ptr(), xout.as_mut_ptr());
+                for oy in 0..op.oh {
+                    let y0 = (oy * sh) as isize - op.pad_top as isize;
+                    let (ky_lo, ky_hi) = taps_inside(y0, kh, op.h);
+                    let full_rows = ky_lo == 0 && ky_hi == kh;
+                    for ch in (0..c).step_by(L::N) {
+                        let partial = ch + L::N > c;
+                        let mask = L::mask(c - ch);
+                        let load = |p: *const f32| {
+                            if partial {
+                                L::load_masked(p, mask)
+                            } else {
+                                L::load(p)
+                            }
+                        };
+                        let vbias = load(bias.as_ptr().add(ch));
+                        // SAFETY (every pointer below): `ch` < `c`; the taps read are inside the
+                        // input plane (`taps_inside`, or the interior range `ox_lo..ox_hi` with full
+                        // rows), masked past `c`; stores go to the point's `c` outputs.
+                        let finish = |mut acc: <L as Lanes>::V, to: *mut f32| {
+                            if clamped {
+                                acc = L::clamp(acc, low, high);
+                            }
+                            if partial {
+                                L::store_masked(to, mask, acc);
+                            } else {
+                                L::store(to, acc);
+                            }
+                        };
+                        let border = |ox: usize| {
+                            let x0 = (ox * sw) as isize - op.pad_left as isize;
+                            let (kx_lo, kx_hi) = taps_inside(x0, kw, op.w);
+                            let mut acc = vbias;
+                            for ky in ky_lo..ky_hi {
+                                let row = xp.add((y0 + ky as isize) as usize * row_stride + ch);
+                                for kx in kx_lo..kx_hi {
+                                    let s = load(row.add((x0 + kx as isize) as usize * c));
+                                    let wgt = load(k.as_ptr().add((ky * kw + kx) * c + ch));
+                                    acc = L::add(acc, L::mul(wgt, s));
+                                }
+                            }
+                            finish(acc, op_out.add((oy * op.ow + ox) * c + ch));
+                        };
+                        if !(fast3x3 && full_rows && !partial) {
+                            for ox in 0..op.ow {
+                                border(ox);
+                            }
+                            continue;
+                        }
+                        for ox in 0..ox_lo {
+                            border(ox);
+                        }
+                        let w: [<L as Lanes>::V; 9] = std::array::from_fn(|t| L::load(k.as_ptr().add(t * c + ch)));
+                        let r0 = xp.add(y0 as usize * row_stride + ch);
+                        let rows = [r0, r0.add(row_stride), r0.add(2 * row_stride)];
+                        for ox in ox_lo..ox_hi {
+                            let at = (ox * sw - op.pad_left) * c;
+                            let mut acc = vbias;
+                            for (ky, row) in rows.iter().enumerate() {
+                                let p = row.add(at);
+                                acc = L::add(acc, L::mul(w[3 * ky], L::load(p)));
+                                acc = L::add(acc, L::mul(w[3 * ky + 1], L::load(p.add(c))));
+                                acc = L::add(acc, L::mul(w[3 * ky + 2], L::load(p.add(2 * c))));
+                            }
+                            finish(acc, op_out.add((oy * op.ow + ox) * c + ch));
+                        }
+                        for ox in ox_hi..op.ow {
+                            border(ox);
                         }
                     }
-                    finish(acc, op_out.add((oy * op.ow + ox) * c + ch));
-                };
-                if !(fast3x3 && full_rows && !partial) {
-                    for ox in 0..op.ow {
-                        border(ox);
-                    }
-                    continue;
-                }
-                for ox in 0..ox_lo {
-                    border(ox);
-                }
-                let w: [__m256; 9] =
-                    std::array::from_fn(|t| _mm256_loadu_ps(k.as_ptr().add(t * c + ch)));
-                let r0 = xp.add(y0 as usize * row_stride + ch);
-                let (r1, r2) = (r0.add(row_stride), r0.add(2 * row_stride));
-                let (c1, c2) = (c, 2 * c);
-                for ox in ox_lo..ox_hi {
-                    let at = (ox * sw - op.pad_left) * c;
-                    let (a, b, d) = (r0.add(at), r1.add(at), r2.add(at));
-                    let mut acc = vbias;
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[0], _mm256_loadu_ps(a)));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[1], _mm256_loadu_ps(a.add(c1))));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[2], _mm256_loadu_ps(a.add(c2))));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[3], _mm256_loadu_ps(b)));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[4], _mm256_loadu_ps(b.add(c1))));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[5], _mm256_loadu_ps(b.add(c2))));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[6], _mm256_loadu_ps(d)));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[7], _mm256_loadu_ps(d.add(c1))));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w[8], _mm256_loadu_ps(d.add(c2))));
-                    finish(acc, op_out.add((oy * op.ow + ox) * c + ch));
-                }
-                for ox in ox_hi..op.ow {
-                    border(ox);
                 }
             }
         }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+channels_last_kernel!(
+    /// AVX2 + FMA: 8 lanes.
+    run_avx2,
+    "avx2,fma",
+    Avx2Lanes
+);
+
+#[cfg(target_arch = "x86_64")]
+channels_last_kernel!(
+    /// AVX-512 F: 16 lanes.
+    run_avx512,
+    "avx512f",
+    Avx512Lanes
+);
