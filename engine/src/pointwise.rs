@@ -17,17 +17,22 @@
 //! Models read from NNEF reach the pass with channels-last operands: tract's NNEF writer emits
 //! each 1x1 convolution as a 2-D matrix product between axis moves, and its declutter folds
 //! those into the `EinSum` (`akbm,nk->bmn`, `kam,nk->amn`, `mk,nk->nm`, and with a symbolic
-//! batch `akbm,nk->abmn`, `amk,nk->anm`). [`Layout`] says which operand is channels-last; every
-//! layout runs the same tile: for a channels-last output the operands swap roles (the weights,
-//! packed transposed, are the `N`-side operand), and a channels-last input is transposed, 16 points
-//! at a time (a plain scalar loop), into a `k x 16` block buffer before the tile reads it. A reshape after the product is folded into the
+//! batch `akbm,nk->abmn`, `amk,nk->anm`). [`Layout`] says which operand is channels-last. A
+//! channels-first output runs the tile above (a channels-last input is transposed, 16 points at
+//! a time, into a `k x 16` block buffer first). A channels-last output — those forms, and every
+//! pointwise convolution once the layout pass (`crate::layout`) has switched a model to
+//! channels-last — is a plain product of points by channels ([`gemm_channels_last`]): tiles of
+//! points broadcast from `x` by output channels loaded from weights packed in panels of
+//! [`NR_LAST`], by blocks of [`KC`] input channels, on AVX-512 where the CPU has it (tiles of 12
+//! points by 32 channels) and AVX2 otherwise. A reshape after the product is folded into the
 //! op's output shape.
 //!
-//! The kernel is AVX2 + FMA (x86_64, detected at run time); every other CPU gets a portable
-//! kernel (same tiles, plain multiply and add). The passes install the op only where the AVX2
-//! kernel runs ([`fast_kernel`]): on ARM tract's hand-written NEON kernels stay in charge, as
-//! nothing here was measured there (BENCHMARKS.md). The portable kernel is checked against a
-//! naive product in the tests below on every CPU.
+//! The kernels are AVX2 + FMA and AVX-512 (x86_64, detected at run time); every other CPU gets
+//! a portable kernel (same tiles, plain multiply and add). The passes install the op only where
+//! the AVX2 kernel runs ([`fast_kernel`]): on ARM tract's hand-written NEON kernels stay in
+//! charge, as nothing here was measured there (BENCHMARKS.md). Every kernel is checked against
+//! a naive product in the tests below, on every CPU that runs it; all of them sum the same
+//! products in the same order, so they agree to the bit.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -226,22 +231,22 @@ impl TypedOp for Pointwise {
 /// `k x NR` for [`Layout::ChannelsLast`].
 pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
     match layout {
-        Layout::OutChannelsLast => k * m,
-        Layout::ChannelsLast => m.div_ceil(NR_LAST) * k * NR_LAST,
+        Layout::ChannelsLast | Layout::OutChannelsLast => m.div_ceil(NR_LAST) * k * NR_LAST,
         _ => m.div_ceil(MR) * k * MR,
     }
 }
 
 /// Where element `(o, i)` of the row-major `m x k` weights lies once packed for `layout`:
 /// panels of [`MR`] rows, `k`-major (element `(r, i)` of panel `p` at `(p * k + i) * MR + r`,
-/// rows past `m` zero); for [`Layout::OutChannelsLast`] the transposed matrix, row-major `k x
-/// m`; for [`Layout::ChannelsLast`] panels of [`NR_LAST`] columns of the transposed matrix,
+/// rows past `m` zero); for the channels-last outputs ([`Layout::OutChannelsLast`],
+/// [`Layout::ChannelsLast`]) panels of [`NR_LAST`] columns of the transposed matrix,
 /// `k`-major (element `(i, c)` of panel `p` at `(p * k + i) * NR_LAST + c`, columns past `m`
 /// zero).
-fn packed_index(layout: Layout, m: usize, k: usize, o: usize, i: usize) -> usize {
+fn packed_index(layout: Layout, k: usize, o: usize, i: usize) -> usize {
     match layout {
-        Layout::OutChannelsLast => i * m + o,
-        Layout::ChannelsLast => ((o / NR_LAST) * k + i) * NR_LAST + o % NR_LAST,
+        Layout::ChannelsLast | Layout::OutChannelsLast => {
+            ((o / NR_LAST) * k + i) * NR_LAST + o % NR_LAST
+        }
         _ => ((o / MR) * k + i) * MR + o % MR,
     }
 }
@@ -251,7 +256,7 @@ pub(crate) fn pack_weights(layout: Layout, m: usize, k: usize, w: &[f32]) -> Vec
     let mut packed = vec![0f32; packed_len(layout, m, k)];
     for (o, row) in w.chunks_exact(k).take(m).enumerate() {
         for (i, v) in row.iter().enumerate() {
-            packed[packed_index(layout, m, k, o, i)] = *v;
+            packed[packed_index(layout, k, o, i)] = *v;
         }
     }
     packed
@@ -262,7 +267,7 @@ pub(crate) fn unpack_weights(layout: Layout, m: usize, k: usize, packed: &[f32])
     let mut w = vec![0f32; m * k];
     for (o, row) in w.chunks_exact_mut(k).enumerate() {
         for (i, v) in row.iter_mut().enumerate() {
-            *v = packed[packed_index(layout, m, k, o, i)];
+            *v = packed[packed_index(layout, k, o, i)];
         }
     }
     w
@@ -348,6 +353,7 @@ pub(crate) fn gemm(
     let panels = m.div_ceil(MR);
     match layout {
         Layout::ChannelsLast => gemm_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
+        Layout::OutChannelsLast => gemm_out_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
         Layout::ChannelsFirst => {
             // The tile of weight panel `panel` and the block of points at `col`, read from `xb`
             // (its first column) with rows `ldx` apart.
@@ -366,7 +372,6 @@ pub(crate) fn gemm(
                     ldo: n,
                     rows,
                     bias: &b,
-                    col_bias: None,
                     clamp,
                 };
                 t.run(out, kernel);
@@ -436,48 +441,9 @@ pub(crate) fn gemm(
                         ldo: n,
                         rows,
                         bias: &b,
-                        col_bias: None,
                         clamp,
                     };
                     t.run(&mut out[panel * MR * n + col..], kernel);
-                }
-            }
-        }
-        Layout::OutChannelsLast => {
-            // Roles swapped: the tile's rows are MR points, broadcast from `x` in place (a
-            // column of `x`, rows `n` apart; the last partial block copied, zero-padded), its
-            // columns NR output channels, vectors of the transposed weights (`k x m`).
-            let mut tail = vec![0f32; k * MR];
-            let zero = [0f32; MR];
-            for p in (0..n).step_by(MR) {
-                let rows = MR.min(n - p);
-                let (xs, ldw): (&[f32], usize) = if rows == MR {
-                    (&x[p..], n)
-                } else {
-                    for i in 0..k {
-                        tail[i * MR..i * MR + rows]
-                            .copy_from_slice(&x[i * n + p..i * n + p + rows]);
-                    }
-                    (&tail, MR)
-                };
-                for col in (0..m).step_by(NR) {
-                    let cols = NR.min(m - col);
-                    let mut cb = [0f32; NR];
-                    cb[..cols].copy_from_slice(&bias[col..col + cols]);
-                    let t = Tile {
-                        k,
-                        w: xs,
-                        ldw,
-                        x: &w[col..],
-                        ldx: m,
-                        cols,
-                        ldo: m,
-                        rows,
-                        bias: &zero,
-                        col_bias: Some(&cb),
-                        clamp,
-                    };
-                    t.run(&mut out[p * m + col..], kernel);
                 }
             }
         }
@@ -532,6 +498,7 @@ fn gemm_channels_last(
                 k: ks.len(),
                 x: &x[p * k + ks.start..(p + rows - 1) * k + ks.end],
                 ldx: k,
+                x_columns: false,
                 rows,
                 w: &wp[c0..],
                 cols: cols_per_tile.min(cols - c0),
@@ -566,8 +533,72 @@ fn gemm_channels_last(
     }
 }
 
+/// [`gemm`] for [`Layout::OutChannelsLast`]: `out[p, o] = clamp(Σ_i x[i, p] · W[o, i] +
+/// bias[o])`, `x` `k x n` (the column matrix of an im2col convolution, whose output the layout
+/// pass makes channels-last), `out` `n x m`, `w` as for [`gemm_channels_last`], whose tiles it
+/// runs with the points read down columns of `x`, for each block of points every panel (its
+/// `k` is small: 27 for a 3x3 first layer on RGB). The last, partial block of points is copied
+/// with its columns padded to a whole tile (the kernel reads a tile's points as one run).
+#[allow(clippy::too_many_arguments)]
+fn gemm_out_channels_last(
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    x: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    kernel: Kernel,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let (rows_per_tile, cols_per_tile) = match kernel {
+        Kernel::Avx512 => (MR_AVX512, NR_LAST),
+        _ => (MR, NR),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (rows_per_tile, cols_per_tile) = (MR, NR);
+    let panels = m.div_ceil(NR_LAST);
+    let mut biases = vec![0f32; panels * NR_LAST];
+    biases[..m].copy_from_slice(&bias[..m]);
+    let mut tail = vec![0f32; k * rows_per_tile];
+    for p in (0..n).step_by(rows_per_tile) {
+        let rows = rows_per_tile.min(n - p);
+        let (xs, ldx): (&[f32], usize) = if rows == rows_per_tile {
+            (&x[p..(k - 1) * n + p + rows], n)
+        } else {
+            for (i, to) in tail.chunks_exact_mut(rows_per_tile).enumerate() {
+                to[..rows].copy_from_slice(&x[i * n + p..i * n + p + rows]);
+                to[rows..].fill(0.0);
+            }
+            (&tail, rows_per_tile)
+        };
+        for panel in 0..panels {
+            let cols = NR_LAST.min(m - panel * NR_LAST);
+            for c0 in (0..cols).step_by(cols_per_tile) {
+                let t = RowTile {
+                    k,
+                    x: xs,
+                    ldx,
+                    x_columns: true,
+                    rows,
+                    w: &w[panel * k * NR_LAST + c0..(panel + 1) * k * NR_LAST],
+                    cols: cols_per_tile.min(cols - c0),
+                    ldo: m,
+                    bias: &biases[panel * NR_LAST + c0..],
+                    clamp,
+                    accumulate: false,
+                    finish: true,
+                };
+                t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
+            }
+        }
+    }
+}
+
 /// One tile of [`gemm_channels_last`]: `rows` points, rows of `x` (`ldx` apart, `k` values
-/// each), by `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past
+/// each; with `x_columns`, columns: point `r`'s value `i` at `r + i * ldx`, and the tile's
+/// points as a whole run of the kernel's rows, padded by the caller), by `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past
 /// the panel's channels); `out[r, c] = clamp(s + Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows
 /// `ldo` apart, where `s` is `out[r, c]` itself when `accumulate` (the sums of the input
 /// channels before these) or zero, and the bias and clamp are applied only when `finish`
@@ -578,6 +609,7 @@ struct RowTile<'a> {
     k: usize,
     x: &'a [f32],
     ldx: usize,
+    x_columns: bool,
     rows: usize,
     w: &'a [f32],
     cols: usize,
@@ -592,11 +624,33 @@ struct RowTile<'a> {
 impl RowTile<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
-        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1 && self.ldx >= self.k);
-        assert!(self.x.len() >= (self.rows - 1) * self.ldx + self.k);
+        // The layout of `x` as a parameter of the kernels, not a branch in them: the same
+        // branch in the kernel slowed the expanding 1x1 layers (k = 16 to 96) by up to 30 %
+        // (BENCHMARKS.md, session 17).
+        if self.x_columns {
+            self.run_in::<true>(out, kernel)
+        } else {
+            self.run_in::<false>(out, kernel)
+        }
+    }
+
+    #[inline(always)]
+    fn run_in<const COLS: bool>(&self, out: &mut [f32], kernel: Kernel) {
+        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1);
+        // The points a kernel reads: `rows`, or with `x_columns` a whole run of the most
+        // rows it computes (`rows` rounded up).
+        let x_holds = |points: usize| {
+            if self.x_columns {
+                assert!(self.ldx >= points && self.x.len() >= (self.k - 1) * self.ldx + points);
+            } else {
+                assert!(self.ldx >= self.k);
+                assert!(self.x.len() >= (self.rows - 1) * self.ldx + self.k);
+            }
+        };
         assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
         match kernel {
             Kernel::Portable => {
+                x_holds(self.rows);
                 assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= self.cols);
                 assert!(self.w.len() >= (self.k - 1) * NR_LAST + self.cols);
                 row_tile_portable(self, out)
@@ -605,33 +659,35 @@ impl RowTile<'_> {
             // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA; the
             // slices cover every element the tile reads and writes (asserted here).
             Kernel::Avx2Fma => unsafe {
+                x_holds(MR);
                 assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= NR);
                 assert!(self.w.len() >= (self.k - 1) * NR_LAST + NR);
                 match (self.cols <= NR / 2, self.rows) {
-                    (true, 1..=2) => row_tile_avx2::<1, 2>(self, out),
-                    (true, 3..=4) => row_tile_avx2::<1, 4>(self, out),
-                    (true, _) => row_tile_avx2::<1, MR>(self, out),
-                    (false, 1..=2) => row_tile_avx2::<2, 2>(self, out),
-                    (false, 3..=4) => row_tile_avx2::<2, 4>(self, out),
-                    (false, _) => row_tile_avx2::<2, MR>(self, out),
+                    (true, 1..=2) => row_tile_avx2::<1, 2, COLS>(self, out),
+                    (true, 3..=4) => row_tile_avx2::<1, 4, COLS>(self, out),
+                    (true, _) => row_tile_avx2::<1, MR, COLS>(self, out),
+                    (false, 1..=2) => row_tile_avx2::<2, 2, COLS>(self, out),
+                    (false, 3..=4) => row_tile_avx2::<2, 4, COLS>(self, out),
+                    (false, _) => row_tile_avx2::<2, MR, COLS>(self, out),
                 }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::Avx512` is only chosen when the CPU has AVX-512 F; the slices
             // cover every element the tile reads and writes (asserted here).
             Kernel::Avx512 => unsafe {
+                x_holds(MR_AVX512);
                 assert!(self.rows <= MR_AVX512 && self.cols <= NR_LAST);
                 assert!(self.bias.len() >= NR_LAST);
                 assert!(self.w.len() >= self.k * NR_LAST);
                 match (self.cols <= NR_LAST / 2, self.rows) {
-                    (true, 1..=2) => row_tile_avx512::<1, 2>(self, out),
-                    (true, 3..=4) => row_tile_avx512::<1, 4>(self, out),
-                    (true, 5..=8) => row_tile_avx512::<1, 8>(self, out),
-                    (true, _) => row_tile_avx512::<1, MR_AVX512>(self, out),
-                    (false, 1..=2) => row_tile_avx512::<2, 2>(self, out),
-                    (false, 3..=4) => row_tile_avx512::<2, 4>(self, out),
-                    (false, 5..=8) => row_tile_avx512::<2, 8>(self, out),
-                    (false, _) => row_tile_avx512::<2, MR_AVX512>(self, out),
+                    (true, 1..=2) => row_tile_avx512::<1, 2, COLS>(self, out),
+                    (true, 3..=4) => row_tile_avx512::<1, 4, COLS>(self, out),
+                    (true, 5..=8) => row_tile_avx512::<1, 8, COLS>(self, out),
+                    (true, _) => row_tile_avx512::<1, MR_AVX512, COLS>(self, out),
+                    (false, 1..=2) => row_tile_avx512::<2, 2, COLS>(self, out),
+                    (false, 3..=4) => row_tile_avx512::<2, 4, COLS>(self, out),
+                    (false, 5..=8) => row_tile_avx512::<2, 8, COLS>(self, out),
+                    (false, _) => row_tile_avx512::<2, MR_AVX512, COLS>(self, out),
                 }
             },
         }
@@ -649,7 +705,11 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     for i in 0..t.k {
         let wr = &t.w[i * NR_LAST..][..t.cols];
         for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
-            let xv = t.x[r * t.ldx + i];
+            let xv = if t.x_columns {
+                t.x[i * t.ldx + r]
+            } else {
+                t.x[r * t.ldx + i]
+            };
             for (a, w) in acc.iter_mut().zip(wr) {
                 *a += xv * *w;
             }
@@ -677,7 +737,10 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
 /// stored), so no read goes past `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [f32]) {
+unsafe fn row_tile_avx2<const V: usize, const R: usize, const COLS: bool>(
+    t: &RowTile,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
     debug_assert!(rows >= 1 && rows <= R && R <= MR && cols >= 1 && cols <= 8 * V);
@@ -701,18 +764,30 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
         }
     }
     let mut wp = t.w.as_ptr();
-    for i in 0..k {
-        let mut wv = [_mm256_setzero_ps(); V];
-        for (v, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm256_loadu_ps(wp.add(8 * v));
-        }
-        for (acc, xr) in acc.iter_mut().zip(&xr) {
-            let b = _mm256_broadcast_ss(&*xr.add(i));
-            for v in 0..V {
-                acc[v] = _mm256_fmadd_ps(b, wv[v], acc[v]);
+    // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once, expanded
+    // for each layout of `x`.
+    macro_rules! accumulate {
+        (|$r:ident, $i:ident| $x_at:expr) => {
+            for $i in 0..k {
+                let mut wv = [_mm256_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_ps(wp.add(8 * v));
+                }
+                for ($r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*$x_at);
+                    for v in 0..V {
+                        acc[v] = _mm256_fmadd_ps(b, wv[v], acc[v]);
+                    }
+                }
+                wp = wp.add(NR_LAST);
             }
-        }
-        wp = wp.add(NR_LAST);
+        };
+    }
+    if COLS {
+        let x0 = t.x.as_ptr();
+        accumulate!(|r, i| x0.add(i * t.ldx + r));
+    } else {
+        accumulate!(|r, i| xr[r].add(i));
     }
     let clamped = t.clamp != Clamp::NONE;
     let (low, high) = (
@@ -748,7 +823,10 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize>(t: &RowTile, out: &mut [
 /// last one (never stored), so no read goes past `x`. The same sums as [`row_tile_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn row_tile_avx512<const V: usize, const R: usize>(t: &RowTile, out: &mut [f32]) {
+unsafe fn row_tile_avx512<const V: usize, const R: usize, const COLS: bool>(
+    t: &RowTile,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
     debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= 16 * V);
@@ -775,18 +853,29 @@ unsafe fn row_tile_avx512<const V: usize, const R: usize>(t: &RowTile, out: &mut
         }
     }
     let mut wp = t.w.as_ptr();
-    for i in 0..k {
-        let mut wv = [_mm512_setzero_ps(); V];
-        for (v, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm512_loadu_ps(wp.add(16 * v));
-        }
-        for (acc, xr) in acc.iter_mut().zip(&xr) {
-            let b = _mm512_set1_ps(*xr.add(i));
-            for v in 0..V {
-                acc[v] = _mm512_fmadd_ps(b, wv[v], acc[v]);
+    // As in `row_tile_avx2`.
+    macro_rules! accumulate {
+        (|$r:ident, $i:ident| $x_at:expr) => {
+            for $i in 0..k {
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_ps(wp.add(16 * v));
+                }
+                for ($r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*$x_at);
+                    for v in 0..V {
+                        acc[v] = _mm512_fmadd_ps(b, wv[v], acc[v]);
+                    }
+                }
+                wp = wp.add(NR_LAST);
             }
-        }
-        wp = wp.add(NR_LAST);
+        };
+    }
+    if COLS {
+        let x0 = t.x.as_ptr();
+        accumulate!(|r, i| x0.add(i * t.ldx + r));
+    } else {
+        accumulate!(|r, i| xr[r].add(i));
     }
     let clamped = t.clamp != Clamp::NONE;
     let (low, high) = (
@@ -823,7 +912,7 @@ fn transpose_block(x: &[f32], k: usize, cols: usize, block: &mut [f32]) {
 }
 
 /// One tile: `rows` (≤ MR) output rows by `cols` (≤ NR) columns; `out[r, j] = clamp(Σ_i w[i *
-/// ldw + r] · x[i * ldx + j] + bias[r] + col_bias[j])`, `out` rows `ldo` apart. `w` is read for
+/// ldw + r] · x[i * ldx + j] + bias[r])`, `out` rows `ldo` apart. `w` is read for
 /// all MR rows (`(k - 1) * ldw + MR` elements), `x` for `cols` columns only.
 struct Tile<'a> {
     k: usize,
@@ -835,7 +924,6 @@ struct Tile<'a> {
     ldo: usize,
     rows: usize,
     bias: &'a [f32; MR],
-    col_bias: Option<&'a [f32; NR]>,
     clamp: Clamp,
 }
 
@@ -859,14 +947,13 @@ impl Tile<'_> {
                 // At most NARROW columns (the last point of a 7x7 plane, the last 4 of a
                 // 14x14 one), with the weights as the panel's vector: one multiply-add per
                 // column and input channel instead of MR.
-                if self.cols <= NARROW && self.ldw == MR && self.col_bias.is_none() {
+                if self.cols <= NARROW && self.ldw == MR {
                     return narrow_avx2(self, out);
                 }
-                match (self.cols <= NR / 2, self.col_bias.is_some()) {
-                    (true, false) => tile_rows::<1, false>(self, out),
-                    (false, false) => tile_rows::<2, false>(self, out),
-                    (true, true) => tile_rows::<1, true>(self, out),
-                    (false, true) => tile_rows::<2, true>(self, out),
+                if self.cols <= NR / 2 {
+                    tile_rows::<1>(self, out)
+                } else {
+                    tile_rows::<2>(self, out)
                 }
             },
         }
@@ -888,15 +975,10 @@ fn tile_portable(t: &Tile, out: &mut [f32]) {
         }
     }
     let (low, high) = (t.clamp.low(), t.clamp.high());
-    let cb = t.col_bias.copied().unwrap_or([0f32; NR]);
     for r in 0..t.rows {
         let to = &mut out[r * t.ldo..r * t.ldo + cols];
-        for (j, (o, a)) in to.iter_mut().zip(&acc[r]).enumerate() {
-            let v = if t.col_bias.is_some() {
-                *a + cb[j]
-            } else {
-                *a + t.bias[r]
-            };
+        for (o, a) in to.iter_mut().zip(&acc[r]) {
+            let v = *a + t.bias[r];
             *o = if t.clamp == Clamp::NONE {
                 v
             } else {
@@ -911,23 +993,19 @@ fn tile_portable(t: &Tile, out: &mut [f32]) {
 /// which the full tile computed for all six.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_rows<const V: usize, const COL_BIAS: bool>(t: &Tile, out: &mut [f32]) {
+unsafe fn tile_rows<const V: usize>(t: &Tile, out: &mut [f32]) {
     match t.rows {
-        1..=2 => tile_avx2::<V, COL_BIAS, 2>(t, out),
-        3..=4 => tile_avx2::<V, COL_BIAS, 4>(t, out),
-        _ => tile_avx2::<V, COL_BIAS, MR>(t, out),
+        1..=2 => tile_avx2::<V, 2>(t, out),
+        3..=4 => tile_avx2::<V, 4>(t, out),
+        _ => tile_avx2::<V, MR>(t, out),
     }
 }
 
 /// One tile of `V` vectors (8 columns each) per row: `V = 2` for up to [`NR`] columns, `V = 1`
-/// for up to 8; `COL_BIAS`: the bias is per column (`t.col_bias`), else per row (`t.bias`);
-/// sums for the first `R` (at least `t.rows`) of the MR rows only.
+/// for up to 8; sums for the first `R` (at least `t.rows`) of the MR rows only.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool, const R: usize>(
-    t: &Tile,
-    out: &mut [f32],
-) {
+unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (k, cols, ldx, ldw, ldo, rows) = (t.k, t.cols, t.ldx, t.ldw, t.ldo, t.rows);
     debug_assert!(cols >= 1 && cols <= 8 * V && rows >= 1 && rows <= R && R <= MR);
@@ -975,23 +1053,12 @@ unsafe fn tile_avx2<const V: usize, const COL_BIAS: bool, const R: usize>(
         _mm256_set1_ps(t.clamp.low()),
         _mm256_set1_ps(t.clamp.high()),
     );
-    let mut cb = [_mm256_setzero_ps(); V];
-    if COL_BIAS {
-        let c = t.col_bias.unwrap_or(&[0f32; NR]).as_ptr();
-        for (v, cb) in cb.iter_mut().enumerate() {
-            *cb = _mm256_loadu_ps(c.add(8 * v));
-        }
-    }
     let op = out.as_mut_ptr();
     for (r, acc) in acc.iter().enumerate().take(rows) {
         let b = _mm256_set1_ps(t.bias[r]);
         let to = op.add(r * ldo);
         for v in 0..V {
-            let mut y = if COL_BIAS {
-                _mm256_add_ps(acc[v], cb[v])
-            } else {
-                _mm256_add_ps(acc[v], b)
-            };
+            let mut y = _mm256_add_ps(acc[v], b);
             if clamped {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm256_min_ps(_mm256_max_ps(y, low), high);
