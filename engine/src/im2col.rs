@@ -358,6 +358,7 @@ fn rewrite(
             out_spatial: tvec![oh, ow],
             layout: crate::pointwise::Layout::ChannelsFirst,
             clamp: crate::depthwise::Clamp::NONE,
+            residual: false,
         };
         let weights = kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
         let bias = match bias {

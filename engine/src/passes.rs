@@ -46,6 +46,8 @@ pub(crate) struct Rewrites {
     pub channels_last: usize,
     /// Transposes the layout pass left where channels-last and channels-first values meet.
     pub layout_transposes: usize,
+    /// Residual additions folded into the channels-last product before them.
+    pub fused_residuals: usize,
 }
 
 /// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
@@ -83,6 +85,7 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     let fused_clamps = crate::depthwise::fuse_clamp(model)?;
     // Last: it switches the ops the passes above installed.
     let layout = crate::layout::install(model)?;
+    let fused_residuals = crate::pointwise::fuse_residual(model)?;
     Ok(Rewrites {
         folded_constants,
         depthwise_convolutions,
@@ -93,6 +96,7 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
         fused_clamps,
         channels_last: layout.switched,
         layout_transposes: layout.transposes,
+        fused_residuals,
     })
 }
 
@@ -205,6 +209,7 @@ mod tests {
                     // No depthwise convolution of multiplier 1: channels-first throughout.
                     channels_last: 0,
                     layout_transposes: 0,
+                    fused_residuals: 0,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -228,6 +233,8 @@ mod tests {
                     // ...with no transpose left: the first layer writes channels-last, the
                     // residual additions and the global pool read it.
                     layout_transposes: 0,
+                    // The ten inverted-residual blocks' additions, into their projections.
+                    fused_residuals: 10 * fast,
                 },
             ),
         ];

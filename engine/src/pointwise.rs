@@ -73,6 +73,10 @@ pub(crate) struct Pointwise {
     pub out_spatial: TVec<usize>,
     pub layout: Layout,
     pub clamp: Clamp,
+    /// A fourth input, the output's shape, is added to the output after the clamp (the
+    /// residual addition of an inverted-residual block: [`fuse_residual`]);
+    /// [`Layout::ChannelsLast`] only.
+    pub residual: bool,
 }
 
 /// Where the channels lie in the activation and in the output.
@@ -188,10 +192,21 @@ impl EvalOp for Pointwise {
         }
         // Every element is written by `gemm`.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape(x.shape()))? };
+        let residual = match (self.residual, inputs.get(3)) {
+            (false, _) => None,
+            (true, Some(r)) if r.shape() == out.shape() => Some(r.try_as_plain_ram()?),
+            (true, _) => bail!("EnginePointwise: no residual input of the output's shape"),
+        };
+        let residual = match &residual {
+            Some(r) => Some(r.as_slice::<f32>()?),
+            None => None,
+        };
         {
             let mut out_ram = out.try_as_plain_ram_mut()?;
             let os = out_ram.as_slice_mut::<f32>()?;
-            for (x, out) in xs.chunks_exact(k * n).zip(os.chunks_exact_mut(self.m * n)) {
+            let per_batch = xs.chunks_exact(k * n).zip(os.chunks_exact_mut(self.m * n));
+            for (b, (x, out)) in per_batch.enumerate() {
+                let residual = residual.map(|r| &r[b * self.m * n..(b + 1) * self.m * n]);
                 gemm(
                     self.layout,
                     self.m,
@@ -201,6 +216,7 @@ impl EvalOp for Pointwise {
                     x,
                     bs,
                     self.clamp,
+                    residual,
                     out,
                     Kernel::best(),
                 );
@@ -334,7 +350,8 @@ fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
 /// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
 /// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
 /// `k x n`, `out` `n x m` (the same tile for these three); [`Layout::ChannelsLast`]: `x`
-/// `n x k`, `out` `n x m` ([`gemm_channels_last`]).
+/// `n x k`, `out` `n x m` ([`gemm_channels_last`]). A `residual` (the output's size;
+/// [`Layout::ChannelsLast`] only) is added after the clamp.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     layout: Layout,
@@ -345,14 +362,18 @@ pub(crate) fn gemm(
     x: &[f32],
     bias: &[f32],
     clamp: Clamp,
+    residual: Option<&[f32]>,
     out: &mut [f32],
     kernel: Kernel,
 ) {
     assert!(w.len() >= packed_len(layout, m, k) && x.len() >= k * n && out.len() >= m * n);
     assert!(bias.len() >= m);
+    assert!(residual.is_none_or(|r| layout == Layout::ChannelsLast && r.len() >= m * n));
     let panels = m.div_ceil(MR);
     match layout {
-        Layout::ChannelsLast => gemm_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
+        Layout::ChannelsLast => {
+            gemm_channels_last(m, k, n, w, x, bias, clamp, residual, out, kernel)
+        }
         Layout::OutChannelsLast => gemm_out_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
         Layout::ChannelsFirst => {
             // The tile of weight panel `panel` and the block of points at `col`, read from `xb`
@@ -476,6 +497,7 @@ fn gemm_channels_last(
     x: &[f32],
     bias: &[f32],
     clamp: Clamp,
+    residual: Option<&[f32]>,
     out: &mut [f32],
     kernel: Kernel,
 ) {
@@ -507,6 +529,7 @@ fn gemm_channels_last(
                 clamp,
                 accumulate: ks.start > 0,
                 finish: ks.end == k,
+                residual: residual.map(|r| &r[p * m + panel * NR_LAST + c0..]),
             };
             t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
         }
@@ -589,6 +612,7 @@ fn gemm_out_channels_last(
                     clamp,
                     accumulate: false,
                     finish: true,
+                    residual: None,
                 };
                 t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
             }
@@ -619,6 +643,9 @@ struct RowTile<'a> {
     clamp: Clamp,
     accumulate: bool,
     finish: bool,
+    /// Added after the clamp when `finish`: as many values as `out` from the tile's first
+    /// output, rows `ldo` apart.
+    residual: Option<&'a [f32]>,
 }
 
 impl RowTile<'_> {
@@ -648,6 +675,9 @@ impl RowTile<'_> {
             }
         };
         assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
+        assert!(self
+            .residual
+            .is_none_or(|r| r.len() >= (self.rows - 1) * self.ldo + self.cols));
         match kernel {
             Kernel::Portable => {
                 x_holds(self.rows);
@@ -721,12 +751,16 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
             to.copy_from_slice(&acc[..t.cols]);
             continue;
         }
-        for ((o, a), b) in to.iter_mut().zip(acc).zip(t.bias) {
+        for (j, ((o, a), b)) in to.iter_mut().zip(acc).zip(t.bias).enumerate() {
             let v = *a + *b;
-            *o = if t.clamp == Clamp::NONE {
+            let v = if t.clamp == Clamp::NONE {
                 v
             } else {
                 v.max(t.clamp.low()).min(t.clamp.high())
+            };
+            *o = match t.residual {
+                Some(res) => v + res[r * t.ldo + j],
+                None => v,
             };
         }
     }
@@ -808,6 +842,10 @@ unsafe fn row_tile_avx2<const V: usize, const R: usize, const COLS: bool>(
             if clamped && t.finish {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+            }
+            if let (Some(res), true) = (t.residual, t.finish) {
+                let at = res.as_ptr().add(r * ldo + 8 * v);
+                y = _mm256_add_ps(y, _mm256_maskload_ps(at, mask[v]));
             }
             if full {
                 _mm256_storeu_ps(to.add(8 * v), y);
@@ -896,6 +934,10 @@ unsafe fn row_tile_avx512<const V: usize, const R: usize, const COLS: bool>(
             if clamped && t.finish {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm512_min_ps(_mm512_max_ps(y, low), high);
+            }
+            if let (Some(res), true) = (t.residual, t.finish) {
+                let at = res.as_ptr().add(r * ldo + 16 * v);
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[v], at));
             }
             _mm512_mask_storeu_ps(to.add(16 * v), mask[v], y);
         }
@@ -1342,6 +1384,7 @@ fn candidate(
             spatial: spatial_dims,
             layout,
             clamp: Clamp::NONE,
+            residual: false,
         };
         return Ok(Some((op, node.inputs[xi], values)));
     }
@@ -1413,6 +1456,56 @@ pub(crate) fn fuse_bias(model: &mut TypedModel) -> TractResult<usize> {
                 op.clone(),
                 &[x, w, b],
             )?[0];
+            patch.shunt_outside(model, node.id.into(), wire)?;
+            patch.obliterate(node.id)?;
+            patch.obliterate(prev.id)?;
+            return Ok(Some(patch));
+        }
+        Ok(None)
+    })
+}
+
+/// Folds the addition that follows a channels-last [`Pointwise`] into it (its fourth input,
+/// added after the clamp) when the product feeds nothing else and the other operand has the
+/// product's shape: the residual connection of an inverted-residual block, which onnxruntime
+/// fuses too. One pass over the output fewer per block. The sums are the same: the product
+/// (bias and clamp applied), then the other operand added. Returns how many were folded.
+pub(crate) fn fuse_residual(model: &mut TypedModel) -> TractResult<usize> {
+    crate::passes::patch_each(model, |model, node| {
+        let Some(bin) = node.op_as::<TypedBinOp>() else {
+            return Ok(None);
+        };
+        if !bin.0.is::<Add>() || node.inputs.len() != 2 {
+            return Ok(None);
+        }
+        for (pw_input, other_input) in [(0, 1), (1, 0)] {
+            let prev = model.node(node.inputs[pw_input].node);
+            let Some(op) = prev.op_as::<Pointwise>() else {
+                continue;
+            };
+            let shape = &model.outlet_fact(node.inputs[pw_input])?.shape;
+            if op.layout != Layout::ChannelsLast
+                || op.residual
+                || model.outlet_fact(node.inputs[other_input])?.shape != *shape
+                || model.outlet_fact(node.id.into())?.shape != *shape
+                || model.single_succ(prev.id)?.map(|s| s.id) != Some(node.id)
+                || model.outputs.contains(&node.inputs[pw_input])
+            {
+                continue;
+            }
+            let mut patch =
+                TypedModelPatch::new(format!("engine pointwise residual {}", node.name));
+            let inputs = prev
+                .inputs
+                .iter()
+                .chain(std::iter::once(&node.inputs[other_input]))
+                .map(|i| patch.tap_model(model, *i))
+                .collect::<TractResult<TVec<_>>>()?;
+            let op = Pointwise {
+                residual: true,
+                ..op.clone()
+            };
+            let wire = patch.wire_node(format!("{}.engine_pointwise", node.name), op, &inputs)?[0];
             patch.shunt_outside(model, node.id.into(), wire)?;
             patch.obliterate(node.id)?;
             patch.obliterate(prev.id)?;
@@ -1503,12 +1596,23 @@ mod tests {
                     // Sentinels past the output must survive (masked stores).
                     let mut out = vec![f32::NAN; m * n + 3];
                     out[m * n..].fill(1234.5);
-                    gemm(layout, m, k, n, &packed, &x_in, &b, clamp, &mut out, kernel);
+                    // The channels-last layout with a residual added (an inverted-residual
+                    // block's projection, `fuse_residual`).
+                    let res: Vec<f32> = (0..m * n).map(|v| (v % 11) as f32 - 5.0).collect();
+                    let residual = (layout == Layout::ChannelsLast).then_some(&res[..]);
+                    gemm(
+                        layout, m, k, n, &packed, &x_in, &b, clamp, residual, &mut out, kernel,
+                    );
                     let what = format!("{kernel:?} {layout:?} {m}x{k}x{n} {clamp:?}");
                     assert_eq!(&out[m * n..], &[1234.5; 3], "{what}");
                     let mut want = naive(m, k, n, &w, &x, &b, clamp);
                     if layout.output_channels_last() {
                         want = transpose(&want, m, n);
+                    }
+                    if let Some(res) = residual {
+                        for (w, r) in want.iter_mut().zip(res) {
+                            *w += r;
+                        }
                     }
                     for (j, (g, w)) in out.iter().zip(&want).enumerate() {
                         assert!(
@@ -1634,6 +1738,9 @@ mod tests {
             Layout::ChannelsLast,
         ] {
             let packed = pack_weights(layout, m, k, &w);
+            // A residual where one is taken.
+            let res: Vec<f32> = (0..m * n).map(|v| (v % 3) as f32 - 1.0).collect();
+            let residual = (layout == Layout::ChannelsLast).then_some(&res[..]);
             let mut portable = vec![0f32; m * n];
             gemm(
                 layout,
@@ -1644,6 +1751,7 @@ mod tests {
                 &x,
                 &b,
                 Clamp::NONE,
+                residual,
                 &mut portable,
                 Kernel::Portable,
             );
@@ -1659,6 +1767,7 @@ mod tests {
                     &x,
                     &b,
                     Clamp::NONE,
+                    residual,
                     &mut out,
                     kernel,
                 );
