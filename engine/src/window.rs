@@ -177,17 +177,13 @@ impl Avx2 {
 /// Whether this CPU has AVX-512 F besides AVX2 and FMA (the channels-last kernels' widest
 /// vectors), and `MODELFLEET_ENGINE_NO_AVX512` is not set in the environment (to run the AVX2
 /// kernels instead: to compare them on one machine, or where AVX-512 lowers the clock).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn avx512_detected() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX512.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if Avx2::detect().is_some()
+        Avx2::detect().is_some()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::env::var_os("MODELFLEET_ENGINE_NO_AVX512").is_none()
-        {
-            return true;
-        }
-        false
     })
 }
 
