@@ -560,6 +560,59 @@ mod tests {
         assert_eq!(first, x);
     }
 
+    /// Where channels-last and channels-first values meet (a max pool, which runs
+    /// channels-first, between depthwise convolutions; the model's input and output), the pass
+    /// leaves transposes, and the model computes what stock tract computes.
+    /// `engine/testdata/depthwise_maxpool.onnx` is made by `scripts/make_layout_test_model.py`.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn transposes_left_where_layouts_meet() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/depthwise_maxpool.onnx");
+        let (typed, names) =
+            crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
+        let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
+        let sym = signature.batch_symbol(&typed).unwrap();
+        // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
+        let mut batch_one = typed
+            .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
+            .unwrap();
+        batch_one.declutter().unwrap();
+        let stock = batch_one.clone().into_optimized().unwrap();
+        let mut ours = batch_one;
+        let rewrites = crate::passes::apply(&mut ours).unwrap();
+        let fast = usize::from(crate::pointwise::fast_kernel());
+        // Both depthwise convolutions and the pointwise one between them.
+        assert_eq!(rewrites.channels_last, 3 * fast);
+        // To channels-last after the input and before the pointwise convolution (after the
+        // pool), back before the pool and before the output (the addition, both of whose
+        // operands were the last depthwise convolution's output, moved before it).
+        assert_eq!(rewrites.layout_transposes, 4 * fast);
+        let ours = ours.into_optimized().unwrap();
+        let x = Tensor::from_shape(&[1, 8, 12, 12], &values(8 * 12 * 12)).unwrap();
+        let outputs = |m: TypedModel| {
+            let out = m
+                .into_runnable()
+                .unwrap()
+                .run(tvec!(x.clone().into_tvalue()))
+                .unwrap();
+            out[0]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
+        let (want, got) = (outputs(stock), outputs(ours));
+        assert_eq!(got.len(), 16 * 3 * 3);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "element {i}: engine {g}, stock tract {w}"
+            );
+        }
+    }
+
     /// The channels-last sum gives what tract's `Reduce<Sum>` gives on the channels-first value
     /// over its spatial axes, to the bit (its summation order), for point counts below, at and
     /// past multiples of 8.
