@@ -20,6 +20,8 @@
 //! by [`pack_kernel`] when the pass switches a convolution's layout. Channel multiplier 1 only.
 
 use crate::depthwise::DepthwiseConv;
+#[cfg(target_arch = "x86_64")]
+use crate::lanes::{Avx2Lanes, Avx512Lanes, Lanes};
 
 /// The `[C, 1, kh, kw]` (OIHW) depthwise kernel as `[kh, kw, C]`.
 pub(crate) fn pack_kernel(k: &[f32], c: usize, taps: usize) -> Vec<f32> {
@@ -126,127 +128,6 @@ fn run_portable(op: &DepthwiseConv, x: &[f32], k: &[f32], bias: &[f32], out: &mu
                 crate::depthwise::store_clamped(to, &acc, low, high);
             }
         }
-    }
-}
-
-/// The vector operations `channels_last_kernel!` needs, for AVX2 (8 lanes) and AVX-512 (16
-/// lanes). Every method is inlined into the `#[target_feature]` kernel that calls it, so it
-/// compiles to that instruction set; calling one anywhere else is unsound (hence `unsafe`).
-#[cfg(target_arch = "x86_64")]
-trait Lanes {
-    const N: usize;
-    type V: Copy;
-    type Mask: Copy;
-    /// The first `lanes` (at most [`Lanes::N`]) lanes.
-    unsafe fn mask(lanes: usize) -> Self::Mask;
-    unsafe fn splat(v: f32) -> Self::V;
-    unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V;
-    unsafe fn store(p: *mut f32, v: Self::V);
-    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V);
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    /// `max(a, low)` then `min(.., high)`; a NaN `a` gives `low`, as `f32::max` does.
-    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V;
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx2Lanes;
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for Avx2Lanes {
-    const N: usize = 8;
-    type V = std::arch::x86_64::__m256;
-    type Mask = std::arch::x86_64::__m256i;
-    #[inline(always)]
-    unsafe fn mask(lanes: usize) -> Self::Mask {
-        use std::arch::x86_64::*;
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane)
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self::V {
-        std::arch::x86_64::_mm256_set1_ps(v)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V {
-        std::arch::x86_64::_mm256_maskload_ps(p, m)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm256_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V) {
-        std::arch::x86_64::_mm256_maskstore_ps(p, m, v)
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_add_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_mul_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V {
-        use std::arch::x86_64::*;
-        _mm256_min_ps(_mm256_max_ps(a, low), high)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx512Lanes;
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for Avx512Lanes {
-    const N: usize = 16;
-    type V = std::arch::x86_64::__m512;
-    type Mask = u16;
-    #[inline(always)]
-    unsafe fn mask(lanes: usize) -> Self::Mask {
-        if lanes >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << lanes) - 1
-        }
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self::V {
-        std::arch::x86_64::_mm512_set1_ps(v)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn load_masked(p: *const f32, m: Self::Mask) -> Self::V {
-        std::arch::x86_64::_mm512_maskz_loadu_ps(m, p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm512_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn store_masked(p: *mut f32, m: Self::Mask, v: Self::V) {
-        std::arch::x86_64::_mm512_mask_storeu_ps(p, m, v)
-    }
-    #[inline(always)]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_add_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_mul_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn clamp(a: Self::V, low: Self::V, high: Self::V) -> Self::V {
-        use std::arch::x86_64::*;
-        _mm512_min_ps(_mm512_max_ps(a, low), high)
     }
 }
 

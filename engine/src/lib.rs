@@ -61,6 +61,8 @@ mod depthwise_cl;
 mod error;
 mod fold;
 mod im2col;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod layout;
 mod maxpool;
 mod model;

@@ -42,6 +42,8 @@ use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::math::Add;
 
 use crate::depthwise::Clamp;
+#[cfg(target_arch = "x86_64")]
+use crate::lanes::{Avx2Lanes, Avx512Lanes, Lanes};
 
 /// Output channels per tile (rows of the packed weight panels).
 pub(crate) const MR: usize = 6;
@@ -766,183 +768,110 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     }
 }
 
-/// [`RowTile`] with `V` vectors (8 channels each) per row, `V = 1` for up to 8 channels, and
-/// the sums of `R` (at least `t.rows`) rows: the rows past `t.rows` repeat the last one (never
-/// stored), so no read goes past `x`.
+/// Defines `$name`, [`RowTile`]'s kernel on the vectors of `$lanes` with `$features` enabled
+/// (one body for AVX2 and AVX-512, `crate::lanes`): `V` vectors per row (`V = 1` for up to one
+/// vector of channels), the sums of `R` (at least `t.rows`) rows — the rows past `t.rows`
+/// repeat the last one (never stored), so no read goes past `x` — and `x` read by rows, or
+/// down columns with `COLS`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_tile_avx2<const V: usize, const R: usize, const COLS: bool>(
-    t: &RowTile,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
-    debug_assert!(rows >= 1 && rows <= R && R <= MR && cols >= 1 && cols <= 8 * V);
-    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart
-    // (`RowTile::run` asserts them); `wp` walks the panel's `k` rows, NR_LAST apart; `out`
-    // holds `rows` rows of `cols` values, `ldo` apart.
-    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let full = cols == 8 * V;
-    let mut mask = [_mm256_setzero_si256(); V];
-    for (v, mask) in mask.iter_mut().enumerate() {
-        *mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
-    }
-    let op = out.as_mut_ptr();
-    let mut acc = [[_mm256_setzero_ps(); V]; R];
-    if t.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-            for v in 0..V {
-                acc[v] = _mm256_maskload_ps(op.add(r * ldo + 8 * v), mask[v]);
-            }
-        }
-    }
-    let mut wp = t.w.as_ptr();
-    // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once, expanded
-    // for each layout of `x`.
-    macro_rules! accumulate {
-        (|$r:ident, $i:ident| $x_at:expr) => {
-            for $i in 0..k {
-                let mut wv = [_mm256_setzero_ps(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm256_loadu_ps(wp.add(8 * v));
-                }
-                for ($r, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm256_broadcast_ss(&*$x_at);
+macro_rules! row_tile_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:ty) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const V: usize, const R: usize, const COLS: bool>(
+            t: &RowTile,
+            out: &mut [f32],
+        ) {
+            type L = $lanes;
+            let n = L::N;
+            let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
+            debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= n * V);
+            // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart
+            // (or with `COLS` point `r`'s value `i` at `r + i * ldx`); `wp` walks the panel's
+            // `k` rows, NR_LAST apart, `n * V` values each; `out` (and `residual`) hold `rows`
+            // rows of `cols` values, `ldo` apart (`RowTile::run` asserts them).
+            let xr: [*const f32; R] =
+                std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
+            let full = cols == n * V;
+            let mask: [<L as Lanes>::Mask; V] =
+                std::array::from_fn(|v| L::mask(cols.saturating_sub(n * v)));
+            let op = out.as_mut_ptr();
+            let mut acc = [[L::splat(0.0); V]; R];
+            if t.accumulate {
+                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                     for v in 0..V {
-                        acc[v] = _mm256_fmadd_ps(b, wv[v], acc[v]);
+                        acc[v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
                     }
                 }
-                wp = wp.add(NR_LAST);
             }
-        };
-    }
-    if COLS {
-        let x0 = t.x.as_ptr();
-        accumulate!(|r, i| x0.add(i * t.ldx + r));
-    } else {
-        accumulate!(|r, i| xr[r].add(i));
-    }
-    let clamped = t.clamp != Clamp::NONE;
-    let (low, high) = (
-        _mm256_set1_ps(t.clamp.low()),
-        _mm256_set1_ps(t.clamp.high()),
-    );
-    let mut bias = [_mm256_setzero_ps(); V];
-    for (v, bias) in bias.iter_mut().enumerate() {
-        *bias = _mm256_loadu_ps(t.bias.as_ptr().add(8 * v));
-    }
-    for (r, acc) in acc.iter().enumerate().take(rows) {
-        let to = op.add(r * ldo);
-        for v in 0..V {
-            let mut y = acc[v];
-            if t.finish {
-                y = _mm256_add_ps(y, bias[v]);
+            let mut wp = t.w.as_ptr();
+            // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once,
+            // expanded for each layout of `x`.
+            macro_rules! accumulate {
+                (|$r:ident, $i:ident| $x_at:expr) => {
+                    for $i in 0..k {
+                        let wv: [<L as Lanes>::V; V] =
+                            std::array::from_fn(|v| L::load(wp.add(n * v)));
+                        for ($r, acc) in acc.iter_mut().enumerate() {
+                            let b = L::splat(*$x_at);
+                            for v in 0..V {
+                                acc[v] = L::fmadd(b, wv[v], acc[v]);
+                            }
+                        }
+                        wp = wp.add(NR_LAST);
+                    }
+                };
             }
-            if clamped && t.finish {
-                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
-                y = _mm256_min_ps(_mm256_max_ps(y, low), high);
-            }
-            if let (Some(res), true) = (t.residual, t.finish) {
-                let at = res.as_ptr().add(r * ldo + 8 * v);
-                y = _mm256_add_ps(y, _mm256_maskload_ps(at, mask[v]));
-            }
-            if full {
-                _mm256_storeu_ps(to.add(8 * v), y);
+            if COLS {
+                let x0 = t.x.as_ptr();
+                accumulate!(|r, i| x0.add(i * t.ldx + r));
             } else {
-                _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
+                accumulate!(|r, i| xr[r].add(i));
+            }
+            let clamped = t.clamp != Clamp::NONE;
+            let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
+            let bias: [<L as Lanes>::V; V] =
+                std::array::from_fn(|v| L::load(t.bias.as_ptr().add(n * v)));
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let to = op.add(r * ldo);
+                for v in 0..V {
+                    let mut y = acc[v];
+                    if t.finish {
+                        y = L::add(y, bias[v]);
+                        if clamped {
+                            y = L::clamp(y, low, high);
+                        }
+                        if let Some(res) = t.residual {
+                            let at = res.as_ptr().add(r * ldo + n * v);
+                            y = L::add(y, L::load_masked(at, mask[v]));
+                        }
+                    }
+                    if full {
+                        L::store(to.add(n * v), y);
+                    } else {
+                        L::store_masked(to.add(n * v), mask[v], y);
+                    }
+                }
             }
         }
-    }
+    };
 }
 
-/// [`RowTile`] with AVX-512: `V` vectors (16 channels each) per row, `V = 1` for up to 16
-/// channels, and the sums of `R` (at least `t.rows`) rows: the rows past `t.rows` repeat the
-/// last one (never stored), so no read goes past `x`. The same sums as [`row_tile_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn row_tile_avx512<const V: usize, const R: usize, const COLS: bool>(
-    t: &RowTile,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
-    debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= 16 * V);
-    // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart; `wp`
-    // walks the panel's `k` rows, NR_LAST apart, 16 * V values each; `out` holds `rows` rows
-    // of `cols` values, `ldo` apart (`RowTile::run` asserts them).
-    let xr: [*const f32; R] = std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
-    let mut mask = [0u16; V];
-    for (v, mask) in mask.iter_mut().enumerate() {
-        let lanes = cols.saturating_sub(16 * v).min(16);
-        *mask = if lanes == 16 {
-            u16::MAX
-        } else {
-            (1u16 << lanes) - 1
-        };
-    }
-    let op = out.as_mut_ptr();
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    if t.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-            for v in 0..V {
-                acc[v] = _mm512_maskz_loadu_ps(mask[v], op.add(r * ldo + 16 * v));
-            }
-        }
-    }
-    let mut wp = t.w.as_ptr();
-    // As in `row_tile_avx2`.
-    macro_rules! accumulate {
-        (|$r:ident, $i:ident| $x_at:expr) => {
-            for $i in 0..k {
-                let mut wv = [_mm512_setzero_ps(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_ps(wp.add(16 * v));
-                }
-                for ($r, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*$x_at);
-                    for v in 0..V {
-                        acc[v] = _mm512_fmadd_ps(b, wv[v], acc[v]);
-                    }
-                }
-                wp = wp.add(NR_LAST);
-            }
-        };
-    }
-    if COLS {
-        let x0 = t.x.as_ptr();
-        accumulate!(|r, i| x0.add(i * t.ldx + r));
-    } else {
-        accumulate!(|r, i| xr[r].add(i));
-    }
-    let clamped = t.clamp != Clamp::NONE;
-    let (low, high) = (
-        _mm512_set1_ps(t.clamp.low()),
-        _mm512_set1_ps(t.clamp.high()),
-    );
-    let mut bias = [_mm512_setzero_ps(); V];
-    for (v, bias) in bias.iter_mut().enumerate() {
-        *bias = _mm512_loadu_ps(t.bias.as_ptr().add(16 * v));
-    }
-    for (r, acc) in acc.iter().enumerate().take(rows) {
-        let to = op.add(r * ldo);
-        for v in 0..V {
-            let mut y = acc[v];
-            if t.finish {
-                y = _mm512_add_ps(y, bias[v]);
-            }
-            if clamped && t.finish {
-                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
-                y = _mm512_min_ps(_mm512_max_ps(y, low), high);
-            }
-            if let (Some(res), true) = (t.residual, t.finish) {
-                let at = res.as_ptr().add(r * ldo + 16 * v);
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[v], at));
-            }
-            _mm512_mask_storeu_ps(to.add(16 * v), mask[v], y);
-        }
-    }
-}
+row_tile_kernel!(
+    /// [`RowTile`] with AVX2: 8 channels a vector.
+    row_tile_avx2,
+    "avx2,fma",
+    Avx2Lanes
+);
+
+#[cfg(target_arch = "x86_64")]
+row_tile_kernel!(
+    /// [`RowTile`] with AVX-512: 16 channels a vector.
+    row_tile_avx512,
+    "avx512f",
+    Avx512Lanes
+);
 
 /// `block[i * NR + j] = x[j * k + i]` for the `cols` rows of `x` (`cols x k`, row-major).
 fn transpose_block(x: &[f32], k: usize, cols: usize, block: &mut [f32]) {
