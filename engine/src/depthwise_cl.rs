@@ -10,11 +10,11 @@
 //! what onnxruntime's NCHWc kernels do, with the whole of `C` as the block.
 //!
 //! Loop order: output row, then a block of 8 channels (16 with AVX-512; its nine 3x3 weights
-//! held in registers),
-//! then the row's points. The sum is the bias, then each in-bounds tap's product added in
-//! order, a multiply then an add (no fused multiply-add): what the channels-first kernels and
-//! tract's compute, so the results are the same (a padded tap adds an exact zero there and is
-//! skipped here).
+//! held in registers), then the row's points. The sum is the bias, then each in-bounds tap's
+//! product added in order, a multiply then an add (no fused multiply-add): what the
+//! channels-first kernels and tract's compute, so the results are the same (a padded tap adds
+//! an exact zero there and is skipped here). One kernel body serves AVX2 and AVX-512
+//! (`channels_last_kernel!` on [`crate::lanes`]); other CPUs run a portable loop.
 //!
 //! The kernel input is `[kh, kw, C]` (each tap's weights for every channel contiguous), packed
 //! by [`pack_kernel`] when the pass switches a convolution's layout. Channel multiplier 1 only.

@@ -15,14 +15,19 @@
 //!    with a [`Transpose`] to channels-last before each input that was not and one back after
 //!    each output that was not, so the graph computes what it did;
 //! 2. removes the transposes that meet: a transpose back to channels-first followed by one to
-//!    channels-last is nothing; an element-wise binary op (the residual `Add`) of two transposed
-//!    values is the op on the values, transposed; a sum over the spatial axes of a transposed
-//!    value is [`SpatialSum`] of the value, whose `[.., C, 1, 1]` output is channels-first
-//!    already;
+//!    channels-last is nothing, also across a reshape that only regroups the spatial axes
+//!    (which tract's NNEF reading puts after each pointwise convolution); an element-wise
+//!    binary op (the residual `Add`) of two transposed values is the op on the values,
+//!    transposed; a sum over the spatial axes of a transposed value is [`SpatialSum`] of the
+//!    value, whose `[.., C, 1, 1]` output is channels-first already;
 //! 3. repeats 2 until nothing changes.
 //!
-//! On `mobilenetish` no transpose is left: the first convolution (im2col) writes channels-last
-//! and the global average pool reads it (`tests::no_transpose_left_on_mobilenetish`).
+//! On `mobilenetish`, from ONNX and from NNEF, no transpose is left: the first convolution
+//! (im2col) writes channels-last and the global average pool reads it
+//! (`passes::tests::passes_rewrite_nnef_models_as_onnx_ones`); where a channels-first op sits
+//! between depthwise convolutions (a max pool) transposes stay around it
+//! (`tests::transposes_left_where_layouts_meet`). After the pass the residual additions fold into
+//! the channels-last products before them (`pointwise::fuse_residual`).
 //!
 //! Invariant: the pass changes where values lie in memory, never what is computed: every
 //! switched op sums the same products in the same order as before (results to the bit), and

@@ -25,14 +25,16 @@
 //! points broadcast from `x` by output channels loaded from weights packed in panels of
 //! [`NR_LAST`], by blocks of [`KC`] input channels, on AVX-512 where the CPU has it (tiles of 12
 //! points by 32 channels) and AVX2 otherwise. A reshape after the product is folded into the
-//! op's output shape.
+//! op's output shape, and in channels-last models the residual addition after a projection
+//! into its store ([`fuse_residual`]).
 //!
 //! The kernels are AVX2 + FMA and AVX-512 (x86_64, detected at run time); every other CPU gets
 //! a portable kernel (same tiles, plain multiply and add). The passes install the op only where
 //! the AVX2 kernel runs ([`fast_kernel`]): on ARM tract's hand-written NEON kernels stay in
 //! charge, as nothing here was measured there (BENCHMARKS.md). Every kernel is checked against
-//! a naive product in the tests below, on every CPU that runs it; all of them sum the same
-//! products in the same order, so they agree to the bit.
+//! a naive product in the tests below, on every CPU that runs it. The AVX2 and AVX-512 kernels
+//! of every layout sum the same products in the same order with fused multiply-adds, so they
+//! agree to the bit; the portable kernel rounds each product.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -622,15 +624,16 @@ fn gemm_out_channels_last(
     }
 }
 
-/// One tile of [`gemm_channels_last`]: `rows` points, rows of `x` (`ldx` apart, `k` values
-/// each; with `x_columns`, columns: point `r`'s value `i` at `r + i * ldx`, and the tile's
-/// points as a whole run of the kernel's rows, padded by the caller), by `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past
-/// the panel's channels); `out[r, c] = clamp(s + Σ_i x[r, i] · w[i, c] + bias[c])`, `out` rows
-/// `ldo` apart, where `s` is `out[r, c]` itself when `accumulate` (the sums of the input
-/// channels before these) or zero, and the bias and clamp are applied only when `finish`
-/// (the last input channels). The sum runs over `i` in order with fused multiply-adds, then
-/// the bias is added: the sums [`Tile`] computes for the channels-first layouts, so every
-/// layout and kernel gives the same results.
+/// One tile of [`gemm_channels_last`] (or [`gemm_out_channels_last`]): `rows` points, rows of
+/// `x` (`ldx` apart, `k` values each; with `x_columns`, columns: point `r`'s value `i` at `r +
+/// i * ldx`, the tile's points a whole run of the kernel's rows, padded by the caller), by
+/// `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past the panel's
+/// channels); `out[r, c] = clamp(s + Σ_i x[r, i] · w[i, c] + bias[c]) + residual[r, c]`, `out`
+/// rows `ldo` apart, where `s` is `out[r, c]` itself when `accumulate` (the sums of the input
+/// channels before these) or zero, and the bias, clamp and residual are applied only when
+/// `finish` (the last input channels). The sum runs over `i` in order with fused
+/// multiply-adds, then the bias is added: the sums [`Tile`] computes for the channels-first
+/// layouts, so the AVX kernels of every layout give the same results.
 struct RowTile<'a> {
     k: usize,
     x: &'a [f32],
