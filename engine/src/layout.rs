@@ -618,6 +618,62 @@ mod tests {
         }
     }
 
+    /// A model whose batch size is fixed above one (2 here) runs channels-last with the batch
+    /// axis kept through every switched op, transpose and sum: `mobilenetish` against stock
+    /// tract on two different images.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn fixed_batch_of_two_runs_channels_last_like_stock() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        let path = dir.join("mobilenetish/mobilenetish.onnx");
+        let (typed, names) =
+            crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
+        let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
+        let sym = signature.batch_symbol(&typed).unwrap();
+        let mut batch_two = typed
+            .set_symbols(&[(sym, TDim::Val(2))].into_iter().collect())
+            .unwrap();
+        batch_two.declutter().unwrap();
+        let stock = batch_two.clone().into_optimized().unwrap();
+        let mut ours = batch_two;
+        let rewrites = crate::passes::apply(&mut ours).unwrap();
+        if !crate::pointwise::fast_kernel() {
+            return;
+        }
+        assert_eq!(
+            (rewrites.channels_last, rewrites.layout_transposes),
+            (52, 0)
+        );
+        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
+        let image = 3 * 224 * 224;
+        let x =
+            Tensor::from_shape(&[2, 3, 224, 224], &input.as_f32().unwrap()[..2 * image]).unwrap();
+        let outputs = |m: TypedModel| {
+            let out = m
+                .into_optimized()
+                .unwrap()
+                .into_runnable()
+                .unwrap()
+                .run(tvec!(x.clone().into_tvalue()))
+                .unwrap();
+            out[0]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec()
+        };
+        let (want, got) = (outputs(stock), outputs(ours));
+        assert_eq!(got.len(), 2 * 1000);
+        assert_ne!(got[..1000], got[1000..], "two images, two answers");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "logit {i}: engine {g}, stock tract {w}"
+            );
+        }
+    }
+
     /// The channels-last sum gives what tract's `Reduce<Sum>` gives on the channels-first value
     /// over its spatial axes, to the bit (its summation order), for point counts below, at and
     /// past multiples of 8.
