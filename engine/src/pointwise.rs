@@ -336,6 +336,25 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// The points and channels of this kernel's [`RowTile`]s.
+    fn row_tile(self) -> (usize, usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => (MR_AVX512, NR_LAST),
+            _ => (MR, NR),
+        }
+    }
+}
+
+/// The bias of the channels-last products, zero-padded to whole panels of [`NR_LAST`] (the
+/// kernels load a panel's biases as whole vectors).
+fn panel_biases(bias: &[f32], m: usize) -> Vec<f32> {
+    let mut biases = vec![0f32; m.div_ceil(NR_LAST) * NR_LAST];
+    biases[..m].copy_from_slice(&bias[..m]);
+    biases
+}
+
 /// Whether this CPU runs the AVX2 + FMA kernel: the passes install [`Pointwise`] only then.
 pub(crate) fn fast_kernel() -> bool {
     Kernel::best() != Kernel::Portable
@@ -505,16 +524,9 @@ fn gemm_channels_last(
     out: &mut [f32],
     kernel: Kernel,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let (rows_per_tile, cols_per_tile) = match kernel {
-        Kernel::Avx512 => (MR_AVX512, NR_LAST),
-        _ => (MR, NR),
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let (rows_per_tile, cols_per_tile) = (MR, NR);
+    let (rows_per_tile, cols_per_tile) = kernel.row_tile();
     let panels = m.div_ceil(NR_LAST);
-    let mut biases = vec![0f32; panels * NR_LAST];
-    biases[..m].copy_from_slice(&bias[..m]);
+    let biases = panel_biases(bias, m);
     // The tiles of one panel, one block of points, input channels `ks`.
     let mut tiles = |panel: usize, p: usize, rows: usize, ks: std::ops::Range<usize>| {
         let cols = NR_LAST.min(m - panel * NR_LAST);
@@ -578,16 +590,9 @@ fn gemm_out_channels_last(
     out: &mut [f32],
     kernel: Kernel,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let (rows_per_tile, cols_per_tile) = match kernel {
-        Kernel::Avx512 => (MR_AVX512, NR_LAST),
-        _ => (MR, NR),
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let (rows_per_tile, cols_per_tile) = (MR, NR);
+    let (rows_per_tile, cols_per_tile) = kernel.row_tile();
     let panels = m.div_ceil(NR_LAST);
-    let mut biases = vec![0f32; panels * NR_LAST];
-    biases[..m].copy_from_slice(&bias[..m]);
+    let biases = panel_biases(bias, m);
     let mut tail = vec![0f32; k * rows_per_tile];
     for p in (0..n).step_by(rows_per_tile) {
         let rows = rows_per_tile.min(n - p);
