@@ -834,22 +834,10 @@ mod tests {
             &input.as_f32().unwrap()[..2 * 3 * 224 * 224],
         )
         .unwrap();
-        let run = |m: TypedModel| {
-            let out = m
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap()
-                .run(tvec!(x.clone().into()))
-                .unwrap();
-            out[0]
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
-        let (a, b) = (run(stock), run(ours));
+        let (a, b) = (
+            crate::testing::first_output(stock, &x),
+            crate::testing::first_output(ours, &x),
+        );
         for (i, (a, b)) in a.iter().zip(&b).enumerate() {
             assert!(
                 (a - b).abs() < 1e-4 + 1e-4 * a.abs(),

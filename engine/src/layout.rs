@@ -574,17 +574,8 @@ mod tests {
     fn transposes_left_where_layouts_meet() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("testdata/depthwise_maxpool.onnx");
-        let (typed, names) =
-            crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
-        let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
-        let sym = signature.batch_symbol(&typed).unwrap();
-        // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
-        let mut batch_one = typed
-            .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
-            .unwrap();
-        batch_one.declutter().unwrap();
-        let stock = batch_one.clone().into_optimized().unwrap();
-        let mut ours = batch_one;
+        let stock = crate::testing::onnx_batch_fixed(&path, 1);
+        let mut ours = stock.clone();
         let rewrites = crate::passes::apply(&mut ours).unwrap();
         let fast = usize::from(crate::pointwise::fast_kernel());
         // Both depthwise convolutions and the pointwise one between them.
@@ -593,22 +584,9 @@ mod tests {
         // pool), back before the pool and before the output (the addition, both of whose
         // operands were the last depthwise convolution's output, moved before it).
         assert_eq!(rewrites.layout_transposes, 4 * fast);
-        let ours = ours.into_optimized().unwrap();
         let x = Tensor::from_shape(&[1, 8, 12, 12], &values(8 * 12 * 12)).unwrap();
-        let outputs = |m: TypedModel| {
-            let out = m
-                .into_runnable()
-                .unwrap()
-                .run(tvec!(x.clone().into_tvalue()))
-                .unwrap();
-            out[0]
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
-        let (want, got) = (outputs(stock), outputs(ours));
+        let want = crate::testing::first_output(stock, &x);
+        let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 16 * 3 * 3);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -625,17 +603,9 @@ mod tests {
     #[test]
     fn fixed_batch_of_two_runs_channels_last_like_stock() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
-        let path = dir.join("mobilenetish/mobilenetish.onnx");
-        let (typed, names) =
-            crate::cache::from_onnx_bytes(&path, &std::fs::read(&path).unwrap()).unwrap();
-        let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
-        let sym = signature.batch_symbol(&typed).unwrap();
-        let mut batch_two = typed
-            .set_symbols(&[(sym, TDim::Val(2))].into_iter().collect())
-            .unwrap();
-        batch_two.declutter().unwrap();
-        let stock = batch_two.clone().into_optimized().unwrap();
-        let mut ours = batch_two;
+        let stock =
+            crate::testing::onnx_batch_fixed(&dir.join("mobilenetish/mobilenetish.onnx"), 2);
+        let mut ours = stock.clone();
         let rewrites = crate::passes::apply(&mut ours).unwrap();
         if !crate::pointwise::fast_kernel() {
             return;
@@ -648,22 +618,8 @@ mod tests {
         let image = 3 * 224 * 224;
         let x =
             Tensor::from_shape(&[2, 3, 224, 224], &input.as_f32().unwrap()[..2 * image]).unwrap();
-        let outputs = |m: TypedModel| {
-            let out = m
-                .into_optimized()
-                .unwrap()
-                .into_runnable()
-                .unwrap()
-                .run(tvec!(x.clone().into_tvalue()))
-                .unwrap();
-            out[0]
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .to_vec()
-        };
-        let (want, got) = (outputs(stock), outputs(ours));
+        let want = crate::testing::first_output(stock, &x);
+        let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 2 * 1000);
         assert_ne!(got[..1000], got[1000..], "two images, two answers");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -73,6 +73,8 @@ mod pointwise;
 mod runner;
 mod spec;
 pub mod tensor;
+#[cfg(test)]
+mod testing;
 mod window;
 
 pub use error::EngineError;

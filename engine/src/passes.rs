@@ -248,15 +248,7 @@ mod tests {
             std::fs::write(&nnef_path, archive).unwrap();
             let from_nnef = crate::nnef::read(&nnef_path).unwrap();
             // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
-            let batch_one = |typed: TypedModel| {
-                let signature = crate::spec::Signature::of(&typed, &names, &path).unwrap();
-                let sym = signature.batch_symbol(&typed).unwrap();
-                let mut typed = typed
-                    .set_symbols(&[(sym, TDim::Val(1))].into_iter().collect())
-                    .unwrap();
-                typed.declutter().unwrap();
-                typed
-            };
+            let batch_one = |typed| crate::testing::batch_fixed(typed, &names, &path, 1);
             let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
             assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
             // Including mobilenetish's pointwise convolutions, to which tract's declutter of

@@ -1,0 +1,48 @@
+//! Set-up the engine's unit tests share: a model prepared as a plan with a fixed batch size
+//! is, and its first output.
+
+use std::path::Path;
+
+use tract_nnef::prelude::*;
+
+/// `typed` (read from `path`, with input and output `names`) with its batch size fixed to
+/// `n` and decluttered again, as the engine prepares its batch-1 plan.
+pub(crate) fn batch_fixed(
+    typed: TypedModel,
+    names: &crate::IoNames,
+    path: &Path,
+    n: i64,
+) -> TypedModel {
+    let signature = crate::spec::Signature::of(&typed, names, path).unwrap();
+    let sym = signature.batch_symbol(&typed).unwrap();
+    let mut typed = typed
+        .set_symbols(&[(sym, TDim::Val(n))].into_iter().collect())
+        .unwrap();
+    typed.declutter().unwrap();
+    typed
+}
+
+/// The ONNX model at `path` with its batch size fixed to `n` ([`batch_fixed`]).
+#[cfg(feature = "onnx")]
+pub(crate) fn onnx_batch_fixed(path: &Path, n: i64) -> TypedModel {
+    let (typed, names) =
+        crate::cache::from_onnx_bytes(path, &std::fs::read(path).unwrap()).unwrap();
+    batch_fixed(typed, &names, path, n)
+}
+
+/// `model` optimised by tract and run on `x`: its first output's values.
+pub(crate) fn first_output(model: TypedModel, x: &Tensor) -> Vec<f32> {
+    let out = model
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+        .run(tvec!(x.clone().into_tvalue()))
+        .unwrap();
+    out[0]
+        .try_as_plain_ram()
+        .unwrap()
+        .as_slice::<f32>()
+        .unwrap()
+        .to_vec()
+}
