@@ -1328,22 +1328,34 @@ fn candidate(
     Ok(None)
 }
 
+/// The operands of the addition at `node` that a [`Pointwise`] computes: for each, the
+/// product's slot, the other operand's slot, and the product's node and op (none when `node`
+/// is no two-operand `Add`).
+fn pointwise_additions<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> Vec<(usize, usize, &'m TypedNode, &'m Pointwise)> {
+    let is_add = node
+        .op_as::<TypedBinOp>()
+        .is_some_and(|bin| bin.0.is::<Add>());
+    if !is_add || node.inputs.len() != 2 {
+        return vec![];
+    }
+    [(0, 1), (1, 0)]
+        .into_iter()
+        .filter_map(|(pw, other)| {
+            let prev = model.node(node.inputs[pw].node);
+            prev.op_as::<Pointwise>().map(|op| (pw, other, prev, op))
+        })
+        .collect()
+}
+
 /// Folds the addition of a constant per-output-channel (or scalar) bias that follows a
 /// [`Pointwise`] with a zero bias and no clamp into its bias, when the product feeds nothing
 /// else. Returns how many were folded.
 pub(crate) fn fuse_bias(model: &mut TypedModel) -> TractResult<usize> {
     crate::passes::patch_each(model, |model, node| {
-        let Some(bin) = node.op_as::<TypedBinOp>() else {
-            return Ok(None);
-        };
-        if !bin.0.is::<Add>() || node.inputs.len() != 2 {
-            return Ok(None);
-        }
-        for (pw_input, bias_input) in [(0, 1), (1, 0)] {
-            let prev = model.node(node.inputs[pw_input].node);
-            let Some(op) = prev.op_as::<Pointwise>() else {
-                continue;
-            };
+        for (pw_input, bias_input, prev, op) in pointwise_additions(model, node) {
             let bias = model.outlet_fact(node.inputs[bias_input])?;
             let old_bias = model.outlet_fact(prev.inputs[2])?;
             let Some(value) = bias.konst.as_ref() else {
@@ -1409,17 +1421,7 @@ pub(crate) fn fuse_bias(model: &mut TypedModel) -> TractResult<usize> {
 /// (bias and clamp applied), then the other operand added. Returns how many were folded.
 pub(crate) fn fuse_residual(model: &mut TypedModel) -> TractResult<usize> {
     crate::passes::patch_each(model, |model, node| {
-        let Some(bin) = node.op_as::<TypedBinOp>() else {
-            return Ok(None);
-        };
-        if !bin.0.is::<Add>() || node.inputs.len() != 2 {
-            return Ok(None);
-        }
-        for (pw_input, other_input) in [(0, 1), (1, 0)] {
-            let prev = model.node(node.inputs[pw_input].node);
-            let Some(op) = prev.op_as::<Pointwise>() else {
-                continue;
-            };
+        for (pw_input, other_input, prev, op) in pointwise_additions(model, node) {
             let shape = &model.outlet_fact(node.inputs[pw_input])?.shape;
             if op.layout != Layout::ChannelsLast
                 || op.residual
