@@ -133,17 +133,17 @@ impl EvalOp for DepthwiseConv {
         let ks = ks.as_slice::<f32>()?;
         let bs = b.try_as_plain_ram()?;
         let bs = bs.as_slice::<f32>()?;
+        if xs.len() != n * self.c * self.h * self.w
+            || ks.len() != self.output_channels() * self.kh * self.kw
+            || !(bs.len() == 1 || bs.len() == self.output_channels())
+        {
+            bail!("EngineDepthwiseConv: input sizes do not match {self:?}");
+        }
         // Every element is written by `run`.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape(n))? };
         {
             let mut out_ram = out.try_as_plain_ram_mut()?;
             let os = out_ram.as_slice_mut::<f32>()?;
-            if xs.len() != n * self.c * self.h * self.w
-                || ks.len() != self.output_channels() * self.kh * self.kw
-                || !(bs.len() == 1 || bs.len() == self.output_channels())
-            {
-                bail!("EngineDepthwiseConv: input sizes do not match {self:?}");
-            }
             if self.channels_last {
                 crate::depthwise_cl::run(self, xs, ks, bs, os);
             } else {

@@ -43,24 +43,38 @@ fn taps_inside(start: isize, kernel: usize, size: usize) -> (usize, usize) {
     (lo, hi.max(lo))
 }
 
+/// The bias per channel: `b` itself when it has `c` values, else its one value repeated (a
+/// copy only for a scalar bias, not on every call).
+fn per_channel(b: &[f32], c: usize) -> std::borrow::Cow<'_, [f32]> {
+    if b.len() == c {
+        std::borrow::Cow::Borrowed(b)
+    } else {
+        assert!(
+            b.len() == 1,
+            "a depthwise bias of {} values for {c} channels",
+            b.len()
+        );
+        std::borrow::Cow::Owned(vec![b[0]; c])
+    }
+}
+
 /// Runs `op` (channels-last, multiplier 1) on `x` `[n, h, w, c]`, the kernel `k` `[kh, kw, c]`,
 /// the bias `b` (`[c]` or one value), into `out` `[n, oh, ow, c]`.
 pub(crate) fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
-    let bias: Vec<f32> = (0..op.c)
-        .map(|ch| if b.len() == 1 { b[0] } else { b[ch] })
-        .collect();
-    assert!(k.len() >= op.kh * op.kw * op.c && b.len() >= 1);
+    let bias = per_channel(b, op.c);
+    let bias = &bias[..];
+    assert!(k.len() >= op.kh * op.kw * op.c);
     #[cfg(target_arch = "x86_64")]
     if crate::window::avx512_detected() {
         // SAFETY: the CPU supports AVX-512 F.
-        return unsafe { run_avx512(op, x, k, &bias, out) };
+        return unsafe { run_avx512(op, x, k, bias, out) };
     }
     #[cfg(target_arch = "x86_64")]
     if crate::window::Avx2::detect().is_some() {
         // SAFETY: the CPU supports AVX2 and FMA.
-        return unsafe { run_avx2(op, x, k, &bias, out) };
+        return unsafe { run_avx2(op, x, k, bias, out) };
     }
-    run_portable(op, x, k, &bias, out)
+    run_portable(op, x, k, bias, out)
 }
 
 /// The outputs of every kernel this CPU runs (portable, AVX2, AVX-512), by name: the tests
@@ -73,9 +87,7 @@ pub(crate) fn run_each_kernel_for_tests(
     b: &[f32],
     len: usize,
 ) -> Vec<(&'static str, Vec<f32>)> {
-    let bias: Vec<f32> = (0..op.c)
-        .map(|ch| if b.len() == 1 { b[0] } else { b[ch] })
-        .collect();
+    let bias = per_channel(b, op.c);
     let mut outs = vec![];
     let mut out = vec![0f32; len];
     run_portable(op, x, k, &bias, &mut out);

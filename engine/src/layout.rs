@@ -318,7 +318,15 @@ fn switch(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModel
     let Some(pw) = node.op_as::<Pointwise>() else {
         return Ok(None);
     };
-    if pw.layout == Layout::ChannelsLast {
+    // The column matrix of an im2col convolution is no activation: it stays as it is, and
+    // only the output turns channels-last.
+    let from_im2col = model.node(node.inputs[0].node).op_is::<EngineIm2col>();
+    let layout = if from_im2col {
+        Layout::OutChannelsLast
+    } else {
+        Layout::ChannelsLast
+    };
+    if pw.layout == layout {
         return Ok(None);
     }
     let Some(packed) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
@@ -337,17 +345,9 @@ fn switch(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModel
     let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let mut patch = TypedModelPatch::new(format!("engine channels-last {}", node.name));
     let mut x = patch.tap_model(model, node.inputs[0])?;
-    // The column matrix of an im2col convolution is no activation: it stays as it is, and
-    // only the output turns channels-last.
-    let from_im2col = model.node(node.inputs[0].node).op_is::<EngineIm2col>();
-    let (layout, k_axis) = if from_im2col {
-        (Layout::OutChannelsLast, pw.k_axis)
+    let k_axis = if from_im2col {
+        pw.k_axis
     } else {
-        let batch_rank = if pw.layout.input_channels_last() {
-            pw.k_axis - pw.spatial.len()
-        } else {
-            pw.k_axis
-        };
         if !pw.layout.input_channels_last() {
             let to_last = Transpose {
                 channels: pw.k,
@@ -356,16 +356,13 @@ fn switch(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModel
             };
             x = patch.wire_node(format!("{}.to_last", node.name), to_last, &[x])?[0];
         }
-        (Layout::ChannelsLast, batch_rank + pw.spatial.len())
+        pw.batch_rank() + pw.spatial.len()
     };
     let op = Pointwise {
         layout,
         k_axis,
         ..pw.clone()
     };
-    if op.layout == pw.layout {
-        return Ok(None);
-    }
     let mut y = crate::pointwise::wire(&mut patch, &node.name, op, x, &weights, Some(bias))?;
     if !pw.layout.output_channels_last() {
         let back = Transpose {

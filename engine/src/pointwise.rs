@@ -121,7 +121,7 @@ impl Pointwise {
     }
 
     /// How many leading axes of `x` are batch axes.
-    fn batch_rank(&self) -> usize {
+    pub(crate) fn batch_rank(&self) -> usize {
         if self.layout.input_channels_last() {
             self.k_axis - self.spatial.len()
         } else {
@@ -196,15 +196,15 @@ impl EvalOp for Pointwise {
         }
         // Every element is written by `gemm`.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output_shape(x.shape()))? };
-        let residual = match (self.residual, inputs.get(3)) {
+        let residual_ram = match (self.residual, inputs.get(3)) {
             (false, _) => None,
             (true, Some(r)) if r.shape() == out.shape() => Some(r.try_as_plain_ram()?),
             (true, _) => bail!("EnginePointwise: no residual input of the output's shape"),
         };
-        let residual = match &residual {
-            Some(r) => Some(r.as_slice::<f32>()?),
-            None => None,
-        };
+        let residual = residual_ram
+            .as_ref()
+            .map(|r| r.as_slice::<f32>())
+            .transpose()?;
         {
             let mut out_ram = out.try_as_plain_ram_mut()?;
             let os = out_ram.as_slice_mut::<f32>()?;
@@ -247,8 +247,8 @@ impl TypedOp for Pointwise {
 }
 
 /// Length of the packed weights of an `m x k` matrix: `ceil(m / MR)` panels of `k x MR`, or
-/// the transposed `k x m` matrix for [`Layout::OutChannelsLast`], `ceil(m / NR)` panels of
-/// `k x NR` for [`Layout::ChannelsLast`].
+/// for the channels-last outputs ([`Layout::OutChannelsLast`], [`Layout::ChannelsLast`])
+/// `ceil(m / NR_LAST)` panels of `k x NR_LAST`.
 pub(crate) fn packed_len(layout: Layout, m: usize, k: usize) -> usize {
     match layout {
         Layout::ChannelsLast | Layout::OutChannelsLast => m.div_ceil(NR_LAST) * k * NR_LAST,
@@ -316,8 +316,8 @@ pub(crate) enum Kernel {
     /// AVX2 + FMA intrinsics; only where the CPU has both.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
-    /// AVX-512 (F) for [`Layout::ChannelsLast`], AVX2 + FMA for the other layouts; only where
-    /// the CPU has all three.
+    /// AVX-512 (F) for the channels-last outputs, AVX2 + FMA for the channels-first ones; only
+    /// where the CPU has all three.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -371,10 +371,11 @@ fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
 
 /// `out = clamp(W · x + bias)` for one batch element in `layout`: `W` packed by
 /// [`pack_weights`]; [`Layout::ChannelsFirst`]: `x` row-major `k x n`, `out` `m x n`;
-/// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n`; [`Layout::OutChannelsLast`]: `x`
-/// `k x n`, `out` `n x m` (the same tile for these three); [`Layout::ChannelsLast`]: `x`
-/// `n x k`, `out` `n x m` ([`gemm_channels_last`]). A `residual` (the output's size;
-/// [`Layout::ChannelsLast`] only) is added after the clamp.
+/// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n` (the same tile for these two);
+/// [`Layout::ChannelsLast`]: `x` `n x k`, `out` `n x m` ([`gemm_channels_last`]);
+/// [`Layout::OutChannelsLast`]: `x` `k x n`, `out` `n x m` ([`gemm_out_channels_last`], on
+/// the same tiles). A `residual` (the output's size; [`Layout::ChannelsLast`] only) is added
+/// after the clamp.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     layout: Layout,
