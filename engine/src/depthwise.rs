@@ -84,7 +84,7 @@ impl DepthwiseConv {
         self.c * self.multiplier
     }
 
-    fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
+    pub(crate) fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
         let mut shape: TVec<D> = if self.channels_last {
             tvec![
                 self.oh.into(),

@@ -252,9 +252,31 @@ impl TypedOp for SpatialSum {
     as_op!();
 }
 
-/// Runs the pass on `model` (the engine's other passes done).
-pub(crate) fn install(model: &mut TypedModel) -> TractResult<LayoutRewrites> {
-    let wanted = crate::pointwise::fast_kernel()
+/// Whether the engine runs its depthwise and pointwise convolutions channels-last on this CPU
+/// by default: where its AVX-512 kernels run. On the AVX2-only CPU measured (an AMD EPYC, Zen
+/// 3, 512 KiB of L2), the channels-last layers took 1.3 to 2 times their channels-first time,
+/// layer by layer; on an AVX-512 CPU (Sapphire Rapids) they took a third less in all
+/// (BENCHMARKS.md, sessions 17 and 18). `MODELFLEET_ENGINE_LAYOUT=channels-last` or
+/// `channels-first` in the environment overrides it (to compare the two on one machine).
+pub(crate) fn channels_last_by_default() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(
+        || match std::env::var("MODELFLEET_ENGINE_LAYOUT").as_deref() {
+            Ok("channels-last") => true,
+            Ok("channels-first") => false,
+            #[cfg(target_arch = "x86_64")]
+            _ => crate::window::avx512_detected(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        },
+    )
+}
+
+/// Runs the pass on `model` (the engine's other passes done) if `channels_last` (see
+/// [`channels_last_by_default`]) and the engine's matrix product runs on this CPU.
+pub(crate) fn install(model: &mut TypedModel, channels_last: bool) -> TractResult<LayoutRewrites> {
+    let wanted = channels_last
+        && crate::pointwise::fast_kernel()
         && model.nodes().iter().any(|n| {
             n.op_as::<DepthwiseConv>()
                 .is_some_and(|dw| dw.multiplier == 1 && !dw.channels_last)
@@ -573,7 +595,7 @@ mod tests {
             .join("testdata/depthwise_maxpool.onnx");
         let stock = crate::testing::onnx_batch_fixed(&path, 1);
         let mut ours = stock.clone();
-        let rewrites = crate::passes::apply(&mut ours).unwrap();
+        let rewrites = crate::passes::apply(&mut ours, true).unwrap();
         let fast = usize::from(crate::pointwise::fast_kernel());
         // Both depthwise convolutions and the pointwise one between them.
         assert_eq!(rewrites.channels_last, 3 * fast);
@@ -603,13 +625,17 @@ mod tests {
         let stock =
             crate::testing::onnx_batch_fixed(&dir.join("mobilenetish/mobilenetish.onnx"), 2);
         let mut ours = stock.clone();
-        let rewrites = crate::passes::apply(&mut ours).unwrap();
+        let rewrites = crate::passes::apply(&mut ours, true).unwrap();
         if !crate::pointwise::fast_kernel() {
             return;
         }
         assert_eq!(
-            (rewrites.channels_last, rewrites.layout_transposes),
-            (52, 0)
+            (
+                rewrites.channels_last,
+                rewrites.layout_transposes,
+                rewrites.fused_pointwise_depthwise
+            ),
+            (52, 0, 13)
         );
         let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
         let image = 3 * 224 * 224;
@@ -619,6 +645,43 @@ mod tests {
         let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 2 * 1000);
         assert_ne!(got[..1000], got[1000..], "two images, two answers");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "logit {i}: engine {g}, stock tract {w}"
+            );
+        }
+    }
+
+    /// `mobilenetish` read back from the NNEF archive a device loads, channels-last (whatever
+    /// this CPU's default), against stock tract on the same graph: the products fused into
+    /// the depthwise convolutions across the reshapes tract's NNEF reading keeps between them.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn nnef_model_runs_channels_last_like_stock() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        let path = dir.join("mobilenetish/mobilenetish.onnx");
+        let (archive, names) = crate::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let nnef_path = tmp.path().join("mobilenetish.nnef.tar");
+        std::fs::write(&nnef_path, archive).unwrap();
+        let typed = crate::nnef::read(&nnef_path).unwrap();
+        let stock = crate::testing::batch_fixed(typed, &names, &path, 1);
+        let mut ours = stock.clone();
+        let rewrites = crate::passes::apply(&mut ours, true).unwrap();
+        if !crate::pointwise::fast_kernel() {
+            return;
+        }
+        assert_eq!(
+            (rewrites.channels_last, rewrites.fused_pointwise_depthwise),
+            (52, 13)
+        );
+        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
+        let image = 3 * 224 * 224;
+        let x = Tensor::from_shape(&[1, 3, 224, 224], &input.as_f32().unwrap()[..image]).unwrap();
+        let want = crate::testing::first_output(stock, &x);
+        let got = crate::testing::first_output(ours, &x);
+        assert_eq!(got.len(), 1000);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-5 * w.abs() + 1e-6,

@@ -70,6 +70,7 @@ mod nnef;
 pub mod npy;
 mod passes;
 mod pointwise;
+mod pointwise_depthwise;
 mod runner;
 mod spec;
 pub mod tensor;

@@ -412,7 +412,7 @@ fn optimize_in(mut model: TypedModel, precision: Precision) -> TractResult<Typed
     model.declutter()?;
     match precision {
         Precision::F32 => {
-            crate::passes::apply(&mut model)?;
+            crate::passes::apply(&mut model, crate::layout::channels_last_by_default())?;
         }
         Precision::F16 => {
             crate::fold::fold_constants(&mut model)?;

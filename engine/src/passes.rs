@@ -48,6 +48,9 @@ pub(crate) struct Rewrites {
     pub layout_transposes: usize,
     /// Residual additions folded into the channels-last product before them.
     pub fused_residuals: usize,
+    /// Channels-last products fused into the depthwise convolution they feed
+    /// ([`crate::pointwise_depthwise`]).
+    pub fused_pointwise_depthwise: usize,
 }
 
 /// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
@@ -70,8 +73,9 @@ pub(crate) fn patch_each(
     Ok(patched)
 }
 
-/// Runs every pass on `model` (decluttered, not yet optimised).
-pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
+/// Runs every pass on `model` (decluttered, not yet optimised), switching it to channels-last
+/// if `channels_last` ([`crate::layout::channels_last_by_default`]).
+pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<Rewrites> {
     // First, so the passes below see dequantized weights as the constants they are.
     let folded_constants = crate::fold::fold_constants(model)?;
     // Depthwise first: it also takes convolutions of one input channel (a depthwise one with
@@ -84,8 +88,9 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
     let max_pools = crate::maxpool::install(model)?;
     let fused_clamps = crate::depthwise::fuse_clamp(model)?;
     // Last: it switches the ops the passes above installed.
-    let layout = crate::layout::install(model)?;
+    let layout = crate::layout::install(model, channels_last)?;
     let fused_residuals = crate::pointwise::fuse_residual(model)?;
+    let fused_pointwise_depthwise = crate::pointwise_depthwise::install(model)?;
     Ok(Rewrites {
         folded_constants,
         depthwise_convolutions,
@@ -97,6 +102,7 @@ pub(crate) fn apply(model: &mut TypedModel) -> TractResult<Rewrites> {
         channels_last: layout.switched,
         layout_transposes: layout.transposes,
         fused_residuals,
+        fused_pointwise_depthwise,
     })
 }
 
@@ -210,6 +216,7 @@ mod tests {
                     channels_last: 0,
                     layout_transposes: 0,
                     fused_residuals: 0,
+                    fused_pointwise_depthwise: 0,
                 },
             ),
             ("vibration_ae", Rewrites::default()),
@@ -235,6 +242,9 @@ mod tests {
                     layout_transposes: 0,
                     // The ten inverted-residual blocks' additions, into their projections.
                     fused_residuals: 10 * fast,
+                    // Each expanding product into the depthwise convolution after it, where the
+                    // activation between them is 256 KiB or more (all but the 7x7 layers').
+                    fused_pointwise_depthwise: 13 * fast,
                 },
             ),
         ];
@@ -250,11 +260,19 @@ mod tests {
             // As the batch-1 plan is prepared: batch size fixed to 1, decluttered again.
             let batch_one = |typed| crate::testing::batch_fixed(typed, &names, &path, 1);
             let (mut from_onnx, mut from_nnef) = (batch_one(from_onnx), batch_one(from_nnef));
-            assert_eq!(super::apply(&mut from_onnx).unwrap(), want, "{name} ONNX");
+            assert_eq!(
+                super::apply(&mut from_onnx, true).unwrap(),
+                want,
+                "{name} ONNX"
+            );
             // Including mobilenetish's pointwise convolutions, to which tract's declutter of
             // the NNEF graph gives channels-last operands (`akbm,nk->bmn`, `mk,nk->nm`): the
             // engine's product takes those layouts too.
-            assert_eq!(super::apply(&mut from_nnef).unwrap(), want, "{name} NNEF");
+            assert_eq!(
+                super::apply(&mut from_nnef, true).unwrap(),
+                want,
+                "{name} NNEF"
+            );
         }
     }
 }

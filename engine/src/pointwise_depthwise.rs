@@ -1,0 +1,375 @@
+//! A channels-last pointwise convolution and the depthwise convolution after it, run band by
+//! band so the wide activation between them never leaves the cache.
+//!
+//! In an inverted-residual block the pointwise layer expands the channels (16 to 96 on
+//! `mobilenetish`'s first block) and the depthwise layer reads the result once. On a 112x112
+//! plane that activation is 4.8 MB: the product writes it out to memory and the depthwise
+//! convolution reads it back, and on a CPU whose L2 holds 512 KiB both layers wait on memory
+//! for most of their time (BENCHMARKS.md, session 18: the two layers took twice their
+//! channels-first time on an AMD EPYC). Here the product computes only the rows of the
+//! activation that a band of the depthwise layer's output rows reads, into a scratch buffer of
+//! about [`BAND_BYTES`], and the depthwise kernel runs on the band at once. The rows two bands
+//! share (a 3x3 window's overlap) are moved to the front of the buffer rather than computed
+//! twice, so every row is computed once.
+//!
+//! The sums are those of the two ops run apart: each point's product is a sum over its own
+//! input channels, whatever rows are computed with it, and the depthwise kernel sees a band as
+//! a plane whose top padding is the rows above it ([`band_op`]). The pass ([`install`]) fuses
+//! a [`Pointwise`] into the [`DepthwiseConv`] it feeds when both are channels-last, the product
+//! feeds nothing else, and the activation between them is larger than [`FUSE_MIN_BYTES`].
+
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::internal::*;
+use tract_nnef::tract_core::ops::change_axes::AxisOp;
+
+use crate::depthwise::DepthwiseConv;
+use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
+
+/// The scratch rows of one band: a band holds as many activation rows as fit here (at least
+/// the kernel's height). Half of a 512 KiB L2.
+const BAND_BYTES: usize = 256 * 1024;
+
+/// The smallest activation between the two ops that is worth fusing: smaller ones stay in L2
+/// between the two layers anyway, and bands of a few short rows run the product's tiles half
+/// empty.
+const FUSE_MIN_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    /// The band buffer, kept between calls (allocating 256 KiB on every call would map and
+    /// fault in fresh pages each time).
+    static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `depthwise(pointwise(x))`: inputs `x` (the pointwise op's), its packed weights and bias,
+/// then the depthwise kernel (`[kh, kw, C]`) and bias; output the depthwise op's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PointwiseDepthwise {
+    pub pointwise: Pointwise,
+    pub depthwise: DepthwiseConv,
+}
+
+impl PointwiseDepthwise {
+    fn batch<D: DimLike>(&self, x: &[D]) -> D {
+        if self.depthwise.has_n {
+            x[0].clone()
+        } else {
+            D::from(1)
+        }
+    }
+}
+
+/// The depthwise op over the activation rows `ya..yb` of a plane, computing output rows
+/// `oa..ob`: the rows above `ya` become padding (none of them are read: `ya` is the first row
+/// the output rows' windows read, or 0).
+fn band_op(dw: &DepthwiseConv, ya: usize, yb: usize, oa: usize, ob: usize) -> DepthwiseConv {
+    DepthwiseConv {
+        h: yb - ya,
+        oh: ob - oa,
+        pad_top: dw.pad_top + ya - oa * dw.stride.0,
+        has_n: false,
+        ..dw.clone()
+    }
+}
+
+/// Runs both ops on one batch element: `x` `[h·w, k]`, `out` `[oh·ow, c]`, by bands of at
+/// most `rows` activation rows (at least the kernel's height) in `band`.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    op: &PointwiseDepthwise,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dk: &[f32],
+    db: &[f32],
+    rows: usize,
+    band: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (pw, dw) = (&op.pointwise, &op.depthwise);
+    let (k, c, sh) = (pw.k, dw.c, dw.stride.0);
+    let row = dw.w * c;
+    let rows = rows.max(dw.kh);
+    let out_rows = ((rows - dw.kh) / sh + 1).min(dw.oh);
+    if band.len() < ((out_rows - 1) * sh + dw.kh) * row {
+        band.resize(((out_rows - 1) * sh + dw.kh) * row, 0.0);
+    }
+    // The activation rows `held` are at the front of `band`.
+    let mut held = 0..0;
+    for oa in (0..dw.oh).step_by(out_rows) {
+        let ob = dw.oh.min(oa + out_rows);
+        let ya = (oa * sh).saturating_sub(dw.pad_top);
+        let yb = dw.h.min((ob - 1) * sh + dw.kh - dw.pad_top);
+        // Rows the last band computed that this one reads too: moved to the front.
+        let kept = ya.max(held.start)..held.end.max(ya);
+        if !kept.is_empty() {
+            band.copy_within(
+                (kept.start - held.start) * row..(kept.end - held.start) * row,
+                0,
+            );
+        }
+        let new = kept.end..yb;
+        if !new.is_empty() {
+            gemm(
+                Layout::ChannelsLast,
+                pw.m,
+                k,
+                new.len() * dw.w,
+                w,
+                &x[new.start * dw.w * k..new.end * dw.w * k],
+                b,
+                pw.clamp,
+                None,
+                &mut band[(new.start - ya) * row..(yb - ya) * row],
+                Kernel::best(),
+            );
+        }
+        held = ya..yb;
+        let sub = band_op(dw, ya, yb, oa, ob);
+        crate::depthwise_cl::run(
+            &sub,
+            &band[..(yb - ya) * row],
+            dk,
+            db,
+            &mut out[oa * dw.ow * c..ob * dw.ow * c],
+        );
+    }
+}
+
+impl Op for PointwiseDepthwise {
+    fn name(&self) -> StaticName {
+        "EnginePointwiseDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{self:?}")])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PointwiseDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (pw, dw) = (&self.pointwise, &self.depthwise);
+        let slices = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<TVec<_>>>()?;
+        let s = slices
+            .iter()
+            .map(|r| r.as_slice::<f32>())
+            .collect::<TractResult<TVec<_>>>()?;
+        let (x, w, b, dk, db) = (s[0], s[1], s[2], s[3], s[4]);
+        let plane = dw.h * dw.w;
+        let n = self.batch(inputs[0].shape());
+        if x.len() != n * plane * pw.k
+            || w.len() != packed_len(pw.layout, pw.m, pw.k)
+            || b.len() != pw.m
+            || dk.len() != dw.kh * dw.kw * dw.c
+            || !(db.len() == 1 || db.len() == dw.c)
+        {
+            bail!("EnginePointwiseDepthwise: input sizes do not match {self:?}");
+        }
+        let out_shape = dw.output_shape(n);
+        // Every element is written by `run`.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            let os = out_ram.as_slice_mut::<f32>()?;
+            BAND.with_borrow_mut(|band| {
+                let per_batch = x
+                    .chunks_exact(plane * pw.k)
+                    .zip(os.chunks_exact_mut(dw.oh * dw.ow * dw.c));
+                let rows = BAND_BYTES / (dw.w * dw.c * 4);
+                for (x, out) in per_batch {
+                    run(self, x, w, b, dk, db, rows, band, out);
+                }
+            });
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for PointwiseDepthwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let n = self.batch(&inputs[0].shape);
+        Ok(tvec!(f32::fact(self.depthwise.output_shape(n))))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let (pw, dw) = (&self.pointwise, &self.depthwise);
+        let n = self.batch(&inputs[0].shape);
+        let fmas = pw.m * pw.k * dw.h * dw.w + dw.c * dw.oh * dw.ow * dw.kh * dw.kw;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), n * fmas)))
+    }
+
+    as_op!();
+}
+
+/// Fuses each channels-last [`Pointwise`] into the channels-last [`DepthwiseConv`] it alone
+/// feeds, where the activation between them exceeds [`FUSE_MIN_BYTES`]. Returns how many.
+pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
+    crate::passes::patch_each(model, |model, node| {
+        let Some(dw) = node.op_as::<DepthwiseConv>() else {
+            return Ok(None);
+        };
+        // The product, or a reshape of its spatial axes in between (tract's NNEF reading
+        // keeps `[h·w, c]` to `[h, w, c]` reshapes between layers): the same values in the
+        // same order.
+        let mut between = vec![];
+        let mut prev = model.node(node.inputs[0].node);
+        if let Some(AxisOp::Reshape(..)) = prev.op_as::<AxisOp>() {
+            between.push(prev);
+            prev = model.node(prev.inputs[0].node);
+        }
+        let Some(pw) = prev.op_as::<Pointwise>() else {
+            return Ok(None);
+        };
+        let mut chain = between.iter().map(|n| n.id).chain([node.id]);
+        let mut feeds_only_next = true;
+        let mut from = prev;
+        for to in chain.by_ref() {
+            feeds_only_next &= model.single_succ(from.id)?.map(|s| s.id) == Some(to)
+                && !model.outputs.contains(&from.id.into());
+            from = model.node(to);
+        }
+        // The product's batch axes as the depthwise op reads them: one axis kept, or none.
+        let same_batch = if dw.has_n {
+            pw.keep_batch && pw.batch_rank() == 1
+        } else {
+            pw.batch_rank() == 0
+        };
+        let activation_bytes = dw.h * dw.w * dw.c * 4;
+        if !dw.channels_last
+            || dw.multiplier != 1
+            || dw.pad_top >= dw.kh
+            || pw.layout != Layout::ChannelsLast
+            || pw.residual
+            || pw.m != dw.c
+            || pw.spatial.iter().product::<usize>() != dw.h * dw.w
+            || !same_batch
+            || activation_bytes < FUSE_MIN_BYTES
+            || !feeds_only_next
+        {
+            return Ok(None);
+        }
+        let mut patch = TypedModelPatch::new(format!("engine pointwise-depthwise {}", node.name));
+        let inputs = prev.inputs[..3]
+            .iter()
+            .chain(&node.inputs[1..3])
+            .map(|i| patch.tap_model(model, *i))
+            .collect::<TractResult<TVec<_>>>()?;
+        let op = PointwiseDepthwise {
+            pointwise: pw.clone(),
+            depthwise: dw.clone(),
+        };
+        let wire = patch.wire_node(format!("{}.engine_fused", node.name), op, &inputs)?[0];
+        patch.shunt_outside(model, node.id.into(), wire)?;
+        for n in [node.id, prev.id]
+            .into_iter()
+            .chain(between.iter().map(|n| n.id))
+        {
+            patch.obliterate(n)?;
+        }
+        Ok(Some(patch))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::depthwise::Clamp;
+    use crate::pointwise::pack_weights;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The fused op gives the two ops' outputs to the bit, for bands of every height from the
+    /// kernel's to the whole plane (rows kept from one band to the next, or none), strides 1
+    /// and 2, with and without padding, channel counts that are and are not whole vectors.
+    #[test]
+    fn bands_give_the_two_ops_outputs_to_the_bit() {
+        for (h, w, k, c, stride, pad) in [
+            (9, 5, 3, 16, 1, 1),
+            (10, 7, 5, 12, 2, 1),
+            (11, 6, 4, 24, 2, 0),
+            (7, 7, 8, 40, 1, 0),
+        ] {
+            let oh = (h + 2 * pad - 3) / stride + 1;
+            let ow = (w + 2 * pad - 3) / stride + 1;
+            let pointwise = Pointwise {
+                m: c,
+                k,
+                k_axis: 2,
+                keep_batch: false,
+                spatial: tvec![h, w],
+                out_spatial: tvec![h, w],
+                layout: Layout::ChannelsLast,
+                clamp: Clamp::new(0.0, 6.0),
+                residual: false,
+            };
+            let depthwise = DepthwiseConv {
+                has_n: false,
+                c,
+                multiplier: 1,
+                clamp: Clamp::new(0.0, 6.0),
+                h,
+                w,
+                kh: 3,
+                kw: 3,
+                stride: (stride, stride),
+                pad_top: pad,
+                pad_left: pad,
+                oh,
+                ow,
+                channels_last: true,
+            };
+            let x = values(h * w * k, 1);
+            let weights = pack_weights(Layout::ChannelsLast, c, k, &values(c * k, 2));
+            let bias = values(c, 3);
+            let kernel = crate::depthwise_cl::pack_kernel(&values(c * 9, 4), c, 9);
+            let dw_bias = values(c, 5);
+            let mut mid = vec![0f32; h * w * c];
+            gemm(
+                Layout::ChannelsLast,
+                c,
+                k,
+                h * w,
+                &weights,
+                &x,
+                &bias,
+                pointwise.clamp,
+                None,
+                &mut mid,
+                Kernel::best(),
+            );
+            let mut want = vec![0f32; oh * ow * c];
+            crate::depthwise_cl::run(&depthwise, &mid, &kernel, &dw_bias, &mut want);
+            let op = PointwiseDepthwise {
+                pointwise,
+                depthwise,
+            };
+            for rows in 3..=h {
+                let mut band = vec![];
+                let mut got = vec![f32::NAN; oh * ow * c];
+                run(
+                    &op, &x, &weights, &bias, &kernel, &dw_bias, rows, &mut band, &mut got,
+                );
+                assert_eq!(
+                    got, want,
+                    "{h}x{w}x{k} -> {c}, stride {stride}, bands of {rows} rows"
+                );
+            }
+        }
+    }
+}
