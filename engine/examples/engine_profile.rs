@@ -54,7 +54,9 @@ fn main() -> TractResult<()> {
     let mut state = plan.spawn()?;
     let mut per_node: HashMap<usize, f64> = HashMap::new();
     let mut samples: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut whole = vec![];
     for _ in 0..runs {
+        let started = Instant::now();
         state.run_plan_with_eval(tvec!(x.clone().into()), |ctx, st, node, inputs| {
             let t = Instant::now();
             let r = tract_onnx::tract_core::plan::eval(ctx, st, node, inputs);
@@ -63,7 +65,10 @@ fn main() -> TractResult<()> {
             samples.entry(node.id).or_default().push(us);
             r
         })?;
+        whole.push(started.elapsed().as_secs_f64() * 1e6);
     }
+    whole.sort_by(f64::total_cmp);
+    println!("whole run median {:.1} µs", whole[whole.len() / 2]);
     let model = plan.model();
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut rows: Vec<_> = per_node

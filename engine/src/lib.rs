@@ -40,7 +40,8 @@
 //! vectors), `spec` (signature and validation), `convert` (tensor copies to and from tract),
 //! `runner` (plan + state pool), `cache` (loading ONNX, optionally from a cache of the
 //! decluttered model), `nnef` (reading and writing NNEF archives), `passes` and the operators
-//! they install (`im2col`, `depthwise`, `maxpool`, `window`), `model` (the public entry point)
+//! they install (`im2col`, `depthwise`, `depthwise_cl`, `maxpool`, `pointwise`,
+//! `pointwise_depthwise`, `layout`, over `window` and `lanes`), `model` (the public entry point)
 //! and `error`.
 //!
 //! Precision: a model computes in float32 unless [`EngineOptions::precision`] asks for

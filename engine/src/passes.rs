@@ -242,9 +242,9 @@ mod tests {
                     layout_transposes: 0,
                     // The ten inverted-residual blocks' additions, into their projections.
                     fused_residuals: 10 * fast,
-                    // Each expanding product into the depthwise convolution after it, where the
-                    // activation between them is 256 KiB or more (all but the 7x7 layers').
-                    fused_pointwise_depthwise: 13 * fast,
+                    // The expanding products into the depthwise convolutions after them where
+                    // the activation between them is 1 MiB or more: the 112x112 and 56x56 ones.
+                    fused_pointwise_depthwise: 3 * fast,
                 },
             ),
         ];

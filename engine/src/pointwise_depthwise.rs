@@ -29,10 +29,11 @@ use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
 /// the kernel's height). Half of a 512 KiB L2.
 const BAND_BYTES: usize = 256 * 1024;
 
-/// The smallest activation between the two ops that is worth fusing: smaller ones stay in L2
-/// between the two layers anyway, and bands of a few short rows run the product's tiles half
-/// empty.
-const FUSE_MIN_BYTES: usize = 256 * 1024;
+/// The smallest activation between the two ops that is worth fusing: twice a 512 KiB L2.
+/// Smaller ones stay mostly in L2 between the two layers anyway; on `mobilenetish` fusing the
+/// 451–602 KB ones (28x28 and 14x14 planes) measured no faster (BENCHMARKS.md, session 18),
+/// the 1.8 and 4.8 MB ones (56x56 and 112x112) faster.
+const FUSE_MIN_BYTES: usize = 1024 * 1024;
 
 thread_local! {
     /// The band buffer, kept between calls (allocating 256 KiB on every call would map and
