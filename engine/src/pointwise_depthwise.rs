@@ -5,8 +5,8 @@
 //! `mobilenetish`'s first block) and the depthwise layer reads the result once. On a 112x112
 //! plane that activation is 4.8 MB: the product writes it out to memory and the depthwise
 //! convolution reads it back, and on a CPU whose L2 holds 512 KiB both layers wait on memory
-//! for most of their time (BENCHMARKS.md, session 18: the two layers took twice their
-//! channels-first time on an AMD EPYC). Here the product computes only the rows of the
+//! (BENCHMARKS.md, session 18: on an AMD EPYC the two layers took 1.3–1.7× their
+//! channels-first time, and fused 0.5× their unfused channels-last time). Here the product computes only the rows of the
 //! activation that a band of the depthwise layer's output rows reads, into a scratch buffer of
 //! about [`BAND_BYTES`], and the depthwise kernel runs on the band at once. The rows two bands
 //! share (a 3x3 window's overlap) are moved to the front of the buffer rather than computed
@@ -16,7 +16,8 @@
 //! input channels, whatever rows are computed with it, and the depthwise kernel sees a band as
 //! a plane whose top padding is the rows above it ([`band_op`]). The pass ([`install`]) fuses
 //! a [`Pointwise`] into the [`DepthwiseConv`] it feeds when both are channels-last, the product
-//! feeds nothing else, and the activation between them is larger than [`FUSE_MIN_BYTES`].
+//! feeds nothing else (directly, or through a reshape of the spatial axes), and the
+//! activation between them is [`FUSE_MIN_BYTES`] or more.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
