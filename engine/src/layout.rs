@@ -697,6 +697,32 @@ mod tests {
         }
     }
 
+    /// The layout is a per-CPU choice ([`channels_last_by_default`]), so a bundle's golden
+    /// outputs may be computed in one layout and checked on a device in the other: both give
+    /// `mobilenetish`'s logits to the bit (each channels-last kernel, the fused product and
+    /// depthwise op included, sums what its channels-first one sums, in the same order).
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn both_layouts_give_the_same_logits_to_the_bit() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        let stock =
+            crate::testing::onnx_batch_fixed(&dir.join("mobilenetish/mobilenetish.onnx"), 1);
+        let (mut first, mut last) = (stock.clone(), stock);
+        crate::passes::apply(&mut first, false).unwrap();
+        let rewrites = crate::passes::apply(&mut last, true).unwrap();
+        assert_eq!(
+            rewrites.channels_last,
+            52 * usize::from(crate::pointwise::fast_kernel())
+        );
+        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
+        let image = 3 * 224 * 224;
+        let x = Tensor::from_shape(&[1, 3, 224, 224], &input.as_f32().unwrap()[..image]).unwrap();
+        let first = crate::testing::first_output(first, &x);
+        let last = crate::testing::first_output(last, &x);
+        assert_eq!(first.len(), 1000);
+        assert_eq!(first, last);
+    }
+
     /// The channels-last sum gives what tract's `Reduce<Sum>` gives on the channels-first value
     /// over its spatial axes, to the bit (its summation order), for point counts below, at and
     /// past multiples of 8.
