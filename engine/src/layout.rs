@@ -614,12 +614,7 @@ mod tests {
         let want = crate::testing::first_output(stock, &x);
         let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 16 * 3 * 3);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
-                "element {i}: engine {g}, stock tract {w}"
-            );
-        }
+        crate::testing::assert_close(&got, &want, "depthwise around a max pool");
     }
 
     /// A model whose batch size is fixed above one (2 here) runs channels-last with the batch
@@ -628,9 +623,7 @@ mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn fixed_batch_of_two_runs_channels_last_like_stock() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
-        let stock =
-            crate::testing::onnx_batch_fixed(&dir.join("mobilenetish/mobilenetish.onnx"), 2);
+        let stock = crate::testing::onnx_batch_fixed(&crate::testing::mobilenetish_onnx(), 2);
         let mut ours = stock.clone();
         let rewrites = crate::passes::apply(&mut ours, true).unwrap();
         if !crate::pointwise::fast_kernel() {
@@ -644,20 +637,12 @@ mod tests {
             ),
             (52, 0, 3)
         );
-        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
-        let image = 3 * 224 * 224;
-        let x =
-            Tensor::from_shape(&[2, 3, 224, 224], &input.as_f32().unwrap()[..2 * image]).unwrap();
+        let x = crate::testing::mobilenetish_images(2);
         let want = crate::testing::first_output(stock, &x);
         let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 2 * 1000);
         assert_ne!(got[..1000], got[1000..], "two images, two answers");
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
-                "logit {i}: engine {g}, stock tract {w}"
-            );
-        }
+        crate::testing::assert_close(&got, &want, "mobilenetish logits, batch 2");
     }
 
     /// `mobilenetish` read back from the NNEF archive a device loads, channels-last (whatever
@@ -666,8 +651,7 @@ mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn nnef_model_runs_channels_last_like_stock() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
-        let path = dir.join("mobilenetish/mobilenetish.onnx");
+        let path = crate::testing::mobilenetish_onnx();
         let (archive, names) = crate::onnx_to_nnef(&path, &std::fs::read(&path).unwrap()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let nnef_path = tmp.path().join("mobilenetish.nnef.tar");
@@ -683,18 +667,11 @@ mod tests {
             (rewrites.channels_last, rewrites.fused_pointwise_depthwise),
             (52, 3)
         );
-        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
-        let image = 3 * 224 * 224;
-        let x = Tensor::from_shape(&[1, 3, 224, 224], &input.as_f32().unwrap()[..image]).unwrap();
+        let x = crate::testing::mobilenetish_images(1);
         let want = crate::testing::first_output(stock, &x);
         let got = crate::testing::first_output(ours, &x);
         assert_eq!(got.len(), 1000);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
-                "logit {i}: engine {g}, stock tract {w}"
-            );
-        }
+        crate::testing::assert_close(&got, &want, "mobilenetish logits from NNEF");
     }
 
     /// The layout is a per-CPU choice ([`channels_last_by_default`]), so a bundle's golden
@@ -704,9 +681,7 @@ mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn both_layouts_give_the_same_logits_to_the_bit() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
-        let stock =
-            crate::testing::onnx_batch_fixed(&dir.join("mobilenetish/mobilenetish.onnx"), 1);
+        let stock = crate::testing::onnx_batch_fixed(&crate::testing::mobilenetish_onnx(), 1);
         let (mut first, mut last) = (stock.clone(), stock);
         crate::passes::apply(&mut first, false).unwrap();
         let rewrites = crate::passes::apply(&mut last, true).unwrap();
@@ -714,9 +689,7 @@ mod tests {
             rewrites.channels_last,
             52 * usize::from(crate::pointwise::fast_kernel())
         );
-        let input = crate::npy::read_npy(dir.join("mobilenetish/test_input.npy")).unwrap();
-        let image = 3 * 224 * 224;
-        let x = Tensor::from_shape(&[1, 3, 224, 224], &input.as_f32().unwrap()[..image]).unwrap();
+        let x = crate::testing::mobilenetish_images(1);
         let first = crate::testing::first_output(first, &x);
         let last = crate::testing::first_output(last, &x);
         assert_eq!(first.len(), 1000);

@@ -2,6 +2,8 @@
 //! is, and its first output.
 
 use std::path::Path;
+#[cfg(feature = "onnx")]
+use std::path::PathBuf;
 
 use tract_nnef::prelude::*;
 
@@ -45,4 +47,31 @@ pub(crate) fn first_output(model: TypedModel, x: &Tensor) -> Vec<f32> {
         .as_slice::<f32>()
         .unwrap()
         .to_vec()
+}
+
+/// `mobilenetish`'s ONNX file among the example models.
+#[cfg(feature = "onnx")]
+pub(crate) fn mobilenetish_onnx() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/mobilenetish/mobilenetish.onnx")
+}
+
+/// The first `n` of `mobilenetish`'s test images, `[n, 3, 224, 224]`.
+#[cfg(feature = "onnx")]
+pub(crate) fn mobilenetish_images(n: usize) -> Tensor {
+    let input = crate::npy::read_npy(mobilenetish_onnx().with_file_name("test_input.npy")).unwrap();
+    let image = 3 * 224 * 224;
+    Tensor::from_shape(&[n, 3, 224, 224], &input.as_f32().unwrap()[..n * image]).unwrap()
+}
+
+/// Asserts that `got` has `want`'s length and each element is within 1e-5 relative (plus
+/// 1e-6) of `want`'s, naming `what` and the element otherwise.
+#[cfg(feature = "onnx")]
+pub(crate) fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+            "{what}: element {i}: engine {g}, stock tract {w}"
+        );
+    }
 }
