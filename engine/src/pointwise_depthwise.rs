@@ -92,8 +92,9 @@ fn run(
     let row = dw.w * c;
     let rows = rows.max(dw.kh);
     let out_rows = ((rows - dw.kh) / sh + 1).min(dw.oh);
-    if band.len() < ((out_rows - 1) * sh + dw.kh) * row {
-        band.resize(((out_rows - 1) * sh + dw.kh) * row, 0.0);
+    let most = ((out_rows - 1) * sh + dw.kh) * row;
+    if band.len() < most {
+        band.resize(most, 0.0);
     }
     // The activation rows `held` are at the front of `band`.
     let mut held = 0..0;
@@ -223,22 +224,23 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         // The product, or a reshape of its spatial axes in between (tract's NNEF reading
         // keeps `[h·w, c]` to `[h, w, c]` reshapes between layers): the same values in the
         // same order.
-        let mut between = vec![];
         let mut prev = model.node(node.inputs[0].node);
-        if let Some(AxisOp::Reshape(..)) = prev.op_as::<AxisOp>() {
-            between.push(prev);
-            prev = model.node(prev.inputs[0].node);
+        let reshape = prev
+            .op_as::<AxisOp>()
+            .is_some_and(|op| matches!(op, AxisOp::Reshape(..)));
+        let reshape = reshape.then_some(prev);
+        if let Some(r) = reshape {
+            prev = model.node(r.inputs[0].node);
         }
         let Some(pw) = prev.op_as::<Pointwise>() else {
             return Ok(None);
         };
-        let mut chain = between.iter().map(|n| n.id).chain([node.id]);
+        // The nodes the fused op replaces, product first; each feeds only the next.
+        let path: TVec<&TypedNode> = std::iter::once(prev).chain(reshape).chain([node]).collect();
         let mut feeds_only_next = true;
-        let mut from = prev;
-        for to in chain.by_ref() {
-            feeds_only_next &= model.single_succ(from.id)?.map(|s| s.id) == Some(to)
-                && !model.outputs.contains(&from.id.into());
-            from = model.node(to);
+        for pair in path.windows(2) {
+            feeds_only_next &= model.single_succ(pair[0].id)?.map(|s| s.id) == Some(pair[1].id)
+                && !model.outputs.contains(&pair[0].id.into());
         }
         // The product's batch axes as the depthwise op reads them: one axis kept, or none.
         let same_batch = if dw.has_n {
@@ -272,11 +274,8 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         };
         let wire = patch.wire_node(format!("{}.engine_fused", node.name), op, &inputs)?[0];
         patch.shunt_outside(model, node.id.into(), wire)?;
-        for n in [node.id, prev.id]
-            .into_iter()
-            .chain(between.iter().map(|n| n.id))
-        {
-            patch.obliterate(n)?;
+        for n in &path {
+            patch.obliterate(n.id)?;
         }
         Ok(Some(patch))
     })
