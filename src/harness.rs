@@ -19,12 +19,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A port nobody listens on right now (bind :0, read it, release it).
+/// A port nobody listens on right now (bind :0, read it, release it), and one this process has
+/// not handed out before: two brokers started at the same moment by parallel tests never get
+/// the same port. (Another process can still take it before the caller binds it; the brokers
+/// here check that the listener they find is their own.)
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding 127.0.0.1:0");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -152,37 +163,88 @@ impl BrokerProcess {
         self.spawn()
     }
 
+    /// Starts a broker on a free port, `command(port)` being how; tries other ports when the one
+    /// picked was taken by another process meanwhile.
+    fn start_on_free_port(
+        name: &'static str,
+        tls: bool,
+        command: impl Fn(u16) -> Result<Command>,
+    ) -> Result<BrokerProcess> {
+        let mut tries = 0;
+        loop {
+            let port = free_port();
+            let mut broker = BrokerProcess {
+                port,
+                tls,
+                command: command(port)?,
+                child: None,
+                name,
+            };
+            match broker.spawn() {
+                Ok(()) => return Ok(broker),
+                Err(e) if tries < 2 => {
+                    tries += 1;
+                    eprintln!("{e:#}; trying another port");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts the child and waits until it accepts connections on its port on a socket of its
+    /// own: a port another process took (which the child then fails to bind) is an error, not a
+    /// broker that is silently someone else's.
     fn spawn(&mut self) -> Result<()> {
         let child = self
             .command
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;
-        self.child = Some(child);
+        let pid = child.id();
+        let child = self.child.insert(child);
         // The port may still be in TIME_WAIT from the previous incarnation; SO_REUSEADDR
-        // (both brokers set it) makes that harmless, so waiting for accept is enough.
-        wait_for_port(self.port, Duration::from_secs(20))
-            .with_context(|| format!("{} did not come up", self.name))
+        // (both brokers set it) makes that harmless.
+        let timeout = Duration::from_secs(20);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!(
+                    "{} exited ({status}) before it listened on 127.0.0.1:{}",
+                    self.name,
+                    self.port
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                match listener_is_of(pid, self.port) {
+                    Some(true) | None => return Ok(()),
+                    Some(false) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!(
+                    "{} did not listen on 127.0.0.1:{} within {timeout:?} (another process may \
+                     hold the port)",
+                    self.name,
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The embedded rumqttd broker, as the `embedded-broker` binary of this package.
     /// `exe` is its path: `env!("CARGO_BIN_EXE_embedded-broker")` in this package's tests.
     pub fn embedded(exe: &Path) -> Result<BrokerProcess> {
-        let port = free_port();
-        let mut command = Command::new(exe);
-        command
-            .arg(format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut broker = BrokerProcess {
-            port,
-            tls: false,
-            command,
-            child: None,
-            name: "the embedded broker",
-        };
-        broker.spawn()?;
-        Ok(broker)
+        BrokerProcess::start_on_free_port("the embedded broker", false, |port| {
+            let mut command = Command::new(exe);
+            command
+                .arg(format!("127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Ok(command)
+        })
     }
 
     /// Mosquitto on a free port, configured in `dir`. With `tls`, it serves TLS with the
@@ -217,33 +279,51 @@ impl BrokerProcess {
                  the Mosquitto suites need it",
             )?;
         fs::create_dir_all(dir)?;
-        let port = free_port();
-        // `user root`: started as root, Mosquitto would otherwise drop to user `mosquitto`,
-        // who cannot read the test's private files.
-        let conf = format!(
-            "user root\npersistence false\nlog_dest stderr\n\
-             max_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n{listener_conf}"
-        );
-        let conf_path = dir.join(format!("mosquitto-{port}.conf"));
-        fs::write(&conf_path, conf)?;
-        let log = fs::File::create(dir.join(format!("mosquitto-{port}.log")))?;
-        let mut command = Command::new(exe);
-        command
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let mut broker = BrokerProcess {
-            port,
-            tls,
-            command,
-            child: None,
-            name: "mosquitto",
-        };
-        broker.spawn()?;
-        Ok(broker)
+        BrokerProcess::start_on_free_port("mosquitto", tls, |port| {
+            // `user root`: started as root, Mosquitto would otherwise drop to user `mosquitto`,
+            // who cannot read the test's private files.
+            let conf = format!(
+                "user root\npersistence false\nlog_dest stderr\n\
+                 max_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n{listener_conf}"
+            );
+            let conf_path = dir.join(format!("mosquitto-{port}.conf"));
+            fs::write(&conf_path, conf)?;
+            let log = fs::File::create(dir.join(format!("mosquitto-{port}.log")))?;
+            let mut command = Command::new(&exe);
+            command
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            Ok(command)
+        })
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (Linux: `/proc/net/tcp`
+/// names the listening socket's inode, `/proc/PID/fd` the process's sockets); `None` where
+/// `/proc` cannot tell.
+fn listener_is_of(pid: u32, port: u16) -> Option<bool> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("{:08X}:{port:04X}", u32::from_ne_bytes([127, 0, 0, 1]));
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            const LISTEN: &str = "0A";
+            let listening =
+                fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&LISTEN);
+            let inode = fields.get(9).filter(|_| listening)?;
+            Some(format!("socket:[{inode}]"))
+        })
+        .collect();
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .is_ok_and(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
+    }))
 }
 
 impl Drop for BrokerProcess {
@@ -295,4 +375,23 @@ pub fn oip_accuracy(
         correct += (predicted == Some(*label as usize)) as usize;
     }
     Ok(correct as f64 / labels.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_told_apart_from_another_process_s() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(listener_is_of(std::process::id(), port), Some(true));
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let of_other = listener_is_of(other.id(), port);
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(of_other, Some(false));
+        drop(listener);
+        assert_eq!(listener_is_of(std::process::id(), port), Some(false));
+    }
 }

@@ -149,6 +149,42 @@ fn fleet_link_on_the_embedded_broker() {
     scenario(&mut world, &mut broker);
 }
 
+/// rumqttd logs a failed bind and keeps running without a listener; were the port taken by
+/// another process between the pick and the bind, the connection check would reach that
+/// process. The embedded broker refuses to start instead, naming the address.
+#[test]
+fn the_embedded_broker_refuses_a_port_another_process_listens_on() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut broker = Command::new(embedded_broker_exe())
+        .arg(addr.to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(
+        "the embedded broker to exit",
+        Duration::from_secs(30),
+        || broker.try_wait().unwrap(),
+    );
+    if exited.is_err() {
+        broker.kill().unwrap();
+        panic!("the embedded broker runs on a port another process listens on");
+    }
+    let out = broker.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    // Whichever rumqttd's failed bind shows first: its listener's thread ending, or the
+    // connection check reaching the other process's listener.
+    assert!(
+        stderr.contains(&format!(
+            "its listener on {addr} stopped (is the address free?)"
+        )) || stderr.contains(&format!(
+            "cannot bind the broker address {addr}: another process listens on it"
+        )),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn fleet_link_on_mosquitto() {
     let mut world = World::new();

@@ -2,10 +2,12 @@
 //!
 //! rumqttd's `Broker::start` blocks for the broker's lifetime and cannot report the port it
 //! bound, so [`EmbeddedBroker::start`] picks a free port first when asked for port 0, runs the
-//! broker on a thread of its own and returns once the port accepts TCP connections. rumqttd
-//! keeps everything in memory: retained messages and persistent sessions last as long as the
-//! process. It has no shutdown; the broker lives until the process exits (tests that stop and
-//! restart a broker run `fleet-server broker` as a child process).
+//! broker on a thread of its own and returns once the port accepts TCP connections on a socket
+//! of this process (on Linux; a port another process took between the pick and rumqttd's bind
+//! is an error, not a broker that silently is someone else's). rumqttd keeps everything in
+//! memory: retained messages and persistent sessions last as long as the process. It has no
+//! shutdown; the broker lives until the process exits (tests that stop and restart a broker run
+//! `fleet-server broker` as a child process).
 //!
 //! Limits set here: messages up to [`max_packet`] bytes (a 1 MiB chunk frame fits), 4096
 //! connections, and per subscription filter a log of at most 4 segments of 8 MiB (a subscriber
@@ -94,8 +96,9 @@ impl EmbeddedBroker {
             .name("mqtt-broker".into())
             .spawn(move || {
                 let mut broker = rumqttd::Broker::new(config);
+                // rumqttd returns once its listener's thread ends: at once when its bind fails.
                 let outcome = match broker.start() {
-                    Ok(()) => "the broker stopped".to_string(),
+                    Ok(()) => format!("its listener on {addr} stopped (is the address free?)"),
                     Err(e) => e.to_string(),
                 };
                 let _ = failed_tx.send(outcome);
@@ -109,10 +112,22 @@ impl EmbeddedBroker {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 match set_nodelay_on_listener(addr) {
                     Ok(true) => {}
+                    // On Linux the listener is always among our descriptors once rumqttd
+                    // listens: what accepted the connection is another process's socket, and
+                    // rumqttd's bind failed (it logs that and keeps running without a listener).
+                    Ok(false) if cfg!(target_os = "linux") => {
+                        return Err(BrokerError::Bind {
+                            addr,
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::AddrInUse,
+                                "another process listens on it",
+                            ),
+                        })
+                    }
                     Ok(false) => tracing::warn!(
                         %addr,
-                        "the embedded broker's listening socket was not found among this \
-                         process's descriptors: it forwards small packets with Nagle's delay"
+                        "cannot set TCP_NODELAY on the embedded broker's listening socket on \
+                         this system: it forwards small packets with Nagle's delay"
                     ),
                     Err(e) => tracing::warn!(
                         %addr,

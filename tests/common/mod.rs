@@ -249,15 +249,22 @@ impl World {
             let _guard = self.rt.enter();
             agent::simulate::SimFleet::start(&config).unwrap()
         };
+        let mut online = Value::Null;
         wait_until(
             "the simulated fleet online",
             Duration::from_secs(180),
             || {
-                let online = self.get("/api/v1/devices?online=true&limit=1");
+                online = self.get("/api/v1/devices?online=true&limit=1");
                 (online["total"] == online_total).then_some(())
             },
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let devices = self.get("/api/v1/devices?limit=10000");
+            panic!(
+                "{e}: {} of {online_total} online; the server's devices: {devices}",
+                online["total"]
+            )
+        });
         fleet
     }
 
