@@ -503,14 +503,26 @@ const KC: usize = 128;
 /// block of points instead: each point's output row is written whole, front to back.
 const SMALL_WEIGHTS_BYTES: usize = 32 * 1024;
 
+/// An `x` of at most this many bytes stays in L2 while [`gemm_channels_last`] runs every weight
+/// panel over all of it (1 MiB of L2 on AMD Zen 5, 2 MiB on Intel Sapphire Rapids).
+const RESIDENT_X_BYTES: usize = 512 * 1024;
+
 /// [`gemm`] for [`Layout::ChannelsLast`]: `out[p, o] = clamp(Σ_i x[p, i] · W[o, i] +
 /// bias[o])`, `x` `n x k` and `out` `n x m` row-major, `w` in panels of [`NR_LAST`] output
-/// channels. For each stripe of points small enough for L2 ([`STRIPE_BYTES`]), by blocks of
-/// [`KC`] input channels (the sums so far kept in `out` between blocks, the bias and clamp
-/// applied after the last: the same sums in the same order), each weight panel runs over the
-/// stripe's blocks of points, so its block of weights is read from L1. Small weights
-/// ([`SMALL_WEIGHTS_BYTES`], the 112x112 and 56x56 layers) run every panel per block of points
-/// instead. AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other
+/// channels. Three orders, by what must stay in cache:
+/// - small weights ([`SMALL_WEIGHTS_BYTES`], the 112x112 and 56x56 expansions): every panel
+///   per block of points, so each point's output row is written whole, front to back;
+/// - a small `x` ([`RESIDENT_X_BYTES`], the 14x14 and 7x7 layers, whose weights are larger than
+///   their activations): each panel over every block of points, all `k` input channels in one
+///   tile, so the weights are read once, front to back, as the hardware prefetchers like, and
+///   the sums never leave the registers (by blocks of `k` and stripes of points, the 7x7 layers
+///   took 1.2–1.4× as long in a whole model: BENCHMARKS.md, session 19);
+/// - otherwise, for each stripe of points small enough for L2 ([`STRIPE_BYTES`]), by blocks of
+///   [`KC`] input channels (the sums so far kept in `out` between blocks, the bias and clamp
+///   applied after the last: the same sums in the same order), each weight panel over the
+///   stripe's blocks of points, so its block of weights is read from L1.
+///
+/// All three add the products of each output in the order of `k`. AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other
 /// kernels in two of [`NR`] channels and [`MR`] points.
 #[allow(clippy::too_many_arguments)]
 fn gemm_channels_last(
@@ -554,6 +566,14 @@ fn gemm_channels_last(
     if k * panels * NR_LAST * 4 <= SMALL_WEIGHTS_BYTES {
         for p in (0..n).step_by(rows_per_tile) {
             for panel in 0..panels {
+                tiles(panel, p, rows_per_tile.min(n - p), 0..k);
+            }
+        }
+        return;
+    }
+    if n * k * 4 <= RESIDENT_X_BYTES {
+        for panel in 0..panels {
+            for p in (0..n).step_by(rows_per_tile) {
                 tiles(panel, p, rows_per_tile.min(n - p), 0..k);
             }
         }
@@ -1494,7 +1514,9 @@ mod tests {
     fn matches_naive_product() {
         let relu6 = Clamp::new(0.0, 6.0);
         // (m, k, n): whole tiles, partial row panels and column blocks, one point, the large-x
-        // loop order (k * n * 4 > 192 KiB), digits_cnn's conv2 and mobilenetish's 7x7 layers.
+        // loop order (k * n * 4 > 192 KiB), digits_cnn's conv2 and mobilenetish's 7x7 layers;
+        // for the channels-last product each of its three orders (small weights, an `x` that
+        // stays in L2, the stripes of points by blocks of KC input channels).
         let cases = [
             (6, 4, 16),
             (16, 32, 49),
@@ -1510,6 +1532,10 @@ mod tests {
             (9, 6, 35),
             (10, 260, 196),
             (13, 300, 180),
+            // Channels-last: weights over 32 KiB; `x` under 512 KiB (three panels over 49
+            // points), then over it (two stripes, three blocks of KC, a partial panel).
+            (70, 200, 49),
+            (40, 300, 500),
         ];
         let layouts = [
             Layout::ChannelsFirst,
