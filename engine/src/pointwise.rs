@@ -316,13 +316,22 @@ pub(crate) enum Kernel {
     /// AVX2 + FMA intrinsics; only where the CPU has both.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
-    /// AVX-512 (F) for the channels-last outputs, AVX2 + FMA for the channels-first ones; only
-    /// where the CPU has all three.
+    /// AVX-512 (F), and AVX2 + FMA where a tile is too narrow for 16 lanes (the channels-first
+    /// tiles of at most [`NARROW`] points); only where the CPU has all three.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
 
 impl Kernel {
+    /// Whether the channels-first tiles run two weight panels at once ([`Tile::run_pair`]).
+    fn pairs_panels(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 {
+            return true;
+        }
+        false
+    }
+
     /// The fastest kernel this CPU runs.
     pub(crate) fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
@@ -400,26 +409,35 @@ pub(crate) fn gemm(
         }
         Layout::OutChannelsLast => gemm_out_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
         Layout::ChannelsFirst => {
-            // The tile of weight panel `panel` and the block of points at `col`, read from `xb`
-            // (its first column) with rows `ldx` apart.
+            // The tiles of weight panels `panel..panel + panel_step` (as many as there are)
+            // and the block of points at `col`, read from `xb` (its first column) with rows
+            // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
+            let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
             let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
-                let (rows, b) = panel_bias(bias, m, panel);
                 let cols = NR.min(n - col);
-                let wp = &w[panel * k * MR..(panel + 1) * k * MR];
-                let out = &mut out[panel * MR * n + col..];
-                let t = Tile {
-                    k,
-                    w: wp,
-                    ldw: MR,
-                    x: xb,
-                    ldx,
-                    cols,
-                    ldo: n,
-                    rows,
-                    bias: &b,
-                    clamp,
+                let biases =
+                    [panel, panel + 1].map(|p| (p < panels).then(|| panel_bias(bias, m, p)));
+                let tile_of = |p: usize| {
+                    let (rows, b) = biases[p - panel].as_ref().expect("a panel of the model");
+                    Tile {
+                        k,
+                        w: &w[p * k * MR..(p + 1) * k * MR],
+                        ldw: MR,
+                        x: xb,
+                        ldx,
+                        cols,
+                        ldo: n,
+                        rows: *rows,
+                        bias: b,
+                        clamp,
+                    }
                 };
-                t.run(out, kernel);
+                let out = &mut out[panel * MR * n + col..];
+                if panel_step == 2 && panel + 1 < panels {
+                    Tile::run_pair(&tile_of(panel), &tile_of(panel + 1), out, kernel);
+                } else {
+                    tile_of(panel).run(out, kernel);
+                }
             };
             // Each weight panel (in L1) against every column block of a stripe of `x` small
             // enough to stay in L2 ([`STRIPE_BYTES`]; all of `x` when it fits), so `x` is read
@@ -429,7 +447,7 @@ pub(crate) fn gemm(
             let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
             if k < PACK_K_MIN {
                 for start in (0..n).step_by(stripe) {
-                    for panel in 0..panels {
+                    for panel in (0..panels).step_by(panel_step) {
                         for col in (start..n.min(start + stripe)).step_by(NR) {
                             tile(&x[col..], n, panel, col, out);
                         }
@@ -459,7 +477,7 @@ pub(crate) fn gemm(
                             }
                         }
                     }
-                    for panel in 0..panels {
+                    for panel in (0..panels).step_by(panel_step) {
                         let blocks = packed.chunks_exact(k * NR);
                         for (block, col) in blocks.zip((start..end).step_by(NR)) {
                             tile(block, NR, panel, col, out);
@@ -957,6 +975,102 @@ impl Tile<'_> {
                 }
             },
         }
+    }
+}
+
+impl Tile<'_> {
+    /// `first` and `second`, two tiles of one block of `x` and of consecutive weight panels
+    /// (`second`'s rows MR rows below `first`'s in `out`), at once: with AVX-512 and more than
+    /// [`NARROW`] columns, one vector of 16 columns per row and 2·MR rows of sums, as many as
+    /// the AVX2 tile's, where a panel alone would have six (too few to keep two multiply-add
+    /// units busy through their latency). The same sums in the same order as [`tile_avx2`].
+    fn run_pair(first: &Tile, second: &Tile, out: &mut [f32], kernel: Kernel) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel.pairs_panels() && first.cols > NARROW {
+            let (a, b) = (first, second);
+            assert!(a.k >= 1 && a.k == b.k && a.rows == MR && b.rows >= 1 && b.rows <= MR);
+            assert!(a.cols <= NR && a.cols == b.cols && NR == 16);
+            assert!(a.ldw == MR && b.ldw == MR && a.ldx == b.ldx && a.ldo == b.ldo);
+            assert!(a.x.as_ptr() == b.x.as_ptr() && a.x.len() == b.x.len());
+            assert!(a.clamp == b.clamp);
+            assert!(a.w.len() >= a.k * MR && b.w.len() >= b.k * MR);
+            assert!(a.x.len() >= (a.k - 1) * a.ldx + a.cols);
+            assert!(out.len() >= (MR + b.rows - 1) * a.ldo + a.cols);
+            // SAFETY: `Kernel::Avx512` is only chosen when the CPU has AVX-512 F; the slices
+            // cover every element the tiles read and write (asserted above).
+            unsafe {
+                match b.rows {
+                    1..=2 => tile_pair_avx512::<2>(a, b, out),
+                    3..=4 => tile_pair_avx512::<4>(a, b, out),
+                    _ => tile_pair_avx512::<MR>(a, b, out),
+                }
+            }
+            return;
+        }
+        first.run(out, kernel);
+        second.run(&mut out[MR * first.ldo..], kernel);
+    }
+}
+
+/// [`Tile::run_pair`] with AVX-512: sums for the MR rows of `a` and the first `R` (at least
+/// `b.rows`) of `b`, 16 columns a vector (lanes past `cols` masked off).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_pair_avx512<const R: usize>(a: &Tile, b: &Tile, out: &mut [f32]) {
+    use crate::lanes::{Avx512Lanes as L, Lanes};
+    let (k, cols, ldx, ldo) = (a.k, a.cols, a.ldx, a.ldo);
+    let mask = L::mask(cols);
+    let mut acc_a = [L::splat(0.0); MR];
+    let mut acc_b = [L::splat(0.0); R];
+    // SAFETY (pointers): `xp` walks `k` rows of `x`, `ldx` apart, reading `cols` of each
+    // (masked past them); `wa`, `wb` walk the `k` rows of MR weights of each panel
+    // (`Tile::run_pair` asserts them).
+    let (mut xp, mut wa, mut wb) = (a.x.as_ptr(), a.w.as_ptr(), b.w.as_ptr());
+    macro_rules! accumulate {
+        (|$p:ident| $load:expr) => {
+            for _ in 0..k {
+                let xv = {
+                    let $p = xp;
+                    $load
+                };
+                for (r, acc) in acc_a.iter_mut().enumerate() {
+                    *acc = L::fmadd(L::splat(*wa.add(r)), xv, *acc);
+                }
+                for (r, acc) in acc_b.iter_mut().enumerate() {
+                    *acc = L::fmadd(L::splat(*wb.add(r)), xv, *acc);
+                }
+                xp = xp.add(ldx);
+                wa = wa.add(MR);
+                wb = wb.add(MR);
+            }
+        };
+    }
+    let full = cols == NR;
+    if full {
+        accumulate!(|p| L::load(p));
+    } else {
+        accumulate!(|p| L::load_masked(p, mask));
+    }
+    let clamped = a.clamp != Clamp::NONE;
+    let (low, high) = (L::splat(a.clamp.low()), L::splat(a.clamp.high()));
+    let op = out.as_mut_ptr();
+    let store = |r: usize, acc, bias: f32| {
+        let mut y = L::add(acc, L::splat(bias));
+        if clamped {
+            y = L::clamp(y, low, high);
+        }
+        let to = op.add(r * ldo);
+        if full {
+            L::store(to, y);
+        } else {
+            L::store_masked(to, mask, y);
+        }
+    };
+    for r in 0..MR {
+        store(r, acc_a[r], a.bias[r]);
+    }
+    for r in 0..b.rows {
+        store(MR + r, acc_b[r], b.bias[r]);
     }
 }
 
