@@ -65,6 +65,7 @@ mod im2col;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod layout;
+mod matvec;
 mod maxpool;
 mod model;
 mod nnef;

@@ -51,6 +51,8 @@ pub(crate) struct Rewrites {
     /// Channels-last products fused into the depthwise convolution they feed
     /// ([`crate::pointwise_depthwise`]).
     pub fused_pointwise_depthwise: usize,
+    /// Fully connected layers at batch 1 ([`crate::matvec`]).
+    pub matrix_vector_products: usize,
 }
 
 /// Offers every node of `model`, in evaluation order, to `patch_for`; each patch it returns
@@ -91,6 +93,8 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
     let layout = crate::layout::install(model, channels_last)?;
     let fused_residuals = crate::pointwise::fuse_residual(model)?;
     let fused_pointwise_depthwise = crate::pointwise_depthwise::install(model)?;
+    // After the layout pass: it takes the products' inputs as that pass leaves them.
+    let matrix_vector_products = crate::matvec::install(model)?;
     Ok(Rewrites {
         folded_constants,
         depthwise_convolutions,
@@ -103,6 +107,7 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
         layout_transposes: layout.transposes,
         fused_residuals,
         fused_pointwise_depthwise,
+        matrix_vector_products,
     })
 }
 
@@ -153,18 +158,6 @@ mod tests {
         view.as_slice::<f32>().unwrap().to_vec()
     }
 
-    fn assert_within_1e5(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * w.abs() + 1e-7,
-                "{what}: element {i}: engine {g}, stock tract {w}"
-            );
-        }
-    }
-
-    /// The engine, with its passes, against stock tract, from ONNX and from the NNEF archive a
-    /// device loads; at batch 1 (the batch-1 plan) and 3 (the symbolic one).
     #[test]
     fn engine_outputs_match_stock_tract_within_1e5() {
         let tmp = tempfile::tempdir().unwrap();
@@ -182,7 +175,7 @@ mod tests {
                 for (model, from) in [(&onnx, "ONNX"), (&nnef, "NNEF")] {
                     let got = model.run(std::slice::from_ref(&x)).unwrap();
                     let what = format!("{name} from {from}, batch {n}");
-                    assert_within_1e5(got[0].as_f32().unwrap(), &want, &what);
+                    crate::testing::assert_close(got[0].as_f32().unwrap(), &want, &what);
                 }
             }
         }
@@ -196,7 +189,14 @@ mod tests {
         // only where its AVX2 kernel runs.
         let fast = usize::from(crate::pointwise::fast_kernel());
         let expected = [
-            ("digits_mlp", Rewrites::default()),
+            (
+                "digits_mlp",
+                Rewrites {
+                    // Its three fully connected layers.
+                    matrix_vector_products: 3 * fast,
+                    ..Rewrites::default()
+                },
+            ),
             (
                 "digits_cnn",
                 Rewrites {
@@ -217,9 +217,18 @@ mod tests {
                     layout_transposes: 0,
                     fused_residuals: 0,
                     fused_pointwise_depthwise: 0,
+                    // fc.
+                    matrix_vector_products: fast,
                 },
             ),
-            ("vibration_ae", Rewrites::default()),
+            (
+                "vibration_ae",
+                Rewrites {
+                    // Its four fully connected layers.
+                    matrix_vector_products: 4 * fast,
+                    ..Rewrites::default()
+                },
+            ),
             (
                 "mobilenetish",
                 Rewrites {
@@ -245,6 +254,8 @@ mod tests {
                     // The expanding products into the depthwise convolutions after them where
                     // the activation between them is 1 MiB or more: the 112x112 and 56x56 ones.
                     fused_pointwise_depthwise: 3 * fast,
+                    // fc.
+                    matrix_vector_products: fast,
                 },
             ),
         ];
