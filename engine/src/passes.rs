@@ -15,13 +15,17 @@
 //!   also for convolutions of one input channel (a channel multiplier), with the `Max`/`Min`
 //!   activation after it (or after a pointwise one) fused (`depthwise::fuse_clamp`);
 //! - [`crate::maxpool`]: a max pool walking rows instead of points;
-//! - last, [`crate::layout`]: on a model with depthwise convolutions, those and the pointwise
+//! - [`crate::layout`]: on a model with depthwise convolutions, those and the pointwise
 //!   ones run on channels-last activations, with transposes only where channels-last and
-//!   channels-first values meet (none on `mobilenetish`).
+//!   channels-first values meet (none on `mobilenetish`); then the residual additions fold
+//!   into the products before them (`pointwise::fuse_residual`) and wide expansions into the
+//!   depthwise convolutions after them ([`crate::pointwise_depthwise`]);
+//! - last, [`crate::matvec`]: a fully connected layer of the batch-1 plan as one
+//!   matrix-vector op.
 //!
-//! Outputs stay within 1e-5 relative of tract's own plan for the same model on every reference
-//! model, loaded from ONNX and from NNEF (tests below); each operator is also checked against a
-//! naive implementation in its module.
+//! Outputs stay within 1e-5 relative (plus 1e-6) of tract's own plan for the same model on every
+//! reference model, loaded from ONNX and from NNEF (tests below); each operator is also checked
+//! against a naive implementation in its module.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::TypedModelPatch;
