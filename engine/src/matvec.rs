@@ -245,25 +245,9 @@ fn candidate(
     node: &TypedNode,
     einsum: &EinSum,
 ) -> TractResult<Option<(MatVec, OutletId, Vec<f32>)>> {
-    if node.inputs.len() != 2
-        || einsum.operating_dt != f32::datum_type()
-        || einsum.q_params.is_some()
-    {
-        return Ok(None);
-    }
-    // "xaxes,waxes->outaxes", one letter per axis.
-    let expr = einsum.axes.to_string();
-    let Some((ins, out)) = expr.split_once("->") else {
+    let Some((a, b, out)) = crate::pointwise::float_einsum_axes(node, einsum) else {
         return Ok(None);
     };
-    let Some((a, b)) = ins.split_once(',') else {
-        return Ok(None);
-    };
-    let (a, b, out): (Vec<char>, Vec<char>, Vec<char>) = (
-        a.chars().collect(),
-        b.chars().collect(),
-        out.chars().collect(),
-    );
     let concrete = |f: &TypedFact| -> Option<TVec<usize>> {
         f.shape
             .iter()

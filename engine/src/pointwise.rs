@@ -414,29 +414,31 @@ pub(crate) fn gemm(
             // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
             let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
             let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
-                let cols = NR.min(n - col);
-                let biases =
-                    [panel, panel + 1].map(|p| (p < panels).then(|| panel_bias(bias, m, p)));
-                let tile_of = |p: usize| {
-                    let (rows, b) = biases[p - panel].as_ref().expect("a panel of the model");
-                    Tile {
-                        k,
-                        w: &w[p * k * MR..(p + 1) * k * MR],
-                        ldw: MR,
-                        x: xb,
-                        ldx,
-                        cols,
-                        ldo: n,
-                        rows: *rows,
-                        bias: b,
-                        clamp,
-                    }
+                let (rows, b) = panel_bias(bias, m, panel);
+                let t = Tile {
+                    k,
+                    w: &w[panel * k * MR..(panel + 1) * k * MR],
+                    ldw: MR,
+                    x: xb,
+                    ldx,
+                    cols: NR.min(n - col),
+                    ldo: n,
+                    rows,
+                    bias: &b,
+                    clamp,
                 };
                 let out = &mut out[panel * MR * n + col..];
                 if panel_step == 2 && panel + 1 < panels {
-                    Tile::run_pair(&tile_of(panel), &tile_of(panel + 1), out, kernel);
+                    let (rows, b) = panel_bias(bias, m, panel + 1);
+                    let next = Tile {
+                        w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
+                        rows,
+                        bias: &b,
+                        ..t
+                    };
+                    Tile::run_pair(&t, &next, out, kernel);
                 } else {
-                    tile_of(panel).run(out, kernel);
+                    t.run(out, kernel);
                 }
             };
             // Each weight panel (in L1) against every column block of a stripe of `x` small
@@ -1333,31 +1335,37 @@ pub(crate) fn wire(
     Ok(patch.wire_node(format!("{name}.engine_pointwise"), op, &[x, packed, bias])?[0])
 }
 
+/// The axes of a float, unquantized `EinSum` of two inputs, one letter per axis: the first
+/// input's, the second's, the output's (`"ab,cb->ac"`); `None` for any other einsum.
+pub(crate) fn float_einsum_axes(
+    node: &TypedNode,
+    einsum: &EinSum,
+) -> Option<(Vec<char>, Vec<char>, Vec<char>)> {
+    if node.inputs.len() != 2
+        || einsum.operating_dt != f32::datum_type()
+        || einsum.q_params.is_some()
+    {
+        return None;
+    }
+    let expr = einsum.axes.to_string();
+    let (ins, out) = expr.split_once("->")?;
+    let (a, b) = ins.split_once(',')?;
+    Some((
+        a.chars().collect(),
+        b.chars().collect(),
+        out.chars().collect(),
+    ))
+}
+
 /// The op, activation input and row-major `[m, k]` weights of an `EinSum` [`install`] takes.
 fn candidate(
     model: &TypedModel,
     node: &TypedNode,
     einsum: &EinSum,
 ) -> TractResult<Option<(Pointwise, OutletId, Vec<f32>)>> {
-    if node.inputs.len() != 2
-        || einsum.operating_dt != f32::datum_type()
-        || einsum.q_params.is_some()
-    {
-        return Ok(None);
-    }
-    // "xaxes,waxes->outaxes", one letter per axis.
-    let expr = einsum.axes.to_string();
-    let Some((ins, out)) = expr.split_once("->") else {
+    let Some((a, b, out)) = float_einsum_axes(node, einsum) else {
         return Ok(None);
     };
-    let Some((a, b)) = ins.split_once(',') else {
-        return Ok(None);
-    };
-    let (a, b, out): (Vec<char>, Vec<char>, Vec<char>) = (
-        a.chars().collect(),
-        b.chars().collect(),
-        out.chars().collect(),
-    );
     for (xi, wi, xa, wa) in [(0, 1, &a, &b), (1, 0, &b, &a)] {
         let (xf, wf) = (
             model.outlet_fact(node.inputs[xi])?,
