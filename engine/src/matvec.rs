@@ -7,9 +7,11 @@
 //! nodes of per-node overhead. Here it is one op ([`MatVec`]) whose weights are packed once in
 //! panels of [`PANEL`] outputs: for each input value, one vector of each panel's weights times
 //! the value broadcast, [`GROUP`] panels at once so that the multiply-adds of different outputs
-//! overlap. Each output is one sum in input order, as tract's kernels make it (a sum split into
-//! interleaved chains ran faster on one panel, `digits_cnn`'s, but put outputs 1e-5 to 7e-5 from
-//! tract's: BENCHMARKS.md, session 19); the AVX2, AVX-512 and portable kernels give the same bits.
+//! overlap. Each output is one sum in input order — except in a layer of fewer than four panels
+//! (`digits_cnn`'s 10 outputs), whose few sums would each wait on the multiply-add latency at
+//! every input: there each sum runs in [`SPLIT`] interleaved chains, added pairwise at the end.
+//! (Split everywhere, `mobilenetish`'s logits came 1.3e-5 from tract's: BENCHMARKS.md, session
+//! 19.) The AVX2, AVX-512 and portable kernels give the same bits.
 //!
 //! The pass ([`install`]) takes every `EinSum` of a batch-1 plan that is such a product, in any
 //! axis layout tract's ONNX and NNEF front ends leave: the contracted axes are those `x` and the
@@ -48,15 +50,23 @@ fn pack(m: usize, k: usize, w: &[f32]) -> Vec<f32> {
 }
 
 /// `out[o] = Σ_i w[o, i] · x[i]` for the `m` outputs, `w` packed by [`pack`]: groups of up to
-/// [`GROUP`] panels at once.
+/// [`GROUP`] panels at once; a layer of fewer than four panels one panel at a time, each sum
+/// split into [`SPLIT`] chains.
 fn run(m: usize, k: usize, w: &[f32], x: &[f32], out: &mut [f32], kernel: Kernel) {
     assert!(x.len() == k && out.len() == m && w.len() == m.div_ceil(PANEL) * k * PANEL);
     let panels = m.div_ceil(PANEL);
+    let split = panels < 4;
     // AVX2 has 16 vector registers: four panels' 8 sums and the loads fit, eight spill.
     #[cfg(target_arch = "x86_64")]
-    let most = if kernel == Kernel::Avx2Fma { 4 } else { GROUP };
+    let most = if split {
+        1
+    } else if kernel == Kernel::Avx2Fma {
+        4
+    } else {
+        GROUP
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let most = GROUP;
+    let most = if split { 1 } else { GROUP };
     let mut p = 0;
     while p < panels {
         let group = match panels - p {
@@ -68,25 +78,27 @@ fn run(m: usize, k: usize, w: &[f32], x: &[f32], out: &mut [f32], kernel: Kernel
         let w = &w[p * k * PANEL..(p + group) * k * PANEL];
         let out = &mut out[p * PANEL..m.min((p + group) * PANEL)];
         match kernel {
-            Kernel::Portable => group_portable(w, x, out),
+            Kernel::Portable => group_portable(w, x, out, if split { SPLIT } else { 1 }),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the kernels are only chosen where the CPU has their instructions
             // (`Kernel::best`); `w` holds `group` panels of `k` rows of PANEL weights and `out`
             // the group's outputs (asserted above).
             Kernel::Avx2Fma => unsafe {
-                match group {
-                    4 => group_avx2::<4>(w, x, out),
-                    2 => group_avx2::<2>(w, x, out),
-                    _ => group_avx2::<1>(w, x, out),
+                match (group, split) {
+                    (_, true) => group_avx2::<1, SPLIT>(w, x, out),
+                    (4, _) => group_avx2::<4, 1>(w, x, out),
+                    (2, _) => group_avx2::<2, 1>(w, x, out),
+                    _ => group_avx2::<1, 1>(w, x, out),
                 }
             },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => unsafe {
-                match group {
-                    GROUP => group_avx512::<GROUP>(w, x, out),
-                    4 => group_avx512::<4>(w, x, out),
-                    2 => group_avx512::<2>(w, x, out),
-                    _ => group_avx512::<1>(w, x, out),
+                match (group, split) {
+                    (_, true) => group_avx512::<1, SPLIT>(w, x, out),
+                    (GROUP, _) => group_avx512::<GROUP, 1>(w, x, out),
+                    (4, _) => group_avx512::<4, 1>(w, x, out),
+                    (2, _) => group_avx512::<2, 1>(w, x, out),
+                    _ => group_avx512::<1, 1>(w, x, out),
                 }
             },
         }
@@ -98,15 +110,31 @@ fn run(m: usize, k: usize, w: &[f32], x: &[f32], out: &mut [f32], kernel: Kernel
 /// through their latency (each output's own sum is one chain, in input order).
 const GROUP: usize = 8;
 
-/// A group of panels in plain Rust: the kernels' sums in the kernels' order.
-fn group_portable(w: &[f32], x: &[f32], out: &mut [f32]) {
+/// Chains each output's sum is split into when the layer has fewer than four panels (input `i`
+/// into chain `i mod SPLIT`; then `(c0 + c1) + (c2 + c3)`): one panel's one or two vectors of
+/// sums alone would wait on the multiply-add latency at every input (`digits_cnn`'s 1024 x 10).
+const SPLIT: usize = 4;
+
+/// The sum of an output's chains, in the kernels' order.
+fn combine<T: Copy>(chains: &[T], add: impl Fn(T, T) -> T) -> T {
+    match chains {
+        [one] => *one,
+        [a, b, c, d] => add(add(*a, *b), add(*c, *d)),
+        _ => unreachable!("one chain or SPLIT"),
+    }
+}
+
+/// A group of panels in plain Rust, each sum in `split` chains: the kernels' sums in the
+/// kernels' order.
+fn group_portable(w: &[f32], x: &[f32], out: &mut [f32], split: usize) {
     let k = x.len();
     for (j, o) in out.iter_mut().enumerate() {
         let panel = &w[(j / PANEL) * k * PANEL..];
-        *o = x
-            .iter()
-            .enumerate()
-            .fold(0.0, |s, (i, x)| panel[i * PANEL + j % PANEL].mul_add(*x, s));
+        let mut chains = vec![0f32; split];
+        for (i, x) in x.iter().enumerate() {
+            chains[i % split] = panel[i * PANEL + j % PANEL].mul_add(*x, chains[i % split]);
+        }
+        *o = combine(&chains, |a, b| a + b);
     }
 }
 
@@ -115,32 +143,48 @@ macro_rules! group_kernel {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const G: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+        unsafe fn $name<const G: usize, const S: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
             use crate::lanes::Lanes;
             type L = $lanes;
             const V: usize = PANEL / <L as Lanes>::N;
             let k = x.len();
-            let mut sums = [[L::splat(0.0); V]; G];
+            let mut sums = [[[L::splat(0.0); V]; G]; S];
             let (wp, xp) = (w.as_ptr(), x.as_ptr());
             // SAFETY: `wp` holds G panels of `k` rows of PANEL weights, `xp` `k` values (`run`).
-            for i in 0..k {
-                let xv = L::splat(*xp.add(i));
-                for (g, sums) in sums.iter_mut().enumerate() {
-                    let row = wp.add((g * k + i) * PANEL);
-                    for (v, s) in sums.iter_mut().enumerate() {
-                        *s = L::fmadd(L::load(row.add(v * L::N)), xv, *s);
+            // Input `i` goes into chain `i mod S`: S inputs a step, then the rest.
+            macro_rules! input {
+                ($i:expr, $chain:expr) => {
+                    let i = $i;
+                    let xv = L::splat(*xp.add(i));
+                    for (g, sums) in $chain.iter_mut().enumerate() {
+                        let row = wp.add((g * k + i) * PANEL);
+                        for (v, s) in sums.iter_mut().enumerate() {
+                            *s = L::fmadd(L::load(row.add(v * L::N)), xv, *s);
+                        }
                     }
+                };
+            }
+            let mut i = 0;
+            while i + S <= k {
+                for (c, chain) in sums.iter_mut().enumerate() {
+                    input!(i + c, chain);
                 }
+                i += S;
+            }
+            for (c, chain) in sums.iter_mut().enumerate().take(k - i) {
+                input!(i + c, chain);
             }
             let op = out.as_mut_ptr();
-            for (g, sums) in sums.iter().enumerate() {
-                for (v, s) in sums.iter().enumerate() {
+            for g in 0..G {
+                for v in 0..V {
+                    let chains: [<L as Lanes>::V; S] = std::array::from_fn(|c| sums[c][g][v]);
+                    let sum = combine(&chains, |a, b| L::add(a, b));
                     let at = g * PANEL + v * L::N;
                     let lanes = out.len().saturating_sub(at).min(L::N);
                     if lanes == L::N {
-                        L::store(op.add(at), *s);
+                        L::store(op.add(at), sum);
                     } else if lanes > 0 {
-                        L::store_masked(op.add(at), L::mask(lanes), *s);
+                        L::store_masked(op.add(at), L::mask(lanes), sum);
                     }
                 }
             }
