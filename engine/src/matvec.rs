@@ -130,11 +130,12 @@ fn group_portable(w: &[f32], x: &[f32], out: &mut [f32], split: usize) {
     let k = x.len();
     for (j, o) in out.iter_mut().enumerate() {
         let panel = &w[(j / PANEL) * k * PANEL..];
-        let mut chains = vec![0f32; split];
+        let mut chains = [0f32; SPLIT];
+        let chains = &mut chains[..split];
         for (i, x) in x.iter().enumerate() {
             chains[i % split] = panel[i * PANEL + j % PANEL].mul_add(*x, chains[i % split]);
         }
-        *o = combine(&chains, |a, b| a + b);
+        *o = combine(chains, |a, b| a + b);
     }
 }
 
