@@ -43,6 +43,15 @@ pub(crate) struct EngineIm2col {
 }
 
 impl EngineIm2col {
+    #[cfg(test)]
+    pub(crate) fn new(window: Window2d) -> EngineIm2col {
+        EngineIm2col { window }
+    }
+
+    pub(crate) fn window(&self) -> &Window2d {
+        &self.window
+    }
+
     fn rows(&self) -> usize {
         self.window.c * self.window.kh * self.window.kw
     }
@@ -51,7 +60,7 @@ impl EngineIm2col {
         self.window.oh * self.window.ow
     }
 
-    fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
+    pub(crate) fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
         let mut shape: TVec<D> = tvec![self.rows().into(), self.columns().into()];
         if self.window.has_n {
             shape.insert(0, n);
@@ -102,68 +111,114 @@ impl TypedOp for EngineIm2col {
     as_op!();
 }
 
-/// The padded plane both column-matrix copies read taps from: `ph` x `pw`, every row and
-/// column any tap reads; `rows_in` x `cols_in` of an input plane land in it; `plane` values per
-/// input plane, `columns` per column-matrix row.
-struct Padded {
-    ph: usize,
-    pw: usize,
+/// One input channel's plane, zero-padded, as the column-matrix copy and
+/// [`crate::direct_conv`] read taps from it: `rows` rows of `row_len` values, every row and
+/// column any tap reads. With a column stride `sw` > 1 (and no column dilation) each row is
+/// stored by column phase (`phases` = `sw`: phase `p` holds padded columns `p`, `p + sw`, ...,
+/// from `p * phase_len`; as `depthwise` does), so the points of an output row that one tap reads
+/// are a contiguous run of the plane, as they are with stride 1 (`phases` = 1). Copied whole, a
+/// tap's run is one move instead of a point-by-point gather (`mobilenetish`'s 224x224 stride-2
+/// first layer: 202 → 144 µs, the column-matrix copy alone, min of 100; BENCHMARKS.md,
+/// session 15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PaddedPlane {
+    pub rows: usize,
+    pub phases: usize,
+    pub phase_len: usize,
+    pub row_len: usize,
+    /// The input rows and columns that land in the plane.
     rows_in: usize,
     cols_in: usize,
-    plane: usize,
-    columns: usize,
 }
 
-impl Padded {
-    fn of(win: &Window2d) -> Padded {
+impl PaddedPlane {
+    pub(crate) fn of(win: &Window2d) -> PaddedPlane {
         let (sh, sw) = win.stride;
         let (dh, dw) = win.dilation;
-        let ph = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
+        let rows = (win.oh - 1) * sh + (win.kh - 1) * dh + 1;
         let pw = (win.ow - 1) * sw + (win.kw - 1) * dw + 1;
-        Padded {
-            ph,
-            pw,
-            rows_in: win.h.min(ph.saturating_sub(win.pad_top)),
+        let phases = if sw > 1 && dw == 1 { sw } else { 1 };
+        let phase_len = pw.div_ceil(phases);
+        PaddedPlane {
+            rows,
+            phases,
+            phase_len,
+            row_len: phase_len * phases,
+            rows_in: win.h.min(rows.saturating_sub(win.pad_top)),
             cols_in: win.w.min(pw.saturating_sub(win.pad_left)),
-            plane: win.h * win.w,
-            columns: win.oh * win.ow,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rows * self.row_len
+    }
+
+    /// Whether the points of an output row are consecutive values of the plane for every tap:
+    /// stored by phase, or a column stride of 1.
+    pub(crate) fn runs_are_contiguous(&self, win: &Window2d) -> bool {
+        self.phases > 1 || win.stride.1 == 1
+    }
+
+    /// Where tap `(ky, kx)` of output point `(oy, 0)` is in the plane.
+    pub(crate) fn tap_at(&self, win: &Window2d, oy: usize, ky: usize, kx: usize) -> usize {
+        let px = kx * win.dilation.1;
+        (oy * win.stride.0 + ky * win.dilation.0) * self.row_len
+            + (px % self.phases) * self.phase_len
+            + px / self.phases
+    }
+
+    /// Writes every value of `plane` (at least [`PaddedPlane::len`]): the input plane
+    /// `channel` (`h x w`) where it lands, zero elsewhere.
+    pub(crate) fn fill(
+        &self,
+        win: &Window2d,
+        channel: &[f32],
+        plane: &mut [f32],
+        avx2: Option<Avx2>,
+    ) {
+        let (row_len, pad_left) = (self.row_len, win.pad_left);
+        let plane = &mut plane[..self.len()];
+        let (top, rest) = plane.split_at_mut(win.pad_top.min(self.rows) * row_len);
+        top.fill(0.0);
+        let (inside, bottom) = rest.split_at_mut(self.rows_in * row_len);
+        bottom.fill(0.0);
+        for (y, row) in inside.chunks_exact_mut(row_len).enumerate() {
+            let src = &channel[y * win.w..][..self.cols_in];
+            if self.phases == 1 {
+                row[..pad_left].fill(0.0);
+                row[pad_left..pad_left + src.len()].copy_from_slice(src);
+                row[pad_left + src.len()..].fill(0.0);
+            } else {
+                split_by_phase(src, row, self.phase_len, self.phases, pad_left, avx2);
+                for px in (0..pad_left).chain(pad_left + src.len()..row_len) {
+                    row[(px % self.phases) * self.phase_len + px / self.phases] = 0.0;
+                }
+            }
         }
     }
 }
 
 /// Writes the column matrix of every image of `x` into `out` (every element written): each
-/// channel plane is first copied into a zero-padded plane, from which every tap's row of the
-/// column matrix is `oh` slices of `ow` points (every `stride_w`-th point).
-fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
-    let (sh, sw) = win.stride;
-    let (dh, dw) = win.dilation;
-    if sw > 1 && dw == 1 {
-        return im2col_by_phase(win, x, out);
-    }
-    let Padded {
-        ph,
-        pw,
-        rows_in,
-        cols_in,
-        plane,
-        columns,
-    } = Padded::of(win);
-    let mut padded = vec![0f32; ph * pw];
-    let mut rows = out.chunks_exact_mut(columns);
-    for channel in x.chunks_exact(plane) {
-        for y in 0..rows_in {
-            let at = (y + win.pad_top) * pw + win.pad_left;
-            padded[at..at + cols_in].copy_from_slice(&channel[y * win.w..][..cols_in]);
-        }
+/// channel plane is first copied into a [`PaddedPlane`], from which every tap's row of the
+/// column matrix is `oh` runs of `ow` points (or, with a column stride and dilation, every
+/// `stride_w`-th point).
+pub(crate) fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
+    let padded = PaddedPlane::of(win);
+    let contiguous = padded.runs_are_contiguous(win);
+    let mut plane = vec![0f32; padded.len()];
+    let mut rows = out.chunks_exact_mut(win.oh * win.ow);
+    let avx2 = Avx2::detect();
+    for channel in x.chunks_exact(win.h * win.w) {
+        padded.fill(win, channel, &mut plane, avx2);
         for ky in 0..win.kh {
             for kx in 0..win.kw {
                 let row = rows.next().expect("output sized for every tap");
                 for (oy, to) in row.chunks_exact_mut(win.ow).enumerate() {
-                    let from = &padded[(oy * sh + ky * dh) * pw + kx * dw..];
-                    if sw == 1 {
+                    let from = &plane[padded.tap_at(win, oy, ky, kx)..];
+                    if contiguous {
                         copy_short(to, &from[..win.ow]);
                     } else {
-                        for (o, v) in to.iter_mut().zip(from.iter().step_by(sw)) {
+                        for (o, v) in to.iter_mut().zip(from.iter().step_by(win.stride.1)) {
                             *o = *v;
                         }
                     }
@@ -173,52 +228,16 @@ fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`im2col`] for a column stride `sw` > 1 (no column dilation): the padded plane is stored by
-/// column phase (phase `p` holds padded columns `p`, `p + sw`, ...; as `depthwise` does), so a
-/// tap's output row is a contiguous run of `ow` points in it, copied whole instead of point by
-/// point (`mobilenetish`'s 224x224 stride-2 first layer: 202 → 144 µs, the copy alone, min of 100;
-/// BENCHMARKS.md, session 15).
-fn im2col_by_phase(win: &Window2d, x: &[f32], out: &mut [f32]) {
-    let (sh, sw) = win.stride;
-    let dh = win.dilation.0;
-    let Padded {
-        ph,
-        pw,
-        rows_in,
-        cols_in,
-        plane,
-        columns,
-    } = Padded::of(win);
-    let phase_len = pw.div_ceil(sw);
-    let row_len = phase_len * sw;
-    let mut padded = vec![0f32; ph * row_len];
-    let mut rows = out.chunks_exact_mut(columns);
-    let avx2 = Avx2::detect();
-    for channel in x.chunks_exact(plane) {
-        for y in 0..rows_in {
-            let row = &mut padded[(y + win.pad_top) * row_len..][..row_len];
-            let src = &channel[y * win.w..][..cols_in];
-            split_by_phase(src, row, phase_len, sw, win.pad_left, avx2);
-        }
-        for ky in 0..win.kh {
-            for kx in 0..win.kw {
-                let row = rows.next().expect("output sized for every tap");
-                let start = ky * dh * row_len + (kx % sw) * phase_len + kx / sw;
-                for (oy, to) in row.chunks_exact_mut(win.ow).enumerate() {
-                    to.copy_from_slice(&padded[start + oy * sh * row_len..][..win.ow]);
-                }
-            }
-        }
-    }
-}
-
-/// `to.copy_from_slice(from)` for the short rows of small feature maps: blocks of eight and
-/// four as fixed-size moves, inline, where `copy_from_slice` calls `memcpy` for every row (a
-/// call costs more than moving a 4-point row).
+/// `to.copy_from_slice(from)`, where the rows of small feature maps are short: blocks of eight
+/// and four as fixed-size moves, inline, where `copy_from_slice` calls `memcpy` for every row (a
+/// call costs more than moving a 4-point row); long rows by `copy_from_slice`.
 #[inline(always)]
 fn copy_short(to: &mut [f32], from: &[f32]) {
     let n = to.len();
     let from = &from[..n];
+    if n >= 32 {
+        return to.copy_from_slice(from);
+    }
     let mut i = 0;
     while i + 8 <= n {
         let t: &mut [f32; 8] = (&mut to[i..i + 8]).try_into().unwrap();

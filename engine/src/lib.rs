@@ -60,6 +60,7 @@ mod cache;
 mod convert;
 mod depthwise;
 mod depthwise_cl;
+mod direct_conv;
 mod error;
 mod fold;
 mod im2col;

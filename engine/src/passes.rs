@@ -50,6 +50,9 @@ pub(crate) struct Rewrites {
     pub channels_last: usize,
     /// Transposes the layout pass left where channels-last and channels-first values meet.
     pub layout_transposes: usize,
+    /// im2col convolutions whose product reads the padded input in place
+    /// ([`crate::direct_conv`]).
+    pub direct_convolutions: usize,
     /// Residual additions folded into the channels-last product before them.
     pub fused_residuals: usize,
     /// Channels-last products fused into the depthwise convolution they feed
@@ -95,6 +98,8 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
     let fused_clamps = crate::depthwise::fuse_clamp(model)?;
     // Last: it switches the ops the passes above installed.
     let layout = crate::layout::install(model, channels_last)?;
+    // After the layout pass: it takes the im2col products it made channels-last.
+    let direct_convolutions = crate::direct_conv::install(model)?;
     let fused_residuals = crate::pointwise::fuse_residual(model)?;
     let fused_pointwise_depthwise = crate::pointwise_depthwise::install(model)?;
     // After the layout pass: it takes the products' inputs as that pass leaves them.
@@ -109,6 +114,7 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
         fused_clamps,
         channels_last: layout.switched,
         layout_transposes: layout.transposes,
+        direct_convolutions,
         fused_residuals,
         fused_pointwise_depthwise,
         matrix_vector_products,
@@ -219,6 +225,8 @@ mod tests {
                     // No depthwise convolution of multiplier 1: channels-first throughout.
                     channels_last: 0,
                     layout_transposes: 0,
+                    // conv2's product stays channels-first: its column matrix stays.
+                    direct_convolutions: 0,
                     fused_residuals: 0,
                     fused_pointwise_depthwise: 0,
                     // fc.
@@ -253,6 +261,9 @@ mod tests {
                     // ...with no transpose left: the first layer writes channels-last, the
                     // residual additions and the global pool read it.
                     layout_transposes: 0,
+                    // The first layer's product, channels-last, reads its padded input in
+                    // place.
+                    direct_convolutions: fast,
                     // The ten inverted-residual blocks' additions, into their projections.
                     fused_residuals: 10 * fast,
                     // The expanding products into the depthwise convolutions after them where

@@ -1,0 +1,323 @@
+//! Convolutions whose product reads the padded input in place: no column matrix.
+//!
+//! An im2col convolution ([`crate::im2col`]) first copies its input into a column matrix, one
+//! row per input channel and kernel tap, one column per output point, then multiplies it by the
+//! kernel. For `mobilenetish`'s first layer (3 channels, 3x3, stride 2, 224x224 → 112x112) that
+//! matrix is 1.35 MB: written out of cache, then read back by the product. Yet within one
+//! output row, the values that tap `(c, ky, kx)` takes for consecutive points are a contiguous
+//! run of the input's [`PaddedPlane`] (stored by column phase for a column stride over 1), at a
+//! fixed offset from where the row's first tap begins. So here the input is only padded (610 KB
+//! for that layer, into a scratch buffer kept between calls), and the product
+//! ([`crate::pointwise::gemm_taps`]) reads each tap through a table of those `k` offsets,
+//! one run of points per output row:
+//!
+//! ```text
+//! x [N, C, H, W] ─ EngineIm2col ─ [N, C·kh·kw, oh·ow] ─ EnginePointwise (channels-last out) ─ [N, oh, ow, M]
+//!   becomes
+//! x [N, C, H, W] ─ EngineDirectConv ─ [N, oh, ow, M]     (padded planes + tap offsets, inside)
+//! ```
+//!
+//! The pass runs after the layout pass ([`crate::layout`]), which is what turns an im2col
+//! product's output channels-last ([`Layout::OutChannelsLast`]); that product's tiles take their
+//! points as one run of the kernel's rows, which a row of output points is, where the channels-
+//! first tiles take blocks of points that cross rows. Convolutions left channels-first keep
+//! the column matrix.
+//!
+//! Invariant: a direct convolution sums the same products, in the same order, as the im2col
+//! copy and product it replaces: results to the bit (`tests::matches_im2col_and_product`).
+
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::internal::*;
+
+use crate::im2col::{EngineIm2col, PaddedPlane};
+use crate::pointwise::{gemm_taps, Kernel, Layout, Pointwise, TapRun, MAX_ROW_TILE};
+use crate::window::Avx2;
+
+/// An [`EngineIm2col`] and the channels-last-output [`Pointwise`] product that reads it, as
+/// one op. Inputs: `x`, the product's packed weights and bias; output: the product's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DirectConv {
+    im2col: EngineIm2col,
+    product: Pointwise,
+    padded: PaddedPlane,
+    /// Where input channel `c`'s tap `(ky, kx)` (the product's `k` order) of an output row's
+    /// first point is, from where the row's run starts in the padded planes.
+    taps: Vec<usize>,
+}
+
+impl DirectConv {
+    /// The op for `im2col` read by `product`, or `None` when the points of an output row are
+    /// not contiguous in the padded plane (a column stride with a column dilation) or the
+    /// product's output is not channels-last.
+    fn of(im2col: &EngineIm2col, product: &Pointwise) -> Option<DirectConv> {
+        let win = im2col.window();
+        let padded = PaddedPlane::of(win);
+        if product.layout != Layout::OutChannelsLast
+            || product.residual
+            || !padded.runs_are_contiguous(win)
+        {
+            return None;
+        }
+        let mut taps = Vec::with_capacity(win.c * win.kh * win.kw);
+        for c in 0..win.c {
+            for ky in 0..win.kh {
+                for kx in 0..win.kw {
+                    taps.push(c * padded.len() + padded.tap_at(win, 0, ky, kx));
+                }
+            }
+        }
+        if taps.len() != product.k {
+            return None;
+        }
+        Some(DirectConv {
+            im2col: im2col.clone(),
+            product: product.clone(),
+            padded,
+            taps,
+        })
+    }
+
+    /// `out` (`[images, oh, ow, m]`) of `x` (`[images, c, h, w]`), every value written, with
+    /// the weights `w` packed for [`Layout::OutChannelsLast`] and the bias `b`.
+    fn run(&self, x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], kernel: Kernel) {
+        let win = self.im2col.window();
+        let (m, k) = (self.product.m, self.product.k);
+        let (plane, row_step) = (self.padded.len(), win.stride.0 * self.padded.row_len);
+        let points = win.oh * win.ow;
+        let avx2 = Avx2::detect();
+        PLANES.with_borrow_mut(|planes| {
+            if planes.len() < self.planes_len() {
+                planes.resize(self.planes_len(), 0.0);
+            }
+            let images = x.chunks_exact(win.c * win.h * win.w);
+            for (image, out) in images.zip(out.chunks_exact_mut(points * m)) {
+                let channels = image.chunks_exact(win.h * win.w);
+                for (channel, to) in channels.zip(planes.chunks_exact_mut(plane)) {
+                    self.padded.fill(win, channel, to, avx2);
+                }
+                let runs = (0..win.oh).map(|oy| TapRun {
+                    at: oy * row_step,
+                    point: oy * win.ow,
+                    points: win.ow,
+                });
+                let clamp = self.product.clamp;
+                gemm_taps(m, k, w, planes, &self.taps, runs, b, clamp, out, kernel);
+            }
+        });
+    }
+
+    /// The padded planes of one image, with room for the reads of a whole tile past the last
+    /// row's points ([`gemm_taps`]).
+    fn planes_len(&self) -> usize {
+        self.im2col.window().c * self.padded.len() + MAX_ROW_TILE
+    }
+}
+
+thread_local! {
+    /// The padded planes of [`DirectConv`], kept between calls (every value is written per
+    /// image: [`PaddedPlane::fill`]).
+    static PLANES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Op for DirectConv {
+    fn name(&self) -> StaticName {
+        "EngineDirectConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![
+            format!("{:?}", self.im2col.window()),
+            format!("{:?}", self.product),
+        ])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DirectConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, w, b) = (&inputs[0], &inputs[1], &inputs[2]);
+        let win = self.im2col.window();
+        let xs = x.try_as_plain_ram()?;
+        let xs = xs.as_slice::<f32>()?;
+        let ws = w.try_as_plain_ram()?;
+        let ws = ws.as_slice::<f32>()?;
+        let bs = b.try_as_plain_ram()?;
+        let bs = bs.as_slice::<f32>()?;
+        let (m, k) = (self.product.m, self.product.k);
+        let images = win.batch(x.shape());
+        if xs.len() != images * win.c * win.h * win.w
+            || bs.len() != m
+            || ws.len() != crate::pointwise::packed_len(Layout::OutChannelsLast, m, k)
+        {
+            bail!("EngineDirectConv: input sizes do not match {self:?}");
+        }
+        let shape = self.product.output_shape(&self.im2col.output_shape(images));
+        // Every element is written by `run`.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            self.run(xs, ws, bs, out_ram.as_slice_mut::<f32>()?, Kernel::best());
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for DirectConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let columns = self.im2col.output_facts(&[inputs[0]])?.remove(0);
+        self.product.output_facts(&[&columns, inputs[1], inputs[2]])
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let columns = self.im2col.output_facts(&[inputs[0]])?.remove(0);
+        self.product.cost(&[&columns, inputs[1], inputs[2]])
+    }
+
+    as_op!();
+}
+
+/// Replaces every [`EngineIm2col`] read only by a channels-last-output [`Pointwise`] with
+/// [`DirectConv`] (where [`DirectConv::of`] takes them). Returns how many were replaced.
+pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
+    crate::passes::patch_each(model, |model, node| {
+        let Some(product) = node.op_as::<Pointwise>() else {
+            return Ok(None);
+        };
+        let columns = model.node(node.inputs[0].node);
+        let Some(im2col) = columns.op_as::<EngineIm2col>() else {
+            return Ok(None);
+        };
+        if columns.outputs[0].successors.len() != 1 || model.outputs.contains(&node.inputs[0]) {
+            return Ok(None);
+        }
+        let Some(op) = DirectConv::of(im2col, product) else {
+            return Ok(None);
+        };
+        let mut patch = TypedModelPatch::new(format!("engine direct conv {}", node.name));
+        let x = patch.tap_model(model, columns.inputs[0])?;
+        let w = patch.tap_model(model, node.inputs[1])?;
+        let b = patch.tap_model(model, node.inputs[2])?;
+        let y = patch.wire_node(format!("{}.engine_direct", node.name), op, &[x, w, b])?[0];
+        patch.shunt_outside(model, node.id.into(), y)?;
+        patch.obliterate(node.id)?;
+        Ok(Some(patch))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::depthwise::Clamp;
+    use crate::pointwise::{gemm, pack_weights};
+    use crate::window::{Window2d, WindowCase};
+
+    /// The op for `win` with `m` output channels, as the pass builds it.
+    fn direct(win: Window2d, m: usize, clamp: Clamp) -> Option<DirectConv> {
+        let k = win.c * win.kh * win.kw;
+        let product = Pointwise {
+            m,
+            k,
+            k_axis: 1,
+            keep_batch: true,
+            spatial: tvec![win.oh, win.ow],
+            out_spatial: tvec![win.oh, win.ow],
+            layout: Layout::OutChannelsLast,
+            clamp,
+            residual: false,
+        };
+        DirectConv::of(&EngineIm2col::new(win), &product)
+    }
+
+    #[test]
+    fn matches_im2col_and_product() {
+        // (h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow): mobilenetish's first
+        // layer's form (stride 2, by phase) with rows of partial tiles, stride 1 with padding
+        // on every side, a row dilation, a column dilation at stride 1, stride 3, a stride
+        // (2, 1), no padding, a 1-point output row.
+        let cases: [WindowCase; _] = [
+            (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7),
+            (9, 30, 3, 3, (1, 1), (1, 1), 1, 1, 9, 30),
+            (11, 14, 3, 3, (1, 1), (2, 1), 2, 1, 11, 14),
+            (9, 9, 3, 3, (1, 1), (1, 2), 1, 2, 9, 9),
+            (11, 14, 3, 4, (1, 3), (1, 1), 0, 2, 9, 5),
+            (10, 11, 5, 5, (2, 1), (1, 1), 2, 1, 5, 11),
+            (10, 10, 3, 3, (2, 2), (1, 1), 0, 0, 4, 4),
+            (3, 3, 3, 3, (1, 1), (1, 1), 0, 0, 1, 1),
+        ];
+        for kernel in Kernel::all_available() {
+            for (i, &case) in cases.iter().enumerate() {
+                for (c, m, clamp) in [
+                    (3, 32, Clamp::new(0.0, 6.0)),
+                    (2, 7, Clamp::NONE),
+                    (5, 40, Clamp::NONE),
+                ] {
+                    let images = 2;
+                    let win = Window2d::of_case(c, case);
+                    let (k, n) = (c * win.kh * win.kw, win.oh * win.ow);
+                    let x: Vec<f32> = (0..images * c * win.h * win.w)
+                        .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
+                        .collect();
+                    let w: Vec<f32> = (0..m * k)
+                        .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)
+                        .collect();
+                    let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.25 - 2.0).collect();
+                    let packed = pack_weights(Layout::OutChannelsLast, m, k, &w);
+                    let mut columns = vec![0f32; images * k * n];
+                    crate::im2col::im2col(&win, &x, &mut columns);
+                    let mut expected = vec![0f32; images * n * m];
+                    for (x, out) in columns
+                        .chunks_exact(k * n)
+                        .zip(expected.chunks_exact_mut(n * m))
+                    {
+                        gemm(
+                            Layout::OutChannelsLast,
+                            m,
+                            k,
+                            n,
+                            &packed,
+                            x,
+                            &b,
+                            clamp,
+                            None,
+                            out,
+                            kernel,
+                        );
+                    }
+                    let op = direct(win, m, clamp).expect("a direct convolution");
+                    // Twice: the scratch planes of the first call must not leak into the second.
+                    for _ in 0..2 {
+                        let mut out = vec![f32::NAN; images * n * m];
+                        op.run(&x, &packed, &b, &mut out, kernel);
+                        let differ = out
+                            .iter()
+                            .zip(&expected)
+                            .position(|(a, b)| a.to_bits() != b.to_bits());
+                        assert_eq!(
+                            differ, None,
+                            "{kernel:?} case {i} c {c} m {m}: first differing value"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn takes_contiguous_runs_of_channels_last_products_only() {
+        // A column stride with a column dilation: a tap's points are not contiguous.
+        let strided_dilated = Window2d::of_case(3, (9, 9, 3, 3, (1, 2), (2, 2), 2, 0, 9, 3));
+        assert!(direct(strided_dilated, 8, Clamp::NONE).is_none());
+        let plain = Window2d::of_case(3, (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7));
+        assert!(direct(plain.clone(), 8, Clamp::NONE).is_some());
+        let mut op = direct(plain.clone(), 8, Clamp::NONE).unwrap().product;
+        op.layout = Layout::ChannelsFirst;
+        assert!(DirectConv::of(&EngineIm2col::new(plain), &op).is_none());
+    }
+}
