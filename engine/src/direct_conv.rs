@@ -17,11 +17,17 @@
 //! x [N, C, H, W] ─ EngineDirectConv ─ [N, oh, ow, M]     (padded planes + tap offsets, inside)
 //! ```
 //!
-//! The pass runs after the layout pass ([`crate::layout`]), which is what turns an im2col
-//! product's output channels-last ([`Layout::OutChannelsLast`]); that product's tiles take their
-//! points as one run of the kernel's rows, which a row of output points is, where the channels-
-//! first tiles take blocks of points that cross rows. Convolutions left channels-first keep
-//! the column matrix.
+//! The product's tiles are those of a channels-last output ([`Layout::OutChannelsLast`]):
+//! points (one run of the kernel's rows, which a row of output points is) by output channels.
+//! So the pass runs after the layout pass ([`crate::layout`]), which makes the products of
+//! im2col convolutions channels-last where it runs. It also takes small channels-first ones
+//! (an output of at most [`SMALL_CHANNELS_FIRST_BYTES`]: `digits_cnn`'s 4x4 `conv2`, 64
+//! channels from 32): computed channels-last into a scratch buffer, then transposed. There the
+//! channels-first tile, 16 points to a vector, broadcasts a weight for every multiply-add (and a
+//! 4x4 plane is a single vector of points), where the channels-last one broadcasts a point for
+//! every two; and the column matrix (288 x 16) took a third of the layer's time to copy.
+//! Larger channels-first ones keep the column matrix (their transposed output would not stay
+//! in cache).
 //!
 //! Invariant: a direct convolution sums the same products, in the same order, as the im2col
 //! copy and product it replaces: results to the bit (`tests::matches_im2col_and_product`).
@@ -30,11 +36,15 @@ use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
 
 use crate::im2col::{EngineIm2col, PaddedPlane};
-use crate::pointwise::{gemm_taps, Kernel, Layout, Pointwise, TapRun, MAX_ROW_TILE};
+use crate::pointwise::{gemm_taps, pack_weights, unpack_weights, Kernel, Layout, Pointwise};
+
+/// The largest output (bytes, one image) of a channels-first product [`DirectConv`] takes.
+const SMALL_CHANNELS_FIRST_BYTES: usize = 64 * 1024;
 use crate::window::Avx2;
 
-/// An [`EngineIm2col`] and the channels-last-output [`Pointwise`] product that reads it, as
-/// one op. Inputs: `x`, the product's packed weights and bias; output: the product's.
+/// An [`EngineIm2col`] and the [`Pointwise`] product that reads it, as one op. Inputs: `x`, the
+/// weights packed for [`Layout::OutChannelsLast`] (whatever the product's layout), the bias;
+/// output: the product's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DirectConv {
     im2col: EngineIm2col,
@@ -47,15 +57,18 @@ pub(crate) struct DirectConv {
 
 impl DirectConv {
     /// The op for `im2col` read by `product`, or `None` when the points of an output row are
-    /// not contiguous in the padded plane (a column stride with a column dilation) or the
-    /// product's output is not channels-last.
+    /// not contiguous in the padded plane (a column stride with a column dilation), or the
+    /// product's output is neither channels-last nor a small channels-first one.
     fn of(im2col: &EngineIm2col, product: &Pointwise) -> Option<DirectConv> {
         let win = im2col.window();
         let padded = PaddedPlane::of(win);
-        if product.layout != Layout::OutChannelsLast
-            || product.residual
-            || !padded.runs_are_contiguous(win)
-        {
+        let small = win.oh * win.ow * product.m * 4 <= SMALL_CHANNELS_FIRST_BYTES;
+        let layout_taken = match product.layout {
+            Layout::OutChannelsLast => true,
+            Layout::ChannelsFirst => small,
+            Layout::InChannelsLast | Layout::ChannelsLast => false,
+        };
+        if !layout_taken || product.residual || !padded.runs_are_contiguous(win) {
             return None;
         }
         let mut taps = Vec::with_capacity(win.c * win.kh * win.kw);
@@ -77,17 +90,22 @@ impl DirectConv {
         })
     }
 
-    /// `out` (`[images, oh, ow, m]`) of `x` (`[images, c, h, w]`), every value written, with
-    /// the weights `w` packed for [`Layout::OutChannelsLast`] and the bias `b`.
+    /// `out` (`[images, oh, ow, m]`, or `[images, m, oh, ow]` for a channels-first product)
+    /// of `x` (`[images, c, h, w]`), every value written, with the weights `w` packed for
+    /// [`Layout::OutChannelsLast`] and the bias `b`.
     fn run(&self, x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], kernel: Kernel) {
         let win = self.im2col.window();
         let (m, k) = (self.product.m, self.product.k);
         let (plane, row_step) = (self.padded.len(), win.stride.0 * self.padded.row_len);
         let points = win.oh * win.ow;
         let avx2 = Avx2::detect();
-        PLANES.with_borrow_mut(|planes| {
-            if planes.len() < self.planes_len() {
-                planes.resize(self.planes_len(), 0.0);
+        let channels_first = self.product.layout == Layout::ChannelsFirst;
+        PLANES.with_borrow_mut(|(planes, transposed)| {
+            if planes.len() < win.c * plane {
+                planes.resize(win.c * plane, 0.0);
+            }
+            if channels_first && transposed.len() < points * m {
+                transposed.resize(points * m, 0.0);
             }
             let images = x.chunks_exact(win.c * win.h * win.w);
             for (image, out) in images.zip(out.chunks_exact_mut(points * m)) {
@@ -95,28 +113,43 @@ impl DirectConv {
                 for (channel, to) in channels.zip(planes.chunks_exact_mut(plane)) {
                     self.padded.fill(win, channel, to, avx2);
                 }
-                let runs = (0..win.oh).map(|oy| TapRun {
-                    at: oy * row_step,
-                    point: oy * win.ow,
-                    points: win.ow,
-                });
+                // Where each output point's taps begin: `ow` consecutive values per output row.
+                let ow = win.ow;
+                let starts = (0..win.oh).flat_map(|oy| (oy * row_step..).take(ow));
                 let clamp = self.product.clamp;
-                gemm_taps(m, k, w, planes, &self.taps, runs, b, clamp, out, kernel);
+                if !channels_first {
+                    gemm_taps(m, k, w, planes, &self.taps, starts, b, clamp, out, kernel);
+                    continue;
+                }
+                let points_last = &mut transposed[..points * m];
+                gemm_taps(
+                    m,
+                    k,
+                    w,
+                    planes,
+                    &self.taps,
+                    starts,
+                    b,
+                    clamp,
+                    points_last,
+                    kernel,
+                );
+                for (p, values) in points_last.chunks_exact(m).enumerate() {
+                    for (o, v) in values.iter().enumerate() {
+                        out[o * points + p] = *v;
+                    }
+                }
             }
         });
-    }
-
-    /// The padded planes of one image, with room for the reads of a whole tile past the last
-    /// row's points ([`gemm_taps`]).
-    fn planes_len(&self) -> usize {
-        self.im2col.window().c * self.padded.len() + MAX_ROW_TILE
     }
 }
 
 thread_local! {
-    /// The padded planes of [`DirectConv`], kept between calls (every value is written per
-    /// image: [`PaddedPlane::fill`]).
-    static PLANES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The padded planes of [`DirectConv`] (every value is written per image:
+    /// [`PaddedPlane::fill`]), and a channels-first product's output before its transposition,
+    /// kept between calls.
+    static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Op for DirectConv {
@@ -183,8 +216,8 @@ impl TypedOp for DirectConv {
     as_op!();
 }
 
-/// Replaces every [`EngineIm2col`] read only by a channels-last-output [`Pointwise`] with
-/// [`DirectConv`] (where [`DirectConv::of`] takes them). Returns how many were replaced.
+/// Replaces every [`EngineIm2col`] read only by a [`Pointwise`] product with [`DirectConv`]
+/// (where [`DirectConv::of`] takes them). Returns how many were replaced.
 pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
     crate::passes::patch_each(model, |model, node| {
         let Some(product) = node.op_as::<Pointwise>() else {
@@ -202,7 +235,22 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         };
         let mut patch = TypedModelPatch::new(format!("engine direct conv {}", node.name));
         let x = patch.tap_model(model, columns.inputs[0])?;
-        let w = patch.tap_model(model, node.inputs[1])?;
+        let w = if product.layout == Layout::OutChannelsLast {
+            patch.tap_model(model, node.inputs[1])?
+        } else {
+            let Some(packed) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
+                return Ok(None);
+            };
+            let (m, k) = (product.m, product.k);
+            let packed = packed.try_as_plain_ram()?;
+            let weights = unpack_weights(product.layout, m, k, packed.as_slice::<f32>()?);
+            let repacked = pack_weights(Layout::OutChannelsLast, m, k, &weights);
+            let repacked = Tensor::from_shape(&[repacked.len()], &repacked)?;
+            patch.add_const(
+                format!("{}.engine_points_last_weights", node.name),
+                repacked,
+            )?
+        };
         let b = patch.tap_model(model, node.inputs[2])?;
         let y = patch.wire_node(format!("{}.engine_direct", node.name), op, &[x, w, b])?[0];
         patch.shunt_outside(model, node.id.into(), y)?;
@@ -218,8 +266,9 @@ mod tests {
     use crate::pointwise::{gemm, pack_weights};
     use crate::window::{Window2d, WindowCase};
 
-    /// The op for `win` with `m` output channels, as the pass builds it.
-    fn direct(win: Window2d, m: usize, clamp: Clamp) -> Option<DirectConv> {
+    /// The op for `win` with `m` output channels, as the pass builds it, for a product in
+    /// `layout`.
+    fn direct(win: Window2d, m: usize, clamp: Clamp, layout: Layout) -> Option<DirectConv> {
         let k = win.c * win.kh * win.kw;
         let product = Pointwise {
             m,
@@ -228,7 +277,7 @@ mod tests {
             keep_batch: true,
             spatial: tvec![win.oh, win.ow],
             out_spatial: tvec![win.oh, win.ow],
-            layout: Layout::OutChannelsLast,
+            layout,
             clamp,
             residual: false,
         };
@@ -251,7 +300,9 @@ mod tests {
             (10, 10, 3, 3, (2, 2), (1, 1), 0, 0, 4, 4),
             (3, 3, 3, 3, (1, 1), (1, 1), 0, 0, 1, 1),
         ];
-        for kernel in Kernel::all_available() {
+        let layouts = [Layout::OutChannelsLast, Layout::ChannelsFirst];
+        let all = Kernel::all_available();
+        for (kernel, layout) in all.into_iter().flat_map(|k| layouts.map(|l| (k, l))) {
             for (i, &case) in cases.iter().enumerate() {
                 for (c, m, clamp) in [
                     (3, 32, Clamp::new(0.0, 6.0)),
@@ -268,7 +319,8 @@ mod tests {
                         .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)
                         .collect();
                     let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.25 - 2.0).collect();
-                    let packed = pack_weights(Layout::OutChannelsLast, m, k, &w);
+                    let packed = pack_weights(layout, m, k, &w);
+                    let points_last = pack_weights(Layout::OutChannelsLast, m, k, &w);
                     let mut columns = vec![0f32; images * k * n];
                     crate::im2col::im2col(&win, &x, &mut columns);
                     let mut expected = vec![0f32; images * n * m];
@@ -276,32 +328,20 @@ mod tests {
                         .chunks_exact(k * n)
                         .zip(expected.chunks_exact_mut(n * m))
                     {
-                        gemm(
-                            Layout::OutChannelsLast,
-                            m,
-                            k,
-                            n,
-                            &packed,
-                            x,
-                            &b,
-                            clamp,
-                            None,
-                            out,
-                            kernel,
-                        );
+                        gemm(layout, m, k, n, &packed, x, &b, clamp, None, out, kernel);
                     }
-                    let op = direct(win, m, clamp).expect("a direct convolution");
+                    let op = direct(win, m, clamp, layout).expect("a direct convolution");
                     // Twice: the scratch planes of the first call must not leak into the second.
                     for _ in 0..2 {
                         let mut out = vec![f32::NAN; images * n * m];
-                        op.run(&x, &packed, &b, &mut out, kernel);
+                        op.run(&x, &points_last, &b, &mut out, kernel);
                         let differ = out
                             .iter()
                             .zip(&expected)
                             .position(|(a, b)| a.to_bits() != b.to_bits());
                         assert_eq!(
                             differ, None,
-                            "{kernel:?} case {i} c {c} m {m}: first differing value"
+                            "{kernel:?} {layout:?} case {i} c {c} m {m}: first differing value"
                         );
                     }
                 }
@@ -310,14 +350,21 @@ mod tests {
     }
 
     #[test]
-    fn takes_contiguous_runs_of_channels_last_products_only() {
+    fn takes_contiguous_runs_of_channels_last_or_small_products_only() {
+        let relu = Clamp::new(0.0, f32::INFINITY);
+        let plain = Window2d::of_case(3, (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7));
+        assert!(direct(plain.clone(), 8, relu, Layout::OutChannelsLast).is_some());
+        assert!(direct(plain.clone(), 8, relu, Layout::ChannelsFirst).is_some());
+        // Products whose input is not a column matrix.
+        assert!(direct(plain.clone(), 8, relu, Layout::ChannelsLast).is_none());
+        assert!(direct(plain, 8, relu, Layout::InChannelsLast).is_none());
         // A column stride with a column dilation: a tap's points are not contiguous.
         let strided_dilated = Window2d::of_case(3, (9, 9, 3, 3, (1, 2), (2, 2), 2, 0, 9, 3));
-        assert!(direct(strided_dilated, 8, Clamp::NONE).is_none());
-        let plain = Window2d::of_case(3, (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7));
-        assert!(direct(plain.clone(), 8, Clamp::NONE).is_some());
-        let mut op = direct(plain.clone(), 8, Clamp::NONE).unwrap().product;
-        op.layout = Layout::ChannelsFirst;
-        assert!(DirectConv::of(&EngineIm2col::new(plain), &op).is_none());
+        assert!(direct(strided_dilated, 8, relu, Layout::OutChannelsLast).is_none());
+        // A channels-first output over 64 KiB (mobilenetish's first layer where the layout
+        // pass does not run): the column matrix stays.
+        let first_layer = Window2d::of_case(3, (224, 224, 3, 3, (2, 2), (1, 1), 1, 1, 112, 112));
+        assert!(direct(first_layer.clone(), 32, relu, Layout::ChannelsFirst).is_none());
+        assert!(direct(first_layer, 32, relu, Layout::OutChannelsLast).is_some());
     }
 }

@@ -184,13 +184,16 @@ impl PaddedPlane {
         bottom.fill(0.0);
         for (y, row) in inside.chunks_exact_mut(row_len).enumerate() {
             let src = &channel[y * win.w..][..self.cols_in];
+            // The padding one value at a time: a few per row, where `fill` calls `memset`.
+            let pads = (0..pad_left).chain(pad_left + src.len()..row_len);
             if self.phases == 1 {
-                row[..pad_left].fill(0.0);
-                row[pad_left..pad_left + src.len()].copy_from_slice(src);
-                row[pad_left + src.len()..].fill(0.0);
+                copy_short(&mut row[pad_left..pad_left + src.len()], src);
+                for px in pads {
+                    row[px] = 0.0;
+                }
             } else {
                 split_by_phase(src, row, self.phase_len, self.phases, pad_left, avx2);
-                for px in (0..pad_left).chain(pad_left + src.len()..row_len) {
+                for px in pads {
                     row[(px % self.phases) * self.phase_len + px / self.phases] = 0.0;
                 }
             }

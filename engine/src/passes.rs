@@ -225,8 +225,9 @@ mod tests {
                     // No depthwise convolution of multiplier 1: channels-first throughout.
                     channels_last: 0,
                     layout_transposes: 0,
-                    // conv2's product stays channels-first: its column matrix stays.
-                    direct_convolutions: 0,
+                    // conv2 (a 4x4 output): its product reads the padded input in place,
+                    // channels-last into a scratch buffer, then transposed.
+                    direct_convolutions: fast,
                     fused_residuals: 0,
                     fused_pointwise_depthwise: 0,
                     // fc.

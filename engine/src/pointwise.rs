@@ -57,8 +57,8 @@ pub(crate) const NR_LAST: usize = 32;
 /// Points per [`Layout::ChannelsLast`] tile with AVX-512 (32 registers: 24 sums, 2 weights).
 #[cfg(target_arch = "x86_64")]
 const MR_AVX512: usize = 12;
-/// The most points a [`RowTile`] of any kernel reads: [`gemm_taps`] reads whole tiles.
-pub(crate) const MAX_ROW_TILE: usize = 12;
+/// The most points a [`RowTile`] of any kernel takes.
+const MAX_ROW_TILE: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(MR_AVX512 <= MAX_ROW_TILE && MR <= MAX_ROW_TILE);
 
@@ -634,9 +634,7 @@ fn gemm_channels_last(
 /// [`gemm`] for [`Layout::OutChannelsLast`]: `out[p, o] = clamp(Σ_i x[i, p] · W[o, i] +
 /// bias[o])`, `x` `k x n` (the column matrix of an im2col convolution, whose output the layout
 /// pass makes channels-last), `out` `n x m`, `w` as for [`gemm_channels_last`]: [`gemm_taps`]
-/// with input channel `i` at `i * n`, all points one run. The last, partial block of points is
-/// copied with its columns padded to a whole tile (a tile reads its points as one run of the
-/// kernel's rows, which would go past the end of `x`).
+/// with point `p` at `p` and input channel `i` at `i * n` from it.
 #[allow(clippy::too_many_arguments)]
 fn gemm_out_channels_last(
     m: usize,
@@ -649,51 +647,17 @@ fn gemm_out_channels_last(
     out: &mut [f32],
     kernel: Kernel,
 ) {
-    let (rows_per_tile, _) = kernel.row_tile();
-    let whole = n / rows_per_tile * rows_per_tile;
-    let rows_of = |ld: usize| (0..k).map(|i| i * ld).collect::<Vec<_>>();
-    if whole > 0 {
-        let taps = rows_of(n);
-        let runs = [TapRun {
-            at: 0,
-            point: 0,
-            points: whole,
-        }];
-        gemm_taps(m, k, w, x, &taps, runs, bias, clamp, out, kernel);
-    }
-    if whole < n {
-        let rows = n - whole;
-        let mut tail = vec![0f32; k * rows_per_tile];
-        for (i, to) in tail.chunks_exact_mut(rows_per_tile).enumerate() {
-            to[..rows].copy_from_slice(&x[i * n + whole..i * n + n]);
-        }
-        let taps = rows_of(rows_per_tile);
-        let runs = [TapRun {
-            at: 0,
-            point: whole,
-            points: rows,
-        }];
-        gemm_taps(m, k, w, &tail, &taps, runs, bias, clamp, out, kernel);
-    }
+    let taps: Vec<usize> = (0..k).map(|i| i * n).collect();
+    gemm_taps(m, k, w, x, &taps, 0..n, bias, clamp, out, kernel);
 }
 
-/// A run of consecutive points for [`gemm_taps`]: output points `point..point + points`, whose
-/// values of input channel `i` are `x[at + taps[i] + j]` for the run's `j`-th point.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TapRun {
-    pub at: usize,
-    pub point: usize,
-    pub points: usize,
-}
-
-/// `out[p, o] = clamp(Σ_i x[at + taps[i] + j] · W[o, i] + bias[o])` for every point `p =
-/// point + j` of every run, `out` `n x m` (channels-last), `w` packed as for
-/// [`Layout::OutChannelsLast`]: the product of a convolution read in place, `taps` the offsets of
-/// the kernel's taps in a padded input (`crate::direct_conv`), or of a column matrix's rows. The
-/// tiles of a run cover whole blocks of the kernel's points, so `x` must hold a whole tile past
-/// each run's last block start (`x.len() >= at + max(taps) + points` rounded up to the kernel's
-/// tile; asserted): the values past a run are read and never stored. For each block of points,
-/// every weight panel; the sums in the order of `k`, as [`RowTile`] computes them.
+/// `out[p, o] = clamp(Σ_i x[points[p] + taps[i]] · W[o, i] + bias[o])` for every point `p` of
+/// `points` (where its values begin in `x`), `out` `n x m` (channels-last), `w` packed as for
+/// [`Layout::OutChannelsLast`]: the product of a convolution read in place, `taps` the offsets
+/// of the kernel's taps in a padded input (`crate::direct_conv`), or of a column matrix's rows.
+/// Tiles of consecutive points, wherever each lies; for small weights every panel per tile (each
+/// point's output row written whole, front to back), for larger ones each panel over every
+/// tile (so the panel stays in L1). The sums in the order of `k`, as [`RowTile`] computes them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_taps(
     m: usize,
@@ -701,7 +665,7 @@ pub(crate) fn gemm_taps(
     w: &[f32],
     x: &[f32],
     taps: &[usize],
-    runs: impl IntoIterator<Item = TapRun>,
+    points: impl Iterator<Item = usize> + Clone,
     bias: &[f32],
     clamp: Clamp,
     out: &mut [f32],
@@ -710,24 +674,30 @@ pub(crate) fn gemm_taps(
     assert!(taps.len() == k && k >= 1 && bias.len() >= m);
     assert!(w.len() >= packed_len(Layout::OutChannelsLast, m, k));
     let (rows_per_tile, cols_per_tile) = kernel.row_tile();
-    let taps = Taps {
-        offsets: taps,
-        last: *taps.iter().max().expect("k >= 1"),
-    };
+    let last = *taps.iter().max().expect("k >= 1");
     let panels = m.div_ceil(NR_LAST);
     let biases = panel_biases(bias, m);
-    for run in runs {
-        assert!(run.at + taps.last + run.points.div_ceil(rows_per_tile) * rows_per_tile <= x.len());
-        assert!((run.point + run.points) * m <= out.len());
-        for j in (0..run.points).step_by(rows_per_tile) {
-            let rows = rows_per_tile.min(run.points - j);
-            let p = run.point + j;
-            for panel in 0..panels {
+    // The tiles of `panels` over every block of points.
+    let mut tiles = |panels: std::ops::Range<usize>| {
+        let mut points = points.clone().peekable();
+        let mut p = 0;
+        loop {
+            let (bases, rows, consecutive) = next_tile(&mut points, rows_per_tile);
+            if rows == 0 {
+                return;
+            }
+            let taps = Taps {
+                offsets: taps,
+                last,
+                bases: &bases[..rows],
+                consecutive,
+            };
+            for panel in panels.clone() {
                 let cols = NR_LAST.min(m - panel * NR_LAST);
                 for c0 in (0..cols).step_by(cols_per_tile) {
                     let t = RowTile {
                         k,
-                        x: &x[run.at + j..],
+                        x,
                         ldx: 0,
                         taps: Some(taps),
                         rows,
@@ -743,21 +713,86 @@ pub(crate) fn gemm_taps(
                     t.run(&mut out[p * m + panel * NR_LAST + c0..], kernel);
                 }
             }
+            p += rows;
+        }
+    };
+    // Each panel over every tile where the panels would not stay in L1 from one tile to the
+    // next (`digits_cnn`'s conv2, 73 KiB of weights: the op 9.1 → 7.5 µs timed alone,
+    // session 20).
+    if k * panels * NR_LAST * 4 <= SMALL_WEIGHTS_BYTES {
+        tiles(0..panels);
+    } else {
+        for panel in 0..panels {
+            tiles(panel..panel + 1);
         }
     }
 }
 
-/// The offsets of a [`RowTile`]'s input channels from its first point (`offsets[i]` for
-/// channel `i`), and the largest of them.
+/// The next tile of [`gemm_taps`]: the bases of its points, how many, whether consecutive.
+/// Consecutive points make a tile (up to `rows_per_tile`), ending where they stop being
+/// consecutive if that leaves at least half a tile; shorter runs (a small plane's rows) are put
+/// together, up to [`MAX_POINTS_TILE`] points.
+fn next_tile(
+    points: &mut std::iter::Peekable<impl Iterator<Item = usize>>,
+    rows_per_tile: usize,
+) -> ([usize; MAX_ROW_TILE], usize, bool) {
+    let mut bases = [0usize; MAX_ROW_TILE];
+    let mut rows = 0;
+    // The consecutive run at the front.
+    while rows < rows_per_tile {
+        match points.peek() {
+            Some(&at) if rows == 0 || at == bases[rows - 1] + 1 => {
+                bases[rows] = at;
+                rows += 1;
+                points.next();
+            }
+            _ => break,
+        }
+    }
+    if rows == rows_per_tile || rows * 2 >= rows_per_tile || points.peek().is_none() {
+        return (bases, rows, true);
+    }
+    let most = MAX_POINTS_TILE.min(rows_per_tile);
+    while rows < most {
+        match points.next() {
+            Some(at) => {
+                bases[rows] = at;
+                rows += 1;
+            }
+            None => break,
+        }
+    }
+    (bases, rows, false)
+}
+
+/// Where a [`RowTile`] of [`gemm_taps`] reads: point `r`'s value of input channel `i` at
+/// `bases[r] + offsets[i]`; `last` is the largest offset; `consecutive` when `bases[r] =
+/// bases[0] + r` for all the tile's points.
 #[derive(Debug, Clone, Copy)]
 struct Taps<'a> {
     offsets: &'a [usize],
     last: usize,
+    bases: &'a [usize],
+    consecutive: bool,
 }
 
+/// How a [`RowTile`] kernel reads `x` (a const parameter of the kernels, not a branch in them:
+/// the same branch in the kernel slowed the expanding 1x1 layers, k = 16 to 96, by up to 30 %:
+/// BENCHMARKS.md, session 17). By rows of `ldx`:
+const X_ROWS: u8 = 0;
+/// Through tap offsets, the points consecutive (one base pointer for the tile).
+const X_RUN: u8 = 1;
+/// Through tap offsets, each point from its own base (a pointer per point: with 12 points, the
+/// AVX-512 kernel ran out of registers and kept its sums on the stack, so such tiles take at
+/// most [`MAX_POINTS_TILE`]).
+const X_POINTS: u8 = 2;
+
+/// The most points of a [`X_POINTS`] tile.
+const MAX_POINTS_TILE: usize = 8;
+
 /// One tile of [`gemm_channels_last`] (or [`gemm_taps`]): `rows` points, rows of `x` (`ldx`
-/// apart, `k` values each; with `taps`, point `r`'s value `i` at `taps.offsets[i] + r`, the
-/// tile's points a whole run of the kernel's rows, `x` long enough for them), by
+/// apart, `k` values each; with `taps`, point `r`'s value `i` at `taps.bases[r] +
+/// taps.offsets[i]`), by
 /// `cols` output channels of a weight panel (`k` rows [`NR_LAST`] apart, zero past the panel's
 /// channels); `out[r, c] = clamp(s + Σ_i x[r, i] · w[i, c] + bias[c]) + residual[r, c]`, `out`
 /// rows `ldo` apart, where `s` is `out[r, c]` itself when `accumulate` (the sums of the input
@@ -787,24 +822,23 @@ struct RowTile<'a> {
 impl RowTile<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
-        // The layout of `x` as a parameter of the kernels, not a branch in them: the same
-        // branch in the kernel slowed the expanding 1x1 layers (k = 16 to 96) by up to 30 %
-        // (BENCHMARKS.md, session 17).
-        if self.taps.is_some() {
-            self.run_in::<true>(out, kernel)
-        } else {
-            self.run_in::<false>(out, kernel)
+        match self.taps {
+            None => self.run_in::<X_ROWS>(out, kernel),
+            Some(taps) if taps.consecutive => self.run_in::<X_RUN>(out, kernel),
+            Some(_) => self.run_in::<X_POINTS>(out, kernel),
         }
     }
 
     #[inline(always)]
-    fn run_in<const TAPS: bool>(&self, out: &mut [f32], kernel: Kernel) {
+    fn run_in<const X: u8>(&self, out: &mut [f32], kernel: Kernel) {
         assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1);
-        // The points a kernel reads: `rows`, or with `taps` a whole run of the most rows it
-        // computes (`rows` rounded up).
-        let x_holds = |points: usize| {
+        // The points a kernel reads: `rows` (the kernels compute rows past them as copies of
+        // the last).
+        let x_holds = |_most_rows: usize| {
             if let Some(taps) = self.taps {
-                assert!(taps.offsets.len() >= self.k && self.x.len() >= taps.last + points);
+                assert!(taps.offsets.len() >= self.k && taps.bases.len() >= self.rows);
+                let last = taps.bases[..self.rows].iter().max().expect("rows >= 1");
+                assert!(self.x.len() > last + taps.last);
             } else {
                 assert!(self.ldx >= self.k);
                 assert!(self.x.len() >= (self.rows - 1) * self.ldx + self.k);
@@ -829,12 +863,12 @@ impl RowTile<'_> {
                 assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= NR);
                 assert!(self.w.len() >= (self.k - 1) * NR_LAST + NR);
                 match (self.cols <= NR / 2, self.rows) {
-                    (true, 1..=2) => row_tile_avx2::<1, 2, TAPS>(self, out),
-                    (true, 3..=4) => row_tile_avx2::<1, 4, TAPS>(self, out),
-                    (true, _) => row_tile_avx2::<1, MR, TAPS>(self, out),
-                    (false, 1..=2) => row_tile_avx2::<2, 2, TAPS>(self, out),
-                    (false, 3..=4) => row_tile_avx2::<2, 4, TAPS>(self, out),
-                    (false, _) => row_tile_avx2::<2, MR, TAPS>(self, out),
+                    (true, 1..=2) => row_tile_avx2::<1, 2, X>(self, out),
+                    (true, 3..=4) => row_tile_avx2::<1, 4, X>(self, out),
+                    (true, _) => row_tile_avx2::<1, MR, X>(self, out),
+                    (false, 1..=2) => row_tile_avx2::<2, 2, X>(self, out),
+                    (false, 3..=4) => row_tile_avx2::<2, 4, X>(self, out),
+                    (false, _) => row_tile_avx2::<2, MR, X>(self, out),
                 }
             },
             #[cfg(target_arch = "x86_64")]
@@ -845,15 +879,27 @@ impl RowTile<'_> {
                 assert!(self.rows <= MR_AVX512 && self.cols <= NR_LAST);
                 assert!(self.bias.len() >= NR_LAST);
                 assert!(self.w.len() >= self.k * NR_LAST);
+                if X == X_POINTS {
+                    // At most 8 points (`MAX_POINTS_TILE`): no 12-point kernel to compile.
+                    assert!(self.rows <= MAX_POINTS_TILE);
+                    return match (self.cols <= NR_LAST / 2, self.rows) {
+                        (true, 1..=2) => row_tile_avx512::<1, 2, X>(self, out),
+                        (true, 3..=4) => row_tile_avx512::<1, 4, X>(self, out),
+                        (true, _) => row_tile_avx512::<1, 8, X>(self, out),
+                        (false, 1..=2) => row_tile_avx512::<2, 2, X>(self, out),
+                        (false, 3..=4) => row_tile_avx512::<2, 4, X>(self, out),
+                        (false, _) => row_tile_avx512::<2, 8, X>(self, out),
+                    };
+                }
                 match (self.cols <= NR_LAST / 2, self.rows) {
-                    (true, 1..=2) => row_tile_avx512::<1, 2, TAPS>(self, out),
-                    (true, 3..=4) => row_tile_avx512::<1, 4, TAPS>(self, out),
-                    (true, 5..=8) => row_tile_avx512::<1, 8, TAPS>(self, out),
-                    (true, _) => row_tile_avx512::<1, MR_AVX512, TAPS>(self, out),
-                    (false, 1..=2) => row_tile_avx512::<2, 2, TAPS>(self, out),
-                    (false, 3..=4) => row_tile_avx512::<2, 4, TAPS>(self, out),
-                    (false, 5..=8) => row_tile_avx512::<2, 8, TAPS>(self, out),
-                    (false, _) => row_tile_avx512::<2, MR_AVX512, TAPS>(self, out),
+                    (true, 1..=2) => row_tile_avx512::<1, 2, X>(self, out),
+                    (true, 3..=4) => row_tile_avx512::<1, 4, X>(self, out),
+                    (true, 5..=8) => row_tile_avx512::<1, 8, X>(self, out),
+                    (true, _) => row_tile_avx512::<1, MR_AVX512, X>(self, out),
+                    (false, 1..=2) => row_tile_avx512::<2, 2, X>(self, out),
+                    (false, 3..=4) => row_tile_avx512::<2, 4, X>(self, out),
+                    (false, 5..=8) => row_tile_avx512::<2, 8, X>(self, out),
+                    (false, _) => row_tile_avx512::<2, MR_AVX512, X>(self, out),
                 }
             },
         }
@@ -872,7 +918,7 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
         let wr = &t.w[i * NR_LAST..][..t.cols];
         for (r, acc) in acc.iter_mut().enumerate().take(t.rows) {
             let xv = if let Some(taps) = t.taps {
-                t.x[taps.offsets[i] + r]
+                t.x[taps.bases[r] + taps.offsets[i]]
             } else {
                 t.x[r * t.ldx + i]
             };
@@ -905,14 +951,14 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
 /// Defines `$name`, [`RowTile`]'s kernel on the vectors of `$lanes` with `$features` enabled
 /// (one body for AVX2 and AVX-512, `crate::lanes`): `V` vectors per row (`V = 1` for up to one
 /// vector of channels), the sums of `R` (at least `t.rows`) rows — the rows past `t.rows`
-/// repeat the last one (never stored), so no read goes past `x` — and `x` read by rows, or
-/// through the offsets of `t.taps` with `TAPS`.
+/// repeat the last one (never stored), so no read goes past `x` — and `x` read as `X` says
+/// ([`X_ROWS`], [`X_RUN`], [`X_POINTS`]).
 #[cfg(target_arch = "x86_64")]
 macro_rules! row_tile_kernel {
     ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:ty) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
-        unsafe fn $name<const V: usize, const R: usize, const TAPS: bool>(
+        unsafe fn $name<const V: usize, const R: usize, const X: u8>(
             t: &RowTile,
             out: &mut [f32],
         ) {
@@ -921,11 +967,17 @@ macro_rules! row_tile_kernel {
             let (k, rows, cols, ldo) = (t.k, t.rows, t.cols, t.ldo);
             debug_assert!(rows >= 1 && rows <= R && cols >= 1 && cols <= n * V);
             // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart
-            // (or with `TAPS` point `r`'s value `i` at `taps.offsets[i] + r`); `wp` walks the panel's
-            // `k` rows, NR_LAST apart, `n * V` values each; `out` (and `residual`) hold `rows`
-            // rows of `cols` values, `ldo` apart (`RowTile::run` asserts them).
-            let xr: [*const f32; R] =
-                std::array::from_fn(|r| t.x.as_ptr().add(r.min(rows - 1) * t.ldx));
+            // (or with taps point `r`'s value `i` at `xr[r] + taps.offsets[i]`, `xr[r]` at
+            // `taps.bases[r]`); `wp` walks the panel's `k` rows, NR_LAST apart, `n * V` values
+            // each; `out` (and `residual`) hold `rows` rows of `cols` values, `ldo` apart
+            // (`RowTile::run` asserts them).
+            let xr: [*const f32; R] = std::array::from_fn(|r| {
+                let r = r.min(rows - 1);
+                t.x.as_ptr().add(match t.taps {
+                    Some(taps) if X != X_ROWS => taps.bases[r],
+                    _ => r * t.ldx,
+                })
+            });
             let full = cols == n * V;
             let mask: [<L as Lanes>::Mask; V] =
                 std::array::from_fn(|v| L::mask(cols.saturating_sub(n * v)));
@@ -956,12 +1008,18 @@ macro_rules! row_tile_kernel {
                     }
                 };
             }
-            if TAPS {
-                let x0 = t.x.as_ptr();
-                let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
-                accumulate!(|r, i| x0.add(*offsets.add(i) + r));
-            } else {
-                accumulate!(|r, i| xr[r].add(i));
+            match X {
+                X_ROWS => accumulate!(|r, i| xr[r].add(i)),
+                X_RUN => {
+                    // One base: the points' addresses differ by constants.
+                    let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
+                    let x0 = xr[0];
+                    accumulate!(|r, i| x0.add(*offsets.add(i) + r));
+                }
+                _ => {
+                    let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
+                    accumulate!(|r, i| xr[r].add(*offsets.add(i)));
+                }
             }
             let clamped = t.clamp != Clamp::NONE;
             let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
@@ -1686,6 +1744,57 @@ pub(crate) fn fuse_residual(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tiles [`gemm_taps`] forms from `points`: (bases, consecutive) each.
+    fn tiles_of(points: Vec<usize>, rows_per_tile: usize) -> Vec<(Vec<usize>, bool)> {
+        let mut points = points.into_iter().peekable();
+        let mut tiles = vec![];
+        loop {
+            let (bases, rows, consecutive) = next_tile(&mut points, rows_per_tile);
+            if rows == 0 {
+                return tiles;
+            }
+            tiles.push((bases[..rows].to_vec(), consecutive));
+        }
+    }
+
+    #[test]
+    fn tap_tiles_follow_runs_and_put_short_ones_together() {
+        // Rows of 14 points, 20 apart: a whole tile, then the row's 2 left with the next
+        // row's first 6 (8 at most), then that row's 8 left, consecutive.
+        let rows = |len: usize, count: usize| -> Vec<usize> {
+            (0..count).flat_map(|y| (y * 20..).take(len)).collect()
+        };
+        let tiles = tiles_of(rows(14, 2), 12);
+        let expect: Vec<(Vec<usize>, bool)> = vec![
+            ((0..12).collect(), true),
+            (vec![12, 13, 20, 21, 22, 23, 24, 25], false),
+            ((26..34).collect(), true),
+        ];
+        assert_eq!(tiles, expect);
+        // Rows of 4 (`digits_cnn`'s conv2): two rows to a tile.
+        let tiles = tiles_of(rows(4, 4), 12);
+        assert_eq!(tiles.len(), 2);
+        assert_eq!(tiles[0], (vec![0, 1, 2, 3, 20, 21, 22, 23], false));
+        // Half a tile or more of a row ends the tile with the row: rows of 9, tiles of 12.
+        let tiles = tiles_of(rows(9, 2), 12);
+        assert_eq!(
+            tiles,
+            vec![((0..9).collect(), true), ((20..29).collect(), true)]
+        );
+        // The kernels of six points take at most six, of any kind.
+        let tiles = tiles_of(rows(2, 4), 6);
+        assert_eq!(tiles[0], (vec![0, 1, 20, 21, 40, 41], false));
+        assert_eq!(tiles[1], (vec![60, 61], true));
+        // Every point once, in order.
+        for (len, count, per_tile) in [(112, 3, 12), (7, 5, 12), (1, 9, 6), (4, 4, 6)] {
+            let all: Vec<usize> = tiles_of(rows(len, count), per_tile)
+                .into_iter()
+                .flat_map(|(bases, _)| bases)
+                .collect();
+            assert_eq!(all, rows(len, count));
+        }
+    }
 
     fn naive(m: usize, k: usize, n: usize, w: &[f32], x: &[f32], b: &[f32], c: Clamp) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
