@@ -40,8 +40,9 @@
 //! vectors), `spec` (signature and validation), `convert` (tensor copies to and from tract),
 //! `runner` (plan + state pool), `cache` (loading ONNX, optionally from a cache of the
 //! decluttered model), `nnef` (reading and writing NNEF archives), `passes` and the operators
-//! they install (`im2col`, `depthwise`, `depthwise_cl`, `maxpool`, `pointwise`,
-//! `pointwise_depthwise`, `layout`, `matvec`, over `window` and `lanes`), `model` (the public
+//! they install (`im2col`, `direct_conv`, `depthwise`, `depthwise_cl`, `maxpool`, `pointwise`,
+//! `pointwise_depthwise`, `depthwise_pointwise`, `layout`, `matvec`, over `window` and
+//! `lanes`), `model` (the public
 //! entry point)
 //! and `error`.
 //!
@@ -60,6 +61,7 @@ mod cache;
 mod convert;
 mod depthwise;
 mod depthwise_cl;
+mod depthwise_pointwise;
 mod direct_conv;
 mod error;
 mod fold;

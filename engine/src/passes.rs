@@ -18,8 +18,13 @@
 //! - [`crate::layout`]: on a model with depthwise convolutions, those and the pointwise
 //!   ones run on channels-last activations, with transposes only where channels-last and
 //!   channels-first values meet (none on `mobilenetish`); then the residual additions fold
-//!   into the products before them (`pointwise::fuse_residual`) and wide expansions into the
-//!   depthwise convolutions after them ([`crate::pointwise_depthwise`]);
+//!   into the products before them (`pointwise::fuse_residual`), wide expansions into the
+//!   depthwise convolutions after them ([`crate::pointwise_depthwise`]), and a wide depthwise
+//!   convolution with no expansion before it into its projection
+//!   ([`crate::depthwise_pointwise`]);
+//! - [`crate::direct_conv`]: after the layout pass, an im2col convolution whose product is
+//!   channels-last (or channels-first and small) reads its padded input in place, no column
+//!   matrix;
 //! - last, [`crate::matvec`]: a fully connected layer of the batch-1 plan as one
 //!   matrix-vector op.
 //!
@@ -58,6 +63,9 @@ pub(crate) struct Rewrites {
     /// Channels-last products fused into the depthwise convolution they feed
     /// ([`crate::pointwise_depthwise`]).
     pub fused_pointwise_depthwise: usize,
+    /// Channels-last depthwise convolutions fused into the product they feed
+    /// ([`crate::depthwise_pointwise`]).
+    pub fused_depthwise_pointwise: usize,
     /// Fully connected layers at batch 1 ([`crate::matvec`]).
     pub matrix_vector_products: usize,
 }
@@ -102,6 +110,8 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
     let direct_convolutions = crate::direct_conv::install(model)?;
     let fused_residuals = crate::pointwise::fuse_residual(model)?;
     let fused_pointwise_depthwise = crate::pointwise_depthwise::install(model)?;
+    // After it: a depthwise convolution fused with its expansion is not fused again.
+    let fused_depthwise_pointwise = crate::depthwise_pointwise::install(model)?;
     // After the layout pass: it takes the products' inputs as that pass leaves them.
     let matrix_vector_products = crate::matvec::install(model)?;
     Ok(Rewrites {
@@ -117,6 +127,7 @@ pub(crate) fn apply(model: &mut TypedModel, channels_last: bool) -> TractResult<
         direct_convolutions,
         fused_residuals,
         fused_pointwise_depthwise,
+        fused_depthwise_pointwise,
         matrix_vector_products,
     })
 }
@@ -230,6 +241,7 @@ mod tests {
                     direct_convolutions: fast,
                     fused_residuals: 0,
                     fused_pointwise_depthwise: 0,
+                    fused_depthwise_pointwise: 0,
                     // fc.
                     matrix_vector_products: fast,
                 },
@@ -270,6 +282,9 @@ mod tests {
                     // The expanding products into the depthwise convolutions after them where
                     // the activation between them is 1 MiB or more: the 112x112 and 56x56 ones.
                     fused_pointwise_depthwise: 3 * fast,
+                    // The first depthwise convolution (112x112, no expansion before it) into
+                    // its projection.
+                    fused_depthwise_pointwise: fast,
                     // fc.
                     matrix_vector_products: fast,
                 },

@@ -28,13 +28,13 @@ use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
 
 /// The scratch rows of one band: a band holds as many activation rows as fit here (at least
 /// the kernel's height). Half of a 512 KiB L2.
-const BAND_BYTES: usize = 256 * 1024;
+pub(crate) const BAND_BYTES: usize = 256 * 1024;
 
 /// The smallest activation between the two ops that is worth fusing: twice a 512 KiB L2.
 /// Smaller ones stay mostly in L2 between the two layers anyway; on `mobilenetish` fusing the
 /// 451–602 KB ones (28x28 and 14x14 planes) measured no faster (BENCHMARKS.md, session 18),
 /// the 1.8 and 4.8 MB ones (56x56 and 112x112) faster.
-const FUSE_MIN_BYTES: usize = 1024 * 1024;
+pub(crate) const FUSE_MIN_BYTES: usize = 1024 * 1024;
 
 thread_local! {
     /// The band buffer, kept between calls (allocating 256 KiB on every call would map and
@@ -63,7 +63,13 @@ impl PointwiseDepthwise {
 /// The depthwise op over the activation rows `ya..yb` of a plane, computing output rows
 /// `oa..ob`: the rows above `ya` become padding (none of them are read: `ya` is the first row
 /// the output rows' windows read, or 0).
-fn band_op(dw: &DepthwiseConv, ya: usize, yb: usize, oa: usize, ob: usize) -> DepthwiseConv {
+pub(crate) fn band_op(
+    dw: &DepthwiseConv,
+    ya: usize,
+    yb: usize,
+    oa: usize,
+    ob: usize,
+) -> DepthwiseConv {
     DepthwiseConv {
         h: yb - ya,
         oh: ob - oa,
