@@ -24,6 +24,10 @@
 //! and reshape are instead one [`crate::pointwise::Pointwise`] op reading the column matrix in
 //! place, bias and output shape in it (so the ReLU after it fuses too).
 //!
+//! Where that product's output is channels-last (after the layout pass) or small,
+//! [`crate::direct_conv`] later replaces the copy and the product with one op that reads the
+//! padded plane ([`PaddedPlane`]) in place.
+//!
 //! Pointwise convolutions (1x1 kernel, stride 1, no padding) are left to [`crate::pointwise`]
 //! (or tract), which run them as a plain matrix product; so are grouped ones (depthwise:
 //! `depthwise`) and large ones ([`MAX_COLUMN_MATRIX`]).
@@ -122,9 +126,9 @@ impl TypedOp for EngineIm2col {
 /// session 15).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PaddedPlane {
-    pub rows: usize,
-    pub phases: usize,
-    pub phase_len: usize,
+    rows: usize,
+    phases: usize,
+    phase_len: usize,
     pub row_len: usize,
     /// The input rows and columns that land in the plane.
     rows_in: usize,
