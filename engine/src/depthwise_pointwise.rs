@@ -19,7 +19,6 @@
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
-use tract_nnef::tract_core::ops::change_axes::AxisOp;
 
 use crate::depthwise::DepthwiseConv;
 use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
@@ -183,26 +182,11 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         let Some(pw) = node.op_as::<Pointwise>() else {
             return Ok(None);
         };
-        // The depthwise op, or a reshape of its spatial axes in between (as
-        // `pointwise_depthwise::install` allows).
-        let mut prev = model.node(node.inputs[0].node);
-        let reshape = prev
-            .op_as::<AxisOp>()
-            .is_some_and(|op| matches!(op, AxisOp::Reshape(..)));
-        let reshape = reshape.then_some(prev);
-        if let Some(r) = reshape {
-            prev = model.node(r.inputs[0].node);
-        }
+        // The depthwise op, or a reshape of its spatial axes in between.
+        let (prev, reshape) = crate::passes::producer_through_reshape(model, node);
         let Some(dw) = prev.op_as::<DepthwiseConv>() else {
             return Ok(None);
         };
-        // The nodes the fused op replaces, depthwise first; each feeds only the next.
-        let path: TVec<&TypedNode> = std::iter::once(prev).chain(reshape).chain([node]).collect();
-        let mut feeds_only_next = true;
-        for pair in path.windows(2) {
-            feeds_only_next &= model.single_succ(pair[0].id)?.map(|s| s.id) == Some(pair[1].id)
-                && !model.outputs.contains(&pair[0].id.into());
-        }
         // The product reads the depthwise op's batch axis (one, or none) as its batch axes;
         // whether it keeps them in its output is its own (`Pointwise::output_shape`).
         let same_batch = pw.batch_rank() == usize::from(dw.has_n);
@@ -216,26 +200,21 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
             || pw.spatial.iter().product::<usize>() != dw.oh * dw.ow
             || !same_batch
             || activation_bytes < FUSE_MIN_BYTES
-            || !feeds_only_next
         {
             return Ok(None);
         }
-        let mut patch = TypedModelPatch::new(format!("engine depthwise-pointwise {}", node.name));
-        let inputs = prev.inputs[..3]
+        // The nodes the fused op replaces, depthwise first.
+        let path: TVec<&TypedNode> = std::iter::once(prev).chain(reshape).chain([node]).collect();
+        let inputs: TVec<OutletId> = prev.inputs[..3]
             .iter()
             .chain(&node.inputs[1..3])
-            .map(|i| patch.tap_model(model, *i))
-            .collect::<TractResult<TVec<_>>>()?;
+            .copied()
+            .collect();
         let op = DepthwisePointwise {
             depthwise: dw.clone(),
             pointwise: pw.clone(),
         };
-        let wire = patch.wire_node(format!("{}.engine_fused", node.name), op, &inputs)?[0];
-        patch.shunt_outside(model, node.id.into(), wire)?;
-        for n in &path {
-            patch.obliterate(n.id)?;
-        }
-        Ok(Some(patch))
+        crate::passes::fuse_path(model, &path, &inputs, op)
     })
 }
 
@@ -244,14 +223,7 @@ mod tests {
     use super::*;
     use crate::depthwise::Clamp;
     use crate::pointwise::pack_weights;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     /// The fused op gives the two ops' outputs to the bit, for bands of every height from one
     /// row to the whole plane, strides 1 and 2, with and without padding, channel counts that

@@ -117,11 +117,11 @@ impl DirectConv {
                 let ow = win.ow;
                 let starts = (0..win.oh).flat_map(|oy| (oy * row_step..).take(ow));
                 let clamp = self.product.clamp;
-                if !channels_first {
-                    gemm_taps(m, k, w, planes, &self.taps, starts, b, clamp, out, kernel);
-                    continue;
-                }
-                let points_last = &mut transposed[..points * m];
+                let points_last = if channels_first {
+                    &mut transposed[..points * m]
+                } else {
+                    &mut *out
+                };
                 gemm_taps(
                     m,
                     k,
@@ -134,9 +134,11 @@ impl DirectConv {
                     points_last,
                     kernel,
                 );
-                for (p, values) in points_last.chunks_exact(m).enumerate() {
-                    for (o, v) in values.iter().enumerate() {
-                        out[o * points + p] = *v;
+                if channels_first {
+                    for (p, values) in transposed.chunks_exact(m).take(points).enumerate() {
+                        for (o, v) in values.iter().enumerate() {
+                            out[o * points + p] = *v;
+                        }
                     }
                 }
             }

@@ -382,14 +382,7 @@ mod tests {
     /// chains.
     #[test]
     fn kernels_agree_to_the_bit_and_with_a_plain_sum() {
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if crate::window::Avx2::detect().is_some() {
-            kernels.push(Kernel::Avx2Fma);
-            if crate::window::avx512_detected() {
-                kernels.push(Kernel::Avx512);
-            }
-        }
+        let kernels = Kernel::all_available();
         for (m, k) in [(10, 1024), (1, 1), (17, 3), (33, 130), (1000, 1280)] {
             let w: Vec<f32> = (0..m * k)
                 .map(|v| ((v * 13 % 17) as f32 - 8.0) / 8.0)

@@ -33,7 +33,8 @@
 //! against a naive implementation in its module.
 
 use tract_nnef::prelude::*;
-use tract_nnef::tract_core::internal::TypedModelPatch;
+use tract_nnef::tract_core::internal::{TypedModelPatch, TypedOp};
+use tract_nnef::tract_core::ops::change_axes::AxisOp;
 
 /// How many operators each pass replaced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,6 +89,53 @@ pub(crate) fn patch_each(
         model.compact()?;
     }
     Ok(patched)
+}
+
+/// The node whose output `node` reads first, looking through a reshape of the spatial axes in
+/// between (tract's NNEF reading keeps `[h·w, c]` to `[h, w, c]` reshapes between layers: the
+/// same values in the same order): that node, then the reshape if there is one.
+pub(crate) fn producer_through_reshape<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> (&'m TypedNode, Option<&'m TypedNode>) {
+    let prev = model.node(node.inputs[0].node);
+    let is_reshape = prev
+        .op_as::<AxisOp>()
+        .is_some_and(|op| matches!(op, AxisOp::Reshape(..)));
+    if is_reshape {
+        (model.node(prev.inputs[0].node), Some(prev))
+    } else {
+        (prev, None)
+    }
+}
+
+/// A patch replacing the nodes of `path` (each feeding only the next, none a model output;
+/// `None` otherwise) with one node of `op` reading `inputs`, named after the last node.
+pub(crate) fn fuse_path(
+    model: &TypedModel,
+    path: &[&TypedNode],
+    inputs: &[OutletId],
+    op: impl TypedOp,
+) -> TractResult<Option<TypedModelPatch>> {
+    for pair in path.windows(2) {
+        if model.single_succ(pair[0].id)?.map(|s| s.id) != Some(pair[1].id)
+            || model.outputs.contains(&pair[0].id.into())
+        {
+            return Ok(None);
+        }
+    }
+    let last = path.last().expect("a path of nodes");
+    let mut patch = TypedModelPatch::new(format!("engine fused {}", last.name));
+    let inputs = inputs
+        .iter()
+        .map(|i| patch.tap_model(model, *i))
+        .collect::<TractResult<TVec<_>>>()?;
+    let wire = patch.wire_node(format!("{}.engine_fused", last.name), op, &inputs)?[0];
+    patch.shunt_outside(model, last.id.into(), wire)?;
+    for n in path {
+        patch.obliterate(n.id)?;
+    }
+    Ok(Some(patch))
 }
 
 /// Runs every pass on `model` (decluttered, not yet optimised), switching it to channels-last

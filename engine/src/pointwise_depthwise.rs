@@ -21,7 +21,6 @@
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
-use tract_nnef::tract_core::ops::change_axes::AxisOp;
 
 use crate::depthwise::DepthwiseConv;
 use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
@@ -227,27 +226,11 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         let Some(dw) = node.op_as::<DepthwiseConv>() else {
             return Ok(None);
         };
-        // The product, or a reshape of its spatial axes in between (tract's NNEF reading
-        // keeps `[h·w, c]` to `[h, w, c]` reshapes between layers): the same values in the
-        // same order.
-        let mut prev = model.node(node.inputs[0].node);
-        let reshape = prev
-            .op_as::<AxisOp>()
-            .is_some_and(|op| matches!(op, AxisOp::Reshape(..)));
-        let reshape = reshape.then_some(prev);
-        if let Some(r) = reshape {
-            prev = model.node(r.inputs[0].node);
-        }
+        // The product, or a reshape of its spatial axes in between.
+        let (prev, reshape) = crate::passes::producer_through_reshape(model, node);
         let Some(pw) = prev.op_as::<Pointwise>() else {
             return Ok(None);
         };
-        // The nodes the fused op replaces, product first; each feeds only the next.
-        let path: TVec<&TypedNode> = std::iter::once(prev).chain(reshape).chain([node]).collect();
-        let mut feeds_only_next = true;
-        for pair in path.windows(2) {
-            feeds_only_next &= model.single_succ(pair[0].id)?.map(|s| s.id) == Some(pair[1].id)
-                && !model.outputs.contains(&pair[0].id.into());
-        }
         // The product's batch axes as the depthwise op reads them: one axis kept, or none.
         let same_batch = if dw.has_n {
             pw.keep_batch && pw.batch_rank() == 1
@@ -264,26 +247,21 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
             || pw.spatial.iter().product::<usize>() != dw.h * dw.w
             || !same_batch
             || activation_bytes < FUSE_MIN_BYTES
-            || !feeds_only_next
         {
             return Ok(None);
         }
-        let mut patch = TypedModelPatch::new(format!("engine pointwise-depthwise {}", node.name));
-        let inputs = prev.inputs[..3]
+        // The nodes the fused op replaces, product first.
+        let path: TVec<&TypedNode> = std::iter::once(prev).chain(reshape).chain([node]).collect();
+        let inputs: TVec<OutletId> = prev.inputs[..3]
             .iter()
             .chain(&node.inputs[1..3])
-            .map(|i| patch.tap_model(model, *i))
-            .collect::<TractResult<TVec<_>>>()?;
+            .copied()
+            .collect();
         let op = PointwiseDepthwise {
             pointwise: pw.clone(),
             depthwise: dw.clone(),
         };
-        let wire = patch.wire_node(format!("{}.engine_fused", node.name), op, &inputs)?[0];
-        patch.shunt_outside(model, node.id.into(), wire)?;
-        for n in &path {
-            patch.obliterate(n.id)?;
-        }
-        Ok(Some(patch))
+        crate::passes::fuse_path(model, &path, &inputs, op)
     })
 }
 
@@ -292,14 +270,7 @@ mod tests {
     use super::*;
     use crate::depthwise::Clamp;
     use crate::pointwise::pack_weights;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     /// The fused op gives the two ops' outputs to the bit, for bands of every height from the
     /// kernel's to the whole plane (rows kept from one band to the next, or none), strides 1

@@ -75,3 +75,13 @@ pub(crate) fn assert_close(got: &[f32], want: &[f32], what: &str) {
         );
     }
 }
+
+/// `n` values in [-1, 1) that vary from one index to the next without a short period (a
+/// multiplicative hash of the index), different for each `seed`.
+pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+        })
+        .collect()
+}
