@@ -685,9 +685,10 @@ fn gemm_out_channels_last(
 /// `points` (where its values begin in `x`), `out` `n x m` (channels-last), `w` packed as for
 /// [`Layout::OutChannelsLast`]: the product of a convolution read in place, `taps` the offsets
 /// of the kernel's taps in a padded input (`crate::direct_conv`), or of a column matrix's rows.
-/// Tiles of consecutive points, wherever each lies; for small weights every panel per tile (each
-/// point's output row written whole, front to back), for larger ones each panel over every
-/// tile (so the panel stays in L1). The sums in the order of `k`, as [`RowTile`] computes them.
+/// Tiles of consecutive output points ([`next_tile`]: a run's points from one base, or a few
+/// short runs' points each from its own); for small weights every panel per tile (each point's
+/// output row written whole, front to back), for larger ones each panel over every tile (so the
+/// panel stays in L1). The sums in the order of `k`, as [`RowTile`] computes them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_taps(
     m: usize,
