@@ -8,8 +8,8 @@
 //! run of the input's [`PaddedPlane`] (stored by column phase for a column stride over 1), at a
 //! fixed offset from where the row's first tap begins. So here the input is only padded (610 KB
 //! for that layer, into a scratch buffer kept between calls), and the product
-//! ([`crate::pointwise::gemm_taps`]) reads each tap through a table of those `k` offsets,
-//! one run of points per output row:
+//! ([`crate::pointwise::gemm_taps`]) reads each tap through a table of those `k` offsets
+//! from each output point's start:
 //!
 //! ```text
 //! x [N, C, H, W] ─ EngineIm2col ─ [N, C·kh·kw, oh·ow] ─ EnginePointwise (channels-last out) ─ [N, oh, ow, M]
@@ -37,10 +37,10 @@ use tract_nnef::tract_core::internal::*;
 
 use crate::im2col::{EngineIm2col, PaddedPlane};
 use crate::pointwise::{gemm_taps, pack_weights, unpack_weights, Kernel, Layout, Pointwise};
+use crate::window::Avx2;
 
 /// The largest output (bytes, one image) of a channels-first product [`DirectConv`] takes.
 const SMALL_CHANNELS_FIRST_BYTES: usize = 64 * 1024;
-use crate::window::Avx2;
 
 /// An [`EngineIm2col`] and the [`Pointwise`] product that reads it, as one op. Inputs: `x`, the
 /// weights packed for [`Layout::OutChannelsLast`] (whatever the product's layout), the bias;
