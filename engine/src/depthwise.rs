@@ -84,6 +84,16 @@ impl DepthwiseConv {
         self.c * self.multiplier
     }
 
+    /// The batch size of an input of shape `x` (its first axis, or 1 without one): this op's,
+    /// or that of the fused ops' inputs that share its batch axis.
+    pub(crate) fn batch<D: DimLike>(&self, x: &[D]) -> D {
+        if self.has_n {
+            x[0].clone()
+        } else {
+            D::from(1)
+        }
+    }
+
     pub(crate) fn output_shape<D: From<usize>>(&self, n: D) -> TVec<D> {
         let mut shape: TVec<D> = if self.channels_last {
             tvec![
@@ -126,7 +136,7 @@ impl EvalOp for DepthwiseConv {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, k, b) = (&inputs[0], &inputs[1], &inputs[2]);
-        let n = if self.has_n { x.shape()[0] } else { 1 };
+        let n = self.batch(x.shape());
         let xs = x.try_as_plain_ram()?;
         let xs = xs.as_slice::<f32>()?;
         let ks = k.try_as_plain_ram()?;
@@ -156,20 +166,12 @@ impl EvalOp for DepthwiseConv {
 
 impl TypedOp for DepthwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let n = if self.has_n {
-            inputs[0].shape[0].clone()
-        } else {
-            1.into()
-        };
+        let n = self.batch(&inputs[0].shape);
         Ok(tvec!(f32::fact(self.output_shape(n))))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        let n = if self.has_n {
-            inputs[0].shape[0].clone()
-        } else {
-            1.into()
-        };
+        let n = self.batch(&inputs[0].shape);
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
             n * (self.output_channels() * self.oh * self.ow * self.kh * self.kw)

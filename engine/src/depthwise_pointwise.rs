@@ -39,13 +39,8 @@ pub(crate) struct DepthwisePointwise {
 
 impl DepthwisePointwise {
     fn output_shape<D: DimLike>(&self, x: &[D]) -> TVec<D> {
-        let n = if self.depthwise.has_n {
-            x[0].clone()
-        } else {
-            D::from(1)
-        };
-        self.pointwise
-            .output_shape(&self.depthwise.output_shape(n.clone()))
+        let n = self.depthwise.batch(x);
+        self.pointwise.output_shape(&self.depthwise.output_shape(n))
     }
 }
 
@@ -127,7 +122,7 @@ impl EvalOp for DepthwisePointwise {
             .collect::<TractResult<TVec<_>>>()?;
         let (x, dk, db, w, b) = (s[0], s[1], s[2], s[3], s[4]);
         let plane = dw.h * dw.w * dw.c;
-        let images = if dw.has_n { inputs[0].shape()[0] } else { 1 };
+        let images = dw.batch(inputs[0].shape());
         if x.len() != images * plane
             || dk.len() != dw.kh * dw.kw * dw.c
             || !(db.len() == 1 || db.len() == dw.c)
@@ -163,11 +158,7 @@ impl TypedOp for DepthwisePointwise {
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let (dw, pw) = (&self.depthwise, &self.pointwise);
-        let n = if dw.has_n {
-            inputs[0].shape[0].clone()
-        } else {
-            1.into()
-        };
+        let n = dw.batch(&inputs[0].shape);
         let fmas = dw.c * dw.oh * dw.ow * dw.kh * dw.kw + pw.m * pw.k * dw.oh * dw.ow;
         Ok(tvec!((Cost::FMA(f32::datum_type()), n * fmas)))
     }

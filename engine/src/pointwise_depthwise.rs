@@ -49,16 +49,6 @@ pub(crate) struct PointwiseDepthwise {
     pub depthwise: DepthwiseConv,
 }
 
-impl PointwiseDepthwise {
-    fn batch<D: DimLike>(&self, x: &[D]) -> D {
-        if self.depthwise.has_n {
-            x[0].clone()
-        } else {
-            D::from(1)
-        }
-    }
-}
-
 /// The depthwise op over the activation rows `ya..yb` of a plane, computing output rows
 /// `oa..ob`: the rows above `ya` become padding (none of them are read: `ya` is the first row
 /// the output rows' windows read, or 0).
@@ -174,7 +164,7 @@ impl EvalOp for PointwiseDepthwise {
             .collect::<TractResult<TVec<_>>>()?;
         let (x, w, b, dk, db) = (s[0], s[1], s[2], s[3], s[4]);
         let plane = dw.h * dw.w;
-        let n = self.batch(inputs[0].shape());
+        let n = self.depthwise.batch(inputs[0].shape());
         if x.len() != n * plane * pw.k
             || w.len() != packed_len(pw.layout, pw.m, pw.k)
             || b.len() != pw.m
@@ -205,13 +195,13 @@ impl EvalOp for PointwiseDepthwise {
 
 impl TypedOp for PointwiseDepthwise {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let n = self.batch(&inputs[0].shape);
+        let n = self.depthwise.batch(&inputs[0].shape);
         Ok(tvec!(f32::fact(self.depthwise.output_shape(n))))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let (pw, dw) = (&self.pointwise, &self.depthwise);
-        let n = self.batch(&inputs[0].shape);
+        let n = self.depthwise.batch(&inputs[0].shape);
         let fmas = pw.m * pw.k * dw.h * dw.w + dw.c * dw.oh * dw.ow * dw.kh * dw.kw;
         Ok(tvec!((Cost::FMA(f32::datum_type()), n * fmas)))
     }
