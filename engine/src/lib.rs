@@ -23,8 +23,8 @@
 //! small inputs of edge models: small convolutions (`im2col`), depthwise convolutions and
 //! convolutions of one input channel, with the ReLU/ReLU6 after them fused (`depthwise`), and
 //! max pools (`maxpool`), over the window geometry of `window`. Their outputs
-//! stay within 1e-5 relative (plus 1e-6) of tract's own (float rounding; tested on every
-//! reference model, from ONNX and from NNEF). [`Model::run`] checks the
+//! stay within 1e-5 relative (plus 1e-6 of the output's largest value) of tract's own (float
+//! rounding; tested on every reference model, from ONNX and from NNEF). [`Model::run`] checks the
 //! inputs against the signature (errors name the tensor, and say what was expected and what was
 //! given, because they end up in HTTP 400 bodies and CLI messages), picks the plan, and runs it
 //! on an execution state borrowed from a small pool, so a `Model` behind an `Arc` serves

@@ -28,8 +28,9 @@
 //! - last, [`crate::matvec`]: a fully connected layer of the batch-1 plan as one
 //!   matrix-vector op.
 //!
-//! Outputs stay within 1e-5 relative (plus 1e-6) of tract's own plan for the same model on every
-//! reference model, loaded from ONNX and from NNEF (tests below); each operator is also checked
+//! Outputs stay within 1e-5 relative (plus 1e-6 of the output's largest value) of tract's own
+//! plan for the same model on every reference model, loaded from ONNX and from NNEF (tests
+//! below); each operator is also checked
 //! against a naive implementation in its module.
 
 use tract_nnef::prelude::*;
