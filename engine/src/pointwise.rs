@@ -387,13 +387,17 @@ pub(crate) fn fast_kernel() -> bool {
     Kernel::best() != Kernel::Portable
 }
 
-/// The rows of weight panel `panel` (the last may be short) and their biases, zero-padded to
-/// [`MR`].
-fn panel_bias(bias: &[f32], m: usize, panel: usize) -> (usize, [f32; MR]) {
-    let rows = MR.min(m - panel * MR);
-    let mut b = [0f32; MR];
-    b[..rows].copy_from_slice(&bias[panel * MR..panel * MR + rows]);
-    (rows, b)
+/// The rows of each weight panel of [`MR`] (the last may be short) and their biases,
+/// zero-padded to [`MR`], made once per product (not once per tile).
+fn panel_biases_by_rows(bias: &[f32], m: usize) -> Vec<(usize, [f32; MR])> {
+    bias[..m]
+        .chunks(MR)
+        .map(|rows| {
+            let mut b = [0f32; MR];
+            b[..rows.len()].copy_from_slice(rows);
+            (rows.len(), b)
+        })
+        .collect()
 }
 
 /// `out = clamp(W · x + bias)` for one batch element in `layout`: `W` packed by
@@ -431,8 +435,9 @@ pub(crate) fn gemm(
             // and the block of points at `col`, read from `xb` (its first column) with rows
             // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
             let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
+            let biases = panel_biases_by_rows(bias, m);
             let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
-                let (rows, b) = panel_bias(bias, m, panel);
+                let (rows, b) = &biases[panel];
                 let t = Tile {
                     k,
                     w: &w[panel * k * MR..(panel + 1) * k * MR],
@@ -441,17 +446,17 @@ pub(crate) fn gemm(
                     ldx,
                     cols: NR.min(n - col),
                     ldo: n,
-                    rows,
-                    bias: &b,
+                    rows: *rows,
+                    bias: b,
                     clamp,
                 };
                 let out = &mut out[panel * MR * n + col..];
                 if panel_step == 2 && panel + 1 < panels {
-                    let (rows, b) = panel_bias(bias, m, panel + 1);
+                    let (rows, b) = &biases[panel + 1];
                     let next = Tile {
                         w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
-                        rows,
-                        bias: &b,
+                        rows: *rows,
+                        bias: b,
                         ..t
                     };
                     Tile::run_pair(&t, &next, out, kernel);
@@ -465,12 +470,34 @@ pub(crate) fn gemm(
             // stripe of one column block, as before session 15, had every block of a 112x112
             // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
             let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
+            // A last block of at most NARROW points (a 7x7 or 14x14 plane's) runs every panel
+            // at once ([`narrow_panels`]), after its stripe's other blocks.
+            let narrow_from = match n % NR {
+                tail @ 1..=NARROW if kernel != Kernel::Portable => n - tail,
+                _ => n,
+            };
             if k < PACK_K_MIN {
                 for start in (0..n).step_by(stripe) {
+                    let end = n.min(start + stripe);
                     for panel in (0..panels).step_by(panel_step) {
-                        for col in (start..n.min(start + stripe)).step_by(NR) {
+                        for col in (start..end.min(narrow_from)).step_by(NR) {
                             tile(&x[col..], n, panel, col, out);
                         }
+                    }
+                    if (start..end).contains(&narrow_from) {
+                        let cols = n - narrow_from;
+                        narrow_panels(
+                            k,
+                            w,
+                            &x[narrow_from..],
+                            n,
+                            cols,
+                            &biases,
+                            clamp,
+                            &mut out[narrow_from..],
+                            n,
+                            kernel,
+                        );
                     }
                 }
                 return;
@@ -499,9 +526,25 @@ pub(crate) fn gemm(
                     }
                     for panel in (0..panels).step_by(panel_step) {
                         let blocks = packed.chunks_exact(k * NR);
-                        for (block, col) in blocks.zip((start..end).step_by(NR)) {
+                        for (block, col) in blocks.zip((start..end.min(narrow_from)).step_by(NR)) {
                             tile(block, NR, panel, col, out);
                         }
+                    }
+                    if (start..end).contains(&narrow_from) {
+                        let block = &packed[(narrow_from - start) / NR * k * NR..];
+                        let cols = n - narrow_from;
+                        narrow_panels(
+                            k,
+                            w,
+                            block,
+                            NR,
+                            cols,
+                            &biases,
+                            clamp,
+                            &mut out[narrow_from..],
+                            n,
+                            kernel,
+                        );
                     }
                 }
             });
@@ -509,11 +552,11 @@ pub(crate) fn gemm(
         Layout::InChannelsLast => {
             // Each block of NR points (rows of `x`) transposed into `k x NR`, then every panel.
             let mut block = vec![0f32; k * NR];
+            let biases = panel_biases_by_rows(bias, m);
             for col in (0..n).step_by(NR) {
                 let cols = NR.min(n - col);
                 transpose_block(&x[col * k..(col + cols) * k], k, cols, &mut block);
-                for panel in 0..panels {
-                    let (rows, b) = panel_bias(bias, m, panel);
+                for (panel, (rows, b)) in biases.iter().enumerate() {
                     let t = Tile {
                         k,
                         w: &w[panel * k * MR..(panel + 1) * k * MR],
@@ -522,8 +565,8 @@ pub(crate) fn gemm(
                         ldx: NR,
                         cols,
                         ldo: n,
-                        rows,
-                        bias: &b,
+                        rows: *rows,
+                        bias: b,
                         clamp,
                     };
                     t.run(&mut out[panel * MR * n + col..], kernel);
@@ -1363,8 +1406,7 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
     }
 }
 
-/// Most columns [`narrow_avx2`] takes.
-#[cfg(target_arch = "x86_64")]
+/// Most columns [`narrow_avx2`] and [`narrow_panels`] take.
 const NARROW: usize = 4;
 
 /// A tile of at most [`NARROW`] columns whose weights are a packed panel (`ldw == MR`, bias per
@@ -1410,6 +1452,126 @@ unsafe fn narrow_avx2(t: &Tile, out: &mut [f32]) {
         _mm256_storeu_ps(lanes.as_mut_ptr(), y);
         for (r, v) in lanes.iter().enumerate().take(rows) {
             *op.add(r * ldo + j) = *v;
+        }
+    }
+}
+
+/// The tiles of every weight panel (`w`, packed channels-first; `biases` one per panel) over
+/// one block of at most [`NARROW`] points (`x`: its first point, rows `ldx` apart; `out`: its
+/// first point in output row 0, rows `ldo` apart), several panels at once: a panel alone
+/// ([`narrow_avx2`]) has one sum per point, each multiply-add waiting on the one before (four
+/// cycles on Zen 3), so a 7x7 plane's last point cost almost as much as a full tile of 16;
+/// with about `8 / cols` panels in flight their sums interleave (the 7x7 layers' products
+/// 20–25 % faster, the 14x14 ones 7–14 %: BENCHMARKS.md, session 21). The same sums in the
+/// same order, so the same results.
+#[allow(clippy::too_many_arguments)]
+// Only the x86_64 kernels run it (`gemm` gives the portable kernel no narrow blocks).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn narrow_panels(
+    k: usize,
+    w: &[f32],
+    x: &[f32],
+    ldx: usize,
+    cols: usize,
+    biases: &[(usize, [f32; MR])],
+    clamp: Clamp,
+    out: &mut [f32],
+    ldo: usize,
+    kernel: Kernel,
+) {
+    let panels = biases.len();
+    assert!(k >= 1 && (1..=NARROW).contains(&cols) && kernel != Kernel::Portable);
+    assert!(w.len() >= panels * k * MR && x.len() >= (k - 1) * ldx + cols);
+    let (last_rows, _) = biases[panels - 1];
+    assert!(out.len() >= ((panels - 1) * MR + last_rows - 1) * ldo + cols);
+    let mut panel = 0;
+    // Groups of `G` panels, then smaller groups for the panels left.
+    macro_rules! groups {
+        ($c:literal: $($g:literal),*) => {{
+            $(
+                while panels - panel >= $g {
+                    // SAFETY: the kernel is AVX2 + FMA or AVX-512 (asserted: not the portable
+                    // one, and only chosen where the CPU has them); the group's panels, `x`'s
+                    // `k` rows and the group's output rows lie in the slices (asserted above).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        narrow_group_avx2::<$g, $c>(
+                            k,
+                            &w[panel * k * MR..],
+                            x,
+                            ldx,
+                            &biases[panel..panel + $g],
+                            clamp,
+                            out[panel * MR * ldo..].as_mut_ptr(),
+                            ldo,
+                        )
+                    };
+                    panel += $g;
+                }
+            )*
+        }};
+    }
+    match cols {
+        1 => groups!(1: 8, 4, 2, 1),
+        2 => groups!(2: 4, 2, 1),
+        3 => groups!(3: 3, 1),
+        _ => groups!(4: 2, 1),
+    }
+    debug_assert_eq!(panel, panels);
+}
+
+/// [`narrow_panels`]' kernel: `G` panels of `C` points. Each sum is a vector over a panel's
+/// rows (lanes past MR masked), as in [`narrow_avx2`].
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` holds `G` panels of `k` rows of MR weights; `x` `k` rows of
+/// `C` values, `ldx` apart; `out` the rows of `G` panels (`biases[g].0` rows each, MR rows a
+/// panel, `ldo` apart), `C` values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_group_avx2<const G: usize, const C: usize>(
+    k: usize,
+    w: &[f32],
+    x: &[f32],
+    ldx: usize,
+    biases: &[(usize, [f32; MR])],
+    clamp: Clamp,
+    out: *mut f32,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let wmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR as i32), lane);
+    let mut acc = [[_mm256_setzero_ps(); C]; G];
+    let (mut xp, wp) = (x.as_ptr(), w.as_ptr());
+    for i in 0..k {
+        let xv: [__m256; C] = std::array::from_fn(|j| _mm256_broadcast_ss(&*xp.add(j)));
+        for (g, acc) in acc.iter_mut().enumerate() {
+            let wv = _mm256_maskload_ps(wp.add((g * k + i) * MR), wmask);
+            for (acc, xv) in acc.iter_mut().zip(xv) {
+                *acc = _mm256_fmadd_ps(wv, xv, *acc);
+            }
+        }
+        xp = xp.add(ldx);
+    }
+    let (low, high) = (_mm256_set1_ps(clamp.low()), _mm256_set1_ps(clamp.high()));
+    let clamped = clamp != Clamp::NONE;
+    for (g, (acc, (rows, bias))) in acc.iter().zip(biases).enumerate() {
+        let mut b = [0f32; 8];
+        b[..MR].copy_from_slice(bias);
+        let b = _mm256_loadu_ps(b.as_ptr());
+        let op = out.add(g * MR * ldo);
+        for (j, acc) in acc.iter().enumerate() {
+            let mut y = _mm256_add_ps(*acc, b);
+            if clamped {
+                y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+            for (r, v) in lanes.iter().enumerate().take(*rows) {
+                *op.add(r * ldo + j) = *v;
+            }
         }
     }
 }
@@ -1868,6 +2030,13 @@ mod tests {
             (9, 6, 35),
             (10, 260, 196),
             (13, 300, 180),
+            // The narrow block in groups of panels: 1 point over 15 panels (groups of 8, 4, 2
+            // and 1), 2 points over 10 (4, 4, 2), 3 over 8 (3, 3, 1, 1), 4 over 5 panels of 260
+            // input channels (packed blocks: 2, 2, 1).
+            (88, 7, 17),
+            (56, 20, 18),
+            (44, 20, 35),
+            (29, 260, 196),
             // Channels-last: weights over 32 KiB; `x` under 512 KiB (three panels over 49
             // points), then over it (two stripes, three blocks of KC, a partial panel).
             (70, 200, 49),
@@ -2032,7 +2201,13 @@ mod tests {
         if crate::window::Avx2::detect().is_none() {
             return;
         }
-        let (m, k, n) = (20, 40, 37);
+        // And the narrow blocks in groups of panels (1, 3 and 4 points).
+        for (m, k, n) in [(20, 40, 37), (88, 40, 49), (44, 40, 35), (29, 40, 196)] {
+            agree_on(m, k, n);
+        }
+    }
+
+    fn agree_on(m: usize, k: usize, n: usize) {
         let w: Vec<f32> = (0..m * k).map(|v| (v % 7) as f32 - 3.0).collect();
         let x: Vec<f32> = (0..k * n).map(|v| (v % 5) as f32 * 0.25).collect();
         let b = vec![0.5; m];
