@@ -206,6 +206,12 @@ unsafe fn run_avx2(
     run_generic::<true>(op, x, k, b, out, Some(avx2))
 }
 
+/// The widest rows [`plane3x3_s2_avx2`] reads in place. On wider rows the padded copy's split
+/// by phase is vectorised and the nine taps' plain loads outrun the in-place masked loads and
+/// shuffles: on a Zen 3, `mobilenetish`'s 112x112 → 56x56 layer took 1.5 times as long in
+/// place, its 56x56 → 28x28 one 0.7 times (BENCHMARKS.md, session 21).
+const IN_PLACE_MAX_WIDTH: usize = 64;
+
 /// Zero elements after the padded plane, so that [`plane3x3_avx2`] may load whole vectors past
 /// a row's last output point (lanes it never stores).
 const PLANE_SLACK: usize = 16;
@@ -227,7 +233,19 @@ fn run_generic<const AVX2: bool>(
     let pw = (op.ow - 1) * sw + op.kw;
     let phase_len = pw.div_ceil(sw);
     let row_len = phase_len * sw;
-    let mut padded = vec![0f32; ph * row_len + PLANE_SLACK];
+    // 3x3 with stride 2 on x86_64 reads a plane of short rows in place ([`plane3x3_s2_avx2`]).
+    let direct = cfg!(target_arch = "x86_64")
+        && AVX2
+        && (op.kh, op.kw, sh, sw) == (3, 3, 2, 2)
+        && op.w <= IN_PLACE_MAX_WIDTH;
+    let mut padded = vec![
+        0f32;
+        if direct {
+            0
+        } else {
+            ph * row_len + PLANE_SLACK
+        }
+    ];
     // Accumulators: an output row, or with unit stride the whole plane over padded rows when
     // that stays in the L1 cache with its input (a large plane's rows are long enough).
     let plane_span = (op.oh - 1) * row_len + op.ow;
@@ -260,6 +278,17 @@ fn run_generic<const AVX2: bool>(
         .enumerate()
     {
         let c = plane % op.c;
+        #[cfg(target_arch = "x86_64")]
+        if direct {
+            for (m, xout) in xouts.chunks_exact_mut(plane_out).enumerate() {
+                let o = c * op.multiplier + m;
+                let bias = if b.len() == 1 { b[0] } else { b[o] };
+                // SAFETY: `direct` holds only when called from `run_avx2` (AVX2 and FMA
+                // detected); `xin` is the `h x w` plane, `xout` `oh * ow` points.
+                unsafe { plane3x3_s2_avx2(op, xin, &k[o * taps..(o + 1) * taps], bias, xout) };
+            }
+            continue;
+        }
         // Fill the padded plane (borders stay zero from the first fill: only interior rewritten).
         for y in 0..op.h {
             let py = y + op.pad_top;
@@ -415,6 +444,103 @@ unsafe fn plane3x3_avx2<const SPILL: bool>(
                 _mm256_storeu_ps(to.add(ox), acc);
             } else {
                 _mm256_maskstore_ps(to.add(ox), mask, acc);
+            }
+            ox += 8;
+        }
+    }
+}
+
+/// One output plane of a 3x3 depthwise convolution with stride 2, read from the input plane
+/// `xin` (`h x w`, at most [`IN_PLACE_MAX_WIDTH`] columns) in place: no padded copy split by
+/// column phase. (That copy, row by row, took most of the strided layers' time on short rows:
+/// 191 of 243 µs for `mobilenetish`'s 14x14 → 7x7 layer, 134 of 178 µs for the 28x28 one, on
+/// a Zen 3; BENCHMARKS.md, session 21.) For 8 output points the 16 input columns from `2 * ox - pad_left` are two masked loads
+/// (columns outside the plane read as zeros: the padding), split into the even and odd columns
+/// (taps 0 and 1), and the even ones moved by one lane with the 17th column (tap 2); a row
+/// above or below the plane is zeros. The same products added in the same order as
+/// [`plane3x3_avx2`] over the padded plane (the bias, then the nine taps, a multiply then an
+/// add each, zeros where it reads padding), then the clamp: the same results, bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn plane3x3_s2_avx2(
+    op: &DepthwiseConv,
+    xin: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (h, w, oh, ow) = (op.h, op.w, op.oh, op.ow);
+    assert!(op.stride == (2, 2) && kernel.len() >= 9);
+    assert!(xin.len() >= h * w && out.len() >= oh * ow);
+    let wv: [__m256; 9] = std::array::from_fn(|i| _mm256_set1_ps(kernel[i]));
+    let vbias = _mm256_set1_ps(bias);
+    let clamped = op.clamp != Clamp::NONE;
+    let (low, high) = (
+        _mm256_set1_ps(op.clamp.low()),
+        _mm256_set1_ps(op.clamp.high()),
+    );
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // The lanes of 8 columns from `from` that lie in the plane's row.
+    let inside = |from: isize| {
+        let cols = _mm256_add_epi32(_mm256_set1_epi32(from as i32), lane);
+        _mm256_and_si256(
+            _mm256_cmpgt_epi32(cols, _mm256_set1_epi32(-1)),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), cols),
+        )
+    };
+    // Lanes 1..8 of a vector, then a zero (replaced by the 17th column).
+    let next = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 7);
+    let store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((ow % 8) as i32), lane);
+    let (xp, o) = (xin.as_ptr(), out.as_mut_ptr());
+    for oy in 0..oh {
+        let to = o.add(oy * ow);
+        let mut ox = 0;
+        while ox < ow {
+            let c0 = (2 * ox) as isize - op.pad_left as isize;
+            let (mask_a, mask_b) = (inside(c0), inside(c0 + 8));
+            let c16 = c0 + 16;
+            let mut acc = vbias;
+            for ky in 0..3 {
+                let iy = (2 * oy + ky) as isize - op.pad_top as isize;
+                let (t0, t1, t2) = if iy >= 0 && (iy as usize) < h {
+                    // SAFETY: the masks keep the loads to columns 0..w of row `iy` (a masked
+                    // lane is not read, so the pointer may start before the row).
+                    let row = xp.add(iy as usize * w);
+                    let a = _mm256_maskload_ps(row.wrapping_offset(c0), mask_a);
+                    let b = _mm256_maskload_ps(row.wrapping_offset(c0 + 8), mask_b);
+                    let last = if c16 >= 0 && (c16 as usize) < w {
+                        *row.add(c16 as usize)
+                    } else {
+                        0.0
+                    };
+                    // [a0 a2 b0 b2 | a4 a6 b4 b6] by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6].
+                    let order = |v: __m256| {
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)))
+                    };
+                    let even = order(_mm256_shuffle_ps::<0x88>(a, b));
+                    let odd = order(_mm256_shuffle_ps::<0xDD>(a, b));
+                    let even_next = _mm256_blend_ps::<0x80>(
+                        _mm256_permutevar8x32_ps(even, next),
+                        _mm256_set1_ps(last),
+                    );
+                    (even, odd, even_next)
+                } else {
+                    let zero = _mm256_setzero_ps();
+                    (zero, zero, zero)
+                };
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(wv[3 * ky], t0));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(wv[3 * ky + 1], t1));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(wv[3 * ky + 2], t2));
+            }
+            if clamped {
+                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
+                acc = _mm256_min_ps(_mm256_max_ps(acc, low), high);
+            }
+            if ox + 8 <= ow {
+                _mm256_storeu_ps(to.add(ox), acc);
+            } else {
+                _mm256_maskstore_ps(to.add(ox), store_mask, acc);
             }
             ox += 8;
         }
@@ -637,6 +763,58 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The stride-2 3x3 planes read in place give the padded plane's results to the bit (the
+    /// portable loop over the padded copy: the same products, added in the same order), over
+    /// plane sizes with and without a partial last vector, and left and top paddings of 0 to 2.
+    #[test]
+    fn strided_planes_in_place_match_the_padded_copy_to_the_bit() {
+        let Some(avx2) = Avx2::detect() else {
+            return;
+        };
+        for (h, w, pad_top, pad_left, pad_bottom, pad_right) in [
+            (14, 14, 1, 1, 1, 1),
+            (28, 28, 0, 0, 1, 1),
+            (56, 56, 1, 1, 1, 1),
+            (7, 9, 1, 2, 0, 1),
+            (17, 33, 2, 0, 0, 0),
+            (3, 3, 1, 1, 1, 1),
+        ] {
+            let (c, multiplier, clamp) = (3, 2, Clamp::new(-0.5, 6.0));
+            let oh = (h + pad_top + pad_bottom - 3) / 2 + 1;
+            let ow = (w + pad_left + pad_right - 3) / 2 + 1;
+            let op = DepthwiseConv {
+                has_n: false,
+                c,
+                multiplier,
+                clamp,
+                h,
+                w,
+                kh: 3,
+                kw: 3,
+                stride: (2, 2),
+                pad_top,
+                pad_left,
+                oh,
+                ow,
+                channels_last: false,
+            };
+            let x = crate::testing::values(c * h * w, 1);
+            let k = crate::testing::values(c * multiplier * 9, 2);
+            let b = crate::testing::values(c * multiplier, 3);
+            let mut padded = vec![0f32; c * multiplier * oh * ow];
+            run_generic::<false>(&op, &x, &k, &b, &mut padded, None);
+            let mut in_place = vec![0f32; padded.len()];
+            // SAFETY: `avx2` proves the CPU has AVX2 and FMA.
+            unsafe { run_avx2(&op, &x, &k, &b, &mut in_place, avx2) };
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&in_place),
+                bits(&padded),
+                "{h}x{w} pads {pad_top} {pad_left}"
+            );
+        }
     }
 
     #[test]
