@@ -8,7 +8,9 @@
 //! compiler vectorises (AVX2 when the CPU has it). 3x3 kernels on x86_64 with AVX2 + FMA
 //! (every depthwise layer of the reference models) instead run `plane3x3_avx2`: 8 output points
 //! at a time, the sum kept in a register over the nine taps and stored once (BENCHMARKS.md,
-//! session 15: half the instructions of the row-accumulator loop). It computes what tract's depthwise kernel
+//! session 15: half the instructions of the row-accumulator loop); with stride 2 on rows of up
+//! to 64 columns, `plane3x3_s2_avx2` reads the input plane in place instead, with no padded
+//! copy (session 21: the copy was most of those layers' time). It computes what tract's depthwise kernel
 //! computes, in the same order: the bias, then each tap's product added in turn, no fused
 //! multiply-add (a padded tap adds an exact zero), so results are the same on every CPU.
 //! (An earlier version, off by default, measured no faster than tract: it filled the padded
