@@ -10,9 +10,10 @@
 //! at a time, the sum kept in a register over the nine taps and stored once (BENCHMARKS.md,
 //! session 15: half the instructions of the row-accumulator loop); with stride 2 on rows of up
 //! to 64 columns, `plane3x3_s2_avx2` reads the input plane in place instead, with no padded
-//! copy (session 21: the copy was most of those layers' time). It computes what tract's depthwise kernel
-//! computes, in the same order: the bias, then each tap's product added in turn, no fused
-//! multiply-add (a padded tap adds an exact zero), so results are the same on every CPU.
+//! copy (session 21: the copy was most of those layers' time). It computes what tract's
+//! depthwise kernel computes, in the same order: the bias, then each tap's product added in
+//! turn, no fused multiply-add (a padded tap adds an exact zero), so results are the same on
+//! every CPU.
 //! (An earlier version, off by default, measured no faster than tract: it filled the padded
 //! plane with a division per element.)
 
@@ -456,12 +457,13 @@ unsafe fn plane3x3_avx2<const SPILL: bool>(
 /// `xin` (`h x w`, at most [`IN_PLACE_MAX_WIDTH`] columns) in place: no padded copy split by
 /// column phase. (That copy, row by row, took most of the strided layers' time on short rows:
 /// 191 of 243 µs for `mobilenetish`'s 14x14 → 7x7 layer, 134 of 178 µs for the 28x28 one, on
-/// a Zen 3; BENCHMARKS.md, session 21.) For 8 output points the 16 input columns from `2 * ox - pad_left` are two masked loads
-/// (columns outside the plane read as zeros: the padding), split into the even and odd columns
-/// (taps 0 and 1), and the even ones moved by one lane with the 17th column (tap 2); a row
-/// above or below the plane is zeros. The same products added in the same order as
-/// [`plane3x3_avx2`] over the padded plane (the bias, then the nine taps, a multiply then an
-/// add each, zeros where it reads padding), then the clamp: the same results, bit for bit.
+/// a Zen 3; BENCHMARKS.md, session 21.) For 8 output points the 16 input columns from
+/// `2 * ox - pad_left` are two masked loads (columns outside the plane read as zeros: the
+/// padding), split into the even and odd columns (taps 0 and 1), and the even ones moved by one
+/// lane with the 17th column (tap 2); a row above or below the plane is zeros. The same
+/// products added in the same order as [`plane3x3_avx2`] over the padded plane (the bias,
+/// then the nine taps, a multiply then an add each, zeros where it reads padding), then the
+/// clamp: the same results, bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn plane3x3_s2_avx2(
