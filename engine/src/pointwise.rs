@@ -1186,7 +1186,11 @@ impl Tile<'_> {
                 // 14x14 one), with the weights as the panel's vector: one multiply-add per
                 // column and input channel instead of MR.
                 if self.cols <= NARROW && self.ldw == MR {
-                    return narrow_avx2(self, out);
+                    let biases = [(self.rows, *self.bias)];
+                    return narrow_panels(
+                        self.k, self.w, self.x, self.ldx, self.cols, &biases, self.clamp, out,
+                        self.ldo, kernel,
+                    );
                 }
                 if self.cols <= NR / 2 {
                     tile_rows::<1>(self, out)
@@ -1406,66 +1410,22 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
     }
 }
 
-/// Most columns [`narrow_avx2`] and [`narrow_panels`] take.
+/// Most columns [`narrow_panels`] takes.
 const NARROW: usize = 4;
-
-/// A tile of at most [`NARROW`] columns whose weights are a packed panel (`ldw == MR`, bias per
-/// row): each column's sum is one vector over the panel's rows (lanes past MR masked), a
-/// multiply-add per input channel with the column's `x` value broadcast. The same sums in the
-/// same order as [`tile_avx2`] (fused multiply-adds from zero over `i`, then the bias, then the
-/// clamp), so the results are identical.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn narrow_avx2(t: &Tile, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let (k, cols, ldx, ldo, rows) = (t.k, t.cols, t.ldx, t.ldo, t.rows);
-    debug_assert!(cols >= 1 && cols <= NARROW && rows >= 1 && rows <= MR && t.ldw == MR);
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let wmask = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR as i32), lane);
-    let mut acc = [_mm256_setzero_ps(); NARROW];
-    let (mut xp, mut wp) = (t.x.as_ptr(), t.w.as_ptr());
-    // SAFETY: `xp` walks `k` rows of `x`, `ldx` apart, reading `cols` of each; `wp` walks the
-    // `k` rows of MR weights (masked load: no lane past them), as `Tile::run` asserts.
-    for _ in 0..k {
-        let wv = _mm256_maskload_ps(wp, wmask);
-        for (j, acc) in acc.iter_mut().enumerate().take(cols) {
-            *acc = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(&*xp.add(j)), *acc);
-        }
-        xp = xp.add(ldx);
-        wp = wp.add(MR);
-    }
-    let mut bias = [0f32; 8];
-    bias[..MR].copy_from_slice(t.bias);
-    let bias = _mm256_loadu_ps(bias.as_ptr());
-    let (low, high) = (
-        _mm256_set1_ps(t.clamp.low()),
-        _mm256_set1_ps(t.clamp.high()),
-    );
-    let clamped = t.clamp != Clamp::NONE;
-    let op = out.as_mut_ptr();
-    for (j, acc) in acc.iter().enumerate().take(cols) {
-        let mut y = _mm256_add_ps(*acc, bias);
-        if clamped {
-            y = _mm256_min_ps(_mm256_max_ps(y, low), high);
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), y);
-        for (r, v) in lanes.iter().enumerate().take(rows) {
-            *op.add(r * ldo + j) = *v;
-        }
-    }
-}
 
 /// The tiles of every weight panel (`w`, packed channels-first; `biases` one per panel) over
 /// one block of at most [`NARROW`] points (`x`: its first point, rows `ldx` apart; `out`: its
-/// first point in output row 0, rows `ldo` apart), several panels at once: a panel alone
-/// ([`narrow_avx2`]) has one sum per point, each multiply-add waiting on the one before (four
-/// cycles on Zen 3), so a 7x7 plane's last point cost almost as much as a full tile of 16;
-/// with about `8 / cols` panels in flight their sums interleave (the 7x7 layers' products
-/// 20–25 % faster, the 14x14 ones 7–14 %: BENCHMARKS.md, session 21). The same sums in the
-/// same order, so the same results.
+/// first point in output row 0, rows `ldo` apart). Each point's sum over a panel's rows is one
+/// vector (lanes past MR masked), a multiply-add per input channel with the point's `x` value
+/// broadcast (one per point and input channel, not MR): the same sums in the same order as
+/// [`tile_avx2`] (fused multiply-adds from zero over `i`, then the bias, then the clamp), so
+/// the same results. A panel alone has one sum per point, each multiply-add waiting on the one
+/// before (four cycles on Zen 3), so a 7x7 plane's last point cost almost as much as a full
+/// tile of 16; so about `8 / cols` panels run at once and their sums interleave (the 7x7
+/// layers' products 20–25 % faster, the 14x14 ones 7–14 %: BENCHMARKS.md, session 21).
 #[allow(clippy::too_many_arguments)]
-// Only the x86_64 kernels run it (`gemm` gives the portable kernel no narrow blocks).
+// Only the x86_64 kernels run it (`gemm` and `Tile::run` give the portable kernel no narrow
+// blocks).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn narrow_panels(
     k: usize,
@@ -1521,7 +1481,7 @@ fn narrow_panels(
 }
 
 /// [`narrow_panels`]' kernel: `G` panels of `C` points. Each sum is a vector over a panel's
-/// rows (lanes past MR masked), as in [`narrow_avx2`].
+/// rows (lanes past MR masked).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` holds `G` panels of `k` rows of MR weights; `x` `k` rows of
