@@ -493,7 +493,7 @@ unsafe fn plane3x3_s2_avx2(
             _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), cols),
         )
     };
-    // Lanes 1..8 of a vector, then a zero (replaced by the 17th column).
+    // Lanes 1..7 of a vector into lanes 0..6 (lane 7 is then replaced by the 17th column).
     let next = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 7);
     let store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((ow % 8) as i32), lane);
     let (xp, o) = (xin.as_ptr(), out.as_mut_ptr());
@@ -518,12 +518,7 @@ unsafe fn plane3x3_s2_avx2(
                     } else {
                         0.0
                     };
-                    // [a0 a2 b0 b2 | a4 a6 b4 b6] by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6].
-                    let order = |v: __m256| {
-                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)))
-                    };
-                    let even = order(_mm256_shuffle_ps::<0x88>(a, b));
-                    let odd = order(_mm256_shuffle_ps::<0xDD>(a, b));
+                    let (even, odd) = crate::window::even_odd_avx2(a, b);
                     let even_next = _mm256_blend_ps::<0x80>(
                         _mm256_permutevar8x32_ps(even, next),
                         _mm256_set1_ps(last),

@@ -250,6 +250,25 @@ pub(crate) fn split_by_phase(
 #[cfg(target_arch = "x86_64")]
 const SPLIT_AVX2_MIN: usize = 64;
 
+/// The even and the odd lanes of the 16 values `a` then `b`, in order: `[a0 a2 a4 a6 b0 b2 b4
+/// b6]` and `[a1 a3 a5 a7 b1 b3 b5 b7]` (the columns of the two phases of a stride-2 row).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn even_odd_avx2(
+    a: std::arch::x86_64::__m256,
+    b: std::arch::x86_64::__m256,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] reordered by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6], and
+    // the same for the odd lanes.
+    let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+    (
+        order(_mm256_shuffle_ps::<0x88>(a, b)),
+        order(_mm256_shuffle_ps::<0xDD>(a, b)),
+    )
+}
+
 /// [`split_by_phase`] for `sw` = 2, 16 input columns at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -264,16 +283,6 @@ unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, p
         len / 2,
     );
     assert!(even.0 + even.1 <= row.len() && odd.0 + odd.1 <= row.len());
-    // [a0 a2 b0 b2 | a4 a6 b4 b6] reordered by 64-bit pairs to [a0 a2 a4 a6 b0 b2 b4 b6], and
-    // the same for the odd lanes.
-    let split = |a: __m256, b: __m256| {
-        let e = _mm256_shuffle_ps::<0x88>(a, b);
-        let o = _mm256_shuffle_ps::<0xDD>(a, b);
-        (
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e))),
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o))),
-        )
-    };
     let (s, r) = (src.as_ptr(), row.as_mut_ptr());
     // SAFETY: loads read `src[..len]` (masked past it); stores write the even and odd runs,
     // `even.1` and `odd.1` values from their starts (masked past them; inside `row`, asserted
@@ -281,7 +290,7 @@ unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, p
     let full = len / 16 * 16;
     let mut c = 0;
     while c < full {
-        let (e, o) = split(_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + 8)));
+        let (e, o) = even_odd_avx2(_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + 8)));
         _mm256_storeu_ps(r.add(even.0 + c / 2), e);
         _mm256_storeu_ps(r.add(odd.0 + c / 2), o);
         c += 16;
@@ -290,7 +299,7 @@ unsafe fn split_by_phase2_avx2(src: &[f32], row: &mut [f32], phase_len: usize, p
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let lanes = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
         let left = len - c;
-        let (e, o) = split(
+        let (e, o) = even_odd_avx2(
             _mm256_maskload_ps(s.add(c), lanes(left)),
             _mm256_maskload_ps(s.add(c + 8), lanes(left.saturating_sub(8))),
         );
