@@ -1056,9 +1056,16 @@ macro_rules! row_tile_kernel {
             let mask: [<L as Lanes>::Mask; V] =
                 std::array::from_fn(|v| L::mask(cols.saturating_sub(n * v)));
             let op = out.as_mut_ptr();
+            // Every loop over the rows of `acc` runs to `R` and skips rows past `rows`: with
+            // a loop bound that varies (`take(rows)`), LLVM kept `acc` in memory for it and
+            // stored every sum to the stack after every multiply-add of the inner loop (the
+            // release build's 12-point AVX-512 tile: twice the time, BENCHMARKS.md session 22).
             let mut acc = [[L::splat(0.0); V]; R];
             if t.accumulate {
-                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    if r >= rows {
+                        break;
+                    }
                     for v in 0..V {
                         acc[v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
                     }
@@ -1099,7 +1106,10 @@ macro_rules! row_tile_kernel {
             let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
             let bias: [<L as Lanes>::V; V] =
                 std::array::from_fn(|v| L::load(t.bias.as_ptr().add(n * v)));
-            for (r, acc) in acc.iter().enumerate().take(rows) {
+            for (r, acc) in acc.iter().enumerate() {
+                if r >= rows {
+                    break;
+                }
                 let to = op.add(r * ldo);
                 for v in 0..V {
                     let mut y = acc[v];
