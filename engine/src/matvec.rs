@@ -172,7 +172,12 @@ macro_rules! group_kernel {
                 }
                 i += S;
             }
-            for (c, chain) in sums.iter_mut().enumerate().take(k - i) {
+            // To `S`, skipping the chains past the inputs left: `sums` indexed by constants
+            // only (`pointwise::row_tile_kernel` says why).
+            for (c, chain) in sums.iter_mut().enumerate() {
+                if i + c >= k {
+                    break;
+                }
                 input!(i + c, chain);
             }
             let op = out.as_mut_ptr();

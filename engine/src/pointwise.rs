@@ -1303,8 +1303,13 @@ unsafe fn tile_pair_avx512<const R: usize>(a: &Tile, b: &Tile, out: &mut [f32]) 
     for r in 0..MR {
         store(r, acc_a[r], a.bias[r]);
     }
-    for r in 0..b.rows {
-        store(MR + r, acc_b[r], b.bias[r]);
+    // To `R`, skipping rows past `b.rows`: `acc_b` indexed by constants only (see
+    // `row_tile_kernel`).
+    for (r, acc) in acc_b.iter().enumerate() {
+        if r >= b.rows {
+            break;
+        }
+        store(MR + r, *acc, b.bias[r]);
     }
 }
 
@@ -1402,7 +1407,12 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
         _mm256_set1_ps(t.clamp.high()),
     );
     let op = out.as_mut_ptr();
-    for (r, acc) in acc.iter().enumerate().take(rows) {
+    // To `R`, skipping rows past `rows`: `acc` indexed by constants only (see
+    // `row_tile_kernel`).
+    for (r, acc) in acc.iter().enumerate() {
+        if r >= rows {
+            break;
+        }
         let b = _mm256_set1_ps(t.bias[r]);
         let to = op.add(r * ldo);
         for v in 0..V {
