@@ -173,7 +173,7 @@ macro_rules! group_kernel {
                 i += S;
             }
             // To `S`, skipping the chains past the inputs left: `sums` indexed by constants
-            // only (`pointwise::row_tile_kernel` says why).
+            // only (`pointwise::for_each_row` says why).
             for (c, chain) in sums.iter_mut().enumerate() {
                 if i + c >= k {
                     break;

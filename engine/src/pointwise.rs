@@ -1022,6 +1022,29 @@ fn row_tile_portable(t: &RowTile, out: &mut [f32]) {
     }
 }
 
+/// `$body` for each row `$r` below `$rows` of a tile of `$R` rows (at most [`MAX_ROW_TILE`]),
+/// written out once per row with `$r` a constant, so that a kernel's array of sums is indexed by
+/// constants only and stays in registers. Where a loop indexed it (`take(rows)`, or a loop to
+/// `R` that LLVM chose not to unroll: the fat-LTO device build), LLVM kept the array in memory
+/// as well and stored every sum to the stack after every multiply-add of the inner loop: the
+/// 12-point AVX-512 tile ran at half speed in release and device builds (BENCHMARKS.md,
+/// session 22).
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_each_row {
+    ($rows:expr, $R:expr, |$r:ident| $body:block) => {
+        const { assert!($R <= MAX_ROW_TILE && MAX_ROW_TILE == 12) };
+        for_each_row!(@ $rows, $R, $r, $body; 0 1 2 3 4 5 6 7 8 9 10 11)
+    };
+    (@ $rows:expr, $R:expr, $r:ident, $body:block; $($n:literal)*) => {
+        $(
+            if $n < $rows {
+                let $r: usize = if $n < $R { $n } else { $R - 1 };
+                $body
+            }
+        )*
+    };
+}
+
 /// Defines `$name`, [`RowTile`]'s kernel on the vectors of `$lanes` with `$features` enabled
 /// (one body for AVX2 and AVX-512, `crate::lanes`): `V` vectors per row (`V = 1` for up to one
 /// vector of channels), the sums of `R` (at least `t.rows`) rows — the rows past `t.rows`
@@ -1056,20 +1079,14 @@ macro_rules! row_tile_kernel {
             let mask: [<L as Lanes>::Mask; V] =
                 std::array::from_fn(|v| L::mask(cols.saturating_sub(n * v)));
             let op = out.as_mut_ptr();
-            // Every loop over the rows of `acc` runs to `R` and skips rows past `rows`: with
-            // a loop bound that varies (`take(rows)`), LLVM kept `acc` in memory for it and
-            // stored every sum to the stack after every multiply-add of the inner loop (the
-            // release build's 12-point AVX-512 tile: twice the time, BENCHMARKS.md session 22).
+            // The sums' rows are only ever indexed by constants (`for_each_row`).
             let mut acc = [[L::splat(0.0); V]; R];
             if t.accumulate {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    if r >= rows {
-                        break;
-                    }
+                for_each_row!(rows, R, |r| {
                     for v in 0..V {
-                        acc[v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
+                        acc[r][v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
                     }
-                }
+                });
             }
             let mut wp = t.w.as_ptr();
             // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once,
@@ -1106,13 +1123,10 @@ macro_rules! row_tile_kernel {
             let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
             let bias: [<L as Lanes>::V; V] =
                 std::array::from_fn(|v| L::load(t.bias.as_ptr().add(n * v)));
-            for (r, acc) in acc.iter().enumerate() {
-                if r >= rows {
-                    break;
-                }
+            for_each_row!(rows, R, |r| {
                 let to = op.add(r * ldo);
                 for v in 0..V {
-                    let mut y = acc[v];
+                    let mut y = acc[r][v];
                     if t.finish {
                         y = L::add(y, bias[v]);
                         if clamped {
@@ -1129,7 +1143,7 @@ macro_rules! row_tile_kernel {
                         L::store_masked(to.add(n * v), mask[v], y);
                     }
                 }
-            }
+            });
         }
     };
 }
@@ -1303,14 +1317,9 @@ unsafe fn tile_pair_avx512<const R: usize>(a: &Tile, b: &Tile, out: &mut [f32]) 
     for r in 0..MR {
         store(r, acc_a[r], a.bias[r]);
     }
-    // To `R`, skipping rows past `b.rows`: `acc_b` indexed by constants only (see
-    // `row_tile_kernel`).
-    for (r, acc) in acc_b.iter().enumerate() {
-        if r >= b.rows {
-            break;
-        }
-        store(MR + r, *acc, b.bias[r]);
-    }
+    for_each_row!(b.rows, R, |r| {
+        store(MR + r, acc_b[r], b.bias[r]);
+    });
 }
 
 #[inline(always)]
@@ -1407,16 +1416,11 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
         _mm256_set1_ps(t.clamp.high()),
     );
     let op = out.as_mut_ptr();
-    // To `R`, skipping rows past `rows`: `acc` indexed by constants only (see
-    // `row_tile_kernel`).
-    for (r, acc) in acc.iter().enumerate() {
-        if r >= rows {
-            break;
-        }
+    for_each_row!(rows, R, |r| {
         let b = _mm256_set1_ps(t.bias[r]);
         let to = op.add(r * ldo);
         for v in 0..V {
-            let mut y = _mm256_add_ps(acc[v], b);
+            let mut y = _mm256_add_ps(acc[r][v], b);
             if clamped {
                 // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
                 y = _mm256_min_ps(_mm256_max_ps(y, low), high);
@@ -1427,7 +1431,7 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
                 _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
             }
         }
-    }
+    });
 }
 
 /// Most columns [`narrow_panels`] takes.
