@@ -33,7 +33,7 @@
 //! (`passes::tests::passes_rewrite_nnef_models_as_onnx_ones`); where a channels-first op sits
 //! between depthwise convolutions (a max pool) transposes stay around it
 //! (`tests::transposes_left_where_layouts_meet`). After the pass the residual additions fold into
-//! the channels-last products before them (`pointwise::fuse_residual`), and the expanding
+//! the products before them (`pointwise::fuse_residual`, either layout), and the expanding
 //! products into the depthwise convolutions they feed ([`crate::pointwise_depthwise`]).
 //!
 //! Invariant: the pass changes where values lie in memory, never what is computed: every
@@ -677,17 +677,23 @@ mod tests {
     /// The layout is a per-CPU choice ([`channels_last_by_default`]), so a bundle's golden
     /// outputs may be computed in one layout and checked on a device in the other: both give
     /// `mobilenetish`'s logits to the bit (each channels-last kernel, the fused product and
-    /// depthwise op included, sums what its channels-first one sums, in the same order).
+    /// depthwise op included, sums what its channels-first one sums, in the same order; the
+    /// residual additions folded into the products in both).
     #[cfg(feature = "onnx")]
     #[test]
     fn both_layouts_give_the_same_logits_to_the_bit() {
         let stock = crate::testing::onnx_batch_fixed(&crate::testing::mobilenetish_onnx(), 1);
         let (mut first, mut last) = (stock.clone(), stock);
-        crate::passes::apply(&mut first, false).unwrap();
+        let fast = usize::from(crate::pointwise::fast_kernel());
+        let first_rewrites = crate::passes::apply(&mut first, false).unwrap();
+        assert_eq!(
+            (first_rewrites.channels_last, first_rewrites.fused_residuals),
+            (0, 10 * fast)
+        );
         let rewrites = crate::passes::apply(&mut last, true).unwrap();
         assert_eq!(
-            rewrites.channels_last,
-            52 * usize::from(crate::pointwise::fast_kernel())
+            (rewrites.channels_last, rewrites.fused_residuals),
+            (52 * fast, 10 * fast)
         );
         let x = crate::testing::mobilenetish_images(1);
         let first = crate::testing::first_output(first, &x);

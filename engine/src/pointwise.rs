@@ -25,8 +25,8 @@
 //! points broadcast from `x` by output channels loaded from weights packed in panels of
 //! [`NR_LAST`], by blocks of [`KC`] input channels, on AVX-512 where the CPU has it (tiles of 12
 //! points by 32 channels) and AVX2 otherwise. A reshape after the product is folded into the
-//! op's output shape, and in channels-last models the residual addition after a projection
-//! into its store ([`fuse_residual`]).
+//! op's output shape, and the residual addition after a projection into the product: into
+//! its store channels-last, a stripe at a time after it channels-first ([`fuse_residual`]).
 //!
 //! The kernels are AVX2 + FMA and AVX-512 (x86_64, detected at run time); every other CPU gets
 //! a portable kernel (same tiles, plain multiply and add). The passes install the op only where
@@ -116,6 +116,11 @@ impl Layout {
     /// Whether the output holds its channels on its last axis.
     pub(crate) fn output_channels_last(self) -> bool {
         matches!(self, Layout::OutChannelsLast | Layout::ChannelsLast)
+    }
+
+    /// Whether [`gemm`] adds a residual in this layout ([`fuse_residual`]).
+    pub(crate) fn takes_residual(self) -> bool {
+        matches!(self, Layout::ChannelsLast | Layout::ChannelsFirst)
     }
 }
 
@@ -405,8 +410,8 @@ fn panel_biases_by_rows(bias: &[f32], m: usize) -> Vec<(usize, [f32; MR])> {
 /// [`Layout::InChannelsLast`]: `x` `n x k`, `out` `m x n` (the same tile for these two);
 /// [`Layout::ChannelsLast`]: `x` `n x k`, `out` `n x m` ([`gemm_channels_last`]);
 /// [`Layout::OutChannelsLast`]: `x` `k x n`, `out` `n x m` ([`gemm_out_channels_last`], on
-/// the same tiles). A `residual` (the output's size; [`Layout::ChannelsLast`] only) is added
-/// after the clamp.
+/// the same tiles). A `residual` (the output's size; [`Layout::ChannelsLast`] and
+/// [`Layout::ChannelsFirst`]) is added after the clamp.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     layout: Layout,
@@ -423,7 +428,7 @@ pub(crate) fn gemm(
 ) {
     assert!(w.len() >= packed_len(layout, m, k) && x.len() >= k * n && out.len() >= m * n);
     assert!(bias.len() >= m);
-    assert!(residual.is_none_or(|r| layout == Layout::ChannelsLast && r.len() >= m * n));
+    assert!(residual.is_none_or(|r| layout.takes_residual() && r.len() >= m * n));
     let panels = m.div_ceil(MR);
     match layout {
         Layout::ChannelsLast => {
@@ -499,6 +504,7 @@ pub(crate) fn gemm(
                             kernel,
                         );
                     }
+                    add_residual_columns(out, residual, m, n, start..end);
                 }
                 return;
             }
@@ -546,6 +552,7 @@ pub(crate) fn gemm(
                             kernel,
                         );
                     }
+                    add_residual_columns(out, residual, m, n, start..end);
                 }
             });
         }
@@ -572,6 +579,25 @@ pub(crate) fn gemm(
                     t.run(&mut out[panel * MR * n + col..], kernel);
                 }
             }
+        }
+    }
+}
+
+/// `out[o, p] += residual[o, p]` for the points `cols` of every output channel of a
+/// channels-first `out` (`m x n`): the residual addition of a stripe that [`gemm`] has just
+/// written, while it is in cache (after the bias and clamp, as the separate addition was).
+fn add_residual_columns(
+    out: &mut [f32],
+    residual: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let Some(residual) = residual else { return };
+    for o in 0..m {
+        let row = o * n + cols.start..o * n + cols.end;
+        for (v, r) in out[row.clone()].iter_mut().zip(&residual[row]) {
+            *v += *r;
         }
     }
 }
@@ -1878,16 +1904,18 @@ pub(crate) fn fuse_bias(model: &mut TypedModel) -> TractResult<usize> {
     })
 }
 
-/// Folds the addition that follows a channels-last [`Pointwise`] into it (its fourth input,
-/// added after the clamp) when the product feeds nothing else and the other operand has the
-/// product's shape: the residual connection of an inverted-residual block, which onnxruntime
-/// fuses too. One pass over the output fewer per block. The sums are the same: the product
-/// (bias and clamp applied), then the other operand added. Returns how many were folded.
+/// Folds the addition that follows a channels-last or channels-first [`Pointwise`] into it
+/// (its fourth input, added after the clamp) when the product feeds nothing else and the other
+/// operand has the product's shape: the residual connection of an inverted-residual block,
+/// which onnxruntime fuses too. One pass over the output and one allocation fewer per block
+/// (channels-first, as an AVX2-only CPU runs `mobilenetish`, the ten separate additions took
+/// 65 µs: BENCHMARKS.md, session 23). The sums are the same: the product (bias and clamp
+/// applied), then the other operand added. Returns how many were folded.
 pub(crate) fn fuse_residual(model: &mut TypedModel) -> TractResult<usize> {
     crate::passes::patch_each(model, |model, node| {
         for (pw_input, other_input, prev, op) in pointwise_additions(model, node) {
             let shape = &model.outlet_fact(node.inputs[pw_input])?.shape;
-            if op.layout != Layout::ChannelsLast
+            if !op.layout.takes_residual()
                 || op.residual
                 || model.outlet_fact(node.inputs[other_input])?.shape != *shape
                 || model.outlet_fact(node.id.into())?.shape != *shape
@@ -2054,10 +2082,10 @@ mod tests {
                     // Sentinels past the output must survive (masked stores).
                     let mut out = vec![f32::NAN; m * n + 3];
                     out[m * n..].fill(1234.5);
-                    // The channels-last layout with a residual added (an inverted-residual
-                    // block's projection, `fuse_residual`).
+                    // The channels-last and channels-first layouts with a residual added (an
+                    // inverted-residual block's projection, `fuse_residual`).
                     let res: Vec<f32> = (0..m * n).map(|v| (v % 11) as f32 - 5.0).collect();
-                    let residual = (layout == Layout::ChannelsLast).then_some(&res[..]);
+                    let residual = layout.takes_residual().then_some(&res[..]);
                     gemm(
                         layout, m, k, n, &packed, &x_in, &b, clamp, residual, &mut out, kernel,
                     );
@@ -2204,7 +2232,7 @@ mod tests {
             let packed = pack_weights(layout, m, k, &w);
             // A residual where one is taken.
             let res: Vec<f32> = (0..m * n).map(|v| (v % 3) as f32 - 1.0).collect();
-            let residual = (layout == Layout::ChannelsLast).then_some(&res[..]);
+            let residual = layout.takes_residual().then_some(&res[..]);
             let mut portable = vec![0f32; m * n];
             gemm(
                 layout,
