@@ -20,9 +20,8 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from compare_ort import HERE, environments, release_example
 
 
 def layer_id(name):
@@ -86,17 +85,10 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--runs", type=int, default=60)
     p.add_argument("--avx2", action="store_true")
-    p.add_argument("--engine-profile", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")),
-        "release", "examples", "engine_profile"))
+    p.add_argument("--engine-profile", default=release_example("engine_profile"))
     a = p.parse_args()
-    engine_env, ort_env = dict(os.environ, PROFILE_ALL="1"), dict(os.environ)
-    if a.avx2:
-        engine_env["MODELFLEET_ENGINE_NO_AVX512"] = "1"
-        lib = os.path.join(tempfile.mkdtemp(), "no_avx512.so")
-        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib,
-                        os.path.join(HERE, "no_avx512.c")], check=True)
-        ort_env["LD_PRELOAD"] = lib
+    engine_env, ort_env = environments(a.avx2)
+    engine_env["PROFILE_ALL"] = "1"
     rows = {}
     for r in range(a.rounds):
         eng = subprocess.run([a.engine_profile, "mobilenetish", str(a.runs)], env=engine_env,

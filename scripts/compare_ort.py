@@ -33,23 +33,34 @@ def medians(cmd, env):
     return found
 
 
+def release_example(name):
+    """Where `cargo build --release -p modelfleet-engine --examples` puts example `name`."""
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target"))
+    return os.path.join(target, "release", "examples", name)
+
+
+def environments(avx2):
+    """The engine's and onnxruntime's environments: with `avx2`, both on their AVX2 paths
+    (the engine by `MODELFLEET_ENGINE_NO_AVX512`, onnxruntime under `no_avx512.so`)."""
+    engine_env, ort_env = dict(os.environ), dict(os.environ)
+    if avx2:
+        engine_env["MODELFLEET_ENGINE_NO_AVX512"] = "1"
+        lib = os.path.join(tempfile.mkdtemp(), "no_avx512.so")
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib,
+                        os.path.join(HERE, "no_avx512.c")], check=True)
+        ort_env["LD_PRELOAD"] = lib
+    return engine_env, ort_env
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seconds", type=float, default=0.7)
     p.add_argument("--models", default="mobilenetish")
     p.add_argument("--avx2", action="store_true")
-    p.add_argument("--engine-bench", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")),
-        "release", "examples", "engine_bench"))
+    p.add_argument("--engine-bench", default=release_example("engine_bench"))
     a = p.parse_args()
-    engine_env, ort_env = dict(os.environ), dict(os.environ)
-    if a.avx2:
-        engine_env["MODELFLEET_ENGINE_NO_AVX512"] = "1"
-        lib = os.path.join(tempfile.mkdtemp(), "no_avx512.so")
-        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib,
-                        os.path.join(HERE, "no_avx512.c")], check=True)
-        ort_env["LD_PRELOAD"] = lib
+    engine_env, ort_env = environments(a.avx2)
     secs = ["--seconds", str(a.seconds), "--models", a.models]
     models = a.models.split(",")
     ratios = {m: [] for m in models}
