@@ -30,7 +30,9 @@ def layer_id(name):
 
 
 def engine_groups(text):
-    """[(first layer id it covers is unknown yet, last layer id, µs)] in plan order."""
+    """The engine's nodes by layer, in plan order: [layer id, µs, node name before its first
+    dot], a fused node under the last layer it covers, a separate residual addition with the
+    projection before it."""
     groups, on, last = [], False, 0
     for line in text.splitlines():
         if "all nodes" in line:
