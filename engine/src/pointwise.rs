@@ -919,7 +919,23 @@ struct RowTile<'a> {
     residual: Option<&'a [f32]>,
 }
 
-impl RowTile<'_> {
+impl<'a> RowTile<'a> {
+    /// The tile's first `at` points, and the rest (its output rows from `at` on).
+    fn split_rows(&self, at: usize) -> (RowTile<'a>, RowTile<'a>) {
+        assert!(at < self.rows);
+        let first = RowTile { rows: at, ..*self };
+        let rest = RowTile {
+            rows: self.rows - at,
+            taps: self.taps.map(|taps| Taps {
+                bases: &taps.bases[at..],
+                ..taps
+            }),
+            residual: self.residual.map(|r| &r[at * self.ldo..]),
+            ..*self
+        };
+        (first, rest)
+    }
+
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
         match self.taps {
@@ -979,6 +995,14 @@ impl RowTile<'_> {
                 assert!(self.rows <= MR_AVX512 && self.cols <= NR_LAST);
                 assert!(self.bias.len() >= NR_LAST);
                 assert!(self.w.len() >= self.k * NR_LAST);
+                if X == X_RUN && (MAX_POINTS_TILE + 1..MR_AVX512).contains(&self.rows) {
+                    // A run's last tile of 9 to 11 points: its first 8, then the rest (the
+                    // 12-point kernel takes whole tiles only).
+                    let (first, rest) = self.split_rows(MAX_POINTS_TILE);
+                    first.run_in::<X>(out, kernel);
+                    rest.run_in::<X>(&mut out[MAX_POINTS_TILE * self.ldo..], kernel);
+                    return;
+                }
                 if X == X_POINTS {
                     // At most 8 points (`MAX_POINTS_TILE`): no 12-point kernel to compile.
                     assert!(self.rows <= MAX_POINTS_TILE);
@@ -1138,7 +1162,20 @@ macro_rules! row_tile_kernel {
                     // One base: the points' addresses differ by constants.
                     let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
                     let x0 = xr[0];
-                    accumulate!(|r, i| x0.add(*offsets.add(i) + r));
+                    // A kernel of more rows than `MAX_POINTS_TILE` takes whole tiles only
+                    // (`RowTile::run_in`): with its rows past a shorter tile's repeating the
+                    // last point, AVX-512's 12-row kernel ran out of registers.
+                    if rows == R || R > MAX_POINTS_TILE {
+                        debug_assert_eq!(rows, R);
+                        accumulate!(|r, i| x0.add(*offsets.add(i) + r));
+                    } else {
+                        // A shorter tile (a run's last): its rows past `rows` repeat the last
+                        // point, as in the other modes. Read as their own points, they went
+                        // past the end of `x` when the tile was its last (a fault where that
+                        // was a page's end).
+                        let last = rows - 1;
+                        accumulate!(|r, i| x0.add(*offsets.add(i) + r.min(last)));
+                    }
                 }
                 _ => {
                     let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();

@@ -90,3 +90,78 @@ pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Values at the very end of their own mapping, the page after them mapped without access: a
+/// kernel that reads one value past the end faults here (SIGSEGV) every time, where past the
+/// end of a `Vec` it would read a neighbour's memory and fault only when the allocation
+/// happens to end at a page's end.
+pub(crate) struct GuardedSlice {
+    mapping: *mut libc::c_void,
+    mapping_len: usize,
+    values: *mut f32,
+    len: usize,
+}
+
+impl GuardedSlice {
+    pub(crate) fn new(values: &[f32]) -> GuardedSlice {
+        // SAFETY: a fresh private anonymous mapping, checked; the guard page is its last page;
+        // `values` are copied into the pages before it, ending where the guard page starts.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let data_pages = (values.len() * 4).div_ceil(page).max(1);
+            let mapping_len = (data_pages + 1) * page;
+            let mapping = libc::mmap(
+                std::ptr::null_mut(),
+                mapping_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(mapping, libc::MAP_FAILED, "mmap");
+            let guard = mapping.cast::<u8>().add(data_pages * page);
+            assert_eq!(libc::mprotect(guard.cast(), page, libc::PROT_NONE), 0);
+            let start = guard.cast::<f32>().sub(values.len());
+            std::ptr::copy_nonoverlapping(values.as_ptr(), start, values.len());
+            GuardedSlice {
+                mapping,
+                mapping_len,
+                values: start,
+                len: values.len(),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for GuardedSlice {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `len` values written by `new`, mapped until `drop`.
+        unsafe { std::slice::from_raw_parts(self.values, self.len) }
+    }
+}
+
+impl Drop for GuardedSlice {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once.
+        unsafe { libc::munmap(self.mapping, self.mapping_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GuardedSlice;
+
+    /// The values are those given and end where the inaccessible page starts.
+    #[test]
+    fn guarded_values_end_at_the_guard_page() {
+        let values = super::values(1000, 7);
+        let guarded = GuardedSlice::new(&values);
+        assert_eq!(&guarded[..], &values[..]);
+        let end = guarded.as_ptr_range().end as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        assert_eq!(end % page, 0, "ends at a page boundary");
+    }
+}
