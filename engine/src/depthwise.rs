@@ -188,12 +188,39 @@ impl TypedOp for DepthwiseConv {
 const WHOLE_PLANE_MAX: usize = 4096;
 
 fn run(op: &DepthwiseConv, x: &[f32], k: &[f32], b: &[f32], out: &mut [f32]) {
+    let planes = Planes {
+        input: op.h * op.w,
+        output: op.oh * op.ow * op.multiplier,
+    };
+    run_planes(op, x, k, b, out, planes)
+}
+
+/// How far apart the planes of a channels-first input and output lie: each input plane's
+/// `h x w` points, and its `multiplier` output planes of `oh x ow`, may be the start of a
+/// larger slot (a band of rows of a plane: [`crate::pointwise_depthwise`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Planes {
+    pub input: usize,
+    pub output: usize,
+}
+
+/// [`DepthwiseConv`] channels-first, input plane `i` at `x[i * planes.input..]` and its output
+/// planes at `out[i * planes.output..]`.
+pub(crate) fn run_planes(
+    op: &DepthwiseConv,
+    x: &[f32],
+    k: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    planes: Planes,
+) {
+    assert!(planes.input >= op.h * op.w && planes.output >= op.oh * op.ow * op.multiplier);
     #[cfg(target_arch = "x86_64")]
     if let Some(avx2) = Avx2::detect() {
         // SAFETY: the CPU supports AVX2 and FMA (`avx2` is the proof).
-        return unsafe { run_avx2(op, x, k, b, out, avx2) };
+        return unsafe { run_avx2(op, x, k, b, out, planes, avx2) };
     }
-    run_generic::<false>(op, x, k, b, out, None)
+    run_generic::<false>(op, x, k, b, out, planes, None)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -204,9 +231,10 @@ unsafe fn run_avx2(
     k: &[f32],
     b: &[f32],
     out: &mut [f32],
+    planes: Planes,
     avx2: Avx2,
 ) {
-    run_generic::<true>(op, x, k, b, out, Some(avx2))
+    run_generic::<true>(op, x, k, b, out, planes, Some(avx2))
 }
 
 /// The widest rows [`plane3x3_s2_avx2`] reads in place. On wider rows the padded copy's split
@@ -228,6 +256,7 @@ fn run_generic<const AVX2: bool>(
     k: &[f32],
     b: &[f32],
     out: &mut [f32],
+    planes: Planes,
     avx2: Option<Avx2>,
 ) {
     let (sh, sw) = op.stride;
@@ -275,11 +304,11 @@ fn run_generic<const AVX2: bool>(
     // wide).
     #[cfg(target_arch = "x86_64")]
     let spill = op.oh > 1 && op.ow % 8 != 0 && (4..16).contains(&op.ow);
-    for (plane, (xin, xouts)) in x
-        .chunks_exact(plane_in)
-        .zip(out.chunks_exact_mut(plane_out * op.multiplier))
-        .enumerate()
-    {
+    let xins = x.chunks(planes.input).map(|slot| &slot[..plane_in]);
+    let xouts = out
+        .chunks_mut(planes.output)
+        .map(|slot| &mut slot[..plane_out * op.multiplier]);
+    for (plane, (xin, xouts)) in xins.zip(xouts).enumerate() {
         let c = plane % op.c;
         #[cfg(target_arch = "x86_64")]
         if direct {
@@ -803,10 +832,14 @@ mod tests {
             let k = crate::testing::values(c * multiplier * 9, 2);
             let b = crate::testing::values(c * multiplier, 3);
             let mut padded = vec![0f32; c * multiplier * oh * ow];
-            run_generic::<false>(&op, &x, &k, &b, &mut padded, None);
+            let planes = Planes {
+                input: h * w,
+                output: multiplier * oh * ow,
+            };
+            run_generic::<false>(&op, &x, &k, &b, &mut padded, planes, None);
             let mut in_place = vec![0f32; padded.len()];
             // SAFETY: `avx2` proves the CPU has AVX2 and FMA.
-            unsafe { run_avx2(&op, &x, &k, &b, &mut in_place, avx2) };
+            unsafe { run_avx2(&op, &x, &k, &b, &mut in_place, planes, avx2) };
             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(
                 bits(&in_place),

@@ -26,8 +26,11 @@
 //! channels-first tile, 16 points to a vector, broadcasts a weight for every multiply-add (and a
 //! 4x4 plane is a single vector of points), where the channels-last one broadcasts a point for
 //! every two; and the column matrix (288 x 16) took a third of the layer's time to copy.
-//! Larger channels-first ones keep the column matrix (their transposed output would not stay
-//! in cache).
+//! Larger channels-first ones (`mobilenetish`'s first layer where the engine runs
+//! channels-first: CPUs without AVX-512) would not keep their transposed output in cache: they
+//! copy the column matrix of a band of output rows at a time out of the padded planes (about
+//! [`COLUMN_BAND_BYTES`], in cache) and run the channels-first product on it, into the band's
+//! columns of the output ([`DirectConv::by_bands`]).
 //!
 //! Invariant: a direct convolution sums the same products, in the same order, as the im2col
 //! copy and product it replaces: results to the bit (`tests::matches_im2col_and_product`).
@@ -35,16 +38,22 @@
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
 
-use crate::im2col::{EngineIm2col, PaddedPlane};
-use crate::pointwise::{gemm_taps, pack_weights, unpack_weights, Kernel, Layout, Pointwise};
+use crate::im2col::{copy_short, EngineIm2col, PaddedPlane};
+use crate::pointwise::{
+    gemm_channels_first, gemm_taps, pack_weights, unpack_weights, Kernel, Layout, Pointwise,
+};
 use crate::window::Avx2;
 
-/// The largest output (bytes, one image) of a channels-first product [`DirectConv`] takes.
+/// The largest output (bytes, one image) of a channels-first product that [`DirectConv`]
+/// computes channels-last and transposes; larger ones it computes by bands of output rows.
 const SMALL_CHANNELS_FIRST_BYTES: usize = 64 * 1024;
 
+/// A band's column matrix, channels-first ([`DirectConv::by_bands`]): as many output rows as
+/// fit here (at least one).
+const COLUMN_BAND_BYTES: usize = 64 * 1024;
+
 /// An [`EngineIm2col`] and the [`Pointwise`] product that reads it, as one op. Inputs: `x`, the
-/// weights packed for [`Layout::OutChannelsLast`] (whatever the product's layout), the bias;
-/// output: the product's.
+/// weights packed for [`DirectConv::weights_layout`], the bias; output: the product's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct DirectConv {
     im2col: EngineIm2col,
@@ -53,6 +62,10 @@ pub(crate) struct DirectConv {
     /// Where input channel `c`'s tap `(ky, kx)` (the product's `k` order) of an output row's
     /// first point is, from where the row's run starts in the padded planes.
     taps: Vec<usize>,
+    /// A large channels-first product: the column matrix of a band of output rows at a time
+    /// (about [`COLUMN_BAND_BYTES`], copied from the padded planes), each band's product
+    /// written into its columns of the output at once.
+    by_bands: bool,
 }
 
 impl DirectConv {
@@ -63,11 +76,10 @@ impl DirectConv {
         let win = im2col.window();
         let padded = PaddedPlane::of(win);
         let small = win.oh * win.ow * product.m * 4 <= SMALL_CHANNELS_FIRST_BYTES;
-        let layout_taken = match product.layout {
-            Layout::OutChannelsLast => true,
-            Layout::ChannelsFirst => small,
-            Layout::InChannelsLast | Layout::ChannelsLast => false,
-        };
+        let layout_taken = matches!(
+            product.layout,
+            Layout::OutChannelsLast | Layout::ChannelsFirst
+        );
         if !layout_taken || product.residual || !padded.runs_are_contiguous(win) {
             return None;
         }
@@ -87,12 +99,23 @@ impl DirectConv {
             product: product.clone(),
             padded,
             taps,
+            by_bands: product.layout == Layout::ChannelsFirst && !small,
         })
+    }
+
+    /// How the op's weights are packed: for the channels-last tiles of [`gemm_taps`], or
+    /// channels-first [`DirectConv::by_bands`].
+    pub(crate) fn weights_layout(&self) -> Layout {
+        if self.by_bands {
+            Layout::ChannelsFirst
+        } else {
+            Layout::OutChannelsLast
+        }
     }
 
     /// `out` (`[images, oh, ow, m]`, or `[images, m, oh, ow]` for a channels-first product)
     /// of `x` (`[images, c, h, w]`), every value written, with the weights `w` packed for
-    /// [`Layout::OutChannelsLast`] and the bias `b`.
+    /// [`DirectConv::weights_layout`] and the bias `b`.
     fn run(&self, x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], kernel: Kernel) {
         let win = self.im2col.window();
         let (m, k) = (self.product.m, self.product.k);
@@ -104,14 +127,25 @@ impl DirectConv {
             if planes.len() < win.c * plane {
                 planes.resize(win.c * plane, 0.0);
             }
-            if channels_first && transposed.len() < points * m {
-                transposed.resize(points * m, 0.0);
+            let scratch = if self.by_bands {
+                self.band_rows() * win.ow * k
+            } else if channels_first {
+                points * m
+            } else {
+                0
+            };
+            if transposed.len() < scratch {
+                transposed.resize(scratch, 0.0);
             }
             let images = x.chunks_exact(win.c * win.h * win.w);
             for (image, out) in images.zip(out.chunks_exact_mut(points * m)) {
                 let channels = image.chunks_exact(win.h * win.w);
                 for (channel, to) in channels.zip(planes.chunks_exact_mut(plane)) {
                     self.padded.fill(win, channel, to, avx2);
+                }
+                if self.by_bands {
+                    self.run_by_bands(planes, w, b, transposed, out, kernel);
+                    continue;
                 }
                 // Where each output point's taps begin: `ow` consecutive values per output row.
                 let ow = win.ow;
@@ -146,10 +180,51 @@ impl DirectConv {
     }
 }
 
+impl DirectConv {
+    /// The output rows of a band's column matrix ([`DirectConv::by_bands`]).
+    fn band_rows(&self) -> usize {
+        let win = self.im2col.window();
+        (COLUMN_BAND_BYTES / (self.product.k * win.ow * 4)).clamp(1, win.oh)
+    }
+
+    /// One image's channels-first `out` (`m x oh·ow`) from its padded `planes`, by bands of
+    /// output rows: each band's column matrix (the rows [`crate::im2col::im2col`] writes, for
+    /// the band's points) copied into `columns`, then its product (`w` packed channels-first)
+    /// written into the band's columns of `out`. The same sums as the whole column matrix's
+    /// product: each point's is over its own column.
+    fn run_by_bands(
+        &self,
+        planes: &[f32],
+        w: &[f32],
+        b: &[f32],
+        columns: &mut [f32],
+        out: &mut [f32],
+        kernel: Kernel,
+    ) {
+        let win = self.im2col.window();
+        let (m, k, ow) = (self.product.m, self.product.k, win.ow);
+        let row_step = win.stride.0 * self.padded.row_len;
+        let band_rows = self.band_rows();
+        for oy0 in (0..win.oh).step_by(band_rows) {
+            let oy1 = win.oh.min(oy0 + band_rows);
+            let n = (oy1 - oy0) * ow;
+            let columns = &mut columns[..k * n];
+            for (row, tap) in columns.chunks_exact_mut(n).zip(&self.taps) {
+                for (oy, to) in (oy0..oy1).zip(row.chunks_exact_mut(ow)) {
+                    copy_short(to, &planes[tap + oy * row_step..][..ow]);
+                }
+            }
+            let (points, clamp) = (win.oh * ow, self.product.clamp);
+            let out = &mut out[oy0 * ow..];
+            gemm_channels_first(m, k, n, n, points, w, columns, b, clamp, None, out, kernel);
+        }
+    }
+}
+
 thread_local! {
     /// The padded planes of [`DirectConv`] (every value is written per image:
-    /// [`PaddedPlane::fill`]), and a channels-first product's output before its transposition,
-    /// kept between calls.
+    /// [`PaddedPlane::fill`]), and a channels-first product's output before its transposition
+    /// (or a band's column matrix), kept between calls.
     static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -189,7 +264,7 @@ impl EvalOp for DirectConv {
         let images = win.batch(x.shape());
         if xs.len() != images * win.c * win.h * win.w
             || bs.len() != m
-            || ws.len() != crate::pointwise::packed_len(Layout::OutChannelsLast, m, k)
+            || ws.len() != crate::pointwise::packed_len(self.weights_layout(), m, k)
         {
             bail!("EngineDirectConv: input sizes do not match {self:?}");
         }
@@ -237,7 +312,7 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
         };
         let mut patch = TypedModelPatch::new(format!("engine direct conv {}", node.name));
         let x = patch.tap_model(model, columns.inputs[0])?;
-        let w = if product.layout == Layout::OutChannelsLast {
+        let w = if product.layout == op.weights_layout() {
             patch.tap_model(model, node.inputs[1])?
         } else {
             let Some(packed) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
@@ -291,7 +366,9 @@ mod tests {
         // (h, w, kh, kw, stride, dilation, pad_top, pad_left, oh, ow): mobilenetish's first
         // layer's form (stride 2, by phase) with rows of partial tiles, stride 1 with padding
         // on every side, a row dilation, a column dilation at stride 1, stride 3, a stride
-        // (2, 1), no padding, a 1-point output row.
+        // (2, 1), no padding, a 1-point output row; then two whose channels-first outputs
+        // are computed by bands of rows (more than `SMALL_CHANNELS_FIRST_BYTES` with 32 or 40
+        // output channels; 5 to 9 rows to a band, the last one shorter), stride 1 and 2.
         let cases: [WindowCase; _] = [
             (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7),
             (9, 30, 3, 3, (1, 1), (1, 1), 1, 1, 9, 30),
@@ -301,6 +378,8 @@ mod tests {
             (10, 11, 5, 5, (2, 1), (1, 1), 2, 1, 5, 11),
             (10, 10, 3, 3, (2, 2), (1, 1), 0, 0, 4, 4),
             (3, 3, 3, 3, (1, 1), (1, 1), 0, 0, 1, 1),
+            (24, 64, 3, 3, (1, 1), (1, 1), 1, 1, 24, 64),
+            (48, 100, 3, 3, (2, 2), (1, 1), 1, 1, 24, 50),
         ];
         let layouts = [Layout::OutChannelsLast, Layout::ChannelsFirst];
         let all = Kernel::all_available();
@@ -322,7 +401,10 @@ mod tests {
                         .collect();
                     let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.25 - 2.0).collect();
                     let packed = pack_weights(layout, m, k, &w);
-                    let points_last = pack_weights(Layout::OutChannelsLast, m, k, &w);
+                    let op = direct(win.clone(), m, clamp, layout).expect("a direct convolution");
+                    let large = n * m * 4 > SMALL_CHANNELS_FIRST_BYTES;
+                    assert_eq!(op.by_bands, layout == Layout::ChannelsFirst && large);
+                    let op_weights = pack_weights(op.weights_layout(), m, k, &w);
                     let mut columns = vec![0f32; images * k * n];
                     crate::im2col::im2col(&win, &x, &mut columns);
                     // The reference product's reads end at a page's end: the last image's
@@ -336,11 +418,10 @@ mod tests {
                     {
                         gemm(layout, m, k, n, &packed, x, &b, clamp, None, out, kernel);
                     }
-                    let op = direct(win, m, clamp, layout).expect("a direct convolution");
                     // Twice: the scratch planes of the first call must not leak into the second.
                     for _ in 0..2 {
                         let mut out = vec![f32::NAN; images * n * m];
-                        op.run(&x, &points_last, &b, &mut out, kernel);
+                        op.run(&x, &op_weights, &b, &mut out, kernel);
                         let differ = out
                             .iter()
                             .zip(&expected)
@@ -356,21 +437,24 @@ mod tests {
     }
 
     #[test]
-    fn takes_contiguous_runs_of_channels_last_or_small_products_only() {
+    fn takes_contiguous_runs_of_the_column_layouts_only() {
         let relu = Clamp::new(0.0, f32::INFINITY);
         let plain = Window2d::of_case(3, (12, 13, 3, 3, (2, 2), (1, 1), 1, 1, 6, 7));
         assert!(direct(plain.clone(), 8, relu, Layout::OutChannelsLast).is_some());
         assert!(direct(plain.clone(), 8, relu, Layout::ChannelsFirst).is_some());
         // Products whose input is not a column matrix.
         assert!(direct(plain.clone(), 8, relu, Layout::ChannelsLast).is_none());
-        assert!(direct(plain, 8, relu, Layout::InChannelsLast).is_none());
+        assert!(direct(plain.clone(), 8, relu, Layout::InChannelsLast).is_none());
         // A column stride with a column dilation: a tap's points are not contiguous.
         let strided_dilated = Window2d::of_case(3, (9, 9, 3, 3, (1, 2), (2, 2), 2, 0, 9, 3));
         assert!(direct(strided_dilated, 8, relu, Layout::OutChannelsLast).is_none());
         // A channels-first output over 64 KiB (mobilenetish's first layer where the layout
-        // pass does not run): the column matrix stays.
+        // pass does not run): by bands, its weights packed channels-first.
         let first_layer = Window2d::of_case(3, (224, 224, 3, 3, (2, 2), (1, 1), 1, 1, 112, 112));
-        assert!(direct(first_layer.clone(), 32, relu, Layout::ChannelsFirst).is_none());
+        let by_bands = direct(first_layer.clone(), 32, relu, Layout::ChannelsFirst).unwrap();
+        assert!(by_bands.by_bands && by_bands.weights_layout() == Layout::ChannelsFirst);
+        let small = direct(plain, 8, relu, Layout::ChannelsFirst).unwrap();
+        assert!(!small.by_bands && small.weights_layout() == Layout::OutChannelsLast);
         assert!(direct(first_layer, 32, relu, Layout::OutChannelsLast).is_some());
     }
 }

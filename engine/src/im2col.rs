@@ -239,7 +239,7 @@ pub(crate) fn im2col(win: &Window2d, x: &[f32], out: &mut [f32]) {
 /// and four as fixed-size moves, inline, where `copy_from_slice` calls `memcpy` for every row (a
 /// call costs more than moving a 4-point row); long rows by `copy_from_slice`.
 #[inline(always)]
-fn copy_short(to: &mut [f32], from: &[f32]) {
+pub(crate) fn copy_short(to: &mut [f32], from: &[f32]) {
     let n = to.len();
     let from = &from[..n];
     if n >= 32 {

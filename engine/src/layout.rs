@@ -33,8 +33,8 @@
 //! (`passes::tests::passes_rewrite_nnef_models_as_onnx_ones`); where a channels-first op sits
 //! between depthwise convolutions (a max pool) transposes stay around it
 //! (`tests::transposes_left_where_layouts_meet`). After the pass the residual additions fold into
-//! the products before them (`pointwise::fuse_residual`, either layout), and the expanding
-//! products into the depthwise convolutions they feed ([`crate::pointwise_depthwise`]).
+//! the products before them (`pointwise::fuse_residual`), and the expanding products into the
+//! depthwise convolutions they feed ([`crate::pointwise_depthwise`]), in either layout.
 //!
 //! Invariant: the pass changes where values lie in memory, never what is computed: every
 //! switched op sums the same products in the same order as before (results to the bit), and
@@ -678,7 +678,8 @@ mod tests {
     /// outputs may be computed in one layout and checked on a device in the other: both give
     /// `mobilenetish`'s logits to the bit (each channels-last kernel, the fused product and
     /// depthwise op included, sums what its channels-first one sums, in the same order; the
-    /// residual additions folded into the products in both).
+    /// residual additions and the expansions into the depthwise layers after them fused in
+    /// both, the first layer a direct convolution in both: by bands channels-first).
     #[cfg(feature = "onnx")]
     #[test]
     fn both_layouts_give_the_same_logits_to_the_bit() {
@@ -687,13 +688,23 @@ mod tests {
         let fast = usize::from(crate::pointwise::fast_kernel());
         let first_rewrites = crate::passes::apply(&mut first, false).unwrap();
         assert_eq!(
-            (first_rewrites.channels_last, first_rewrites.fused_residuals),
-            (0, 10 * fast)
+            (
+                first_rewrites.channels_last,
+                first_rewrites.fused_residuals,
+                first_rewrites.fused_pointwise_depthwise,
+                first_rewrites.direct_convolutions
+            ),
+            (0, 10 * fast, 3 * fast, fast)
         );
         let rewrites = crate::passes::apply(&mut last, true).unwrap();
         assert_eq!(
-            (rewrites.channels_last, rewrites.fused_residuals),
-            (52 * fast, 10 * fast)
+            (
+                rewrites.channels_last,
+                rewrites.fused_residuals,
+                rewrites.fused_pointwise_depthwise,
+                rewrites.direct_convolutions
+            ),
+            (52 * fast, 10 * fast, 3 * fast, fast)
         );
         let x = crate::testing::mobilenetish_images(1);
         let first = crate::testing::first_output(first, &x);

@@ -429,132 +429,13 @@ pub(crate) fn gemm(
     assert!(w.len() >= packed_len(layout, m, k) && x.len() >= k * n && out.len() >= m * n);
     assert!(bias.len() >= m);
     assert!(residual.is_none_or(|r| layout.takes_residual() && r.len() >= m * n));
-    let panels = m.div_ceil(MR);
     match layout {
         Layout::ChannelsLast => {
             gemm_channels_last(m, k, n, w, x, bias, clamp, residual, out, kernel)
         }
         Layout::OutChannelsLast => gemm_out_channels_last(m, k, n, w, x, bias, clamp, out, kernel),
         Layout::ChannelsFirst => {
-            // The tiles of weight panels `panel..panel + panel_step` (as many as there are)
-            // and the block of points at `col`, read from `xb` (its first column) with rows
-            // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
-            let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
-            let biases = panel_biases_by_rows(bias, m);
-            let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
-                let (rows, b) = &biases[panel];
-                let t = Tile {
-                    k,
-                    w: &w[panel * k * MR..(panel + 1) * k * MR],
-                    ldw: MR,
-                    x: xb,
-                    ldx,
-                    cols: NR.min(n - col),
-                    ldo: n,
-                    rows: *rows,
-                    bias: b,
-                    clamp,
-                };
-                let out = &mut out[panel * MR * n + col..];
-                if panel_step == 2 && panel + 1 < panels {
-                    let (rows, b) = &biases[panel + 1];
-                    let next = Tile {
-                        w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
-                        rows: *rows,
-                        bias: b,
-                        ..t
-                    };
-                    Tile::run_pair(&t, &next, out, kernel);
-                } else {
-                    t.run(out, kernel);
-                }
-            };
-            // Each weight panel (in L1) against every column block of a stripe of `x` small
-            // enough to stay in L2 ([`STRIPE_BYTES`]; all of `x` when it fits), so `x` is read
-            // from memory once and each panel writes runs of `stripe` points to its rows. (A
-            // stripe of one column block, as before session 15, had every block of a 112x112
-            // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
-            let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
-            // A last block of at most NARROW points (a 7x7 or 14x14 plane's) runs every panel
-            // at once ([`narrow_panels`]), after its stripe's other blocks.
-            let narrow_from = match n % NR {
-                tail @ 1..=NARROW if kernel != Kernel::Portable => n - tail,
-                _ => n,
-            };
-            if k < PACK_K_MIN {
-                for start in (0..n).step_by(stripe) {
-                    let end = n.min(start + stripe);
-                    for panel in (0..panels).step_by(panel_step) {
-                        for col in (start..end.min(narrow_from)).step_by(NR) {
-                            tile(&x[col..], n, panel, col, out);
-                        }
-                    }
-                    if (start..end).contains(&narrow_from) {
-                        let cols = n - narrow_from;
-                        narrow_panels(
-                            k,
-                            w,
-                            &x[narrow_from..],
-                            n,
-                            cols,
-                            &biases,
-                            clamp,
-                            &mut out[narrow_from..],
-                            n,
-                            kernel,
-                        );
-                    }
-                    add_residual_columns(out, residual, m, n, start..end);
-                }
-                return;
-            }
-            // Many input channels: a block's `k` rows of `x`, `n` apart, are more cache lines
-            // (two per row when unaligned) than L1 holds, re-read from L2 for every panel. The
-            // stripe's blocks are first copied into contiguous `k x NR` blocks.
-            PACKED_X.with_borrow_mut(|packed| {
-                let len = stripe.min(n.div_ceil(NR) * NR) * k;
-                if packed.len() < len {
-                    packed.resize(len, 0.0);
-                }
-                for start in (0..n).step_by(stripe) {
-                    let end = n.min(start + stripe);
-                    let blocks = packed.chunks_exact_mut(k * NR);
-                    for (block, col) in blocks.zip((start..end).step_by(NR)) {
-                        let cols = NR.min(n - col);
-                        for (i, to) in block.chunks_exact_mut(NR).enumerate() {
-                            let from = &x[i * n + col..];
-                            if cols == NR {
-                                to.copy_from_slice(&from[..NR]);
-                            } else {
-                                to[..cols].copy_from_slice(&from[..cols]);
-                            }
-                        }
-                    }
-                    for panel in (0..panels).step_by(panel_step) {
-                        let blocks = packed.chunks_exact(k * NR);
-                        for (block, col) in blocks.zip((start..end.min(narrow_from)).step_by(NR)) {
-                            tile(block, NR, panel, col, out);
-                        }
-                    }
-                    if (start..end).contains(&narrow_from) {
-                        let block = &packed[(narrow_from - start) / NR * k * NR..];
-                        let cols = n - narrow_from;
-                        narrow_panels(
-                            k,
-                            w,
-                            block,
-                            NR,
-                            cols,
-                            &biases,
-                            clamp,
-                            &mut out[narrow_from..],
-                            n,
-                            kernel,
-                        );
-                    }
-                    add_residual_columns(out, residual, m, n, start..end);
-                }
-            });
+            gemm_channels_first(m, k, n, n, n, w, x, bias, clamp, residual, out, kernel)
         }
         Layout::InChannelsLast => {
             // Each block of NR points (rows of `x`) transposed into `k x NR`, then every panel.
@@ -583,19 +464,165 @@ pub(crate) fn gemm(
     }
 }
 
+/// [`gemm`]'s [`Layout::ChannelsFirst`] product into part of larger matrices: `x` rows
+/// (input channels) `ldx` apart, `out` rows (output channels) `ldo` apart, `n` points of each.
+/// A band of rows of a plane is such a part ([`crate::pointwise_depthwise`]). A `residual` is
+/// laid out as `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_channels_first(
+    m: usize,
+    k: usize,
+    n: usize,
+    ldx: usize,
+    ldo: usize,
+    w: &[f32],
+    x: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    kernel: Kernel,
+) {
+    assert!(n >= 1 && ldx >= n && ldo >= n && k >= 1 && m >= 1);
+    assert!(w.len() >= packed_len(Layout::ChannelsFirst, m, k) && bias.len() >= m);
+    assert!(x.len() >= (k - 1) * ldx + n && out.len() >= (m - 1) * ldo + n);
+    assert!(residual.is_none_or(|r| r.len() >= (m - 1) * ldo + n));
+    let panels = m.div_ceil(MR);
+    // The tiles of weight panels `panel..panel + panel_step` (as many as there are)
+    // and the block of points at `col`, read from `xb` (its first column) with rows
+    // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
+    let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
+    let biases = panel_biases_by_rows(bias, m);
+    let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
+        let (rows, b) = &biases[panel];
+        let t = Tile {
+            k,
+            w: &w[panel * k * MR..(panel + 1) * k * MR],
+            ldw: MR,
+            x: xb,
+            ldx,
+            cols: NR.min(n - col),
+            ldo,
+            rows: *rows,
+            bias: b,
+            clamp,
+        };
+        let out = &mut out[panel * MR * ldo + col..];
+        if panel_step == 2 && panel + 1 < panels {
+            let (rows, b) = &biases[panel + 1];
+            let next = Tile {
+                w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
+                rows: *rows,
+                bias: b,
+                ..t
+            };
+            Tile::run_pair(&t, &next, out, kernel);
+        } else {
+            t.run(out, kernel);
+        }
+    };
+    // Each weight panel (in L1) against every column block of a stripe of `x` small
+    // enough to stay in L2 ([`STRIPE_BYTES`]; all of `x` when it fits), so `x` is read
+    // from memory once and each panel writes runs of `stripe` points to its rows. (A
+    // stripe of one column block, as before session 15, had every block of a 112x112
+    // layer store into all `m` output rows, 50 KB apart: `m` streams, as many pages.)
+    let stripe = (STRIPE_BYTES / (k * 4)).max(1).div_ceil(NR) * NR;
+    // A last block of at most NARROW points (a 7x7 or 14x14 plane's) runs every panel
+    // at once ([`narrow_panels`]), after its stripe's other blocks.
+    let narrow_from = match n % NR {
+        tail @ 1..=NARROW if kernel != Kernel::Portable => n - tail,
+        _ => n,
+    };
+    if k < PACK_K_MIN {
+        for start in (0..n).step_by(stripe) {
+            let end = n.min(start + stripe);
+            for panel in (0..panels).step_by(panel_step) {
+                for col in (start..end.min(narrow_from)).step_by(NR) {
+                    tile(&x[col..], ldx, panel, col, out);
+                }
+            }
+            if (start..end).contains(&narrow_from) {
+                let cols = n - narrow_from;
+                narrow_panels(
+                    k,
+                    w,
+                    &x[narrow_from..],
+                    ldx,
+                    cols,
+                    &biases,
+                    clamp,
+                    &mut out[narrow_from..],
+                    ldo,
+                    kernel,
+                );
+            }
+            add_residual_columns(out, residual, m, ldo, start..end);
+        }
+        return;
+    }
+    // Many input channels: a block's `k` rows of `x`, `ldx` apart, are more cache lines
+    // (two per row when unaligned) than L1 holds, re-read from L2 for every panel. The
+    // stripe's blocks are first copied into contiguous `k x NR` blocks.
+    PACKED_X.with_borrow_mut(|packed| {
+        let len = stripe.min(n.div_ceil(NR) * NR) * k;
+        if packed.len() < len {
+            packed.resize(len, 0.0);
+        }
+        for start in (0..n).step_by(stripe) {
+            let end = n.min(start + stripe);
+            let blocks = packed.chunks_exact_mut(k * NR);
+            for (block, col) in blocks.zip((start..end).step_by(NR)) {
+                let cols = NR.min(n - col);
+                for (i, to) in block.chunks_exact_mut(NR).enumerate() {
+                    let from = &x[i * ldx + col..];
+                    if cols == NR {
+                        to.copy_from_slice(&from[..NR]);
+                    } else {
+                        to[..cols].copy_from_slice(&from[..cols]);
+                    }
+                }
+            }
+            for panel in (0..panels).step_by(panel_step) {
+                let blocks = packed.chunks_exact(k * NR);
+                for (block, col) in blocks.zip((start..end.min(narrow_from)).step_by(NR)) {
+                    tile(block, NR, panel, col, out);
+                }
+            }
+            if (start..end).contains(&narrow_from) {
+                let block = &packed[(narrow_from - start) / NR * k * NR..];
+                let cols = n - narrow_from;
+                narrow_panels(
+                    k,
+                    w,
+                    block,
+                    NR,
+                    cols,
+                    &biases,
+                    clamp,
+                    &mut out[narrow_from..],
+                    ldo,
+                    kernel,
+                );
+            }
+            add_residual_columns(out, residual, m, ldo, start..end);
+        }
+    });
+}
+
 /// `out[o, p] += residual[o, p]` for the points `cols` of every output channel of a
-/// channels-first `out` (`m x n`): the residual addition of a stripe that [`gemm`] has just
-/// written, while it is in cache (after the bias and clamp, as the separate addition was).
+/// channels-first `out` (`m` rows `ldo` apart, as the residual's): the residual addition of a
+/// stripe that [`gemm_channels_first`] has just written, while it is in cache (after the bias
+/// and clamp, as the separate addition was).
 fn add_residual_columns(
     out: &mut [f32],
     residual: Option<&[f32]>,
     m: usize,
-    n: usize,
+    ldo: usize,
     cols: std::ops::Range<usize>,
 ) {
     let Some(residual) = residual else { return };
     for o in 0..m {
-        let row = o * n + cols.start..o * n + cols.end;
+        let row = o * ldo + cols.start..o * ldo + cols.end;
         for (v, r) in out[row.clone()].iter_mut().zip(&residual[row]) {
             *v += *r;
         }

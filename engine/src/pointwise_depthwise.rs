@@ -1,29 +1,36 @@
-//! A channels-last pointwise convolution and the depthwise convolution after it, run band by
-//! band so the wide activation between them never leaves the cache.
+//! A pointwise convolution and the depthwise convolution after it, run band by band so the
+//! wide activation between them never leaves the cache.
 //!
 //! In an inverted-residual block the pointwise layer expands the channels (16 to 96 on
 //! `mobilenetish`'s first block) and the depthwise layer reads the result once. On a 112x112
 //! plane that activation is 4.8 MB: the product writes it out to memory and the depthwise
 //! convolution reads it back, and on a CPU whose L2 holds 512 KiB both layers wait on memory
 //! (BENCHMARKS.md, session 18: on an AMD EPYC the two layers took 1.3–1.7× their
-//! channels-first time, and fused 0.5× their unfused channels-last time). Here the product computes only the rows of the
-//! activation that a band of the depthwise layer's output rows reads, into a scratch buffer of
-//! about [`BAND_BYTES`], and the depthwise kernel runs on the band at once. The rows two bands
-//! share (a 3x3 window's overlap) are moved to the front of the buffer rather than computed
-//! twice, so every row is computed once.
+//! channels-first time channels-last, and fused 0.5× their unfused channels-last time). Here
+//! the product computes only the rows of the activation that a band of the depthwise layer's
+//! output rows reads, into a scratch buffer of about [`BAND_BYTES`], and the depthwise kernel
+//! runs on the band at once. The rows two bands share (a 3x3 window's overlap) are moved to
+//! the front of the buffer rather than computed twice, so every row is computed once.
+//!
+//! Both layouts: channels-last a band is one block of rows of points by channels
+//! ([`run_channels_last`]); channels-first each channel's rows of the band lie in a slot of the
+//! buffer, the product writes them with its rows a slot apart
+//! ([`crate::pointwise::gemm_channels_first`]) and the depthwise kernel reads its planes a
+//! slot apart ([`crate::depthwise::run_planes`]) ([`run_channels_first`]).
 //!
 //! The sums are those of the two ops run apart: each point's product is a sum over its own
 //! input channels, whatever rows are computed with it, and the depthwise kernel sees a band as
 //! a plane whose top padding is the rows above it ([`band_op`]). The pass ([`install`]) fuses
-//! a [`Pointwise`] into the [`DepthwiseConv`] it feeds when both are channels-last, the product
-//! feeds nothing else (directly, or through a reshape of the spatial axes), and the
-//! activation between them is [`FUSE_MIN_BYTES`] or more.
+//! a [`Pointwise`] into the [`DepthwiseConv`] it feeds when both are in the same layout
+//! (channels-last or channels-first), the product feeds nothing else (directly, or through a
+//! reshape of the spatial axes), and the activation between them is [`FUSE_MIN_BYTES`] or
+//! more.
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
 
-use crate::depthwise::DepthwiseConv;
-use crate::pointwise::{gemm, packed_len, Kernel, Layout, Pointwise};
+use crate::depthwise::{DepthwiseConv, Planes};
+use crate::pointwise::{gemm, gemm_channels_first, packed_len, Kernel, Layout, Pointwise};
 
 /// The scratch rows of one band: a band holds as many activation rows as fit here (at least
 /// the kernel's height). Half of a 512 KiB L2.
@@ -68,8 +75,9 @@ pub(crate) fn band_op(
     }
 }
 
-/// Runs both ops on one batch element: `x` `[h·w, k]`, `out` `[oh·ow, c]`, by bands of at
-/// most `rows` activation rows (at least the kernel's height) in `band`.
+/// Runs both ops on one batch element in the ops' layout ([`run_channels_last`],
+/// [`run_channels_first`]), by bands of at most `rows` activation rows (at least the kernel's
+/// height) in `band`.
 #[allow(clippy::too_many_arguments)]
 fn run(
     op: &PointwiseDepthwise,
@@ -82,21 +90,115 @@ fn run(
     band: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (pw, dw) = (&op.pointwise, &op.depthwise);
-    let (k, c, sh) = (pw.k, dw.c, dw.stride.0);
-    let row = dw.w * c;
+    if op.depthwise.channels_last {
+        run_channels_last(op, x, w, b, dk, db, rows, band, out)
+    } else {
+        run_channels_first(op, x, w, b, dk, db, rows, band, out)
+    }
+}
+
+/// The output rows of each band and the activation rows a band holds at most.
+fn band_rows(dw: &DepthwiseConv, rows: usize) -> (usize, usize) {
     let rows = rows.max(dw.kh);
-    let out_rows = ((rows - dw.kh) / sh + 1).min(dw.oh);
-    let most = ((out_rows - 1) * sh + dw.kh) * row;
-    if band.len() < most {
-        band.resize(most, 0.0);
+    let out_rows = ((rows - dw.kh) / dw.stride.0 + 1).min(dw.oh);
+    (out_rows, (out_rows - 1) * dw.stride.0 + dw.kh)
+}
+
+/// The activation rows `ya..yb` that output rows `oa..ob` read (the rows in the padding
+/// left out).
+fn rows_read(dw: &DepthwiseConv, oa: usize, ob: usize) -> std::ops::Range<usize> {
+    let ya = (oa * dw.stride.0).saturating_sub(dw.pad_top);
+    let yb = dw.h.min((ob - 1) * dw.stride.0 + dw.kh - dw.pad_top);
+    ya..yb
+}
+
+/// Channels-first, on one batch element: `x` `[k, h·w]`, `out` `[c, oh·ow]`. `band` holds
+/// each channel's rows of the band in a slot of the most rows a band has; the rows two bands
+/// share move to the front of each slot.
+#[allow(clippy::too_many_arguments)]
+fn run_channels_first(
+    op: &PointwiseDepthwise,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dk: &[f32],
+    db: &[f32],
+    rows: usize,
+    band: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (pw, dw) = (&op.pointwise, &op.depthwise);
+    let (out_rows, most) = band_rows(dw, rows);
+    let slot = most * dw.w;
+    if band.len() < dw.c * slot {
+        band.resize(dw.c * slot, 0.0);
+    }
+    let band = &mut band[..dw.c * slot];
+    let planes = Planes {
+        input: slot,
+        output: dw.oh * dw.ow,
+    };
+    let mut held = 0..0;
+    for oa in (0..dw.oh).step_by(out_rows) {
+        let ob = dw.oh.min(oa + out_rows);
+        let ya_yb = rows_read(dw, oa, ob);
+        let (ya, yb) = (ya_yb.start, ya_yb.end);
+        let kept = ya.max(held.start)..held.end.max(ya);
+        if !kept.is_empty() {
+            let from = (kept.start - held.start) * dw.w..(kept.end - held.start) * dw.w;
+            for channel in band.chunks_exact_mut(slot) {
+                channel.copy_within(from.clone(), 0);
+            }
+        }
+        let new = kept.end..yb;
+        if !new.is_empty() {
+            gemm_channels_first(
+                pw.m,
+                pw.k,
+                new.len() * dw.w,
+                dw.h * dw.w,
+                slot,
+                w,
+                &x[new.start * dw.w..],
+                b,
+                pw.clamp,
+                None,
+                &mut band[(new.start - ya) * dw.w..],
+                Kernel::best(),
+            );
+        }
+        held = ya..yb;
+        let sub = band_op(dw, ya, yb, oa, ob);
+        crate::depthwise::run_planes(&sub, band, dk, db, &mut out[oa * dw.ow..], planes);
+    }
+}
+
+/// Channels-last, on one batch element: `x` `[h·w, k]`, `out` `[oh·ow, c]`.
+#[allow(clippy::too_many_arguments)]
+fn run_channels_last(
+    op: &PointwiseDepthwise,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dk: &[f32],
+    db: &[f32],
+    rows: usize,
+    band: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (pw, dw) = (&op.pointwise, &op.depthwise);
+    let (k, c) = (pw.k, dw.c);
+    let row = dw.w * c;
+    let (out_rows, most) = band_rows(dw, rows);
+    if band.len() < most * row {
+        band.resize(most * row, 0.0);
     }
     // The activation rows `held` are at the front of `band`.
     let mut held = 0..0;
     for oa in (0..dw.oh).step_by(out_rows) {
         let ob = dw.oh.min(oa + out_rows);
-        let ya = (oa * sh).saturating_sub(dw.pad_top);
-        let yb = dw.h.min((ob - 1) * sh + dw.kh - dw.pad_top);
+        let ya_yb = rows_read(dw, oa, ob);
+        let (ya, yb) = (ya_yb.start, ya_yb.end);
         // Rows the last band computed that this one reads too: moved to the front.
         let kept = ya.max(held.start)..held.end.max(ya);
         if !kept.is_empty() {
@@ -209,8 +311,8 @@ impl TypedOp for PointwiseDepthwise {
     as_op!();
 }
 
-/// Fuses each channels-last [`Pointwise`] into the channels-last [`DepthwiseConv`] it alone
-/// feeds, where the activation between them exceeds [`FUSE_MIN_BYTES`]. Returns how many.
+/// Fuses each [`Pointwise`] into the [`DepthwiseConv`] it alone feeds, in the same layout,
+/// where the activation between them exceeds [`FUSE_MIN_BYTES`]. Returns how many.
 pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
     crate::passes::patch_each(model, |model, node| {
         let Some(dw) = node.op_as::<DepthwiseConv>() else {
@@ -228,10 +330,14 @@ pub(crate) fn install(model: &mut TypedModel) -> TractResult<usize> {
             pw.batch_rank() == 0
         };
         let activation_bytes = dw.h * dw.w * dw.c * 4;
-        if !dw.channels_last
+        let same_layout = match pw.layout {
+            Layout::ChannelsLast => dw.channels_last,
+            Layout::ChannelsFirst => !dw.channels_last,
+            Layout::InChannelsLast | Layout::OutChannelsLast => false,
+        };
+        if !same_layout
             || dw.multiplier != 1
             || dw.pad_top >= dw.kh
-            || pw.layout != Layout::ChannelsLast
             || pw.residual
             || pw.m != dw.c
             || pw.spatial.iter().product::<usize>() != dw.h * dw.w
@@ -260,83 +366,107 @@ mod tests {
     use super::*;
     use crate::depthwise::Clamp;
     use crate::pointwise::pack_weights;
-    use crate::testing::values;
+    use crate::testing::{values, GuardedSlice};
 
-    /// The fused op gives the two ops' outputs to the bit, for bands of every height from the
-    /// kernel's to the whole plane (rows kept from one band to the next, or none), strides 1
-    /// and 2, with and without padding, channel counts that are and are not whole vectors.
+    /// The fused op gives the two ops' outputs to the bit, in both layouts, for bands of every
+    /// height from the kernel's to the whole plane (rows kept from one band to the next, or
+    /// none), strides 1 and 2, with and without padding, channel counts that are and are not
+    /// whole vectors; its input ends at an inaccessible page (nothing is read past it).
     #[test]
     fn bands_give_the_two_ops_outputs_to_the_bit() {
-        for (h, w, k, c, stride, pad) in [
+        let cases = [
             (9, 5, 3, 16, 1, 1),
             (10, 7, 5, 12, 2, 1),
             (11, 6, 4, 24, 2, 0),
             (7, 7, 8, 40, 1, 0),
-        ] {
-            let oh = (h + 2 * pad - 3) / stride + 1;
-            let ow = (w + 2 * pad - 3) / stride + 1;
-            let pointwise = Pointwise {
-                m: c,
-                k,
-                k_axis: 2,
-                keep_batch: false,
-                spatial: tvec![h, w],
-                out_spatial: tvec![h, w],
-                layout: Layout::ChannelsLast,
-                clamp: Clamp::new(0.0, 6.0),
-                residual: false,
-            };
-            let depthwise = DepthwiseConv {
-                has_n: false,
-                c,
-                multiplier: 1,
-                clamp: Clamp::new(0.0, 6.0),
-                h,
-                w,
-                kh: 3,
-                kw: 3,
-                stride: (stride, stride),
-                pad_top: pad,
-                pad_left: pad,
-                oh,
-                ow,
-                channels_last: true,
-            };
-            let x = values(h * w * k, 1);
-            let weights = pack_weights(Layout::ChannelsLast, c, k, &values(c * k, 2));
-            let bias = values(c, 3);
-            let kernel = crate::depthwise_cl::pack_kernel(&values(c * 9, 4), c, 9);
-            let dw_bias = values(c, 5);
-            let mut mid = vec![0f32; h * w * c];
-            gemm(
-                Layout::ChannelsLast,
-                c,
-                k,
-                h * w,
-                &weights,
-                &x,
-                &bias,
-                pointwise.clamp,
-                None,
-                &mut mid,
-                Kernel::best(),
-            );
-            let mut want = vec![0f32; oh * ow * c];
-            crate::depthwise_cl::run(&depthwise, &mid, &kernel, &dw_bias, &mut want);
-            let op = PointwiseDepthwise {
-                pointwise,
-                depthwise,
-            };
-            for rows in 3..=h {
-                let mut band = vec![];
-                let mut got = vec![f32::NAN; oh * ow * c];
-                run(
-                    &op, &x, &weights, &bias, &kernel, &dw_bias, rows, &mut band, &mut got,
+            (12, 17, 6, 9, 2, 1),
+        ];
+        for channels_last in [true, false] {
+            for (h, w, k, c, stride, pad) in cases {
+                let oh = (h + 2 * pad - 3) / stride + 1;
+                let ow = (w + 2 * pad - 3) / stride + 1;
+                let layout = if channels_last {
+                    Layout::ChannelsLast
+                } else {
+                    Layout::ChannelsFirst
+                };
+                let pointwise = Pointwise {
+                    m: c,
+                    k,
+                    k_axis: if channels_last { 2 } else { 0 },
+                    keep_batch: false,
+                    spatial: tvec![h, w],
+                    out_spatial: tvec![h, w],
+                    layout,
+                    clamp: Clamp::new(0.0, 6.0),
+                    residual: false,
+                };
+                let depthwise = DepthwiseConv {
+                    has_n: false,
+                    c,
+                    multiplier: 1,
+                    clamp: Clamp::new(0.0, 6.0),
+                    h,
+                    w,
+                    kh: 3,
+                    kw: 3,
+                    stride: (stride, stride),
+                    pad_top: pad,
+                    pad_left: pad,
+                    oh,
+                    ow,
+                    channels_last,
+                };
+                let x = GuardedSlice::new(&values(h * w * k, 1));
+                let weights = pack_weights(layout, c, k, &values(c * k, 2));
+                let bias = values(c, 3);
+                let kernel = if channels_last {
+                    crate::depthwise_cl::pack_kernel(&values(c * 9, 4), c, 9)
+                } else {
+                    values(c * 9, 4)
+                };
+                let dw_bias = values(c, 5);
+                let mut mid = vec![0f32; h * w * c];
+                let (clamp, best) = (pointwise.clamp, Kernel::best());
+                gemm(
+                    layout,
+                    c,
+                    k,
+                    h * w,
+                    &weights,
+                    &x,
+                    &bias,
+                    clamp,
+                    None,
+                    &mut mid,
+                    best,
                 );
-                assert_eq!(
-                    got, want,
-                    "{h}x{w}x{k} -> {c}, stride {stride}, bands of {rows} rows"
-                );
+                let mut want = vec![0f32; oh * ow * c];
+                if channels_last {
+                    crate::depthwise_cl::run(&depthwise, &mid, &kernel, &dw_bias, &mut want);
+                } else {
+                    let planes = Planes {
+                        input: h * w,
+                        output: oh * ow,
+                    };
+                    let (dw, out) = (&depthwise, &mut want);
+                    crate::depthwise::run_planes(dw, &mid, &kernel, &dw_bias, out, planes);
+                }
+                let op = PointwiseDepthwise {
+                    pointwise,
+                    depthwise,
+                };
+                for rows in 3..=h {
+                    let mut band = vec![];
+                    let mut got = vec![f32::NAN; oh * ow * c];
+                    run(
+                        &op, &x, &weights, &bias, &kernel, &dw_bias, rows, &mut band, &mut got,
+                    );
+                    assert_eq!(
+                        got, want,
+                        "{layout:?} {h}x{w}x{k} -> {c}, stride {stride}, bands of {rows} rows"
+                    );
+                }
             }
         }
     }
