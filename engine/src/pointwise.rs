@@ -948,6 +948,7 @@ struct RowTile<'a> {
 
 impl<'a> RowTile<'a> {
     /// The tile's first `at` points, and the rest (its output rows from `at` on).
+    #[cfg(target_arch = "x86_64")]
     fn split_rows(&self, at: usize) -> (RowTile<'a>, RowTile<'a>) {
         assert!(at < self.rows);
         let first = RowTile { rows: at, ..*self };

@@ -6,7 +6,7 @@
 //! plane that activation is 4.8 MB: the product writes it out to memory and the depthwise
 //! convolution reads it back, and on a CPU whose L2 holds 512 KiB both layers wait on memory
 //! (BENCHMARKS.md, session 18: on an AMD EPYC the two layers took 1.3–1.7× their
-//! channels-first time channels-last, and fused 0.5× their unfused channels-last time). Here
+//! channels-first time, and fused 0.5× their unfused channels-last time). Here
 //! the product computes only the rows of the activation that a band of the depthwise layer's
 //! output rows reads, into a scratch buffer of about [`BAND_BYTES`], and the depthwise kernel
 //! runs on the band at once. The rows two bands share (a 3x3 window's overlap) are moved to
@@ -25,6 +25,8 @@
 //! (channels-last or channels-first), the product feeds nothing else (directly, or through a
 //! reshape of the spatial axes), and the activation between them is [`FUSE_MIN_BYTES`] or
 //! more.
+
+use std::ops::Range;
 
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::internal::*;
@@ -77,7 +79,7 @@ pub(crate) fn band_op(
 
 /// Runs both ops on one batch element in the ops' layout ([`run_channels_last`],
 /// [`run_channels_first`]), by bands of at most `rows` activation rows (at least the kernel's
-/// height) in `band`.
+/// height) in `buffer`.
 #[allow(clippy::too_many_arguments)]
 fn run(
     op: &PointwiseDepthwise,
@@ -87,32 +89,57 @@ fn run(
     dk: &[f32],
     db: &[f32],
     rows: usize,
-    band: &mut Vec<f32>,
+    buffer: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     if op.depthwise.channels_last {
-        run_channels_last(op, x, w, b, dk, db, rows, band, out)
+        run_channels_last(op, x, w, b, dk, db, rows, buffer, out)
     } else {
-        run_channels_first(op, x, w, b, dk, db, rows, band, out)
+        run_channels_first(op, x, w, b, dk, db, rows, buffer, out)
     }
 }
 
-/// The output rows of each band and the activation rows a band holds at most.
-fn band_rows(dw: &DepthwiseConv, rows: usize) -> (usize, usize) {
-    let rows = rows.max(dw.kh);
-    let out_rows = ((rows - dw.kh) / dw.stride.0 + 1).min(dw.oh);
-    (out_rows, (out_rows - 1) * dw.stride.0 + dw.kh)
+/// One band of [`bands`].
+struct Band {
+    /// The depthwise op's output rows.
+    out: Range<usize>,
+    /// The activation rows they read (those in the padding left out).
+    rows: Range<usize>,
+    /// Where the rows the band before also held are among its rows (from its first): moved to
+    /// the front of the buffer, not computed again. Empty for the first band.
+    moved: Range<usize>,
 }
 
-/// The activation rows `ya..yb` that output rows `oa..ob` read (the rows in the padding
-/// left out).
-fn rows_read(dw: &DepthwiseConv, oa: usize, ob: usize) -> std::ops::Range<usize> {
-    let ya = (oa * dw.stride.0).saturating_sub(dw.pad_top);
-    let yb = dw.h.min((ob - 1) * dw.stride.0 + dw.kh - dw.pad_top);
-    ya..yb
+impl Band {
+    /// The activation rows the product computes for the band: those not moved.
+    fn new_rows(&self) -> Range<usize> {
+        self.rows.start + self.moved.len()..self.rows.end
+    }
 }
 
-/// Channels-first, on one batch element: `x` `[k, h·w]`, `out` `[c, oh·ow]`. `band` holds
+/// The bands of at most `rows` activation rows (at least the kernel's height) over `dw`'s
+/// output, and the most rows a band holds.
+fn bands(dw: &DepthwiseConv, rows: usize) -> (usize, impl Iterator<Item = Band> + '_) {
+    let (sh, rows) = (dw.stride.0, rows.max(dw.kh));
+    let out_rows = ((rows - dw.kh) / sh + 1).min(dw.oh);
+    let mut held = 0..0;
+    let bands = (0..dw.oh).step_by(out_rows).map(move |oa| {
+        let ob = dw.oh.min(oa + out_rows);
+        let ya = (oa * sh).saturating_sub(dw.pad_top);
+        let yb = dw.h.min((ob - 1) * sh + dw.kh - dw.pad_top);
+        let kept = ya.max(held.start)..held.end.max(ya);
+        let moved = kept.start - held.start..kept.end - held.start;
+        held = ya..yb;
+        Band {
+            out: oa..ob,
+            rows: ya..yb,
+            moved,
+        }
+    });
+    ((out_rows - 1) * sh + dw.kh, bands)
+}
+
+/// Channels-first, on one batch element: `x` `[k, h·w]`, `out` `[c, oh·ow]`. `buffer` holds
 /// each channel's rows of the band in a slot of the most rows a band has; the rows two bands
 /// share move to the front of each slot.
 #[allow(clippy::too_many_arguments)]
@@ -124,33 +151,29 @@ fn run_channels_first(
     dk: &[f32],
     db: &[f32],
     rows: usize,
-    band: &mut Vec<f32>,
+    buffer: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let (pw, dw) = (&op.pointwise, &op.depthwise);
-    let (out_rows, most) = band_rows(dw, rows);
+    let (most, bands) = bands(dw, rows);
     let slot = most * dw.w;
-    if band.len() < dw.c * slot {
-        band.resize(dw.c * slot, 0.0);
+    if buffer.len() < dw.c * slot {
+        buffer.resize(dw.c * slot, 0.0);
     }
-    let band = &mut band[..dw.c * slot];
+    let buffer = &mut buffer[..dw.c * slot];
     let planes = Planes {
         input: slot,
         output: dw.oh * dw.ow,
     };
-    let mut held = 0..0;
-    for oa in (0..dw.oh).step_by(out_rows) {
-        let ob = dw.oh.min(oa + out_rows);
-        let ya_yb = rows_read(dw, oa, ob);
-        let (ya, yb) = (ya_yb.start, ya_yb.end);
-        let kept = ya.max(held.start)..held.end.max(ya);
-        if !kept.is_empty() {
-            let from = (kept.start - held.start) * dw.w..(kept.end - held.start) * dw.w;
-            for channel in band.chunks_exact_mut(slot) {
+    for band in bands {
+        let Range { start: ya, end: yb } = band.rows.clone();
+        if !band.moved.is_empty() {
+            let from = band.moved.start * dw.w..band.moved.end * dw.w;
+            for channel in buffer.chunks_exact_mut(slot) {
                 channel.copy_within(from.clone(), 0);
             }
         }
-        let new = kept.end..yb;
+        let new = band.new_rows();
         if !new.is_empty() {
             gemm_channels_first(
                 pw.m,
@@ -163,13 +186,13 @@ fn run_channels_first(
                 b,
                 pw.clamp,
                 None,
-                &mut band[(new.start - ya) * dw.w..],
+                &mut buffer[(new.start - ya) * dw.w..],
                 Kernel::best(),
             );
         }
-        held = ya..yb;
-        let sub = band_op(dw, ya, yb, oa, ob);
-        crate::depthwise::run_planes(&sub, band, dk, db, &mut out[oa * dw.ow..], planes);
+        let sub = band_op(dw, ya, yb, band.out.start, band.out.end);
+        let out = &mut out[band.out.start * dw.ow..];
+        crate::depthwise::run_planes(&sub, buffer, dk, db, out, planes);
     }
 }
 
@@ -183,31 +206,22 @@ fn run_channels_last(
     dk: &[f32],
     db: &[f32],
     rows: usize,
-    band: &mut Vec<f32>,
+    buffer: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let (pw, dw) = (&op.pointwise, &op.depthwise);
     let (k, c) = (pw.k, dw.c);
     let row = dw.w * c;
-    let (out_rows, most) = band_rows(dw, rows);
-    if band.len() < most * row {
-        band.resize(most * row, 0.0);
+    let (most, bands) = bands(dw, rows);
+    if buffer.len() < most * row {
+        buffer.resize(most * row, 0.0);
     }
-    // The activation rows `held` are at the front of `band`.
-    let mut held = 0..0;
-    for oa in (0..dw.oh).step_by(out_rows) {
-        let ob = dw.oh.min(oa + out_rows);
-        let ya_yb = rows_read(dw, oa, ob);
-        let (ya, yb) = (ya_yb.start, ya_yb.end);
-        // Rows the last band computed that this one reads too: moved to the front.
-        let kept = ya.max(held.start)..held.end.max(ya);
-        if !kept.is_empty() {
-            band.copy_within(
-                (kept.start - held.start) * row..(kept.end - held.start) * row,
-                0,
-            );
+    for band in bands {
+        let Range { start: ya, end: yb } = band.rows.clone();
+        if !band.moved.is_empty() {
+            buffer.copy_within(band.moved.start * row..band.moved.end * row, 0);
         }
-        let new = kept.end..yb;
+        let new = band.new_rows();
         if !new.is_empty() {
             gemm(
                 Layout::ChannelsLast,
@@ -219,19 +233,14 @@ fn run_channels_last(
                 b,
                 pw.clamp,
                 None,
-                &mut band[(new.start - ya) * row..(yb - ya) * row],
+                &mut buffer[(new.start - ya) * row..(yb - ya) * row],
                 Kernel::best(),
             );
         }
-        held = ya..yb;
+        let (oa, ob) = (band.out.start, band.out.end);
         let sub = band_op(dw, ya, yb, oa, ob);
-        crate::depthwise_cl::run(
-            &sub,
-            &band[..(yb - ya) * row],
-            dk,
-            db,
-            &mut out[oa * dw.ow * c..ob * dw.ow * c],
-        );
+        let out = &mut out[oa * dw.ow * c..ob * dw.ow * c];
+        crate::depthwise_cl::run(&sub, &buffer[..(yb - ya) * row], dk, db, out);
     }
 }
 
@@ -281,13 +290,13 @@ impl EvalOp for PointwiseDepthwise {
         {
             let mut out_ram = out.try_as_plain_ram_mut()?;
             let os = out_ram.as_slice_mut::<f32>()?;
-            BAND.with_borrow_mut(|band| {
+            BAND.with_borrow_mut(|buffer| {
                 let per_batch = x
                     .chunks_exact(plane * pw.k)
                     .zip(os.chunks_exact_mut(dw.oh * dw.ow * dw.c));
                 let rows = BAND_BYTES / (dw.w * dw.c * 4);
                 for (x, out) in per_batch {
-                    run(self, x, w, b, dk, db, rows, band, out);
+                    run(self, x, w, b, dk, db, rows, buffer, out);
                 }
             });
         }
