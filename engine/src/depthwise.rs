@@ -763,6 +763,7 @@ fn candidate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::GuardedSlice;
 
     /// Straightforward reference: zero padding, every tap bounds-checked.
     fn naive(op: &DepthwiseConv, n: usize, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
@@ -902,7 +903,8 @@ mod tests {
                     .collect();
                 let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.5 - 0.5).collect();
                 let mut out = vec![0.0; n * m * oh * ow];
-                run(&op, &x, &k, &b, &mut out);
+                // Input at a page's end: nothing is read past it.
+                run(&op, &GuardedSlice::new(&x), &k, &b, &mut out);
                 let want = naive(&op, n, &x, &k, &b);
                 for (j, (g, w)) in out.iter().zip(&want).enumerate() {
                     assert!(
@@ -990,7 +992,7 @@ mod tests {
                 let mut want = vec![0.0; n * c * oh * ow];
                 run(&first, &x, &k, &b, &mut want);
                 let want = transpose_channels(&want, n, c, oh * ow, true);
-                let x_last = transpose_channels(&x, n, c, h * w, true);
+                let x_last = GuardedSlice::new(&transpose_channels(&x, n, c, h * w, true));
                 let k_last = crate::depthwise_cl::pack_kernel(&k, c, kh * kw);
                 // Sentinels past the output must survive (masked stores).
                 let mut got = vec![f32::NAN; want.len() + 3];

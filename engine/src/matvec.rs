@@ -381,6 +381,7 @@ fn candidate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::GuardedSlice;
 
     /// Every kernel gives the same bits as the portable one, and the product within 1e-5 of a
     /// plain sum: outputs that are and are not whole panels, inputs that are and are not whole
@@ -395,7 +396,8 @@ mod tests {
             let x: Vec<f32> = (0..k)
                 .map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
-            let packed = pack(m, k, &w);
+            // Operands at a page's end: nothing is read past them.
+            let (packed, x) = (GuardedSlice::new(&pack(m, k, &w)), GuardedSlice::new(&x));
             let mut portable = vec![f32::NAN; m];
             run(m, k, &packed, &x, &mut portable, Kernel::Portable);
             for (o, got) in portable.iter().enumerate() {

@@ -2014,6 +2014,7 @@ pub(crate) fn fuse_residual(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::GuardedSlice;
 
     /// The tiles [`gemm_taps`] forms from `points`: (bases, consecutive) each.
     fn tiles_of(points: Vec<usize>, rows_per_tile: usize) -> Vec<(Vec<usize>, bool)> {
@@ -2139,17 +2140,20 @@ mod tests {
                         .collect();
                     let b: Vec<f32> = (0..m).map(|v| v as f32 * 0.5 - 2.0).collect();
                     let packed = pack_weights(layout, m, k, &w);
-                    let x_in = if layout.input_channels_last() {
+                    // Operands at a page's end: nothing is read past them.
+                    let packed = GuardedSlice::new(&packed);
+                    let x_in = GuardedSlice::new(&if layout.input_channels_last() {
                         transpose(&x, k, n)
                     } else {
                         x.clone()
-                    };
+                    });
                     // Sentinels past the output must survive (masked stores).
                     let mut out = vec![f32::NAN; m * n + 3];
                     out[m * n..].fill(1234.5);
                     // The channels-last and channels-first layouts with a residual added (an
                     // inverted-residual block's projection, `fuse_residual`).
                     let res: Vec<f32> = (0..m * n).map(|v| (v % 11) as f32 - 5.0).collect();
+                    let res = GuardedSlice::new(&res);
                     let residual = layout.takes_residual().then_some(&res[..]);
                     gemm(
                         layout, m, k, n, &packed, &x_in, &b, clamp, residual, &mut out, kernel,
