@@ -178,9 +178,7 @@ impl DirectConv {
             }
         });
     }
-}
 
-impl DirectConv {
     /// The output rows of a band's column matrix ([`DirectConv::by_bands`]).
     fn band_rows(&self) -> usize {
         let win = self.im2col.window();
