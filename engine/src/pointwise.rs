@@ -650,8 +650,8 @@ const RESIDENT_X_BYTES: usize = 512 * 1024;
 ///   their activations): each panel over every block of points, all `k` input channels in one
 ///   tile, so the weights are read once, front to back, as the hardware prefetchers like, and
 ///   the sums never leave the registers (by blocks of `k` and stripes of points, the 7x7 layers
-///   took 1.2–1.4× as long in a whole model: BENCHMARKS.md, session 19), the next panel
-///   prefetched into L2 meanwhile;
+///   took 1.2–1.4× as long in a whole model: BENCHMARKS.md, session 19), on Intel CPUs the next
+///   panel prefetched into L2 meanwhile ([`prefetches_next_panel`]);
 /// - otherwise, for each stripe of points small enough for L2 ([`STRIPE_BYTES`]), by blocks of
 ///   [`KC`] input channels (the sums so far kept in `out` between blocks, the bias and clamp
 ///   applied after the last: the same sums in the same order), each weight panel over the
@@ -707,16 +707,15 @@ fn gemm_channels_last(
         return;
     }
     if n * k * 4 <= RESIDENT_X_BYTES {
-        // While a panel runs, the next one is fetched into L2, a share before each block of
-        // points: read from L3 on demand, the first block of every panel waited on it (the
-        // 14x14 and 7x7 layers 2221–2427 → 2151–2195 µs in all, `l52` 372–405 → 329–341;
-        // whole model 154 µs faster on average, eight interleaved rounds, session 20).
+        // While a panel runs, the next one is fetched into L2 (where that pays:
+        // [`prefetches_next_panel`]), a share before each block of points.
+        let prefetch = prefetches_next_panel();
         let blocks = n.div_ceil(rows_per_tile);
         let panel_len = k * NR_LAST;
         let share = panel_len.div_ceil(blocks);
         for panel in 0..panels {
             for (block, p) in (0..n).step_by(rows_per_tile).enumerate() {
-                if panel + 1 < panels {
+                if prefetch && panel + 1 < panels {
                     let next = &w[(panel + 1) * panel_len..(panel + 2) * panel_len];
                     let from = (block * share).min(panel_len);
                     prefetch_l2(&next[from..(from + share).min(panel_len)]);
@@ -738,6 +737,30 @@ fn gemm_channels_last(
             }
         }
     }
+}
+
+/// Whether [`gemm_channels_last`] fetches its next weight panel into L2 by software while a
+/// panel of a layer with a small `x` runs: on Intel CPUs only. On an Intel Xeon (session 20),
+/// read from L3 on demand, the first block of every panel waited on it; prefetched, the 14x14
+/// and 7x7 layers took 2151–2195 µs in all instead of 2221–2427 (`l52` 329–341 instead of
+/// 372–405), the whole model 154 µs less. On an AMD EPYC (Zen 4, session 25) the prefetches
+/// made the same layers slower (`l52`'s product with cold weights 445–477 µs instead of
+/// 404–413, every hint and one or two panels ahead; the model's products 190 µs more): the
+/// hardware prefetchers alone do better there. BENCHMARKS.md, sessions 20 and 25.
+fn prefetches_next_panel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *INTEL.get_or_init(|| {
+            // SAFETY: `cpuid` leaf 0 exists on every x86_64 CPU.
+            #[allow(unused_unsafe)]
+            let vendor = unsafe { std::arch::x86_64::__cpuid(0) };
+            [vendor.ebx, vendor.edx, vendor.ecx]
+                == [*b"Genu", *b"ineI", *b"ntel"].map(u32::from_le_bytes)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Asks the CPU to bring `values` into its L2 cache (one prefetch per 64-byte line); nothing
@@ -2084,6 +2107,19 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The prefetch is chosen by the vendor `cpuid` names, as Linux reads it.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn prefetches_the_next_panel_on_intel_cpus_only() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']))
+            .unwrap();
+        assert_eq!(prefetches_next_panel(), vendor == "GenuineIntel", "{vendor}");
     }
 
     #[test]
