@@ -43,6 +43,8 @@ use tract_nnef::tract_core::ops::change_axes::AxisOp;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::math::Add;
 
+use std::ops::Range;
+
 use crate::depthwise::Clamp;
 #[cfg(target_arch = "x86_64")]
 use crate::lanes::{Avx2Lanes, Avx512Lanes, Lanes};
@@ -629,6 +631,12 @@ fn add_residual_columns(
     }
 }
 
+/// Blocks of points [`gemm_channels_last`] gives its kernel in one call where the weights are
+/// small: a block of 12 points of a layer with 16 input channels is ~400 multiply-adds, and
+/// the bookkeeping of a call (the checks, the kernel's choice, its set-up) was a share of
+/// that worth having once for several (BENCHMARKS.md, session 25).
+const BLOCKS_PER_CALL: usize = 4;
+
 /// Input channels per pass of [`gemm_channels_last`] over the output: a panel's block of
 /// weights (16 KiB) and a tile's rows of `x` stay in L1 while the tiles of a stripe reuse them.
 const KC: usize = 128;
@@ -675,17 +683,20 @@ fn gemm_channels_last(
     let (rows_per_tile, cols_per_tile) = kernel.row_tile();
     let panels = m.div_ceil(NR_LAST);
     let biases = panel_biases(bias, m);
-    // The tiles of one panel, one block of points, input channels `ks`.
-    let mut tiles = |panel: usize, p: usize, rows: usize, ks: std::ops::Range<usize>| {
+    // The tiles of one panel, `tiles` blocks of `rows` points from point `p`, input channels
+    // `ks`.
+    let mut tiles = |panel: usize, p: usize, rows: usize, tiles: usize, ks: Range<usize>| {
         let cols = NR_LAST.min(m - panel * NR_LAST);
         let wp = &w[(panel * k + ks.start) * NR_LAST..(panel + 1) * k * NR_LAST];
+        let last = p + rows * tiles - 1;
         for c0 in (0..cols).step_by(cols_per_tile) {
             let t = RowTile {
                 k: ks.len(),
-                x: &x[p * k + ks.start..(p + rows - 1) * k + ks.end],
+                x: &x[p * k + ks.start..last * k + ks.end],
                 ldx: k,
                 taps: None,
                 rows,
+                tiles,
                 w: &wp[c0..],
                 cols: cols_per_tile.min(cols - c0),
                 ldo: m,
@@ -699,9 +710,12 @@ fn gemm_channels_last(
         }
     };
     if k * panels * NR_LAST * 4 <= SMALL_WEIGHTS_BYTES {
-        for p in (0..n).step_by(rows_per_tile) {
+        let group = rows_per_tile * BLOCKS_PER_CALL;
+        for p in (0..n).step_by(group) {
             for panel in 0..panels {
-                tiles(panel, p, rows_per_tile.min(n - p), 0..k);
+                by_blocks(p..n.min(p + group), rows_per_tile, |p, rows, count| {
+                    tiles(panel, p, rows, count, 0..k)
+                });
             }
         }
         return;
@@ -710,17 +724,22 @@ fn gemm_channels_last(
         // While a panel runs, the next one is fetched into L2 (where that pays:
         // [`prefetches_next_panel`]), a share before each block of points.
         let prefetch = prefetches_next_panel();
-        let blocks = n.div_ceil(rows_per_tile);
         let panel_len = k * NR_LAST;
-        let share = panel_len.div_ceil(blocks);
+        let share = panel_len.div_ceil(n.div_ceil(rows_per_tile));
         for panel in 0..panels {
+            if !prefetch {
+                by_blocks(0..n, rows_per_tile, |p, rows, count| {
+                    tiles(panel, p, rows, count, 0..k)
+                });
+                continue;
+            }
             for (block, p) in (0..n).step_by(rows_per_tile).enumerate() {
-                if prefetch && panel + 1 < panels {
+                if panel + 1 < panels {
                     let next = &w[(panel + 1) * panel_len..(panel + 2) * panel_len];
                     let from = (block * share).min(panel_len);
                     prefetch_l2(&next[from..(from + share).min(panel_len)]);
                 }
-                tiles(panel, p, rows_per_tile.min(n - p), 0..k);
+                tiles(panel, p, rows_per_tile.min(n - p), 1, 0..k);
             }
         }
         return;
@@ -731,11 +750,24 @@ fn gemm_channels_last(
         let end = n.min(start + stripe);
         for k0 in (0..k).step_by(KC) {
             for panel in 0..panels {
-                for p in (start..end).step_by(rows_per_tile) {
-                    tiles(panel, p, rows_per_tile.min(end - p), k0..k.min(k0 + KC));
-                }
+                by_blocks(start..end, rows_per_tile, |p, rows, count| {
+                    tiles(panel, p, rows, count, k0..k.min(k0 + KC))
+                });
             }
         }
+    }
+}
+
+/// `points` as `tile(first point, rows, count)` calls: `count` whole blocks of `rows` points
+/// in one call, then the points left over (fewer than `rows`) in another.
+fn by_blocks(points: Range<usize>, rows: usize, mut tile: impl FnMut(usize, usize, usize)) {
+    let whole = points.len() / rows;
+    if whole > 0 {
+        tile(points.start, rows, whole);
+    }
+    let rest = points.start + whole * rows..points.end;
+    if !rest.is_empty() {
+        tile(rest.start, rest.len(), 1);
     }
 }
 
@@ -851,6 +883,7 @@ pub(crate) fn gemm_taps(
                         ldx: 0,
                         taps: Some(taps),
                         rows,
+                        tiles: 1,
                         w: &w[panel * k * NR_LAST + c0..(panel + 1) * k * NR_LAST],
                         cols: cols_per_tile.min(cols - c0),
                         ldo: m,
@@ -956,6 +989,11 @@ struct RowTile<'a> {
     ldx: usize,
     taps: Option<Taps<'a>>,
     rows: usize,
+    /// This many tiles of `rows` points one after the other (without `taps` only; else 1):
+    /// tile `j`'s points `j * rows` rows further on in `x`, its outputs (and residual) `j *
+    /// rows` rows further on in `out`. One call for a run of blocks of points: its checks and
+    /// set-up once (`BLOCKS_PER_CALL`).
+    tiles: usize,
     w: &'a [f32],
     cols: usize,
     ldo: usize,
@@ -973,7 +1011,7 @@ impl<'a> RowTile<'a> {
     /// The tile's first `at` points, and the rest (its output rows from `at` on).
     #[cfg(target_arch = "x86_64")]
     fn split_rows(&self, at: usize) -> (RowTile<'a>, RowTile<'a>) {
-        assert!(at < self.rows);
+        assert!(at < self.rows && self.tiles == 1);
         let first = RowTile { rows: at, ..*self };
         let rest = RowTile {
             rows: self.rows - at,
@@ -998,9 +1036,11 @@ impl<'a> RowTile<'a> {
 
     #[inline(always)]
     fn run_in<const X: u8>(&self, out: &mut [f32], kernel: Kernel) {
-        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1);
-        // The points a kernel reads: `rows` (the kernels compute rows past them as copies of
-        // the last).
+        assert!(self.k >= 1 && self.rows >= 1 && self.cols >= 1 && self.tiles >= 1);
+        assert!(self.tiles == 1 || X == X_ROWS);
+        // The points the tiles read and write: `rows` a tile (the kernels compute rows past
+        // them as copies of the last).
+        let points = self.rows * self.tiles;
         let x_holds = |_most_rows: usize| {
             if let Some(taps) = self.taps {
                 assert!(taps.offsets.len() >= self.k && taps.bases.len() >= self.rows);
@@ -1008,19 +1048,28 @@ impl<'a> RowTile<'a> {
                 assert!(self.x.len() > last + taps.last);
             } else {
                 assert!(self.ldx >= self.k);
-                assert!(self.x.len() >= (self.rows - 1) * self.ldx + self.k);
+                assert!(self.x.len() >= (points - 1) * self.ldx + self.k);
             }
         };
-        assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
+        assert!(out.len() >= (points - 1) * self.ldo + self.cols);
         assert!(self
             .residual
-            .is_none_or(|r| r.len() >= (self.rows - 1) * self.ldo + self.cols));
+            .is_none_or(|r| r.len() >= (points - 1) * self.ldo + self.cols));
         match kernel {
             Kernel::Portable => {
                 x_holds(self.rows);
                 assert!(self.rows <= MR && self.cols <= NR && self.bias.len() >= self.cols);
                 assert!(self.w.len() >= (self.k - 1) * NR_LAST + self.cols);
-                row_tile_portable(self, out)
+                for j in 0..self.tiles {
+                    let (x, o) = (j * self.rows * self.ldx, j * self.rows * self.ldo);
+                    let tile = RowTile {
+                        x: &self.x[x..],
+                        tiles: 1,
+                        residual: self.residual.map(|r| &r[o..]),
+                        ..*self
+                    };
+                    row_tile_portable(&tile, &mut out[o..]);
+                }
             }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA; the
@@ -1167,97 +1216,100 @@ macro_rules! row_tile_kernel {
             // SAFETY (pointers): row `r` of `x` is `k` values from `xr[r]`, rows `ldx` apart
             // (or with taps point `r`'s value `i` at `xr[r] + taps.offsets[i]`, `xr[r]` at
             // `taps.bases[r]`); `wp` walks the panel's `k` rows, NR_LAST apart, `n * V` values
-            // each; `out` (and `residual`) hold `rows` rows of `cols` values, `ldo` apart
-            // (`RowTile::run` asserts them).
-            let xr: [*const f32; R] = std::array::from_fn(|r| {
-                let r = r.min(rows - 1);
-                t.x.as_ptr().add(match t.taps {
-                    Some(taps) if X != X_ROWS => taps.bases[r],
-                    _ => r * t.ldx,
-                })
-            });
+            // each; `x` holds `tiles * rows` rows, `out` (and `residual`) `tiles * rows` rows
+            // of `cols` values, `ldo` apart (`RowTile::run` asserts them).
             let full = cols == n * V;
             let mask: [<L as Lanes>::Mask; V] =
                 std::array::from_fn(|v| L::mask(cols.saturating_sub(n * v)));
-            let op = out.as_mut_ptr();
-            // The sums' rows are only ever indexed by constants (`for_each_row`).
-            let mut acc = [[L::splat(0.0); V]; R];
-            if t.accumulate {
+            // Tile `j`'s points from point `j * rows` on (`RowTile::tiles`).
+            for first in (0..t.tiles).map(|j| j * rows) {
+                let xr: [*const f32; R] = std::array::from_fn(|r| {
+                    let r = r.min(rows - 1);
+                    t.x.as_ptr().add(match t.taps {
+                        Some(taps) if X != X_ROWS => taps.bases[r],
+                        _ => (first + r) * t.ldx,
+                    })
+                });
+                let op = out.as_mut_ptr().add(first * ldo);
+                // The sums' rows are only ever indexed by constants (`for_each_row`).
+                let mut acc = [[L::splat(0.0); V]; R];
+                if t.accumulate {
+                    for_each_row!(rows, R, |r| {
+                        for v in 0..V {
+                            acc[r][v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
+                        }
+                    });
+                }
+                let mut wp = t.w.as_ptr();
+                // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once,
+                // expanded for each layout of `x`.
+                macro_rules! accumulate {
+                    (|$r:ident, $i:ident| $x_at:expr) => {
+                        for $i in 0..k {
+                            let wv: [<L as Lanes>::V; V] =
+                                std::array::from_fn(|v| L::load(wp.add(n * v)));
+                            for ($r, acc) in acc.iter_mut().enumerate() {
+                                let b = L::splat(*$x_at);
+                                for v in 0..V {
+                                    acc[v] = L::fmadd(b, wv[v], acc[v]);
+                                }
+                            }
+                            wp = wp.add(NR_LAST);
+                        }
+                    };
+                }
+                match X {
+                    X_ROWS => accumulate!(|r, i| xr[r].add(i)),
+                    X_RUN => {
+                        // One base: the points' addresses differ by constants.
+                        let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
+                        let x0 = xr[0];
+                        // A kernel of more rows than `MAX_POINTS_TILE` takes whole tiles only
+                        // (`RowTile::run_in`): with its rows past a shorter tile's repeating the
+                        // last point, AVX-512's 12-row kernel ran out of registers.
+                        if rows == R || R > MAX_POINTS_TILE {
+                            debug_assert_eq!(rows, R);
+                            accumulate!(|r, i| x0.add(*offsets.add(i) + r));
+                        } else {
+                            // A shorter tile (a run's last): its rows past `rows` repeat the last
+                            // point, as in the other modes. Read as their own points, they went
+                            // past the end of `x` when the tile was its last (a fault where that
+                            // was a page's end).
+                            let last = rows - 1;
+                            accumulate!(|r, i| x0.add(*offsets.add(i) + r.min(last)));
+                        }
+                    }
+                    _ => {
+                        let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
+                        accumulate!(|r, i| xr[r].add(*offsets.add(i)));
+                    }
+                }
+                let clamped = t.clamp != Clamp::NONE;
+                let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
+                let bias: [<L as Lanes>::V; V] =
+                    std::array::from_fn(|v| L::load(t.bias.as_ptr().add(n * v)));
                 for_each_row!(rows, R, |r| {
+                    let to = op.add(r * ldo);
                     for v in 0..V {
-                        acc[r][v] = L::load_masked(op.add(r * ldo + n * v), mask[v]);
+                        let mut y = acc[r][v];
+                        if t.finish {
+                            y = L::add(y, bias[v]);
+                            if clamped {
+                                y = L::clamp(y, low, high);
+                            }
+                            if let Some(res) = t.residual {
+                                let at = res.as_ptr().add((first + r) * ldo + n * v);
+                                y = L::add(y, L::load_masked(at, mask[v]));
+                            }
+                        }
+                        if full {
+                            L::store(to.add(n * v), y);
+                        } else {
+                            L::store_masked(to.add(n * v), mask[v], y);
+                        }
                     }
                 });
             }
-            let mut wp = t.w.as_ptr();
-            // Point `r`'s value of input channel `i`: `x_at(r, i)`. One loop, written once,
-            // expanded for each layout of `x`.
-            macro_rules! accumulate {
-                (|$r:ident, $i:ident| $x_at:expr) => {
-                    for $i in 0..k {
-                        let wv: [<L as Lanes>::V; V] =
-                            std::array::from_fn(|v| L::load(wp.add(n * v)));
-                        for ($r, acc) in acc.iter_mut().enumerate() {
-                            let b = L::splat(*$x_at);
-                            for v in 0..V {
-                                acc[v] = L::fmadd(b, wv[v], acc[v]);
-                            }
-                        }
-                        wp = wp.add(NR_LAST);
-                    }
-                };
-            }
-            match X {
-                X_ROWS => accumulate!(|r, i| xr[r].add(i)),
-                X_RUN => {
-                    // One base: the points' addresses differ by constants.
-                    let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
-                    let x0 = xr[0];
-                    // A kernel of more rows than `MAX_POINTS_TILE` takes whole tiles only
-                    // (`RowTile::run_in`): with its rows past a shorter tile's repeating the
-                    // last point, AVX-512's 12-row kernel ran out of registers.
-                    if rows == R || R > MAX_POINTS_TILE {
-                        debug_assert_eq!(rows, R);
-                        accumulate!(|r, i| x0.add(*offsets.add(i) + r));
-                    } else {
-                        // A shorter tile (a run's last): its rows past `rows` repeat the last
-                        // point, as in the other modes. Read as their own points, they went
-                        // past the end of `x` when the tile was its last (a fault where that
-                        // was a page's end).
-                        let last = rows - 1;
-                        accumulate!(|r, i| x0.add(*offsets.add(i) + r.min(last)));
-                    }
-                }
-                _ => {
-                    let offsets = t.taps.expect("a tap tile has taps").offsets.as_ptr();
-                    accumulate!(|r, i| xr[r].add(*offsets.add(i)));
-                }
-            }
-            let clamped = t.clamp != Clamp::NONE;
-            let (low, high) = (L::splat(t.clamp.low()), L::splat(t.clamp.high()));
-            let bias: [<L as Lanes>::V; V] =
-                std::array::from_fn(|v| L::load(t.bias.as_ptr().add(n * v)));
-            for_each_row!(rows, R, |r| {
-                let to = op.add(r * ldo);
-                for v in 0..V {
-                    let mut y = acc[r][v];
-                    if t.finish {
-                        y = L::add(y, bias[v]);
-                        if clamped {
-                            y = L::clamp(y, low, high);
-                        }
-                        if let Some(res) = t.residual {
-                            let at = res.as_ptr().add(r * ldo + n * v);
-                            y = L::add(y, L::load_masked(at, mask[v]));
-                        }
-                    }
-                    if full {
-                        L::store(to.add(n * v), y);
-                    } else {
-                        L::store_masked(to.add(n * v), mask[v], y);
-                    }
-                }
-            });
         }
     };
 }
@@ -2119,7 +2171,11 @@ mod tests {
             .find_map(|l| l.strip_prefix("vendor_id"))
             .map(|v| v.trim_start_matches([' ', '\t', ':']))
             .unwrap();
-        assert_eq!(prefetches_next_panel(), vendor == "GenuineIntel", "{vendor}");
+        assert_eq!(
+            prefetches_next_panel(),
+            vendor == "GenuineIntel",
+            "{vendor}"
+        );
     }
 
     #[test]
