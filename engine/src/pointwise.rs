@@ -453,6 +453,8 @@ pub(crate) fn gemm(
                         ldw: MR,
                         x: &block,
                         ldx: NR,
+                        tiles: 1,
+                        x_step: 0,
                         cols,
                         ldo: n,
                         rows: *rows,
@@ -490,12 +492,18 @@ pub(crate) fn gemm_channels_first(
     assert!(x.len() >= (k - 1) * ldx + n && out.len() >= (m - 1) * ldo + n);
     assert!(residual.is_none_or(|r| r.len() >= (m - 1) * ldo + n));
     let panels = m.div_ceil(MR);
-    // The tiles of weight panels `panel..panel + panel_step` (as many as there are)
-    // and the block of points at `col`, read from `xb` (its first column) with rows
-    // `ldx` apart. AVX-512 runs two panels at once ([`Tile::run_pair`]).
+    // The tiles of weight panels `panel..panel + panel_step` (as many as there are) and
+    // `count` blocks of `cols` points from point `col`, the first read from `xb` (its first
+    // column) with rows `ldx` apart, the next `x_step` further on. AVX-512 runs two panels at
+    // once ([`Tile::run_pair`]), a block at a time.
     let panel_step = if kernel.pairs_panels() { 2 } else { 1 };
     let biases = panel_biases_by_rows(bias, m);
-    let tile = |xb: &[f32], ldx: usize, panel: usize, col: usize, out: &mut [f32]| {
+    let tile = |xb: &[f32],
+                ldx: usize,
+                x_step: usize,
+                panel: usize,
+                (col, cols, count): (usize, usize, usize),
+                out: &mut [f32]| {
         let (rows, b) = &biases[panel];
         let t = Tile {
             k,
@@ -503,7 +511,9 @@ pub(crate) fn gemm_channels_first(
             ldw: MR,
             x: xb,
             ldx,
-            cols: NR.min(n - col),
+            tiles: count,
+            x_step,
+            cols,
             ldo,
             rows: *rows,
             bias: b,
@@ -512,13 +522,20 @@ pub(crate) fn gemm_channels_first(
         let out = &mut out[panel * MR * ldo + col..];
         if panel_step == 2 && panel + 1 < panels {
             let (rows, b) = &biases[panel + 1];
-            let next = Tile {
-                w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
-                rows: *rows,
-                bias: b,
-                ..t
-            };
-            Tile::run_pair(&t, &next, out, kernel);
+            for j in 0..count {
+                let first = Tile {
+                    x: &xb[j * x_step..],
+                    tiles: 1,
+                    ..t
+                };
+                let next = Tile {
+                    w: &w[(panel + 1) * k * MR..(panel + 2) * k * MR],
+                    rows: *rows,
+                    bias: b,
+                    ..first
+                };
+                Tile::run_pair(&first, &next, &mut out[j * NR..], kernel);
+            }
         } else {
             t.run(out, kernel);
         }
@@ -539,9 +556,9 @@ pub(crate) fn gemm_channels_first(
         for start in (0..n).step_by(stripe) {
             let end = n.min(start + stripe);
             for panel in (0..panels).step_by(panel_step) {
-                for col in (start..end.min(narrow_from)).step_by(NR) {
-                    tile(&x[col..], ldx, panel, col, out);
-                }
+                by_blocks(start..end.min(narrow_from), NR, |col, cols, count| {
+                    tile(&x[col..], ldx, NR, panel, (col, cols, count), out)
+                });
             }
             if (start..end).contains(&narrow_from) {
                 let cols = n - narrow_from;
@@ -585,10 +602,11 @@ pub(crate) fn gemm_channels_first(
                 }
             }
             for panel in (0..panels).step_by(panel_step) {
-                let blocks = packed.chunks_exact(k * NR);
-                for (block, col) in blocks.zip((start..end.min(narrow_from)).step_by(NR)) {
-                    tile(block, NR, panel, col, out);
-                }
+                // Block `b` of the stripe at `b * k * NR` in `packed`.
+                by_blocks(start..end.min(narrow_from), NR, |col, cols, count| {
+                    let block = &packed[(col - start) / NR * k * NR..];
+                    tile(block, NR, k * NR, panel, (col, cols, count), out)
+                });
             }
             if (start..end).contains(&narrow_from) {
                 let block = &packed[(narrow_from - start) / NR * k * NR..];
@@ -665,8 +683,9 @@ const RESIDENT_X_BYTES: usize = 512 * 1024;
 ///   applied after the last: the same sums in the same order), each weight panel over the
 ///   stripe's blocks of points, so its block of weights is read from L1.
 ///
-/// All three add the products of each output in the order of `k`. AVX-512 takes a panel's 32 channels in one tile of [`MR_AVX512`] points; the other
-/// kernels in two of [`NR`] channels and [`MR`] points.
+/// All three add the products of each output in the order of `k`. AVX-512 takes a panel's 32
+/// channels in one tile of [`MR_AVX512`] points; the other kernels in two of [`NR`] channels and
+/// [`MR`] points. Runs of whole blocks of points go to the kernel in one call ([`by_blocks`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_channels_last(
     m: usize,
@@ -1348,6 +1367,11 @@ struct Tile<'a> {
     ldw: usize,
     x: &'a [f32],
     ldx: usize,
+    /// This many tiles of `cols` points one after another: tile `j` reads `x` from `j *
+    /// x_step` on and writes `out` from column `j * NR` on (`cols == NR` when more than one).
+    /// One call for a run of blocks of points: its checks and set-up once.
+    tiles: usize,
+    x_step: usize,
     cols: usize,
     ldo: usize,
     rows: usize,
@@ -1359,12 +1383,23 @@ impl Tile<'_> {
     #[inline(always)]
     fn run(&self, out: &mut [f32], kernel: Kernel) {
         assert!(self.k >= 1 && self.rows >= 1 && self.rows <= MR);
-        assert!(self.cols >= 1 && self.cols <= NR);
+        assert!(self.cols >= 1 && self.cols <= NR && self.tiles >= 1);
+        assert!(self.tiles == 1 || self.cols == NR);
         assert!(self.w.len() >= (self.k - 1) * self.ldw + MR);
-        assert!(self.x.len() >= (self.k - 1) * self.ldx + self.cols);
-        assert!(out.len() >= (self.rows - 1) * self.ldo + self.cols);
+        let (x_last, out_last) = ((self.tiles - 1) * self.x_step, (self.tiles - 1) * NR);
+        assert!(self.x.len() >= x_last + (self.k - 1) * self.ldx + self.cols);
+        assert!(out.len() >= (self.rows - 1) * self.ldo + out_last + self.cols);
         match kernel {
-            Kernel::Portable => tile_portable(self, out),
+            Kernel::Portable => {
+                for j in 0..self.tiles {
+                    let t = Tile {
+                        x: &self.x[j * self.x_step..],
+                        tiles: 1,
+                        ..*self
+                    };
+                    tile_portable(&t, &mut out[j * NR..]);
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::Avx2Fma` is only chosen when the CPU has AVX2 and FMA
             // (`Kernel::best`); the slices cover every element the tile reads and writes
@@ -1376,6 +1411,7 @@ impl Tile<'_> {
                 // 14x14 one), with the weights as the panel's vector: one multiply-add per
                 // column and input channel instead of MR.
                 if self.cols <= NARROW && self.ldw == MR {
+                    assert!(self.tiles == 1);
                     let biases = [(self.rows, *self.bias)];
                     return narrow_panels(
                         self.k, self.w, self.x, self.ldx, self.cols, &biases, self.clamp, out,
@@ -1406,7 +1442,7 @@ impl Tile<'_> {
             assert!(a.cols <= NR && a.cols == b.cols && NR == 16);
             assert!(a.ldw == MR && b.ldw == MR && a.ldx == b.ldx && a.ldo == b.ldo);
             assert!(a.x.as_ptr() == b.x.as_ptr() && a.x.len() == b.x.len());
-            assert!(a.clamp == b.clamp);
+            assert!(a.clamp == b.clamp && a.tiles == 1 && b.tiles == 1);
             assert!(a.w.len() >= a.k * MR && b.w.len() >= b.k * MR);
             assert!(a.x.len() >= (a.k - 1) * a.ldx + a.cols);
             assert!(out.len() >= (MR + b.rows - 1) * a.ldo + a.cols);
@@ -1544,60 +1580,64 @@ unsafe fn tile_avx2<const V: usize, const R: usize>(t: &Tile, out: &mut [f32]) {
         *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - 8 * v as i32), lane);
     }
     let full = cols == 8 * V;
-    let mut acc = [[_mm256_setzero_ps(); V]; R];
-    let mut xp = t.x.as_ptr();
-    let mut wp = t.w.as_ptr();
-    // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x`, reading `cols` columns
-    // of each (masked past them); `wp` walks `k` rows of MR values of `w`, `ldw` apart (both
-    // asserted by `Tile::run`).
-    // One loop, written once, expanded twice: with plain loads for a full tile and masked ones
-    // otherwise, so the choice is not made again in the inner loop.
-    macro_rules! accumulate {
-        (|$p:ident, $v:ident| $load:expr) => {
-            for _ in 0..k {
-                let mut xv = [_mm256_setzero_ps(); V];
-                for ($v, xv) in xv.iter_mut().enumerate() {
-                    let $p = xp.add(8 * $v);
-                    *xv = $load;
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let b = _mm256_broadcast_ss(&*wp.add(r));
-                    for v in 0..V {
-                        acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
-                    }
-                }
-                xp = xp.add(ldx);
-                wp = wp.add(ldw);
-            }
-        };
-    }
-    if full {
-        accumulate!(|p, _v| _mm256_loadu_ps(p));
-    } else {
-        accumulate!(|p, v| _mm256_maskload_ps(p, mask[v]));
-    }
     let clamped = t.clamp != Clamp::NONE;
-    let (low, high) = (
-        _mm256_set1_ps(t.clamp.low()),
-        _mm256_set1_ps(t.clamp.high()),
-    );
-    let op = out.as_mut_ptr();
-    for_each_row!(rows, R, |r| {
-        let b = _mm256_set1_ps(t.bias[r]);
-        let to = op.add(r * ldo);
-        for v in 0..V {
-            let mut y = _mm256_add_ps(acc[r][v], b);
-            if clamped {
-                // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`) does.
-                y = _mm256_min_ps(_mm256_max_ps(y, low), high);
-            }
-            if full {
-                _mm256_storeu_ps(to.add(8 * v), y);
-            } else {
-                _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
-            }
+    // Tile `j` reads `x` from `j * x_step` on and writes columns `j * NR` on (`Tile::tiles`).
+    for j in 0..t.tiles {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let mut xp = t.x.as_ptr().add(j * t.x_step);
+        let mut wp = t.w.as_ptr();
+        // SAFETY (pointer arithmetic and loads): `xp` walks `k` rows of `x` from tile `j`'s
+        // first point, reading `cols` columns of each (masked past them); `wp` walks `k` rows
+        // of MR values of `w`, `ldw` apart (both asserted by `Tile::run`).
+        // One loop, written once, expanded twice: with plain loads for a full tile and masked
+        // ones otherwise, so the choice is not made again in the inner loop.
+        macro_rules! accumulate {
+            (|$p:ident, $v:ident| $load:expr) => {
+                for _ in 0..k {
+                    let mut xv = [_mm256_setzero_ps(); V];
+                    for ($v, xv) in xv.iter_mut().enumerate() {
+                        let $p = xp.add(8 * $v);
+                        *xv = $load;
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let b = _mm256_broadcast_ss(&*wp.add(r));
+                        for v in 0..V {
+                            acc[v] = _mm256_fmadd_ps(b, xv[v], acc[v]);
+                        }
+                    }
+                    xp = xp.add(ldx);
+                    wp = wp.add(ldw);
+                }
+            };
         }
-    });
+        if full {
+            accumulate!(|p, _v| _mm256_loadu_ps(p));
+        } else {
+            accumulate!(|p, v| _mm256_maskload_ps(p, mask[v]));
+        }
+        let (low, high) = (
+            _mm256_set1_ps(t.clamp.low()),
+            _mm256_set1_ps(t.clamp.high()),
+        );
+        let op = out.as_mut_ptr().add(j * NR);
+        for_each_row!(rows, R, |r| {
+            let b = _mm256_set1_ps(t.bias[r]);
+            let to = op.add(r * ldo);
+            for v in 0..V {
+                let mut y = _mm256_add_ps(acc[r][v], b);
+                if clamped {
+                    // `max(y, low)` gives `low` for a NaN `y`, as `f32::max` (tract's `Max`)
+                    // does.
+                    y = _mm256_min_ps(_mm256_max_ps(y, low), high);
+                }
+                if full {
+                    _mm256_storeu_ps(to.add(8 * v), y);
+                } else {
+                    _mm256_maskstore_ps(to.add(8 * v), mask[v], y);
+                }
+            }
+        });
+    }
 }
 
 /// Most columns [`narrow_panels`] takes.
