@@ -552,30 +552,37 @@ pub(crate) fn gemm_channels_first(
         tail @ 1..=NARROW if kernel != Kernel::Portable => n - tail,
         _ => n,
     };
+    // The stripe of points `points`, read from `xs` (at its first point) with rows `ld`
+    // apart, its block `b` `b * step` further on: every panel over its blocks, then its narrow
+    // last block, then its residual.
+    let run_stripe = |xs: &[f32], ld: usize, step: usize, points: Range<usize>, out: &mut [f32]| {
+        let at = |col: usize| (col - points.start) / NR * step;
+        for panel in (0..panels).step_by(panel_step) {
+            by_blocks(
+                points.start..points.end.min(narrow_from),
+                NR,
+                |col, cols, count| tile(&xs[at(col)..], ld, step, panel, (col, cols, count), out),
+            );
+        }
+        if points.contains(&narrow_from) {
+            narrow_panels(
+                k,
+                w,
+                &xs[at(narrow_from)..],
+                ld,
+                n - narrow_from,
+                &biases,
+                clamp,
+                &mut out[narrow_from..],
+                ldo,
+                kernel,
+            );
+        }
+        add_residual_columns(out, residual, m, ldo, points);
+    };
     if k < PACK_K_MIN {
         for start in (0..n).step_by(stripe) {
-            let end = n.min(start + stripe);
-            for panel in (0..panels).step_by(panel_step) {
-                by_blocks(start..end.min(narrow_from), NR, |col, cols, count| {
-                    tile(&x[col..], ldx, NR, panel, (col, cols, count), out)
-                });
-            }
-            if (start..end).contains(&narrow_from) {
-                let cols = n - narrow_from;
-                narrow_panels(
-                    k,
-                    w,
-                    &x[narrow_from..],
-                    ldx,
-                    cols,
-                    &biases,
-                    clamp,
-                    &mut out[narrow_from..],
-                    ldo,
-                    kernel,
-                );
-            }
-            add_residual_columns(out, residual, m, ldo, start..end);
+            run_stripe(&x[start..], ldx, NR, start..n.min(start + stripe), out);
         }
         return;
     }
@@ -601,30 +608,7 @@ pub(crate) fn gemm_channels_first(
                     }
                 }
             }
-            for panel in (0..panels).step_by(panel_step) {
-                // Block `b` of the stripe at `b * k * NR` in `packed`.
-                by_blocks(start..end.min(narrow_from), NR, |col, cols, count| {
-                    let block = &packed[(col - start) / NR * k * NR..];
-                    tile(block, NR, k * NR, panel, (col, cols, count), out)
-                });
-            }
-            if (start..end).contains(&narrow_from) {
-                let block = &packed[(narrow_from - start) / NR * k * NR..];
-                let cols = n - narrow_from;
-                narrow_panels(
-                    k,
-                    w,
-                    block,
-                    NR,
-                    cols,
-                    &biases,
-                    clamp,
-                    &mut out[narrow_from..],
-                    ldo,
-                    kernel,
-                );
-            }
-            add_residual_columns(out, residual, m, ldo, start..end);
+            run_stripe(packed, NR, k * NR, start..end, out);
         }
     });
 }
@@ -702,12 +686,12 @@ fn gemm_channels_last(
     let (rows_per_tile, cols_per_tile) = kernel.row_tile();
     let panels = m.div_ceil(NR_LAST);
     let biases = panel_biases(bias, m);
-    // The tiles of one panel, `tiles` blocks of `rows` points from point `p`, input channels
+    // The tiles of one panel, `count` blocks of `rows` points from point `p`, input channels
     // `ks`.
-    let mut tiles = |panel: usize, p: usize, rows: usize, tiles: usize, ks: Range<usize>| {
+    let mut tiles = |panel: usize, p: usize, rows: usize, count: usize, ks: Range<usize>| {
         let cols = NR_LAST.min(m - panel * NR_LAST);
         let wp = &w[(panel * k + ks.start) * NR_LAST..(panel + 1) * k * NR_LAST];
-        let last = p + rows * tiles - 1;
+        let last = p + rows * count - 1;
         for c0 in (0..cols).step_by(cols_per_tile) {
             let t = RowTile {
                 k: ks.len(),
@@ -715,7 +699,7 @@ fn gemm_channels_last(
                 ldx: k,
                 taps: None,
                 rows,
-                tiles,
+                tiles: count,
                 w: &wp[c0..],
                 cols: cols_per_tile.min(cols - c0),
                 ldo: m,
